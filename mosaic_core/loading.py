@@ -1,0 +1,114 @@
+"""Loading a registry model's weights: the built-in digits-dit, a hub id present locally, or a folder.
+
+Nothing is downloaded: a hub id (`facebook/DiT-XL-2-256`) loads from a local diffusers copy
+(see `registry.hub_folder`), and a missing one fails with a message saying where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mosaic_core.registry import ModelSpec, resolve_model, where_to_put
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to sample: the transformer (eval mode), an optional VAE, the schedule."""
+
+    spec: ModelSpec
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None
+    scheduler_config: Mapping[str, Any]
+    weights_hash: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a name; float32 on CPU by default, float16 on CUDA."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def weights_hash(folder: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of the transformer's safetensors files in `folder`."""
+    digest = hashlib.sha256()
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _transformer_folder(spec: ModelSpec) -> Path:
+    folder = Path(spec.path) if spec.path else None
+    if spec.source == "builtin":
+        if folder is None or not (folder / "config.json").is_file():
+            raise ValueError(
+                f"the weights of '{spec.name}' are missing from {folder}: "
+                "run `python -m mosaic_core train` to rebuild them"
+            )
+        return folder
+    if folder is None:
+        raise ValueError(f"weights of '{spec.name}' are not present locally: {where_to_put(spec.name)}")
+    transformer = folder / "transformer"
+    if not (transformer / "config.json").is_file():
+        raise ValueError(f"folder {folder} has no transformer/config.json (diffusers layout expected)")
+    return transformer
+
+
+def load_model(
+    name: str | ModelSpec,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Load a model's transformer (and VAE for latent models) from local files, in eval mode."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    spec = resolve_model(name) if isinstance(name, str) else name
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    folder = _transformer_folder(spec)
+    transformer = DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    transformer.requires_grad_(False)
+    vae = None
+    if spec.latent:
+        vae_folder = Path(spec.path) / "vae"
+        if not (vae_folder / "config.json").is_file():
+            raise ValueError(f"latent model '{spec.name}' has no vae/ folder in {spec.path}")
+        vae = AutoencoderKL.from_pretrained(vae_folder, torch_dtype=dtype).to(device).eval()
+        vae.requires_grad_(False)
+    return LoadedModel(
+        spec=spec,
+        transformer=transformer,
+        vae=vae,
+        scheduler_config=spec.scheduler_config,
+        weights_hash=weights_hash(folder),
+    )

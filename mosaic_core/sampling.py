@@ -1,0 +1,233 @@
+"""Sampling any DiT-like denoiser with classifier-free guidance and any diffusers scheduler.
+
+`sample_steps` is a generator that yields one `StepEvent` per denoising step (step index,
+timestep, seconds of that step, the current latents and predicted x₀) and returns a
+`SampleResult`; `sample` runs it to the end. Callers get progress bars, previews and per-step
+timing for free (the facebookresearch/DiT style).
+
+Determinism: image i's initial noise is drawn from its own generator seeded with
+(seed, i), so an image does not change with the batch size or with the other labels, and a
+dense and a pruned model given the same seed start from identical noise. Stochastic
+samplers (DDPM) draw their per-step noise from per-image generators in the same way.
+
+Classifier-free guidance (Ho & Salimans 2022, eq. 6), with null label ∅ = num_classes:
+    ε̂ = ε(x, ∅) + g · (ε(x, y) − ε(x, ∅))
+g = 1 runs only the conditional branch; otherwise each call doubles the batch [x, x].
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mosaic_core.schedulers import DEFAULT_SCHEDULER, check_num_steps, check_scheduler_name, make_scheduler
+
+MAX_GUIDANCE = 20.0
+MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to sample: sampler, step count, guidance scale, seed. Validated on creation."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.5
+    scheduler: str = DEFAULT_SCHEDULER
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_num_steps(self.num_inference_steps)
+        object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
+        g = self.guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
+            raise ValueError(f"guidance scale (cfg) must be a finite number in [0, {MAX_GUIDANCE:g}], got {g!r}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= int(self.seed) < 2**31:
+            raise ValueError(f"seed must be a whole number in [0, 2^31), got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One finished denoising step."""
+
+    step: int  # 0-based
+    num_steps: int
+    timestep: float
+    seconds: float
+    latents: torch.Tensor = field(repr=False)
+    pred_original: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """Images (uint8 N×H×W×C), their labels, the visited timesteps and per-step seconds."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    timesteps: np.ndarray
+    step_seconds: np.ndarray
+    decode_seconds: float
+
+    @property
+    def total_seconds(self) -> float:
+        return float(self.step_seconds.sum() + self.decode_seconds)
+
+
+def check_labels(labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class labels as a LongTensor, or ValueError naming a bad id and the allowed range."""
+    values = torch.as_tensor(np.asarray(labels)).reshape(-1)
+    if values.numel() == 0:
+        raise ValueError("at least one class label is needed")
+    if values.numel() > MAX_BATCH:
+        raise ValueError(f"at most {MAX_BATCH} images per call, got {values.numel()}")
+    if values.is_floating_point() and not torch.equal(values, values.round()):
+        raise ValueError(f"class labels must be whole numbers, got {values.tolist()[:8]}")
+    values = values.long()
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.numel():
+        raise ValueError(f"class id {int(bad[0])} is out of range: allowed 0..{num_classes - 1}")
+    return values
+
+
+def initial_noise(num_images: int, shape: tuple[int, ...], seed: int, offset: int = 0) -> torch.Tensor:
+    """N×shape float32 noise on CPU; image i comes from its own generator (seed, offset + i)."""
+    noise = torch.empty((num_images,) + tuple(shape))
+    for i in range(num_images):
+        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + offset + i)
+        noise[i] = torch.randn(shape, generator=generator)
+    return noise
+
+
+def labels_for(num_images: int, num_classes: int) -> np.ndarray:
+    """The `sample` command's labels: image i gets class i mod num_classes."""
+    return np.arange(num_images) % num_classes
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _denoise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null: torch.Tensor, g: float) -> torch.Tensor:
+    """One guided ε prediction. x: N×C×H×W; labels, null: N."""
+    channels = x.shape[1]
+    if g == 1.0:
+        out = model(x, timestep=t.expand(x.shape[0]), class_labels=labels).sample
+        return out[:, :channels]  # learned-σ models output 2C channels: keep ε
+    if g == 0.0:
+        out = model(x, timestep=t.expand(x.shape[0]), class_labels=null).sample
+        return out[:, :channels]
+    both = torch.cat([x, x])  # 2N×C×H×W
+    out = model(both, timestep=t.expand(both.shape[0]), class_labels=torch.cat([labels, null])).sample
+    eps_cond, eps_uncond = out[:, :channels].chunk(2)
+    return eps_uncond + g * (eps_cond - eps_uncond)
+
+
+def decode_images(latents: torch.Tensor, vae=None) -> np.ndarray:
+    """Model-space samples -> uint8 N×H×W×C images. Pixels in [-1, 1], or latents via the VAE."""
+    with torch.no_grad():
+        if vae is not None:
+            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        pixels = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()  # N×C×H×W -> N×H×W×C
+
+
+def sample_steps(
+    model: torch.nn.Module,
+    scheduler_config: Mapping[str, Any],
+    labels: Sequence[int] | np.ndarray | torch.Tensor,
+    config: SampleConfig = SampleConfig(),
+    *,
+    num_classes: int,
+    sample_shape: tuple[int, int, int],
+    vae=None,
+    noise: torch.Tensor | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[StepEvent, None, SampleResult]:
+    """Sample images for `labels`, yielding a `StepEvent` per step; returns a `SampleResult`.
+
+    `sample_shape` is (C, H, W) of the model's input; `noise`, if given, replaces the seeded
+    initial noise (N×C×H×W). `should_stop` is polled between steps; stopping raises
+    `mosaic_core.jobs.Cancelled`.
+    """
+    from mosaic_core.jobs import Cancelled
+
+    y = check_labels(labels, num_classes)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    scheduler = make_scheduler(config.scheduler, scheduler_config)
+    scheduler.set_timesteps(config.num_inference_steps)
+    if noise is None:
+        noise = initial_noise(len(y), sample_shape, config.seed)
+    elif tuple(noise.shape) != (len(y),) + tuple(sample_shape):
+        raise ValueError(f"noise must have shape {(len(y),) + tuple(sample_shape)}, got {tuple(noise.shape)}")
+    x = (noise * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
+    y = y.to(device)
+    null = torch.full_like(y, num_classes)
+    # DDPM's per-step noise: one generator per image too, so images stay batch-independent.
+    step_generators = [torch.Generator().manual_seed(int(config.seed) * 1_000_003 + 500_009 + i) for i in range(len(y))]
+    seconds = []
+    timesteps = scheduler.timesteps
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            if should_stop is not None and should_stop():
+                raise Cancelled("sampling cancelled")
+            _synchronize(device)
+            start = time.perf_counter()
+            # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM).
+            model_input = scheduler.scale_model_input(x, t)
+            # 2. Guided ε prediction at this timestep.
+            eps = _denoise(model, model_input, t.to(device), y, null, config.guidance_scale)
+            # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
+            kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}
+            out = scheduler.step(eps, t, x, **kwargs)
+            x = out.prev_sample.to(dtype)
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+            yield StepEvent(i, len(timesteps), float(t), seconds[-1], x, getattr(out, "pred_original_sample", None))
+    _synchronize(device)
+    start = time.perf_counter()
+    images = decode_images(x, vae)
+    decode_seconds = time.perf_counter() - start
+    return SampleResult(
+        images=images,
+        labels=y.cpu().numpy(),
+        timesteps=np.asarray(timesteps, dtype=np.float64),
+        step_seconds=np.asarray(seconds),
+        decode_seconds=decode_seconds,
+    )
+
+
+def run_to_end(generator: Generator[Any, None, Any], on_event: Callable[[Any], None] | None = None) -> Any:
+    """Drive an engine generator to its end and return its return value."""
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
+
+
+def sample(model, scheduler_config, labels, config: SampleConfig = SampleConfig(), **kwargs) -> SampleResult:
+    """Plain call: run `sample_steps` to the end and return the `SampleResult`."""
+    return run_to_end(sample_steps(model, scheduler_config, labels, config, **kwargs))
+
+
+def sample_loaded(loaded, labels, config: SampleConfig = SampleConfig(), transformer=None, **kwargs):
+    """`sample_steps` for a `LoadedModel` (optionally with another transformer, e.g. a staged one)."""
+    spec = loaded.spec
+    return sample_steps(
+        transformer if transformer is not None else loaded.transformer,
+        loaded.scheduler_config,
+        labels,
+        config,
+        num_classes=spec.num_classes,
+        sample_shape=(spec.in_channels, spec.sample_size, spec.sample_size),
+        vae=loaded.vae,
+        **kwargs,
+    )

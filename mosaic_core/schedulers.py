@@ -1,0 +1,69 @@
+"""Sampler names -> diffusers schedulers, and the timesteps a sampler visits.
+
+The Divide engine needs only the timesteps (which stage each step lands in); the sampler
+needs the scheduler object. Both come from the model's scheduler config, so that a
+`DDIMScheduler` built here sees exactly the noise schedule the model was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+# name -> diffusers class name; the classes are imported lazily (diffusers is heavy).
+SCHEDULERS: Mapping[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+DEFAULT_SCHEDULER = "ddim"
+MAX_STEPS = 1000
+
+
+def check_scheduler_name(name: str) -> str:
+    """Return `name` normalised, or raise ValueError listing the allowed samplers."""
+    key = str(name).strip().lower()
+    if key not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+    return key
+
+
+def check_num_steps(num_inference_steps: int, num_train_timesteps: int = MAX_STEPS) -> int:
+    """Return the step count, or raise ValueError when it is not an integer in [1, T]."""
+    if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
+        raise ValueError(f"steps must be a whole number, got {num_inference_steps!r}")
+    steps = int(num_inference_steps)
+    if not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
+    return steps
+
+
+def make_scheduler(name: str, scheduler_config: Mapping[str, Any]):
+    """A fresh diffusers scheduler of kind `name` built from the model's scheduler config.
+
+    Config keys that the chosen class does not know are ignored by diffusers, so one
+    config serves every sampler. `clip_sample` (DDIM/DDPM on pixels) is kept.
+    """
+    import diffusers
+
+    key = check_scheduler_name(name)
+    config = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    cls = getattr(diffusers, SCHEDULERS[key])
+    if key == "euler":
+        # Euler's default "linspace" spacing starts at t = T-1; keep DiT's trained range.
+        config.setdefault("timestep_spacing", "leading")
+    return cls.from_config(config)
+
+
+def sampler_timesteps(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+    """The model timesteps (float64, one per model call) the sampler visits for N steps.
+
+    DPM-Solver and Euler may return fractional timesteps; stage membership rounds them.
+    """
+    num_train = int(scheduler_config.get("num_train_timesteps", 1000))
+    steps = check_num_steps(num_inference_steps, num_train)
+    scheduler = make_scheduler(name, scheduler_config)
+    scheduler.set_timesteps(steps)
+    return np.asarray(scheduler.timesteps, dtype=np.float64)
