@@ -1,0 +1,109 @@
+"""`python -m mosaic_core plan`: show (or print as JSON) the Divide plan for a model.
+
+    python -m mosaic_core plan --model digits-dit --sparsity 0.3
+    python -m mosaic_core plan --model facebook/DiT-XL-2-256 --stage-sparsity 0.5,0.1,0.4 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from mosaic_core.plan import DEFAULT_LAM, DEFAULT_M, Plan, build_plan
+from mosaic_core.registry import DEFAULT_MODEL, resolve_model
+from mosaic_core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.stages import STAGE_NAMES
+
+
+def parse_stage_sparsity(text: str) -> tuple[float, float, float]:
+    """'A,B,C' -> (A, B, C) as floats; ValueError naming the text when it is not 3 numbers.
+
+    The range check ([0, 0.9], finite) is the engine's, in `build_plan`.
+    """
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise ValueError(
+            f"--stage-sparsity must be 3 comma-separated numbers EARLY,MIDDLE,LATE, each in [0, 0.9], got '{text}'"
+        )
+    return values  # type: ignore[return-value]
+
+
+def format_macs(macs: float) -> str:
+    """MACs with a G or T suffix, e.g. 5.708 T."""
+    return f"{macs / 1e12:.3f} T" if macs >= 1e12 else f"{macs / 1e9:.2f} G"
+
+
+def format_plan(plan: Plan) -> str:
+    """A readable table of the plan: stages, τ ranges, steps, sparsity, kept structure, cost."""
+    allocation = plan.allocation
+    shape = plan.shape
+    lines = [
+        f"model {plan.model} | {plan.scheduler} {plan.num_inference_steps} steps | "
+        f"M={plan.M:g} lam={plan.lam:g} cx={plan.cx:g} | mode {plan.mode}",
+        "",
+        f"{'stage':<7} {'tau range':>11} {'steps':>5} {'requested':>9} {'achieved':>8} "
+        f"{'heads kept':>10} {'units kept':>11}",
+    ]
+    for index, name in enumerate(STAGE_NAMES):
+        bounds = plan.bounds.ranges[index]
+        tau = "empty" if bounds is None else f"{bounds[0]}-{bounds[1]}"
+        lines.append(
+            f"{name:<7} {tau:>11} {allocation.step_counts[index]:>5} {allocation.requested[index]:>9.3f} "
+            f"{allocation.achieved[index]:>8.3f} {allocation.heads_kept[index]:>4}/{shape.num_heads:<5} "
+            f"{allocation.units_kept[index]:>5}/{shape.mlp_hidden:<5}"
+        )
+    lines += [
+        "",
+        f"overall sparsity (step-weighted): requested {allocation.overall_requested:.3f}, "
+        f"achieved {allocation.overall_achieved:.4f}",
+        f"block-linear MACs per image: dense {format_macs(plan.macs_dense)}, "
+        f"staged {format_macs(plan.macs_staged)}, ideal speed-up {plan.ideal_speedup:.2f}x",
+    ]
+    if allocation.middle_capped:
+        lines.append("note: the middle stage's ratio was capped to the lowest of the other stages")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the plan from the parsed arguments and print it."""
+    spec = resolve_model(args.model)
+    stage_sparsity = None if args.stage_sparsity is None else parse_stage_sparsity(args.stage_sparsity)
+    plan = build_plan(
+        spec,
+        num_inference_steps=spec.default_steps if args.steps is None else args.steps,
+        M=args.M,
+        lam=args.lam,
+        sparsity=args.sparsity,
+        stage_sparsity=stage_sparsity,
+        uniform=args.uniform,
+        scheduler=args.scheduler,
+        cx=args.cx,
+    )
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the `plan` sub-command."""
+    parser = subparsers.add_parser(
+        "plan",
+        help="divide the trajectory into stages and allocate per-stage sparsity",
+        description="Divide a model's sampling trajectory into early/middle/late stages "
+        "(MosaicDiff) and allocate a sparsity to each.",
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 50)")
+    parser.add_argument("--M", type=float, default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
+    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--sparsity", type=float, default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
+    group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", help="early,middle,late sparsities, each in [0, 0.9]")
+    parser.add_argument("--uniform", action="store_true", help="one network at --sparsity for every step")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    parser.add_argument("--cx", type=float, default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
+    parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    parser.set_defaults(func=run)

@@ -1,0 +1,257 @@
+"""A MosaicDiff plan: the Divide decisions for one model, sampler and sparsity, as a value.
+
+"Decide, then act": `build_plan` runs the pure math (schedule → score → stages → step
+counts → allocation → cost) and returns a small frozen `Plan` that serialises to JSON
+(`to_dict` / `from_dict`). Pruning and staged sampling read the plan later; they never
+recompute the decisions. The score curve is not stored (T floats), only what rebuilds it:
+`Plan.curve()` recomputes it from the scheduler config, λ and c_x in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from mosaic_core.allocation import (
+    Allocation,
+    allocate_sparsity,
+    check_sparsity,
+    manual_sparsity,
+    uniform_sparsity,
+)
+from mosaic_core.cost import ideal_speedup, sampling_macs
+from mosaic_core.registry import ModelSpec, TransformerShape, resolve_model
+from mosaic_core.schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
+from mosaic_core.schedulers import check_num_steps, check_scheduler_name, sampler_timesteps
+from mosaic_core.stages import STAGE_NAMES, StageBounds, check_M, divide_stages
+
+DEFAULT_M = 0.55
+DEFAULT_LAM = 0.01
+DEFAULT_STEPS = 50
+
+
+def _json_number(value: float) -> int | float:
+    """An integral float as int (timesteps read 999, not 999.0), anything else as float."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages, step counts, per-stage sparsity and cost of one MosaicDiff configuration.
+
+    `timesteps[k]` is the model timestep of sampler step k and `step_stages[k]` its stage
+    index (0 early, 1 middle, 2 late). MACs are block-linear, one image, no CFG doubling.
+    """
+
+    model: str
+    scheduler: str
+    num_inference_steps: int
+    M: float
+    lam: float
+    cx: float
+    mode: str
+    scheduler_config: Mapping[str, Any]
+    shape: TransformerShape
+    bounds: StageBounds
+    allocation: Allocation
+    timesteps: tuple[float, ...]
+    step_stages: tuple[int, ...]
+    macs_dense: int
+    macs_staged: int
+
+    @property
+    def step_counts(self) -> tuple[int, int, int]:
+        """(n_early, n_middle, n_late): sampler steps per stage."""
+        return self.allocation.step_counts
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Achieved step-weighted sparsity Σ nᵢ aᵢ / Σ nᵢ."""
+        return self.allocation.overall_achieved
+
+    @property
+    def ideal_speedup(self) -> float:
+        """Dense MACs / staged MACs."""
+        return ideal_speedup(self.macs_dense, self.macs_staged)
+
+    def stage_of(self, timesteps) -> np.ndarray:
+        """Stage index (0 early, 1 middle, 2 late) of model timesteps (rounded, clipped)."""
+        return self.bounds.stage_of(timesteps)
+
+    def curve(self) -> ScoreCurve:
+        """The importance score curve this plan was divided on (recomputed, cheap)."""
+        return importance_score(alphas_cumprod(self.scheduler_config), self.lam, self.cx)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (see `from_dict` for the way back)."""
+        allocation = self.allocation
+        stages = []
+        for index, name in enumerate(STAGE_NAMES):
+            bounds = self.bounds.ranges[index]
+            stages.append(
+                {
+                    "name": name,
+                    "t_min": None if bounds is None else int(bounds[0]),
+                    "t_max": None if bounds is None else int(bounds[1]),
+                    "num_steps": int(allocation.step_counts[index]),
+                    "sparsity": float(allocation.achieved[index]),
+                    "requested_sparsity": float(allocation.requested[index]),
+                    "heads_kept": int(allocation.heads_kept[index]),
+                    "units_kept": int(allocation.units_kept[index]),
+                }
+            )
+        return {
+            "model": self.model,
+            "scheduler": self.scheduler,
+            "num_inference_steps": int(self.num_inference_steps),
+            "M": float(self.M),
+            "lam": float(self.lam),
+            "cx": float(self.cx),
+            "mode": self.mode,
+            "num_train_timesteps": int(self.bounds.num_train_timesteps),
+            "stages": stages,
+            "middle_capped": bool(allocation.middle_capped),
+            "overall_sparsity": float(allocation.overall_achieved),
+            "requested_sparsity": float(allocation.overall_requested),
+            "macs_dense": int(self.macs_dense),
+            "macs_staged": int(self.macs_staged),
+            "ideal_speedup": float(self.ideal_speedup),
+            "timesteps": [_json_number(t) for t in self.timesteps],
+            "step_stages": [STAGE_NAMES[s] for s in self.step_stages],
+            "shape": {
+                "num_layers": self.shape.num_layers,
+                "num_heads": self.shape.num_heads,
+                "head_dim": self.shape.head_dim,
+                "mlp_hidden": self.shape.mlp_hidden,
+                "num_tokens": self.shape.num_tokens,
+            },
+            "scheduler_config": dict(self.scheduler_config),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
+        """Rebuild a `Plan` from `to_dict()` output; raises ValueError on a malformed dict."""
+        try:
+            stages = list(data["stages"])
+            if [stage["name"] for stage in stages] != list(STAGE_NAMES):
+                raise ValueError(f"plan stages must be named {list(STAGE_NAMES)} in that order")
+            middle = stages[1]
+            bounds = StageBounds.from_middle(
+                (int(middle["t_min"]), int(middle["t_max"])), int(data["num_train_timesteps"]), float(data["M"])
+            )
+            for index, stage in enumerate(stages):
+                expected = bounds.ranges[index]
+                given = None if stage["t_min"] is None else (int(stage["t_min"]), int(stage["t_max"]))
+                if given != expected:
+                    raise ValueError(f"plan stage {stage['name']} range {given} disagrees with the middle stage {bounds.middle}")
+            allocation = Allocation(
+                mode=str(data["mode"]),
+                step_counts=tuple(int(stage["num_steps"]) for stage in stages),  # type: ignore[arg-type]
+                requested=tuple(float(stage["requested_sparsity"]) for stage in stages),  # type: ignore[arg-type]
+                achieved=tuple(float(stage["sparsity"]) for stage in stages),  # type: ignore[arg-type]
+                heads_kept=tuple(int(stage["heads_kept"]) for stage in stages),  # type: ignore[arg-type]
+                units_kept=tuple(int(stage["units_kept"]) for stage in stages),  # type: ignore[arg-type]
+                overall_requested=float(data["requested_sparsity"]),
+                overall_achieved=float(data["overall_sparsity"]),
+                middle_capped=bool(data.get("middle_capped", False)),
+            )
+            return cls(
+                model=str(data["model"]),
+                scheduler=str(data["scheduler"]),
+                num_inference_steps=int(data["num_inference_steps"]),
+                M=float(data["M"]),
+                lam=float(data["lam"]),
+                cx=float(data["cx"]),
+                mode=str(data["mode"]),
+                scheduler_config=dict(data["scheduler_config"]),
+                shape=TransformerShape(**{k: int(v) for k, v in data["shape"].items()}),
+                bounds=bounds,
+                allocation=allocation,
+                timesteps=tuple(float(t) for t in data["timesteps"]),
+                step_stages=tuple(STAGE_NAMES.index(name) for name in data["step_stages"]),
+                macs_dense=int(data["macs_dense"]),
+                macs_staged=int(data["macs_staged"]),
+            )
+        except KeyError as error:
+            raise ValueError(f"plan dict is missing the key {error}") from None
+        except (TypeError, IndexError) as error:
+            raise ValueError(f"malformed plan dict: {error}") from None
+
+
+def build_plan(
+    spec: ModelSpec | str,
+    num_inference_steps: int = DEFAULT_STEPS,
+    M: float = DEFAULT_M,
+    lam: float = DEFAULT_LAM,
+    sparsity: Optional[float] = None,
+    stage_sparsity: Optional[Sequence[float]] = None,
+    uniform: bool = False,
+    scheduler: str = "ddim",
+    cx: float = 1.0,
+) -> Plan:
+    """Divide a model's sampling trajectory and allocate per-stage sparsity (METHOD §1-2).
+
+    Give at most one of `sparsity` (overall target s̄, auto allocation, or one network for
+    all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);
+    neither means sparsity 0. Every argument is checked before any work, and a bad one
+    raises ValueError naming the value and the allowed range.
+    """
+    # 1. Validate everything at the edge (cheap; diffusers is imported only in step 4).
+    if isinstance(spec, str):
+        spec = resolve_model(spec)
+    M = check_M(M)
+    lam = check_lam(lam)
+    cx = check_cx(cx)
+    scheduler = check_scheduler_name(scheduler)
+    if sparsity is not None and stage_sparsity is not None:
+        raise ValueError("give either sparsity (overall target) or stage_sparsity (early, middle, late), not both")
+    if uniform and stage_sparsity is not None:
+        raise ValueError("uniform means one sparsity for every step: give sparsity, not stage_sparsity")
+    if stage_sparsity is not None:
+        values = tuple(stage_sparsity)
+        if len(values) != 3:
+            raise ValueError(f"stage sparsity needs exactly 3 values (early, middle, late), got {len(values)}: {values}")
+        for value, name in zip(values, STAGE_NAMES):
+            check_sparsity(value, f"{name} sparsity")
+        mode = "manual"
+    else:
+        target = 0.0 if sparsity is None else check_sparsity(sparsity)
+        mode = "uniform" if uniform else "auto"
+    # 2. Schedule and importance score (eq. 1.1-1.3).
+    alpha_bar = alphas_cumprod(spec.scheduler_config)
+    steps = check_num_steps(num_inference_steps, alpha_bar.size)
+    curve = importance_score(alpha_bar, lam, cx)
+    # 3. Stages.
+    bounds = divide_stages(curve, M)
+    # 4. Which stage each sampler step lands in.
+    timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps)
+    step_stages = bounds.stage_of(timesteps)
+    counts = bounds.count_steps(timesteps)
+    # 5. Per-stage sparsity, rounded to whole heads and units.
+    if mode == "manual":
+        allocation = manual_sparsity(values, counts, spec.shape)
+    elif mode == "uniform":
+        allocation = uniform_sparsity(target, counts, spec.shape)
+    else:
+        allocation = allocate_sparsity(curve, bounds, counts, target, spec.shape)
+    # 6. Cost.
+    return Plan(
+        model=spec.name,
+        scheduler=scheduler,
+        num_inference_steps=steps,
+        M=M,
+        lam=lam,
+        cx=cx,
+        mode=mode,
+        scheduler_config=dict(spec.scheduler_config),
+        shape=spec.shape,
+        bounds=bounds,
+        allocation=allocation,
+        timesteps=tuple(float(t) for t in timesteps),
+        step_stages=tuple(int(s) for s in step_stages),
+        macs_dense=sampling_macs(spec.shape, None, counts),
+        macs_staged=sampling_macs(spec.shape, allocation, counts),
+    )
