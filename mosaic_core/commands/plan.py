@@ -68,11 +68,11 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Build the plan from the parsed arguments and print it."""
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """The `Plan` described by the plan arguments (shared by `plan`, `prune` and `bench`)."""
     spec = resolve_model(args.model)
     stage_sparsity = None if args.stage_sparsity is None else parse_stage_sparsity(args.stage_sparsity)
-    plan = build_plan(
+    return build_plan(
         spec,
         num_inference_steps=spec.default_steps if args.steps is None else args.steps,
         M=args.M,
@@ -83,8 +83,28 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         cx=args.cx,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the plan from the parsed arguments and print it."""
+    plan = plan_from_args(args)
     print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
     return 0
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = True) -> None:
+    """The Divide arguments: model, steps, M, λ, sparsity or per-stage sparsity, sampler, c_x."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 50)")
+    parser.add_argument("--M", type=float, default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
+    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
+    if sparsity_group:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--sparsity", type=float, default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
+        group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", help="early,middle,late sparsities, each in [0, 0.9]")
+        parser.add_argument("--uniform", action="store_true", help="one network at --sparsity for every step")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    parser.add_argument("--cx", type=float, default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
 
 
 def register(subparsers) -> None:
@@ -95,15 +115,6 @@ def register(subparsers) -> None:
         description="Divide a model's sampling trajectory into early/middle/late stages "
         "(MosaicDiff) and allocate a sparsity to each.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 50)")
-    parser.add_argument("--M", type=float, default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
-    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--sparsity", type=float, default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
-    group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", help="early,middle,late sparsities, each in [0, 0.9]")
-    parser.add_argument("--uniform", action="store_true", help="one network at --sparsity for every step")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
-    parser.add_argument("--cx", type=float, default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
+    add_plan_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.set_defaults(func=run)

@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     transformer = None
     if args.pruned is not None:
-        from mosaic_core.checkpoint import load_staged
+        from mosaic_core.checkpoint import load_pruned
 
-        transformer = load_staged(args.pruned, loaded)
+        transformer = load_pruned(args.pruned, loaded)
     labels = labels_for(args.n, spec.num_classes)
     with tqdm(total=config.num_inference_steps, desc="sampling", unit="step") as bar:
         result = run_to_end(sample_loaded(loaded, labels, config, transformer=transformer), lambda event: bar.update(1))

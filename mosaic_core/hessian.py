@@ -1,0 +1,222 @@
+"""Layer Hessians for structured OBS: H = XᵀX / n at the inputs of the pruned layers.
+
+What is pruned in a DiT block (METHOD.md §3) is the *input* side of two linear layers:
+
+- `attn1.to_out.0` (D × H·hd): attention head h is the group of input columns
+  [h·hd, (h+1)·hd); removing it also removes rows [h·hd, (h+1)·hd) of to_q/to_k/to_v.
+- `ff.net.2` (D × F): MLP hidden unit j is input column j; removing it also removes
+  row j (and bias j) of `ff.net.0.proj`.
+
+For a linear layer y = W x the output reconstruction error of a weight change ΔW,
+averaged over the n calibration tokens x₁..xₙ (rows of X, n × in), is
+
+    E(ΔW) = (1/n) Σᵢ ‖ΔW xᵢ‖² = tr(ΔW H ΔWᵀ),    H = XᵀX / n   (in × in).
+
+E is exactly quadratic in ΔW, so H is the exact Hessian of the layer-wise objective (up
+to a factor 2) and all second-order pruning in `mosaic_core.obs` is exact per layer.
+
+Lifecycle (SparseGPT's add_batch → solve → free): `HessianAccumulator.add_batch` is
+called from a forward pre-hook on every calibration batch; `hessian()` hands H to the
+solver; `free()` drops the in × in buffer. Accumulation is in float64: the sum runs over
+tens of thousands of tokens and float32 would lose the small eigenvalues the OBS inverse
+depends on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from mosaic_core.jobs import Cancelled
+
+LayerKind = Literal["attn", "mlp"]
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """One prunable linear layer of a DiT block, named as in `model.named_modules()`.
+
+    `group_size` input columns form one prunable group (head_dim for attention heads, 1
+    for MLP units); the layer has `num_groups` groups and `num_groups * group_size` inputs.
+    """
+
+    block: int
+    kind: LayerKind
+    name: str
+    group_size: int
+    num_groups: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("attn", "mlp"):
+            raise ValueError(f"kind must be 'attn' or 'mlp', got {self.kind!r}")
+        if self.group_size < 1 or self.num_groups < 1:
+            raise ValueError(
+                f"group_size and num_groups must be >= 1, got {self.group_size} and {self.num_groups}"
+            )
+
+    @property
+    def in_features(self) -> int:
+        """Input width of the layer (= num_groups * group_size)."""
+        return self.num_groups * self.group_size
+
+
+def prunable_layers(model: torch.nn.Module) -> list[PrunableLayer]:
+    """The pruned layers of a DiT, block by block: attention output, then MLP fc2.
+
+    Reads the sizes from the modules themselves (not the config), so it also works on a
+    sliced model whose blocks have fewer heads/units than the config says.
+    """
+    blocks = getattr(model, "transformer_blocks", None)
+    if blocks is None:
+        raise ValueError(f"expected a DiT with `transformer_blocks`, got {type(model).__name__}")
+    layers: list[PrunableLayer] = []
+    for index, block in enumerate(blocks):
+        attn, fc2 = block.attn1, block.ff.net[2]
+        head_dim = attn.inner_dim // attn.heads
+        layers.append(
+            PrunableLayer(index, "attn", f"transformer_blocks.{index}.attn1.to_out.0", head_dim, attn.heads)
+        )
+        layers.append(PrunableLayer(index, "mlp", f"transformer_blocks.{index}.ff.net.2", 1, fc2.in_features))
+    return layers
+
+
+class HessianAccumulator:
+    """Running H = Σ XᵀX (float64) and token count n for one layer input of width `in_features`."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        self.in_features = in_features
+        self.device = torch.device(device) if device is not None else None
+        self._sum: torch.Tensor | None = None  # in × in, float64, allocated on first batch
+        self.count = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Add the tokens of `inputs` (..., in_features): H += XᵀX over all tokens, n += tokens."""
+        if inputs.shape[-1] != self.in_features:
+            raise ValueError(
+                f"inputs must end in {self.in_features} features, got shape {tuple(inputs.shape)}"
+            )
+        x = inputs.detach().reshape(-1, self.in_features)  # (tokens, in)
+        if self._sum is None:
+            device = self.device if self.device is not None else x.device
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
+        x = x.to(device=self._sum.device, dtype=torch.float64)
+        self._sum.addmm_(x.T, x)  # in × in
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = XᵀX / n (in × in, float64, symmetric PSD). Raises if no token was added."""
+        if self._sum is None or self.count == 0:
+            raise ValueError("no calibration tokens were added; run at least one batch first")
+        h = self._sum / self.count
+        return (h + h.T) / 2  # exact symmetry despite round-off in the addmm sums
+
+    def reset(self) -> None:
+        """Zero the sums, keeping the buffer."""
+        if self._sum is not None:
+            self._sum.zero_()
+        self.count = 0
+
+    def free(self) -> None:
+        """Drop the in × in buffer (the solver has taken its copy)."""
+        self._sum = None
+        self.count = 0
+
+
+def _resolve_layers(model: torch.nn.Module, layers: Iterable[PrunableLayer | str] | None) -> list[PrunableLayer]:
+    available = {layer.name: layer for layer in prunable_layers(model)}
+    if layers is None:
+        return list(available.values())
+    chosen = []
+    for layer in layers:
+        name = layer if isinstance(layer, str) else layer.name
+        if name not in available:
+            raise ValueError(f"{name!r} is not a prunable layer; choose from {sorted(available)}")
+        chosen.append(available[name])
+    return chosen
+
+
+class HessianCollector:
+    """Forward pre-hooks that accumulate H at the pruned layers while the model runs.
+
+    A context manager, so that a caller can run one batch at a time (and report progress
+    or stop between batches) while the hooks are guaranteed to be removed afterwards::
+
+        with HessianCollector(model) as collector:
+            for x_t, t, y in batches:
+                collector.run(x_t, t, y)
+        hessians = collector.hessians()
+
+    The model runs in eval mode under `torch.no_grad()`; its mode is restored on exit.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Iterable[PrunableLayer | str] | None = None) -> None:
+        self.model = model
+        self.layers = _resolve_layers(model, layers)
+        self.accumulators = {layer.name: HessianAccumulator(layer.in_features) for layer in self.layers}
+        self.batches = 0
+        self._handles: list = []
+        self._was_training = model.training
+
+    def __enter__(self) -> "HessianCollector":
+        modules = dict(self.model.named_modules())
+        for name, accumulator in self.accumulators.items():
+            hook = lambda module, args, acc=accumulator: acc.add_batch(args[0])  # noqa: E731
+            self._handles.append(modules[name].register_forward_pre_hook(hook))
+        self._was_training = self.model.training
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.model.train(self._was_training)
+
+    def run(self, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> None:
+        """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and labels."""
+        if not self._handles:
+            raise RuntimeError("HessianCollector.run must be called inside its `with` block")
+        with torch.no_grad():
+            self.model(x_t, timestep=timestep, class_labels=class_labels)
+        self.batches += 1
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """H = XᵀX / n per layer name (float64); frees the running sums."""
+        if self.batches == 0:
+            raise ValueError("batches was empty; calibration needs at least one batch")
+        hessians = {name: acc.hessian() for name, acc in self.accumulators.items()}
+        for acc in self.accumulators.values():
+            acc.free()
+        return hessians
+
+
+def collect_hessians(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    layers: Iterable[PrunableLayer | str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """H = XᵀX / n (float64) at the input of every prunable layer, over calibration batches.
+
+    Each batch is (x_t, t, y): noisy inputs N×C×H×W, model timesteps (N,) and class
+    labels (N,); see `HessianCollector`. `layers` restricts the set (PrunableLayer or
+    module names). `on_progress(done, total)` is called after each batch (`total` is None
+    for an iterator without a length); `should_stop()` is polled before each batch and
+    raises `mosaic_core.jobs.Cancelled`. Hooks are always removed, also on error or cancel.
+    Hessians stay on the device the activations were on.
+    """
+    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+    with HessianCollector(model, layers) as collector:
+        for x_t, timestep, class_labels in batches:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"calibration cancelled after {collector.batches} batches")
+            collector.run(x_t, timestep, class_labels)
+            if on_progress is not None:
+                on_progress(collector.batches, total)
+    return collector.hessians()

@@ -1,0 +1,192 @@
+"""Conquer: one transformer that switches stage sub-networks by timestep (METHOD.md §4).
+
+`StagedDiT` holds the early, middle and late sub-networks (from `surgery.sliced_model`,
+sharing every unpruned module with the dense model) and the inclusive middle-stage
+bounds [t_min, t_max] in model timesteps:
+
+    τ > t_max → early (noisiest),   t_min ≤ τ ≤ t_max → middle,   τ < t_min → late.
+
+Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer
+first, as `stages.StageBounds.stage_of` does. It has the forward signature, `config`,
+`dtype` and `device` of `DiTTransformer2DModel`, so a sampler or diffusers pipeline calls
+it unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["STAGES", "StagedDiT", "MemoryLedger", "memory_ledger", "param_count", "param_bytes"]
+
+STAGES = ("early", "middle", "late")
+
+
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for parameter in module.parameters():
+            seen.setdefault(id(parameter), parameter)
+    return list(seen.values())
+
+
+def param_count(module: nn.Module) -> int:
+    """Number of parameters of `module`, each shared parameter counted once."""
+    return sum(p.numel() for p in _unique_parameters([module]))
+
+
+def param_bytes(*modules: nn.Module) -> int:
+    """Bytes of the distinct parameter storages used by `modules` together (sharing counted once)."""
+    storages: dict[tuple[str, int], int] = {}
+    for parameter in _unique_parameters(list(modules)):
+        if parameter.numel() == 0:
+            continue
+        storage = parameter.untyped_storage()
+        storages[(str(parameter.device), storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+class StagedDiT(nn.Module):
+    """A DiT-shaped module that runs the early/middle/late sub-network of each timestep.
+
+    `stage_calls` records the stage names of every call (a mixed batch adds one entry per
+    stage it contains, in early, middle, late order); `reset_stage_calls()` clears it.
+    A mixed batch runs each stage's network on its own rows; stages that are the same
+    network object share one call, so with the dense model in every stage the output is
+    bit-identical to the dense model's.
+    """
+
+    def __init__(self, early: nn.Module, middle: nn.Module, late: nn.Module, t_min: int, t_max: int) -> None:
+        super().__init__()
+        if int(t_min) != t_min or int(t_max) != t_max or not 0 <= t_min <= t_max:
+            raise ValueError(f"middle stage bounds must be integers with 0 <= t_min <= t_max, got ({t_min}, {t_max})")
+        self.early = early
+        self.middle = middle
+        self.late = late
+        self.t_min = int(t_min)
+        self.t_max = int(t_max)
+        self.stage_calls: list[str] = []
+
+    # --- what a diffusers pipeline reads from a transformer -------------------------------
+    @property
+    def config(self):
+        """The dense model's config (the sub-networks share it)."""
+        return self.middle.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (as `ModelMixin.dtype`)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Parameter device (as `ModelMixin.device`)."""
+        return next(self.parameters()).device
+
+    def networks(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(early, middle, late) sub-networks."""
+        return (self.early, self.middle, self.late)
+
+    def reset_stage_calls(self) -> None:
+        """Forget the recorded stage calls."""
+        self.stage_calls.clear()
+
+    def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
+        """Stage of each timestep: 0 early, 1 middle, 2 late (same shape, long)."""
+        t = torch.as_tensor(timestep, dtype=torch.float64)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"timesteps must be finite, got {t.flatten()[:4].tolist()}")
+        rounded = torch.floor(t + 0.5)  # half up, as stages.StageBounds.stage_of
+        stage = torch.ones_like(rounded, dtype=torch.long)
+        stage[rounded > self.t_max] = 0
+        stage[rounded < self.t_min] = 2
+        return stage
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ):
+        """Same signature and outputs as `DiTTransformer2DModel.forward`, routed by timestep."""
+        if timestep is None:
+            raise ValueError("StagedDiT needs a timestep to choose the stage sub-network")
+        kwargs = {"cross_attention_kwargs": cross_attention_kwargs}
+        stage = self.stage_index(timestep.detach().cpu() if torch.is_tensor(timestep) else timestep).reshape(-1)
+        batch = hidden_states.shape[0]
+        present = sorted(set(stage.tolist()))  # stage indices in this call, early first
+        networks = {id(self.networks()[index]) for index in present}
+        if len(networks) == 1:
+            # 1. One network for the whole call (the sampler case, or stages that share a
+            #    network): pass everything through unchanged, as the dense model would run.
+            self.stage_calls.extend(STAGES[index] for index in present)
+            output = self.networks()[present[0]](
+                hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False, **kwargs
+            )[0]
+        else:
+            # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
+            if stage.numel() != batch:
+                raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
+            output = None
+            for index, network in enumerate(self.networks()):
+                rows = torch.nonzero(stage == index).flatten()
+                if rows.numel() == 0:
+                    continue
+                self.stage_calls.append(STAGES[index])
+                rows_dev = rows.to(hidden_states.device)
+                part = network(
+                    hidden_states.index_select(0, rows_dev),
+                    timestep=timestep.index_select(0, rows.to(timestep.device)),
+                    class_labels=None if class_labels is None else class_labels.index_select(0, rows.to(class_labels.device)),
+                    return_dict=False,
+                    **kwargs,
+                )[0]
+                if output is None:
+                    output = part.new_empty((batch, *part.shape[1:]))
+                output[rows_dev] = part
+        if not return_dict:
+            return (output,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=output)
+
+
+@dataclass(frozen=True)
+class MemoryLedger:
+    """Parameter memory of the dense model and of the staged model with and without sharing.
+
+    `staged_bytes` counts each storage once across the three sub-networks;
+    `naive_bytes` is what three independent copies would take. `stage_params` are the
+    (early, middle, late) parameter counts of each sub-network on its own.
+    """
+
+    dense_bytes: int
+    staged_bytes: int
+    naive_bytes: int
+    stage_params: tuple[int, int, int]
+
+    @property
+    def staged_over_dense(self) -> float:
+        """staged_bytes / dense_bytes (1.0 = no extra memory for staging)."""
+        return self.staged_bytes / self.dense_bytes
+
+    @property
+    def naive_over_dense(self) -> float:
+        """naive_bytes / dense_bytes (≈ 3 minus the pruning of the three copies)."""
+        return self.naive_bytes / self.dense_bytes
+
+
+def memory_ledger(dense_model: nn.Module, staged: StagedDiT) -> MemoryLedger:
+    """Dense, staged (shared storages once) and naive (three copies) parameter bytes."""
+    networks = staged.networks()
+    return MemoryLedger(
+        dense_bytes=param_bytes(dense_model),
+        staged_bytes=param_bytes(*networks),
+        naive_bytes=sum(param_bytes(network) for network in networks),
+        stage_params=tuple(param_count(network) for network in networks),  # type: ignore[arg-type]
+    )
