@@ -78,10 +78,10 @@ def _transformer_folder(spec: ModelSpec) -> Path:
         return folder
     if folder is None:
         raise ValueError(f"weights of '{spec.name}' are not present locally: {where_to_put(spec.name)}")
-    transformer = folder / "transformer"
-    if not (transformer / "config.json").is_file():
-        raise ValueError(f"folder {folder} has no transformer/config.json (diffusers layout expected)")
-    return transformer
+    for candidate in (folder / "transformer", folder):  # pipeline layout, or a bare model folder
+        if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
+            return candidate
+    raise ValueError(f"folder {folder} has no transformer weights (transformer/config.json + *.safetensors expected)")
 
 
 def load_model(

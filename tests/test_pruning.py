@@ -1,0 +1,182 @@
+"""Prune end to end on tiny real DiTs: plans, equivalences, checkpoints, cancel, reuse, DiT-XL/2 path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_core.calibration import CalibrationConfig, CleanSet, calibration_batches
+from mosaic_core.checkpoint import load_pruned, read_manifest, save_pruned
+from mosaic_core.jobs import Cancelled
+from mosaic_core.loading import load_model
+from mosaic_core.plan import build_plan
+from mosaic_core.pruning import PruneConfig, prune_steps
+from mosaic_core.registry import resolve_model
+from mosaic_core.sampling import SampleConfig, run_to_end, sample_loaded
+
+CONFIG = PruneConfig(CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4))
+
+
+@pytest.fixture(scope="module")
+def pixel(tiny_pixel_folder):
+    return load_model(str(tiny_pixel_folder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def analyses():
+    return {}  # shared across tests: same base weights and calibration -> same Hessians
+
+
+def _prune(loaded, analyses=None, config=CONFIG, **plan_kwargs):
+    plan = build_plan(loaded.spec, num_inference_steps=10, **plan_kwargs)
+    events = []
+    result = run_to_end(prune_steps(loaded, plan, config, analyses=analyses), events.append)
+    return plan, result, events
+
+
+def _outputs(model, channels=1, size=8):
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, size, size)
+    return [model(x, timestep=torch.full((3,), t), class_labels=torch.tensor([1, 2, 3])).sample for t in (950, 400, 20)]
+
+
+def test_zero_sparsity_is_bit_identical_and_needs_no_calibration(pixel):
+    plan, result, events = _prune(pixel, sparsity=0.0)
+    assert not any(e.phase in ("calibrate", "hessian") for e in events)
+    for staged_out, dense_out in zip(_outputs(result.staged), _outputs(pixel.transformer)):
+        assert torch.equal(staged_out, dense_out)
+
+
+def test_kept_counts_equal_the_plan_and_progress_is_monotone(pixel, analyses):
+    plan, result, events = _prune(pixel, analyses, stage_sparsity=(0.5, 0.25, 0.75))
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {e.stage for e in events if e.phase == "hessian"} == {"early", "middle", "late"}
+    for index, network in enumerate(result.staged.networks()):
+        for block in network.transformer_blocks:
+            assert block.attn1.heads == plan.allocation.heads_kept[index]
+            assert block.attn1.to_q.out_features == plan.allocation.heads_kept[index] * 8
+            assert block.ff.net[2].in_features == plan.allocation.units_kept[index]
+    # the three stages differ, and each differs from dense
+    outs = _outputs(result.staged)
+    dense = _outputs(pixel.transformer)
+    assert all(not torch.allclose(a, b) for a, b in zip(outs, dense))
+
+
+def test_changing_only_the_sparsity_reuses_the_hessians(pixel, analyses):
+    _prune(pixel, analyses, sparsity=0.3)
+    cached = dict(analyses)
+    plan, result, events = _prune(pixel, analyses, sparsity=0.6)
+    assert not any(e.phase in ("hessian", "solve") for e in events)
+    assert set(analyses) == set(cached)
+    assert plan.overall_sparsity == pytest.approx(0.6, abs=0.02)
+
+
+def test_random_and_clean_calibration_share_one_analysis(pixel):
+    for mode in ("random", "clean"):
+        config = PruneConfig(CalibrationConfig(mode=mode, size=8, batch_size=8, source="samples", sample_steps=2))
+        _, result, events = _prune(pixel, config=config, stage_sparsity=(0.5, 0.25, 0.5))
+        assert {e.stage for e in events if e.phase == "hessian"} == {"all stages"}
+        assert len(result.analyses) == 1
+        early, middle, late = result.staged.networks()
+        assert early is late and early is not middle  # equal stages share one network
+
+
+def test_magnitude_scorer_slices_without_weight_update(pixel):
+    config = PruneConfig(CONFIG.calibration, scorer="magnitude")
+    _, result, events = _prune(pixel, config=config, sparsity=0.4)
+    assert not any(e.phase == "hessian" for e in events)
+    assert all(spec is None or spec[1] == {} for spec in result.stage_networks)
+
+
+def test_checkpoint_round_trip_is_bit_identical(pixel, analyses, tmp_path):
+    _, result, _ = _prune(pixel, analyses, sparsity=0.4)
+    folder = save_pruned(result, pixel, tmp_path / "ckpt")
+    manifest = read_manifest(folder)
+    assert manifest["base_weights_hash"] == pixel.weights_hash and len(manifest["stages"]) == 3
+    loaded_staged = load_pruned(folder, pixel)
+    for a, b in zip(_outputs(result.staged), _outputs(loaded_staged)):
+        assert torch.equal(a, b)
+    assert not list(tmp_path.glob(".*"))  # no temporary leftovers
+
+
+def test_wrong_base_and_damaged_files_are_refused(pixel, analyses, tmp_path):
+    from conftest import tiny_pixel_dit
+
+    _, result, _ = _prune(pixel, analyses, sparsity=0.4)
+    folder = save_pruned(result, pixel, tmp_path / "ckpt")
+    other_folder = tmp_path / "other"
+    tiny_pixel_dit(seed=5).save_pretrained(other_folder, safe_serialization=True)
+    shutil.copy(pixel.spec.path + "/scheduler_config.json", other_folder)
+    other = load_model(str(other_folder), device="cpu")
+    with pytest.raises(ValueError, match="was pruned from"):
+        load_pruned(folder, other)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    tensor_file = damaged / "network_0.safetensors"
+    data = bytearray(tensor_file.read_bytes())
+    data[-5] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its SHA-256"):
+        load_pruned(damaged, pixel)
+    (damaged / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged manifest"):
+        load_pruned(damaged, pixel)
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        load_pruned(tmp_path, pixel)
+
+
+def test_cancel_stops_cleanly_and_keeps_the_earlier_checkpoint(pixel, analyses, tmp_path):
+    _, result, _ = _prune(pixel, analyses, sparsity=0.4)
+    folder = save_pruned(result, pixel, tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    plan = build_plan(pixel.spec, num_inference_steps=10, sparsity=0.5)
+    seen = []
+    config = PruneConfig(CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4, seed=9))
+    with pytest.raises(Cancelled):
+        run_to_end(prune_steps(pixel, plan, config, should_stop=lambda: len(seen) >= 3), seen.append)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_calibration_batches_follow_the_mode():
+    torch.manual_seed(0)
+    clean = CleanSet(torch.randn(10, 1, 4, 4), torch.arange(10) % 3)
+    alphas = torch.linspace(0.999, 0.01, 1000)
+    batches = list(calibration_batches(clean, alphas, (100, 200), CalibrationConfig(size=10, batch_size=4), null_class=3))
+    assert len(batches) == 6  # 3 batches, each followed by its null-label copy
+    for (x, t, y), (x_null, t_null, y_null) in zip(batches[::2], batches[1::2]):
+        assert ((t >= 100) & (t <= 200)).all() and torch.equal(t, t_null) and torch.equal(x, x_null)
+        assert (y_null == 3).all() and (y < 3).all()
+    clean_batches = list(calibration_batches(clean, alphas, (100, 200), CalibrationConfig(mode="clean", size=10), null_class=3))
+    assert torch.equal(clean_batches[0][0], clean.x0) and (clean_batches[0][1] == 0).all()
+    random_t = torch.cat([b[1] for b in calibration_batches(CleanSet(torch.randn(400, 1, 2, 2), torch.zeros(400, dtype=torch.long)), alphas, (100, 200), CalibrationConfig(mode="random", size=400, batch_size=400), null_class=1)])
+    assert random_t.min() < 100 and random_t.max() > 200
+    with pytest.raises(ValueError, match="unknown calibration mode 'foo'"):
+        CalibrationConfig(mode="foo")
+    with pytest.raises(ValueError, match=r"calibration size must be a whole number in \[1, 8192\], got 0"):
+        CalibrationConfig(size=0)
+
+
+def test_latent_dit_prunes_from_its_own_samples_and_runs_in_dit_pipeline(tiny_latent_folder):
+    """The DiT-XL/2 path in miniature: 1000 classes, learned sigma, a VAE, data-free calibration,
+    and diffusers' own DiTPipeline running the staged model unchanged."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    loaded = load_model(str(tiny_latent_folder), device="cpu")
+    plan, result, _ = _prune(loaded, stage_sparsity=(0.5, 0.0, 0.5))
+    staged = result.staged
+    assert staged.networks()[1] is loaded.transformer  # 0 % middle stage = the dense network
+    images = run_to_end(sample_loaded(loaded, [3, 7], SampleConfig(num_inference_steps=5), transformer=staged)).images
+    assert images.shape == (2, 16, 16, 3)
+
+    pipeline = DiTPipeline(transformer=staged, vae=loaded.vae, scheduler=DDIMScheduler(**dict(loaded.scheduler_config)))
+    staged.reset_stage_calls()
+    output = pipeline(class_labels=[1, 2], num_inference_steps=10, guidance_scale=1.5, generator=torch.manual_seed(0), output_type="np")
+    assert output.images.shape == (2, 16, 16, 3) and np.isfinite(output.images).all()
+    expected = [("early", "middle", "late")[stage] for stage in plan.step_stages]
+    assert staged.stage_calls == expected
