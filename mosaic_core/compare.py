@@ -1,0 +1,198 @@
+"""Conquer, measured: the same labels and seeds through several denoisers, timed and scored.
+
+`compare_steps` samples every `Contender` (dense, staged, fewer steps, ...) on identical
+labels and initial noise, and returns one `MethodResult` each: images, median seconds over
+repeats (per run, per step and per stage), MACs, parameters, and quality (class accuracy
+and Fréchet distance for digit models; PSNR and SSIM to the reference images of the same
+seed for every model).
+
+Timing protocol: one short warm-up run per contender (allocator, kernels, caches), then
+`repeats` full runs, **interleaved round-robin** across contenders so that a slow phase of
+a shared machine hits every method alike; the median is reported. Every step is timed
+with a device synchronisation before reading the clock (CUDA kernels are asynchronous:
+timing without it measures the launch, not the work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Sequence
+
+import numpy as np
+import torch
+
+from mosaic_core.sampling import SampleConfig, SampleResult, run_to_end, sample_loaded
+from mosaic_core.stages import STAGE_NAMES
+
+
+@dataclass
+class Contender:
+    """One denoiser to compare: a transformer (dense or staged) with its step count and cost."""
+
+    name: str
+    transformer: torch.nn.Module
+    num_inference_steps: int
+    macs: int
+    params: int
+    step_stages: Sequence[int] | None = None  # stage index of each step, for per-stage time
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompareEvent:
+    """Progress: which contender, which repeat (0 = warm-up), which step."""
+
+    contender: str
+    repeat: int
+    repeats: int
+    step: int
+    num_steps: int
+    fraction: float
+
+
+@dataclass
+class MethodResult:
+    """Measurements of one contender."""
+
+    name: str
+    num_inference_steps: int
+    images: np.ndarray
+    labels: np.ndarray
+    seconds: float
+    seconds_all: list[float]
+    step_seconds: np.ndarray
+    stage_seconds: dict[str, float]
+    macs: int
+    params: int
+    speedup: float = 1.0
+    ideal_speedup: float = 1.0
+    accuracy: float | None = None
+    fd: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    info: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """A JSON-ready summary (no images)."""
+        return {
+            "name": self.name,
+            "steps": self.num_inference_steps,
+            "macs": int(self.macs),
+            "params": int(self.params),
+            "seconds": round(self.seconds, 4),
+            "seconds_all": [round(s, 4) for s in self.seconds_all],
+            "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
+            "speedup": round(self.speedup, 4),
+            "ideal_speedup": round(self.ideal_speedup, 4),
+            "measured_over_ideal": round(self.speedup / self.ideal_speedup, 4),
+            "accuracy": self.accuracy,
+            "fd": None if self.fd is None else round(self.fd, 3),
+            "psnr": None if self.psnr is None else round(self.psnr, 3),
+            "ssim": None if self.ssim is None else round(self.ssim, 4),
+            **self.info,
+        }
+
+
+def is_digit_model(spec) -> bool:
+    """Whether the digit classifier applies (10 classes, one-channel pixel images)."""
+    return spec.num_classes == 10 and spec.in_channels == 1 and not spec.latent and spec.sample_size % 8 == 0
+
+
+def _stage_seconds(step_seconds: np.ndarray, step_stages: Sequence[int] | None) -> dict[str, float]:
+    if step_stages is None or len(step_stages) != len(step_seconds):
+        return {}
+    stages = np.asarray(step_stages)
+    return {name: float(step_seconds[stages == i].sum()) for i, name in enumerate(STAGE_NAMES)}
+
+
+def compare_steps(
+    loaded,
+    contenders: Sequence[Contender],
+    labels: Sequence[int] | np.ndarray,
+    config: SampleConfig,
+    *,
+    repeats: int = 3,
+    warmup: bool = True,
+    reference: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[CompareEvent, None, list[MethodResult]]:
+    """Sample and time every contender on the same labels and seeds; returns their results.
+
+    `config.num_inference_steps` is ignored: each contender has its own step count.
+    `reference` names the contender whose images PSNR/SSIM compare against, and whose
+    seconds and MACs define the speed-ups (default: the first).
+    """
+    from mosaic_core import metrics
+
+    if not contenders:
+        raise ValueError("nothing to compare: give at least one contender")
+    if isinstance(repeats, bool) or int(repeats) != repeats or not 1 <= repeats <= 20:
+        raise ValueError(f"repeats must be a whole number in [1, 20], got {repeats!r}")
+    labels = np.asarray(labels)
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"contender names must be unique, got {names}")
+    reference = reference or names[0]
+    if reference not in names:
+        raise ValueError(f"reference '{reference}' is not one of {names}")
+
+    total_steps = sum(c.num_inference_steps for c in contenders) * repeats + (len(contenders) * 2 if warmup else 0)
+    done = 0
+    first: dict[str, SampleResult] = {}
+    timings: dict[str, list[np.ndarray]] = {c.name: [] for c in contenders}
+    for repeat in range(0 if warmup else 1, repeats + 1):
+        for contender in contenders:
+            steps = min(2, contender.num_inference_steps) if repeat == 0 else contender.num_inference_steps
+            run_config = SampleConfig(steps, config.guidance_scale, config.scheduler, config.seed)
+            generator = sample_loaded(loaded, labels, run_config, transformer=contender.transformer, should_stop=should_stop)
+            while True:
+                try:
+                    event = next(generator)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                done += 1
+                yield CompareEvent(contender.name, repeat, repeats, event.step, event.num_steps, done / total_steps)
+            if repeat == 0:
+                continue
+            timings[contender.name].append(result.step_seconds)
+            first.setdefault(contender.name, result)
+
+    digits = is_digit_model(loaded.spec)
+    reference_images = first[reference].images
+    results = []
+    for contender in contenders:
+        runs = timings[contender.name]
+        totals = [float(r.sum()) for r in runs]
+        step_seconds = np.median(np.stack(runs), axis=0)
+        images = first[contender.name].images
+        results.append(
+            MethodResult(
+                name=contender.name,
+                num_inference_steps=contender.num_inference_steps,
+                images=images,
+                labels=first[contender.name].labels,
+                seconds=float(np.median(totals)),
+                seconds_all=totals,
+                step_seconds=step_seconds,
+                stage_seconds=_stage_seconds(step_seconds, contender.step_stages),
+                macs=contender.macs,
+                params=contender.params,
+                accuracy=metrics.class_accuracy(images, labels) if digits else None,
+                fd=metrics.digit_fd(images) if digits and len(images) >= 2 else None,
+                psnr=metrics.mean_psnr(images, reference_images),
+                ssim=float(metrics.ssim(images, reference_images).mean()) if min(images.shape[1:3]) >= 7 else None,
+                info=dict(contender.info),
+            )
+        )
+    base = next(r for r in results if r.name == reference)
+    for r in results:
+        r.speedup = base.seconds / r.seconds
+        r.ideal_speedup = base.macs / r.macs
+    return results
+
+
+def compare(loaded, contenders, labels, config, **kwargs) -> list[MethodResult]:
+    """Plain call: run `compare_steps` to the end."""
+    return run_to_end(compare_steps(loaded, contenders, labels, config, **kwargs))
+
