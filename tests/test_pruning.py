@@ -180,3 +180,28 @@ def test_latent_dit_prunes_from_its_own_samples_and_runs_in_dit_pipeline(tiny_la
     assert output.images.shape == (2, 16, 16, 3) and np.isfinite(output.images).all()
     expected = [("early", "middle", "late")[stage] for stage in plan.step_stages]
     assert staged.stage_calls == expected
+
+
+def test_disk_cache_survives_a_restart_and_ignores_damaged_entries(pixel, tmp_path):
+    from mosaic_core.cache import AnalysisStore, checkpoint_folder, load_cached_staged
+
+    store = AnalysisStore(tmp_path)
+    plan, result, _ = _prune(pixel, store, sparsity=0.4)
+    assert len(store) == 3 and all((tmp_path / "analyses" / key / "traces.json").is_file() for key in store)
+    # a new process: a fresh store reads the Hessians and orders back, bit for bit
+    fresh = AnalysisStore(tmp_path)
+    for key in store:
+        a, b = store[key], fresh[key]
+        assert a.traces == b.traces and all(torch.equal(a.hessians[n], b.hessians[n]) for n in a.hessians)
+    events = []
+    run_to_end(prune_steps(pixel, build_plan(pixel.spec, num_inference_steps=10, sparsity=0.6), CONFIG, analyses=fresh), events.append)
+    assert not any(e.phase == "hessian" for e in events)
+    # checkpoints by settings
+    assert load_cached_staged(tmp_path, pixel, plan, CONFIG) is None
+    save_pruned(result, pixel, checkpoint_folder(tmp_path, pixel.weights_hash, plan, CONFIG))
+    cached = load_cached_staged(tmp_path, pixel, plan, CONFIG)
+    assert all(torch.equal(a, b) for a, b in zip(_outputs(cached), _outputs(result.staged)))
+    # a damaged analysis entry counts as absent
+    key = next(iter(store))
+    (tmp_path / "analyses" / key / "traces.json").write_text("{")
+    assert key not in AnalysisStore(tmp_path)
