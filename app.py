@@ -1,0 +1,16 @@
+"""MosaicDiff Studio: `python app.py`, then open http://127.0.0.1:7860 (GRADIO_SERVER_NAME/PORT override)."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ui import settings  # noqa: E402
+from ui.engine import StudioEngine  # noqa: E402
+from ui.studio import build_studio, launch_kwargs  # noqa: E402
+
+if __name__ == "__main__":
+    engine = StudioEngine()
+    engine.warm_up()  # diffusers import and the default model's caches: a quick first page
+    demo = build_studio(engine)
+    demo.queue().launch(server_name=settings.SERVER_NAME, server_port=settings.SERVER_PORT, **launch_kwargs())

@@ -1,0 +1,339 @@
+"""The studio's Divide section end to end: the API through gradio_client, the drag in real Chromium.
+
+One server for the module (in-process, free port, closed in teardown), one headless
+Chromium (Debian's /usr/bin/chromium; never `playwright install`). The built-in model is
+planned without weights, so these tests need none. The browser test also writes the
+README screenshot to assets/screenshot.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from playwright.sync_api import sync_playwright
+
+from mosaic_core.plan import build_plan
+from ui.divide_tab import parse_dragged_M
+from ui.engine import StudioEngine
+from ui.studio import build_studio, launch_kwargs
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "assets" / "screenshot.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run", "--disable-sync",
+]
+MODEL = "digits-dit"
+
+# gradio's queue calls pandas with options pandas 3 deprecates: not ours, not actionable here
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio_url():
+    engine = StudioEngine()
+    engine.warm_up()
+    demo = build_studio(engine)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(studio_url):
+    return Client(studio_url, verbose=False)
+
+
+def _stages(plan_dict: dict) -> list[tuple]:
+    return [
+        (s["name"], s["t_min"], s["t_max"], s["num_steps"], round(s["sparsity"], 9), s["heads_kept"], s["units_kept"])
+        for s in plan_dict["stages"]
+    ]
+
+
+# ----- gradio_client ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(M=0.55, lam=0.01, sparsity=0.3),
+        dict(M=0.4, lam=0.02, sparsity=0.5, sampler="dpm", steps=20),
+        dict(M=0.7, lam=0.0, stage_sparsity=[0.5, 0.1, 0.4]),
+        dict(model="facebook/DiT-XL-2-256", M=0.55, lam=0.01, sparsity=0.33),  # no weights: plans anyway
+    ],
+)
+def test_plan_endpoint_matches_build_plan(client, kwargs):
+    kwargs = dict(model=MODEL) | kwargs
+    expected = build_plan(
+        kwargs["model"],
+        num_inference_steps=kwargs.get("steps", 50),
+        M=kwargs["M"],
+        lam=kwargs["lam"],
+        sparsity=None if "stage_sparsity" in kwargs else kwargs["sparsity"],
+        stage_sparsity=kwargs.get("stage_sparsity"),
+        scheduler=kwargs.get("sampler", "ddim"),
+    ).to_dict()
+    got = client.predict(api_name="/plan", **kwargs)
+    assert got["model"] == kwargs["model"]
+    assert _stages(got) == _stages(expected)
+    assert got["timesteps"] == expected["timesteps"]
+    assert got["macs_staged"] == expected["macs_staged"]
+    assert math.isclose(got["overall_sparsity"], expected["overall_sparsity"])
+
+
+def test_plan_endpoint_reference_stages(client):
+    """METHOD §1: linear schedule, M=0.55, λ=0.01 → middle τ∈[103, 568], DDIM-50 → 21/23/6 steps."""
+    got = client.predict(model=MODEL, M=0.55, lam=0.01, sparsity=0.3, api_name="/plan")
+    assert [(s["t_min"], s["t_max"], s["num_steps"]) for s in got["stages"]] == [(569, 999, 21), (103, 568, 23), (0, 102, 6)]
+
+
+@pytest.mark.parametrize("per_stage", [False, True])
+def test_divide_endpoint_returns_the_same_plan(client, per_stage):
+    # model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late
+    outputs = client.predict(MODEL, "", "ddim", 50, 0.45, 0.01, 1.0, 0.3, per_stage, 0.6, 0.05, 0.3, api_name="/divide")
+    plan_json = next(o for o in outputs if isinstance(o, dict) and "stages" in o)
+    if per_stage:
+        expected = build_plan(MODEL, 50, 0.45, 0.01, stage_sparsity=(0.6, 0.05, 0.3)).to_dict()
+    else:
+        expected = build_plan(MODEL, 50, 0.45, 0.01, sparsity=0.3).to_dict()
+    assert plan_json["mode"] == ("manual" if per_stage else "auto")
+    assert _stages(plan_json) == _stages(expected)
+    stage_html = next(o for o in outputs if isinstance(o, str) and "mosaic-stage-table" in o)
+    low, high = expected["stages"][1]["t_min"], expected["stages"][1]["t_max"]
+    assert f'data-stage="middle" data-field="tau">{low}–{high}<' in stage_html
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(M=1.5), r"M must be in \(0, 1\), got 1\.5"),
+        (dict(M=0.0), r"M must be in \(0, 1\), got 0\.0"),
+        (dict(sparsity=0.95), r"sparsity must be in \[0, 0\.9\], got 0\.95"),
+        (dict(stage_sparsity=[0.2, 0.95, 0.2]), r"middle sparsity must be in \[0, 0\.9\], got 0\.95"),
+        (dict(model="no-such-model"), r"unknown model 'no-such-model'"),
+        (dict(sampler="heun"), r"unknown scheduler 'heun'"),
+    ],
+)
+def test_plan_endpoint_bad_values_raise_the_engine_message(client, kwargs, message):
+    arguments = dict(model=MODEL, M=0.55, lam=0.01, sparsity=0.3) | kwargs
+    with pytest.raises(AppError, match=message):
+        client.predict(api_name="/plan", **arguments)
+
+
+def test_dragged_value_parsing():
+    assert parse_dragged_M("0.412|1712345678") == 0.412
+    assert parse_dragged_M("0.99|1") == 0.95 and parse_dragged_M("-3|1") == 0.05  # clamped to the slider
+    with pytest.raises(ValueError, match=r"got 'abc'"):
+        parse_dragged_M("abc|1")
+    with pytest.raises(ValueError, match=r"got nan"):
+        parse_dragged_M("nan|1")
+
+
+def _raw_call(url: str, api_name: str, data: list) -> list[tuple[str, object]]:
+    """POST /gradio_api/call/<api> with a body strict JSON can't hold (NaN); the (event, data) pairs back."""
+    body = json.dumps({"data": data}, allow_nan=True)
+    with httpx.Client(base_url=url, timeout=30) as http:
+        answer = http.post(f"gradio_api/call/{api_name}", content=body, headers={"content-type": "application/json"})
+        answer.raise_for_status()
+        stream = http.get(f"gradio_api/call/{api_name}/{answer.json()['event_id']}").text
+    events = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.MULTILINE)
+    return [(name, json.loads(payload)) for name, payload in events]
+
+
+@pytest.mark.parametrize("api_name", ["plan", "divide"])
+def test_nan_lambda_is_an_error_naming_the_value(studio_url, api_name):
+    if api_name == "plan":
+        data = [MODEL, "ddim", 50, 0.55, float("nan"), 0.3, None, 1.0]
+    else:
+        data = [MODEL, "", "ddim", 50, 0.55, float("nan"), 1.0, 0.3, False, 0, 0, 0]
+    events = _raw_call(studio_url, api_name, data)
+    assert [name for name, _ in events] == ["error"]
+    message = events[0][1]["error"]
+    assert re.fullmatch(r"lam \(λ\) must be a finite number.*got nan", message), message
+
+
+def _controls(model: str = MODEL, folder: str = "", sampler: str = "ddim", steps: int = 50) -> list:
+    """The Divide controls in order: model, folder, sampler, steps, M, λ, c_x, sparsity, per stage, 3 stage values."""
+    return [model, folder, sampler, steps, 0.55, 0.01, 1.0, 0.3, False, 0.0, 0.0, 0.0]
+
+
+def _array(value) -> list[float]:
+    """A plotly JSON array: a plain list, or plotly 6+'s {"bdata": base64, "dtype": ...}."""
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=value["dtype"]).tolist()
+    return list(value)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm"])
+def test_trajectory_endpoint_samples_a_real_model(client, tiny_latent_folder, sampler):
+    """A tiny real DiT in diffusers' layout, picked by folder: one distance per step, 0 at the end."""
+    figure, note = client.predict(*_controls(folder=str(tiny_latent_folder), sampler=sampler, steps=8), api_name="/trajectory")
+    shares = re.findall(r"(early|middle|late) (\d+)%", note.split("**Trajectory:**")[1])
+    assert [name for name, _ in shares][:2] == ["early", "middle"]  # 8 DPM steps may end above the late stage
+    assert sum(int(share) for _, share in shares) == pytest.approx(100, abs=2)
+    traces = json.loads(figure["plot"])["data"]
+    x, distance = _array(traces[0]["x"]), _array(traces[0]["y"])  # the line through every step
+    timesteps = build_plan(str(tiny_latent_folder), 8, scheduler=sampler).timesteps
+    assert x == pytest.approx(timesteps)
+    assert distance[-1] == 0.0 and all(math.isfinite(d) and d >= 0 for d in distance)
+    assert distance[0] > distance[-2]  # x̂₀ is furthest from the final image at the start
+    assert sum(len(_array(trace["x"])) for trace in traces[1:]) == 8  # every step has its stage marker
+
+
+def test_trajectory_without_weights_says_where_to_put_them(client):
+    with pytest.raises(AppError, match=r"weights not present: put a diffusers copy of 'facebook/DiT-XL-2-256'"):
+        client.predict(*_controls(model="facebook/DiT-XL-2-256"), api_name="/trajectory")
+
+
+# ----- headless Chromium ------------------------------------------------------------------------
+
+PLOT = "#mosaic-schedule-plot .js-plotly-plot"
+READ_STATE = """() => {
+  const gd = document.querySelector('%s');
+  const line = gd.layout.shapes.find((s) => s.name === 'threshold');
+  const cell = (stage) => document.querySelector(`#mosaic-stage-table td[data-stage=${stage}][data-field=tau]`).textContent;
+  return {
+    M: parseFloat(document.querySelector('#mosaic-M input[type=number]').value),
+    tableM: parseFloat(document.querySelector('#mosaic-stage-table [data-field=M]').textContent),
+    lineM: line.y0 / gd.layout.meta.max_score,
+    lineFlat: line.y0 === line.y1 && line.x0 === 0 && line.x1 === 1,
+    early: cell('early'), middle: cell('middle'), late: cell('late'),
+  };
+}""" % PLOT
+
+
+def _middle(state: dict) -> tuple[int, int]:
+    low, high = state["middle"].split("–")
+    return int(low), int(high)
+
+
+def _expected_middle(M: float) -> tuple[int, int]:
+    return build_plan(MODEL, 50, M, 0.01, sparsity=0.3).bounds.middle
+
+
+@pytest.fixture(scope="module")
+def page(studio_url):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(studio_url)
+            page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
+            page.wait_for_function(
+                f"() => document.querySelector('{PLOT}')?.getAttribute('data-mosaic-drag') === 'bound'", timeout=30_000
+            )
+            yield page
+        finally:
+            browser.close()
+
+
+def _threshold_handle(page):
+    """The invisible, draggable path plotly lays over an editable shape (a path: 'hidden' to playwright)."""
+    handle = page.locator("#mosaic-schedule-plot .shapelayer g[data-index='0']:not(.shape-group) > path").first
+    handle.wait_for(state="attached")
+    return handle
+
+
+def _wait_for_new_M(page, old: float) -> dict:
+    page.wait_for_function(
+        f"""() => {{
+            const M = parseFloat(document.querySelector('#mosaic-M input[type=number]').value);
+            const tableM = parseFloat(document.querySelector('#mosaic-stage-table [data-field=M]')?.textContent);
+            return Math.abs(M - {old}) > 1e-9 && Math.abs(tableM - M) < 1e-9;
+        }}""",
+        timeout=30_000,
+    )
+    page.wait_for_function(
+        f"""() => {{
+            const gd = document.querySelector('{PLOT}');
+            const line = gd.layout.shapes.find((s) => s.name === 'threshold');
+            const M = parseFloat(document.querySelector('#mosaic-M input[type=number]').value);
+            return Math.abs(line.y0 / gd.layout.meta.max_score - M) < 1e-6;
+        }}""",
+        timeout=30_000,
+    )
+    return page.evaluate(READ_STATE)
+
+
+def test_page_loads_with_the_reference_stages_and_screenshot(page):
+    state = page.evaluate(READ_STATE)
+    assert state["M"] == pytest.approx(0.55)
+    assert state["lineM"] == pytest.approx(0.55)
+    assert (state["early"], state["middle"], state["late"]) == ("569–999", "103–568", "0–102")
+    assert "weights" in page.locator("#mosaic-status").inner_text()
+    assert page.locator("#mosaic-cost [data-field=speedup]").inner_text().endswith("×")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 50_000
+
+
+def _drag_line(page, dy: float) -> dict:
+    """Press on the threshold line, move it `dy` pixels (negative = up) in small steps, release."""
+    box = _threshold_handle(page).bounding_box()
+    x, y = box["x"] + 0.35 * box["width"], box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 9):
+        page.mouse.move(x, y + dy * step / 8)
+    page.mouse.up()
+    return box
+
+
+def test_dragging_the_threshold_line_sets_M_and_the_stages(page):
+    before = page.evaluate(READ_STATE)
+    box = _drag_line(page, -64)  # upwards: a higher threshold, a narrower middle stage
+    after = _wait_for_new_M(page, before["M"])
+    assert after["M"] > before["M"] + 0.05
+    assert after["tableM"] == pytest.approx(after["M"])
+    assert after["lineM"] == pytest.approx(after["M"], abs=1e-6) and after["lineFlat"]
+    assert _middle(after) == _expected_middle(after["M"])
+    low, high = _middle(after)
+    assert low > _middle(before)[0] and high < _middle(before)[1]
+    assert after["early"] == f"{high + 1}–999" and after["late"] == f"0–{low - 1}"
+    new_box = _threshold_handle(page).bounding_box()
+    assert new_box["y"] < box["y"] - 30  # the line stays where it was dropped
+    # The listener survives the re-render that the first drop caused: drag it back down.
+    _drag_line(page, +96)
+    again = _wait_for_new_M(page, after["M"])
+    assert again["M"] < after["M"] - 0.1
+    assert _middle(again) == _expected_middle(again["M"])
+
+
+def test_moving_the_M_slider_moves_the_line(page):
+    before = page.evaluate(READ_STATE)
+    line_y = _threshold_handle(page).bounding_box()["y"]
+    slider = page.locator("#mosaic-M input[type=range]")
+    box = slider.bounding_box()
+    slider.click(position={"x": 0.15 * box["width"], "y": box["height"] / 2})  # pointerup = release
+    after = _wait_for_new_M(page, before["M"])
+    assert after["M"] < 0.35
+    assert after["lineM"] == pytest.approx(after["M"], abs=1e-6)
+    assert _middle(after) == _expected_middle(after["M"])
+    assert _threshold_handle(page).bounding_box()["y"] > line_y + 30  # a lower threshold is lower on screen

@@ -1,0 +1,347 @@
+"""The Divide section of the studio: model, schedule & stages, teaching panel, sparsity & cost.
+
+`build_divide_section(demo, engine)` lays the components out inside the current
+`gr.Blocks`, wires their events to a `DivideHandlers`, and returns a `DivideSection` whose
+`plan_state` (a `gr.State` holding `Plan.to_dict()`) and `controls` later sections read.
+
+Events (all of them go through `DivideHandlers`, which turns ValueError into gr.Error):
+
+| trigger                                   | handler          | api_name     |
+|-------------------------------------------|------------------|--------------|
+| slider release, sampler, c_x, checkbox    | `divide`         | `divide`     |
+| threshold dragged (hidden textbox change) | `drag`           | private      |
+| model picked / folder entered, page load  | `select_model`   | private      |
+| "Trace the model's trajectory" button     | `trace`          | `trajectory` |
+| (API only) plain arguments → plan dict    | `plan_api`       | `plan`       |
+
+Sliders update on *release* (pointer up, or leaving the number box), so typing "0.4" does
+not plan for "0." on the way.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import gradio as gr
+from gradio.components.plot import PlotData
+
+from mosaic_core.plan import Plan
+from mosaic_core.stages import STAGE_NAMES
+
+from ui import charts, settings
+from ui.engine import StudioEngine
+from ui.frontend import DRAG_ELEM_ID, PLOT_ELEM_ID
+from ui.panels import cost_panel_html, stage_table_html
+
+TEACHING_TEXT = """
+**Why the middle stage is pruned lightly.** Pretraining does not learn every noise level at
+the same speed (above: this model's own record), and MosaicDiff's premise is that the
+fast-learning middle levels, located by the Grad term on the left, are the fragile ones.
+Early on, x̂₀ is still far from the final image (below) and later steps correct much of what
+a pruned network gets wrong, while in the middle stage the content is being committed and
+errors stay. On digits-dit, pruning one stage alone to sparsity 0.6 cost 0.4 dB of PSNR in
+the early stage but 12.6 dB in the middle one (METHOD.md §7).
+"""
+
+CX_INFO = "1.0 is the fallback"
+
+
+def user_errors(fn):
+    """Show a ValueError (or a missing file) from the engine as a gr.Error toast, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    return wrapper
+
+
+def parse_dragged_M(text: str) -> float:
+    """'0.412|1712345678' (M|nonce, written by the browser) -> 0.412, clamped to the slider's range."""
+    head = str(text or "").split("|", 1)[0].strip()
+    try:
+        value = float(head)
+    except ValueError:
+        raise ValueError(f"dragged threshold must be a number M in (0, 1), got {head!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"dragged threshold must be a finite M in (0, 1), got {value}")
+    low, high = settings.M_RANGE
+    return round(min(max(value, low), high), 3)
+
+
+@dataclass
+class DivideSection:
+    """The components of the Divide section that other sections read or listen to."""
+
+    model: gr.Dropdown
+    folder: gr.Textbox
+    sampler: gr.Dropdown
+    steps: gr.Slider
+    M: gr.Slider
+    lam: gr.Slider
+    cx: gr.Number
+    sparsity: gr.Slider
+    per_stage: gr.Checkbox
+    stage_sparsity: tuple[gr.Slider, gr.Slider, gr.Slider]
+    plan_state: gr.State
+    plan_json: gr.JSON
+    status: gr.Markdown
+    schedule_plot: gr.Plot
+    stage_table: gr.HTML
+    cost_panel: gr.HTML
+    dynamics_plot: gr.Plot
+    trajectory_plot: gr.Plot
+    trace_button: gr.Button
+    teaching_note: gr.Markdown
+    drag_box: gr.Textbox
+
+    @property
+    def controls(self) -> list:
+        """The inputs of a plan, in `DivideHandlers.divide`'s argument order."""
+        return [
+            self.model, self.folder, self.sampler, self.steps, self.M, self.lam, self.cx,
+            self.sparsity, self.per_stage, *self.stage_sparsity,
+        ]
+
+    @property
+    def plan_outputs(self) -> list:
+        """What `DivideHandlers.divide` returns, in order."""
+        return [
+            self.schedule_plot, self.stage_table, self.cost_panel, self.plan_state, self.plan_json,
+            self.dynamics_plot, self.trajectory_plot, self.teaching_note, *self.stage_sparsity,
+        ]
+
+
+class DivideHandlers:
+    """Event handlers of the Divide section; each takes component values and returns updates."""
+
+    def __init__(self, engine: StudioEngine) -> None:
+        self.engine = engine
+        self._revision = itertools.count(1)
+
+    # ----- plans ------------------------------------------------------------------------------
+    def _plan(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+        spec = self.engine.resolve(model, folder)
+        if per_stage:
+            plan = self.engine.plan(spec, sampler, steps, M, lam, cx, stage_sparsity=(early, middle, late))
+        else:
+            plan = self.engine.plan(spec, sampler, steps, M, lam, cx, sparsity=sparsity)
+        return spec, plan
+
+    def _render(self, spec, plan: Plan) -> tuple:
+        curve = self.engine.curve(spec, plan.lam, plan.cx)
+        figure = charts.schedule_figure(curve, plan)
+        # A fresh revision makes every answer a new figure, so the browser redraws even when
+        # a drag lands on the M it already had (and puts the dropped line back in place).
+        figure.layout.meta["revision"] = next(self._revision)
+        schedule = PlotData(type="plotly", plot=charts.figure_json(figure, charts.SCHEDULE_CONFIG))
+        data = plan.to_dict()
+        dynamics = self.engine.dynamics(spec)
+        trajectory = self.engine.cached_trajectory(spec, plan.scheduler, plan.num_inference_steps)
+        # While the allocation is automatic, the (disabled) per-stage sliders mirror it, so
+        # ticking "Set per stage" starts from the current plan; manual values are left alone.
+        mirrored = [
+            gr.update() if plan.mode == "manual" else gr.update(value=round(value, 2))
+            for value in plan.allocation.requested
+        ]
+        return (
+            schedule,
+            stage_table_html(plan),
+            cost_panel_html(plan, self.engine.parameter_split(spec)),
+            data,
+            data,
+            charts.dynamics_figure(dynamics, plan),
+            charts.trajectory_figure(trajectory, plan),
+            self._teaching_note(dynamics, trajectory, plan),
+            *mirrored,
+        )
+
+    @staticmethod
+    def _teaching_note(dynamics, trajectory, plan: Plan) -> str:
+        """The data-driven lines under the teaching charts (empty when there is no data)."""
+        lines = [charts.dynamics_summary(dynamics, plan), charts.trajectory_summary(trajectory, plan)]
+        return "\n\n".join(line for line in lines if line)
+
+    @user_errors
+    def divide(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+        """Plan from the controls; returns the schedule chart, tables, plan dict and teaching charts."""
+        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        return self._render(spec, plan)
+
+    @user_errors
+    def drag(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+        """The threshold line was dropped: set the M slider to it and re-plan."""
+        new_M = parse_dragged_M(dragged)
+        spec, plan = self._plan(model, folder, sampler, steps, new_M, lam, cx, sparsity, per_stage, early, middle, late)
+        return (new_M, *self._render(spec, plan))
+
+    @user_errors
+    def select_model(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+        """A model was picked (or the page loaded): its status, c_x hint, trajectory button, and the plan."""
+        spec = self.engine.resolve(model, folder)
+        status = self.engine.status(spec)
+        measured = self.engine.measured_cx(spec)
+        cx_info = CX_INFO if measured is None else f"{CX_INFO}; measured on its training images: {measured:.3f}"
+        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        return (
+            status.message,
+            gr.update(info=cx_info),
+            gr.update(interactive=status.weights_present),
+            *self._render(spec, plan),
+        )
+
+    @staticmethod
+    def toggle_per_stage(per_stage: bool):
+        """Per-stage sliders on (they already hold the automatic allocation) or the target slider on."""
+        return (gr.update(interactive=not per_stage), *(gr.update(interactive=bool(per_stage)) for _ in STAGE_NAMES))
+
+    @user_errors
+    def trace(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, progress=gr.Progress()):
+        """Sample a few images densely and chart ‖x̂₀(t) − x̂₀(final)‖ per step (cached)."""
+        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        progress(0, desc="loading the model")
+
+        def on_step(done: int, total: int) -> None:
+            progress((done, total), desc=f"sampling {settings.TRAJECTORY_IMAGES} images")
+
+        trajectory = self.engine.trajectory(spec, plan.scheduler, plan.num_inference_steps, on_step)
+        note = self._teaching_note(self.engine.dynamics(spec), trajectory, plan)
+        return charts.trajectory_figure(trajectory, plan), note
+
+    def plan_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+    ) -> dict:
+        """The MosaicDiff plan (Plan.to_dict()) for a model name or local folder.
+
+        Give `stage_sparsity` [early, middle, late] for a manual allocation (then `sparsity`
+        is ignored), else `sparsity` is the overall target of the automatic allocation.
+        Values go to the engine unchanged; a bad one comes back as an error naming it.
+        """
+        try:
+            spec = self.engine.resolve(model)
+            if stage_sparsity is not None:
+                plan = self.engine.plan(spec, sampler, steps, M, lam, cx, stage_sparsity=stage_sparsity)
+            else:
+                plan = self.engine.plan(spec, sampler, steps, M, lam, cx, sparsity=sparsity)
+        except (ValueError, TypeError) as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return plan.to_dict()
+
+
+def _model_row(engine: StudioEngine):
+    with gr.Row(equal_height=True):
+        model = gr.Dropdown(
+            engine.model_choices(), value=settings.MODEL_DEFAULT, label="Model", scale=3,
+            info="built-in digits-dit works offline; hub ids need local weights to sample, not to plan",
+        )
+        folder = gr.Textbox(
+            label="…or a local diffusers folder", placeholder="/path/to/model (press Enter)", scale=3,
+            info="overrides the picker when filled",
+        )
+        sampler = gr.Dropdown(list(settings.SAMPLERS), value=settings.SAMPLER_DEFAULT, label="Sampler", scale=1)
+        steps = gr.Slider(*settings.STEPS_RANGE, value=settings.STEPS_DEFAULT, step=1, label="Steps", scale=2)
+    status = gr.Markdown(elem_id="mosaic-status")
+    return model, folder, sampler, steps, status
+
+
+def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection:
+    """Lay out and wire the Divide section inside `demo`; returns its components."""
+    handlers = DivideHandlers(engine)
+    gr.Markdown("## 1 · Model")
+    model, folder, sampler, steps, status = _model_row(engine)
+
+    gr.Markdown(
+        "## 2 · Divide: schedule and stages\n"
+        "Drag the dashed threshold line (or move **M**): the middle stage is the run of timesteps "
+        "whose importance score stays above M × max score."
+    )
+    with gr.Row():
+        with gr.Column(scale=3, min_width=520):
+            schedule_plot = gr.Plot(label="Importance score over the noise levels", elem_id=PLOT_ELEM_ID, show_label=True)
+            with gr.Row():
+                M = gr.Slider(
+                    *settings.M_RANGE, value=settings.M_DEFAULT, step=settings.M_STEP, label="M (threshold)",
+                    elem_id="mosaic-M", scale=3,
+                )
+                lam = gr.Slider(
+                    *settings.LAM_RANGE, value=settings.LAM_DEFAULT, step=settings.LAM_STEP, label="λ (ln SNR weight)",
+                    elem_id="mosaic-lam", scale=3,
+                )
+                cx = gr.Number(value=settings.CX_DEFAULT, label="c_x = E‖x₀‖²/d", elem_id="mosaic-cx", scale=2, info=CX_INFO)
+            stage_table = gr.HTML(elem_id="mosaic-stages")
+        with gr.Column(scale=2, min_width=360):
+            dynamics_plot = gr.Plot(label="Training dynamics: how fast each noise level was learned", elem_id="mosaic-dynamics-plot")
+            trajectory_plot = gr.Plot(label="The model's trajectory: x̂₀ settling, step by step", elem_id="mosaic-trajectory-plot")
+            trace_button = gr.Button("Trace the model's trajectory", size="sm", variant="secondary", interactive=False)
+            teaching_note = gr.Markdown(elem_id="mosaic-teaching-note")
+            gr.Markdown(TEACHING_TEXT, elem_classes="mosaic-teaching")
+
+    gr.Markdown("## 3 · Sparsity and cost")
+    with gr.Row():
+        with gr.Column(scale=2, min_width=320):
+            sparsity = gr.Slider(
+                *settings.SPARSITY_RANGE, value=settings.SPARSITY_DEFAULT, step=settings.SPARSITY_STEP,
+                label="Target sparsity (step-weighted, automatic allocation)", elem_id="mosaic-sparsity",
+            )
+            per_stage = gr.Checkbox(value=False, label="Set per stage", elem_id="mosaic-per-stage")
+            stage_sliders = tuple(
+                gr.Slider(
+                    *settings.SPARSITY_RANGE, value=0.0, step=settings.SPARSITY_STEP, label=f"{name} sparsity",
+                    interactive=False, elem_id=f"mosaic-sparsity-{name}",
+                )
+                for name in STAGE_NAMES
+            )
+        with gr.Column(scale=3, min_width=420):
+            cost_panel = gr.HTML(elem_id="mosaic-cost")
+    with gr.Accordion("Plan as JSON (what the Prune step reads)", open=False):
+        plan_json = gr.JSON(label="plan", elem_id="mosaic-plan-json")
+    plan_state = gr.State(None)
+    drag_box = gr.Textbox(visible="hidden", elem_id=DRAG_ELEM_ID, label="dragged M")
+
+    section = DivideSection(
+        model=model, folder=folder, sampler=sampler, steps=steps, M=M, lam=lam, cx=cx, sparsity=sparsity,
+        per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
+        status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
+        dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
+        teaching_note=teaching_note, drag_box=drag_box,
+    )
+    controls, outputs = section.controls, section.plan_outputs
+    quiet = dict(show_progress="minimal", trigger_mode="always_last")
+
+    gr.on(
+        [M.release, lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
+         sampler.input, cx.submit, cx.blur],
+        handlers.divide, inputs=controls, outputs=outputs, api_name="divide", **quiet,
+    )
+    drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, *outputs], api_visibility="private", **quiet)
+    model_outputs = [status, cx, trace_button, *outputs]
+    gr.on(
+        [model.input, folder.submit], handlers.select_model, inputs=controls, outputs=model_outputs,
+        api_visibility="private", **quiet,
+    )
+    demo.load(handlers.select_model, inputs=controls, outputs=model_outputs, api_visibility="private")
+    per_stage.input(
+        handlers.toggle_per_stage, inputs=[per_stage], outputs=[sparsity, *stage_sliders],
+        api_visibility="private", show_progress="hidden",
+    ).then(handlers.divide, inputs=controls, outputs=outputs, api_visibility="private", **quiet)
+    trace_button.click(
+        handlers.trace, inputs=controls, outputs=[trajectory_plot, teaching_note], api_name="trajectory",
+        concurrency_limit=1,
+    )
+    gr.api(handlers.plan_api, api_name="plan")
+    return section
