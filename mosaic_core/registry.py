@@ -118,6 +118,7 @@ _REGISTRY: dict[str, ModelSpec] = {
         sample_size=16,
         latent=False,
         path=str(ASSETS_DIR / "digits-dit"),
+        default_cfg=1.25,  # measured best: DDIM-50 accuracy 0.955 (cfg 1.0: 0.925, 1.5: 0.91, 2.0: 0.815)
         class_names=tuple(str(i) for i in range(10)),
     ),
     "facebook/DiT-XL-2-256": ModelSpec(

@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
     parser.add_argument("--out", required=True, metavar="FILE.npz")
     parser.add_argument("--grid", default=None, metavar="FILE.png", help="also write an image grid")
+    parser.add_argument("--metrics", action="store_true", help="also print class accuracy and Fréchet distance (digit models)")
     parser.set_defaults(func=run)
 
 
@@ -62,4 +63,11 @@ def run(args: argparse.Namespace) -> int:
     if args.grid:
         save_grid(args.grid, result.images, columns=min(spec.num_classes, 10))
     print(f"wrote {len(result.images)} images to {args.out} in {result.total_seconds:.1f} s")
+    if args.metrics:
+        from mosaic_core.compare import is_digit_model
+        from mosaic_core.metrics import class_accuracy, digit_fd
+
+        if not is_digit_model(spec):
+            raise ValueError(f"--metrics needs a digit model (10 classes, 1-channel pixels); '{spec.name}' is not one")
+        print(f"class accuracy {class_accuracy(result.images, result.labels):.3f}, Fréchet distance {digit_fd(result.images):.2f}")
     return 0
