@@ -9,6 +9,7 @@
 | `mosaic-random-calib` | ablation: calibration τ uniform over all T                        |
 | `mosaic-clean-calib`  | ablation: calibration on clean inputs (τ = 0)                     |
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
+| `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 
 All methods share labels, seeds and initial noise; PSNR/SSIM compare each image with the
@@ -121,6 +122,7 @@ def bench_steps(
         ("mosaic-random-calib", mosaic_plan, PruneConfig(replace(calibration, mode="random"))),
         ("mosaic-clean-calib", mosaic_plan, PruneConfig(replace(calibration, mode="clean"))),
         ("mosaic-magnitude", mosaic_plan, PruneConfig(calibration, scorer="magnitude")),
+        ("mosaic-per-block", mosaic_plan, PruneConfig(calibration, allocation="per-block")),
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))

@@ -52,7 +52,7 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     names = [row["name"] for row in report["methods"]]
-    assert names == ["dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude", "mosaic-3-steps"]
+    assert names == ["dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude", "mosaic-per-block", "mosaic-3-steps"]
     for row in report["methods"]:
         for key in ("name", "macs", "params", "seconds", "speedup", "ideal_speedup", "accuracy", "fd", "psnr"):
             assert key in row, key

@@ -205,3 +205,40 @@ def test_disk_cache_survives_a_restart_and_ignores_damaged_entries(pixel, tmp_pa
     key = next(iter(store))
     (tmp_path / "analyses" / key / "traces.json").write_text("{")
     assert key not in AnalysisStore(tmp_path)
+
+
+def test_per_block_allocation_spends_the_same_macs_with_less_error(pixel, analyses):
+    """Per-block allocation keeps each stage's MAC budget (within one MLP unit) and lowers the
+    summed OBS error of the removals, re-using the per-stage Hessians."""
+    plan = build_plan(pixel.spec, num_inference_steps=10, sparsity=0.5)
+    per_stage = run_to_end(prune_steps(pixel, plan, CONFIG, analyses=analyses))
+    events = []
+    config = PruneConfig(CONFIG.calibration, allocation="per-block")
+    per_block = run_to_end(prune_steps(pixel, plan, config, analyses=analyses), events.append)
+    assert not any(e.phase == "hessian" for e in events)
+    width = 32  # 4 heads x 8
+
+    def macs_and_error(result, index):
+        keeps, _ = result.stage_networks[index]
+        analysis = next(iter(a for a in result.analyses.values() if a.t_range == plan.bounds.ranges[index]))
+        macs = error = 0.0
+        for block, keep in enumerate(keeps):
+            for name, kept, total, unit in (
+                (f"transformer_blocks.{block}.attn1.to_out.0", keep.heads, 4, 4 * width * 8),
+                (f"transformer_blocks.{block}.ff.net.2", keep.units, 128, 2 * width),
+            ):
+                macs += unit * len(kept)
+                error += analysis.traces[name].cumulative_error(total - len(kept))
+        return macs, error
+
+    for index in range(3):
+        if per_stage.stage_networks[index] is None:
+            continue
+        macs_a, error_a = macs_and_error(per_stage, index)
+        macs_b, error_b = macs_and_error(per_block, index)
+        assert abs(macs_a - macs_b) <= 2 * width
+        assert error_b <= error_a + 1e-12
+        keeps, _ = per_block.stage_networks[index]
+        assert all(len(k.heads) >= 1 and len(k.units) >= 1 for k in keeps)
+    with pytest.raises(ValueError, match="per-block allocation needs the OBS scorer"):
+        PruneConfig(allocation="per-block", scorer="magnitude")

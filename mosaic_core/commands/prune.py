@@ -10,7 +10,7 @@ import argparse
 
 from mosaic_core.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
 from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
-from mosaic_core.pruning import DEFAULT_DAMPING, SCORERS
+from mosaic_core.pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +22,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="clean inputs: the model's dataset, or the dense model's own samples (default: data for digits-dit, else samples)",
     )
     parser.add_argument("--scorer", default="obs", choices=SCORERS, help="structured OBS or magnitude (ablation)")
+    parser.add_argument(
+        "--allocation", default="per-stage", choices=ALLOCATIONS,
+        help="per-stage: the plan's counts in every block; per-block: spread each stage's MACs by OBS error",
+    )
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
     parser.add_argument("--seed", type=int, default=0, help="calibration seed")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -35,7 +39,7 @@ def prune_config_from_args(args: argparse.Namespace, spec):
 
     source = args.calib_source or ("data" if spec.source == "builtin" else "samples")
     calibration = CalibrationConfig(mode=args.calib, size=args.calib_size, source=source, seed=args.seed)
-    return PruneConfig(calibration=calibration, scorer=args.scorer, damping=args.damping)
+    return PruneConfig(calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=args.allocation)
 
 
 def register(subparsers) -> None:
