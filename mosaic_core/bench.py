@@ -29,6 +29,7 @@ import torch
 
 from mosaic_core.calibration import CalibrationConfig
 from mosaic_core.compare import Contender, MethodResult, compare_steps
+from mosaic_core.jobs import relay
 from mosaic_core.plan import Plan, build_plan
 from mosaic_core.pruning import PruneConfig, prune_steps
 from mosaic_core.sampling import SampleConfig, labels_for
@@ -135,14 +136,10 @@ def bench_steps(
     ]
     analyses: dict = {}
     for index, (name, plan, prune_config) in enumerate(variants):
-        generator = prune_steps(loaded, plan, prune_config, should_stop=should_stop, analyses=analyses)
-        while True:
-            try:
-                event = next(generator)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            yield BenchEvent("prune", name, (index + event.fraction) / len(variants))
+        result = yield from relay(
+            prune_steps(loaded, plan, prune_config, should_stop=should_stop, analyses=analyses),
+            lambda event, name=name, index=index: BenchEvent("prune", name, (index + event.fraction) / len(variants)),
+        )
         contenders.append(
             Contender(
                 name,
@@ -161,14 +158,10 @@ def bench_steps(
         )
     labels = labels_for(config.num_images, spec.num_classes)
     sample_config = SampleConfig(n_steps, cfg, config.scheduler, config.seed)
-    generator = compare_steps(loaded, contenders, labels, sample_config, repeats=config.repeats, should_stop=should_stop)
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            results = stop.value
-            break
-        yield BenchEvent("sample", event.contender, event.fraction)
+    results = yield from relay(
+        compare_steps(loaded, contenders, labels, sample_config, repeats=config.repeats, should_stop=should_stop),
+        lambda event: BenchEvent("sample", event.contender, event.fraction),
+    )
     return BenchResult(mosaic_plan, config, results)
 
 

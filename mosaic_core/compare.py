@@ -15,12 +15,14 @@ timing without it measures the launch, not the work).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Sequence
 
 import numpy as np
 import torch
 
+from mosaic_core.jobs import relay
 from mosaic_core.sampling import SampleConfig, SampleResult, run_to_end, sample_loaded
 from mosaic_core.stages import STAGE_NAMES
 
@@ -136,23 +138,18 @@ def compare_steps(
     if reference not in names:
         raise ValueError(f"reference '{reference}' is not one of {names}")
 
-    total_steps = sum(c.num_inference_steps for c in contenders) * repeats + (len(contenders) * 2 if warmup else 0)
-    done = 0
+    total_steps = sum(c.num_inference_steps * repeats + (min(2, c.num_inference_steps) if warmup else 0) for c in contenders)
+    done = itertools.count(1)  # steps finished, for the progress fraction
     first: dict[str, SampleResult] = {}
     timings: dict[str, list[np.ndarray]] = {c.name: [] for c in contenders}
     for repeat in range(0 if warmup else 1, repeats + 1):
         for contender in contenders:
             steps = min(2, contender.num_inference_steps) if repeat == 0 else contender.num_inference_steps
             run_config = SampleConfig(steps, config.guidance_scale, config.scheduler, config.seed)
-            generator = sample_loaded(loaded, labels, run_config, transformer=contender.transformer, should_stop=should_stop)
-            while True:
-                try:
-                    event = next(generator)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                done += 1
-                yield CompareEvent(contender.name, repeat, repeats, event.step, event.num_steps, done / total_steps)
+            result = yield from relay(
+                sample_loaded(loaded, labels, run_config, transformer=contender.transformer, should_stop=should_stop),
+                lambda e, name=contender.name, r=repeat: CompareEvent(name, r, repeats, e.step, e.num_steps, next(done) / total_steps),
+            )
             if repeat == 0:
                 continue
             timings[contender.name].append(result.step_seconds)

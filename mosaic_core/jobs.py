@@ -8,6 +8,24 @@ writer in the engine is atomic (see `mosaic_core.atomic`).
 
 from __future__ import annotations
 
+from typing import Any, Callable, Generator, TypeVar
+
+Event = TypeVar("Event")
+
 
 class Cancelled(Exception):
     """Raised by an engine loop when its `should_stop()` returned True."""
+
+
+def relay(generator: Generator[Any, None, Any], convert: Callable[[Any], Event]) -> Generator[Event, None, Any]:
+    """Re-yield an engine generator's events through `convert`, and return its return value.
+
+    `result = yield from relay(inner, to_my_event)` nests one long job inside another
+    while the outer job's caller sees its own event type.
+    """
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        yield convert(event)

@@ -29,7 +29,7 @@ import torch
 
 from mosaic_core.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
 from mosaic_core.hessian import HessianCollector, prunable_layers
-from mosaic_core.jobs import Cancelled
+from mosaic_core.jobs import Cancelled, relay
 from mosaic_core.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
 from mosaic_core.plan import Plan
 from mosaic_core.stages import STAGE_NAMES
@@ -356,9 +356,4 @@ def prune_steps(
 
 def _with_events(analysis, stage: str, offset: float, share: float):
     """Turn an analysis' (phase, fraction, layer) tuples into job-wide `PruneEvent`s."""
-    while True:
-        try:
-            phase, fraction, layer = next(analysis)
-        except StopIteration as stop:
-            return stop.value
-        yield PruneEvent(phase, stage, offset + share * fraction, layer)
+    return relay(analysis, lambda e: PruneEvent(e[0], stage, offset + share * e[1], e[2]))
