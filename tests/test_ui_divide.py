@@ -3,7 +3,7 @@
 One server for the module (in-process, free port, closed in teardown), one headless
 Chromium (Debian's /usr/bin/chromium; never `playwright install`). The built-in model is
 planned without weights, so these tests need none. The browser test also writes the
-README screenshot to assets/screenshot.png.
+README screenshot (assets/screenshot-divide.png) when MOSAIC_SCREENSHOT=1.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from ui.engine import StudioEngine
 from ui.studio import build_studio, launch_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOT = ROOT / "assets" / "screenshot.png"
+# The README's screenshot is refreshed only on request (MOSAIC_SCREENSHOT=1): a test run
+# must not rewrite tracked files.
+SCREENSHOT_REQUESTED = os.environ.get("MOSAIC_SCREENSHOT") == "1"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -282,16 +284,16 @@ def _wait_for_new_M(page, old: float) -> dict:
     return page.evaluate(READ_STATE)
 
 
-def test_page_loads_with_the_reference_stages_and_screenshot(page):
+def test_page_loads_with_the_reference_stages_and_screenshot(page, tmp_path):
     state = page.evaluate(READ_STATE)
     assert state["M"] == pytest.approx(0.55)
     assert state["lineM"] == pytest.approx(0.55)
     assert (state["early"], state["middle"], state["late"]) == ("569–999", "103–568", "0–102")
     assert "weights" in page.locator("#mosaic-status").inner_text()
     assert page.locator("#mosaic-cost [data-field=speedup]").inner_text().endswith("×")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 50_000
+    screenshot = ROOT / "assets" / "screenshot-divide.png" if SCREENSHOT_REQUESTED else tmp_path / "page.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 50_000
 
 
 def _drag_line(page, dy: float) -> dict:
