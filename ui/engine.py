@@ -7,6 +7,14 @@ gradio, so it is testable without a server, and nothing heavy happens on constru
 Two helpers live here for now because the engine has no equivalent yet (see the report):
 `dense_parameter_split` (all parameters of the dense DiT, counted on the meta device) and
 `compute_trajectory` (‖x̂₀(t) − x̂₀(final)‖ along a dense sampling run).
+
+Prune and Compare (sections 4-5) go through `prune` and `compare`, which the UI runs as
+background jobs on `jobs` (one worker thread: one heavy job at a time, FIFO). Pruned
+models are cached three ways, all keyed by `cache.checkpoint_key` (base weights + plan +
+prune config): in memory (the last few `PrunedModel`s), on disk as checkpoint folders
+under `cache_root/pruned/` (so the same settings return at once after a restart too), and
+the Hessians/removal orders under `cache_root/analyses/` through one `AnalysisStore` per
+cache root (so moving only the sparsity re-solves nothing but the kept weights).
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +37,7 @@ from mosaic_core.registry import ModelSpec, known_models, resolve_model, where_t
 from mosaic_core.schedule import ScoreCurve, alphas_cumprod, importance_score
 
 from ui import settings
+from ui.jobs import JobRunner
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,47 @@ class ParameterSplit:
 
 
 @dataclass(frozen=True)
+class StageKept:
+    """What one stage's network kept, measured on the built modules (not read from the plan)."""
+
+    name: str
+    num_steps: int
+    sparsity: float  # the plan's achieved sparsity of this stage
+    heads_kept: int
+    heads_total: int
+    units_kept: int
+    units_total: int
+    shared_with: Optional[str] = None  # "dense" or an earlier stage whose network it reuses
+
+
+@dataclass
+class PrunedModel:
+    """A pruned staged model ready to sample, with what the Prune section shows about it.
+
+    `source` is "pruned" (computed now), "memory" or "disk" (a cache hit); `seconds` are the
+    prune seconds by phase of the run that made it (read from the manifest on a disk hit)
+    and `load_seconds` how long this request took.
+    """
+
+    key: str
+    folder: Path
+    spec: ModelSpec
+    plan: Plan
+    config: Any  # PruneConfig
+    staged: Any  # StagedDiT
+    source: str
+    seconds: dict
+    load_seconds: float
+    cx: float
+    ledger: Any  # staged.MemoryLedger
+    stages: tuple[StageKept, ...]
+
+    @property
+    def from_cache(self) -> bool:
+        return self.source != "pruned"
+
+
+@dataclass(frozen=True)
 class Trajectory:
     """Distance of the predicted clean image to the final one, per sampler step."""
 
@@ -84,13 +135,29 @@ def _folder_has_weights(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
+def _missing_weights_hint(spec: ModelSpec) -> str:
+    """'weights not present …: what to do' for a model whose weights are not on disk."""
+    if spec.source == "builtin":
+        return f"weights not present yet in `{spec.path}`: run `python -m mosaic_core train`"
+    if spec.source == "hub":
+        return f"weights not present: {where_to_put(spec.name)}"
+    return f"weights not present in `{spec.path}` (expected transformer/config.json and *.safetensors)"
+
+
 class StudioEngine:
     """Cached access to plans, score curves, model status, dynamics and trajectories."""
 
-    def __init__(self, model_overrides: Optional[Mapping[str, ModelSpec]] = None) -> None:
+    def __init__(
+        self,
+        model_overrides: Optional[Mapping[str, ModelSpec]] = None,
+        cache_root: Optional[str | Path] = None,
+    ) -> None:
         # `model_overrides` maps a registry name to another spec (tests, or a dev copy of
         # the weights); production code leaves it empty and uses the registry.
         self._overrides = dict(model_overrides or {})
+        self.cache_root = Path(cache_root) if cache_root is not None else settings.cache_dir()
+        self.jobs = JobRunner()  # the studio's one worker thread for heavy work
+        self._pruned: OrderedDict[str, PrunedModel] = OrderedDict()  # guarded by _cache_lock
         self._cache_lock = threading.Lock()  # guards the trajectory cache (held briefly)
         self._compute_lock = threading.Lock()  # one model load / sampling run at a time
         self._loaded_key: Optional[tuple] = None
@@ -128,13 +195,12 @@ class StudioEngine:
         folder = self.weights_folder(spec)
         if folder is not None:
             return ModelStatus(True, f"**{spec.name}**: weights present in `{folder}`. {spec.description}")
-        if spec.source == "builtin":
-            hint = f"weights not present yet in `{spec.path}`: run `python -m mosaic_core train`"
-        elif spec.source == "hub":
-            hint = f"weights not present: {where_to_put(spec.name)}"
-        else:
-            hint = f"weights not present in `{spec.path}` (expected transformer/config.json and *.safetensors)"
-        return ModelStatus(False, f"**{spec.name}**: {hint}. The schedule, stages and costs below need no weights.")
+        return ModelStatus(False, f"**{spec.name}**: {_missing_weights_hint(spec)}. The schedule, stages and costs below need no weights.")
+
+    def require_weights(self, spec: ModelSpec) -> None:
+        """ValueError saying where to put the weights when they are not on disk (pruning, sampling)."""
+        if self.weights_folder(spec) is None:
+            raise ValueError(f"{spec.name}: {_missing_weights_hint(spec).replace('`', '')}")
 
     def warm_up(self, model: str = settings.MODEL_DEFAULT) -> None:
         """Import diffusers and fill the caches for one model, so the first page load is quick."""
@@ -226,8 +292,7 @@ class StudioEngine:
         """The loaded dense model (one kept in memory at a time). Caller holds the compute lock."""
         from mosaic_core.loading import load_model
 
-        if self.weights_folder(spec) is None:
-            raise ValueError(self.status(spec).message.replace("**", ""))
+        self.require_weights(spec)
         key = (spec.name, spec.path)
         if self._loaded_key != key:
             self._loaded, self._loaded_key = None, None
@@ -236,9 +301,218 @@ class StudioEngine:
         return self._loaded
 
 
+    # ----- prune --------------------------------------------------------------------------
+    @property
+    def analyses(self):
+        """The `AnalysisStore` (Hessians and removal orders) of this engine's cache root."""
+        return analysis_store(self.cache_root)
+
+    @staticmethod
+    def prune_config(spec: ModelSpec, mode: str, size: int, scorer: str):
+        """The `PruneConfig` of the Prune controls (calibration source: the built-in data, else samples).
+
+        `size` is checked against the studio's range here; the engine checks the rest.
+        """
+        from mosaic_core.calibration import CalibrationConfig
+        from mosaic_core.pruning import PruneConfig
+
+        low, high = settings.CALIBRATION_SIZE_RANGE
+        if isinstance(size, float) and math.isfinite(size) and size.is_integer():
+            size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
+            raise ValueError(f"calibration size must be a whole number in [{low}, {high}], got {size!r}")
+        source = "data" if spec.source == "builtin" else "samples"
+        return PruneConfig(calibration=CalibrationConfig(mode=mode, size=size, source=source), scorer=scorer)
+
+    def _weights_hash(self, spec: ModelSpec) -> Optional[str]:
+        """`LoadedModel.weights_hash` without loading the model (None when there are no weights)."""
+        folder = self.weights_folder(spec)
+        return None if folder is None else _weights_hash(str(folder), _newest_mtime(folder))
+
+    def pruned_key(self, spec: ModelSpec, plan: Plan, config) -> Optional[str]:
+        """The cache key of these settings (None when the model has no weights on disk)."""
+        from mosaic_core.cache import checkpoint_key
+
+        weights = self._weights_hash(spec)
+        return None if weights is None else checkpoint_key(weights, plan, config)
+
+    def cached_pruned(self, spec: ModelSpec, plan: Plan, config) -> Optional[PrunedModel]:
+        """The pruned model of these settings if it is in memory (no disk access, no compute)."""
+        start = time.perf_counter()
+        key = self.pruned_key(spec, plan, config)
+        with self._cache_lock:
+            hit = self._pruned.get(key) if key else None
+            if hit is None:
+                return None
+            self._pruned.move_to_end(key)
+        return _replace_source(hit, "memory", time.perf_counter() - start)
+
+    def pruned_on_disk(self, spec: ModelSpec, plan: Plan, config) -> bool:
+        """Whether a complete checkpoint of these settings is in the disk cache."""
+        from mosaic_core.cache import checkpoint_folder
+
+        weights = self._weights_hash(spec)
+        if weights is None:
+            return False
+        return (checkpoint_folder(self.cache_root, weights, plan, config) / "manifest.json").is_file()
+
+    def prune(
+        self,
+        spec: ModelSpec,
+        plan: Plan,
+        config,
+        should_stop: Optional[Callable[[], bool]] = None,
+        on_event: Optional[Callable[[Any], None]] = None,
+    ) -> PrunedModel:
+        """The staged model of `plan`: from memory, from the disk cache, or pruned now and saved.
+
+        Runs on the job thread. Cancelling (`should_stop`) raises `Cancelled` before the
+        checkpoint is written, so the cache holds complete entries only.
+        """
+        from mosaic_core.cache import checkpoint_folder, load_cached_staged
+        from mosaic_core.checkpoint import read_manifest, save_pruned
+        from mosaic_core.pruning import prune_steps
+        from mosaic_core.sampling import run_to_end
+
+        start = time.perf_counter()
+        hit = self.cached_pruned(spec, plan, config)
+        if hit is not None:
+            return hit
+        with self._compute_lock:
+            loaded = self._load(spec)
+            folder = checkpoint_folder(self.cache_root, loaded.weights_hash, plan, config)
+            staged = load_cached_staged(self.cache_root, loaded, plan, config)
+            if staged is not None:
+                manifest = read_manifest(folder)
+                source, seconds, cx = "disk", dict(manifest.get("seconds", {})), float(manifest.get("cx", float("nan")))
+            else:
+                generator = prune_steps(loaded, plan, config, should_stop=should_stop, analyses=self.analyses)
+                result = run_to_end(generator, on_event)
+                save_pruned(result, loaded, folder)
+                source, seconds, cx, staged = "pruned", dict(result.seconds), float(result.cx), result.staged
+            pruned = _pruned_model(loaded, folder, spec, plan, config, staged, source, seconds, cx, time.perf_counter() - start)
+        with self._cache_lock:
+            self._pruned[pruned.key] = pruned
+            self._pruned.move_to_end(pruned.key)
+            while len(self._pruned) > settings.PRUNED_IN_MEMORY:
+                self._pruned.popitem(last=False)
+        return pruned
+
+    def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
+        """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""
+        from mosaic_core.stages import STAGE_NAMES
+
+        name = STAGE_NAMES[stage]
+        if plan.step_counts[stage] == 0:
+            raise ValueError(f"the {name} stage has no sampler steps in this plan: pruning it alone changes nothing")
+        sparsity = plan.allocation.achieved[stage]
+        if sparsity <= 0:
+            raise ValueError(f"the {name} stage is not pruned in this plan (sparsity 0): raise its sparsity in section 3")
+        values = tuple(sparsity if index == stage else 0.0 for index in range(3))
+        return self.plan(spec, plan.scheduler, plan.num_inference_steps, plan.M, plan.lam, plan.cx, stage_sparsity=values)
+
+    # ----- compare ------------------------------------------------------------------------
+    def compare(
+        self,
+        pruned: PrunedModel,
+        labels: Sequence[int],
+        sample_config,
+        repeats: int,
+        should_stop: Optional[Callable[[], bool]] = None,
+        on_event: Optional[Callable[[Any], None]] = None,
+    ) -> list:
+        """Dense vs `pruned` on the same labels and seeds: `compare.MethodResult`s, dense first."""
+        from mosaic_core.compare import Contender, compare_steps
+        from mosaic_core.sampling import run_to_end
+        from mosaic_core.staged import param_count
+
+        plan = pruned.plan
+        with self._compute_lock:
+            loaded = self._load(pruned.spec)
+            dense = loaded.transformer
+            contenders = [
+                Contender("dense", dense, plan.num_inference_steps, plan.macs_dense, param_count(dense), plan.step_stages),
+                Contender("staged", pruned.staged, plan.num_inference_steps, plan.macs_staged, param_count(pruned.staged), plan.step_stages),
+            ]
+            generator = compare_steps(loaded, contenders, labels, sample_config, repeats=repeats, should_stop=should_stop)
+            return run_to_end(generator, on_event)
+
+
 @lru_cache(maxsize=64)
 def _cached_curve(scheduler_json: str, lam: float, cx: float) -> ScoreCurve:
     return importance_score(alphas_cumprod(json.loads(scheduler_json)), lam, cx)
+
+
+_STORES: dict[Path, Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def analysis_store(root: str | Path):
+    """One `AnalysisStore` per cache root, shared by every engine (and job) that uses it."""
+    from mosaic_core.cache import AnalysisStore
+
+    root = Path(root).resolve()
+    with _STORES_LOCK:
+        if root not in _STORES:
+            _STORES[root] = AnalysisStore(root)
+        return _STORES[root]
+
+
+def _newest_mtime(folder: Path) -> int:
+    return max(p.stat().st_mtime_ns for p in folder.glob("*.safetensors"))
+
+
+@lru_cache(maxsize=16)
+def _weights_hash(folder: str, mtime_ns: int) -> str:
+    """`loading.weights_hash`, remembered while the files keep their modification time."""
+    from mosaic_core.loading import weights_hash
+
+    return weights_hash(folder)
+
+
+def _stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
+    """Heads and MLP units of each stage network, read from its blocks (all blocks must agree)."""
+    from mosaic_core.stages import STAGE_NAMES
+    from mosaic_core.surgery import block_sizes
+
+    total_heads, _, total_units = block_sizes(dense.transformer_blocks[0])
+    networks = staged.networks()
+    rows = []
+    for index, (name, network) in enumerate(zip(STAGE_NAMES, networks)):
+        sizes = {block_sizes(block) for block in network.transformer_blocks}
+        if len(sizes) != 1:
+            raise ValueError(f"the {name} network's blocks differ in size: {sorted(sizes)}")
+        heads, _, units = sizes.pop()
+        shared = "dense" if network is dense else next((STAGE_NAMES[j] for j in range(index) if networks[j] is network), None)
+        rows.append(
+            StageKept(name, plan.step_counts[index], plan.allocation.achieved[index], heads, total_heads, units, total_units, shared)
+        )
+    return tuple(rows)
+
+
+def _pruned_model(loaded, folder, spec, plan, config, staged, source, seconds, cx, load_seconds) -> PrunedModel:
+    from mosaic_core.staged import memory_ledger
+
+    return PrunedModel(
+        key=Path(folder).name,
+        folder=Path(folder),
+        spec=spec,
+        plan=plan,
+        config=config,
+        staged=staged,
+        source=source,
+        seconds=seconds,
+        load_seconds=load_seconds,
+        cx=cx,
+        ledger=memory_ledger(loaded.transformer, staged),
+        stages=_stage_kept(plan, staged, loaded.transformer),
+    )
+
+
+def _replace_source(pruned: PrunedModel, source: str, load_seconds: float) -> PrunedModel:
+    from dataclasses import replace
+
+    return replace(pruned, source=source, load_seconds=load_seconds)
 
 
 @lru_cache(maxsize=8)

@@ -8,10 +8,11 @@ that its error messages are what an API caller sees.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from mosaic_core.allocation import MAX_SPARSITY
 from mosaic_core.plan import DEFAULT_LAM, DEFAULT_M, DEFAULT_STEPS
-from mosaic_core.registry import DEFAULT_MODEL
+from mosaic_core.registry import DEFAULT_MODEL, PROJECT_ROOT
 from mosaic_core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
 
 # Server (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are gradio's own variables too).
@@ -40,6 +41,36 @@ SPARSITY_RANGE = (0.0, MAX_SPARSITY)
 SPARSITY_STEP = 0.01
 SPARSITY_DEFAULT = 0.3
 
+# Prune (calibration images per stage; the engine allows 1..8192, the studio keeps jobs short).
+# The choice lists mirror mosaic_core.calibration / .pruning (which import torch; this module
+# stays light) and the engine validates them again.
+CALIBRATION_MODES = ("snr", "random", "clean")  # snr is MosaicDiff; random and clean are ablations
+CALIBRATION_MODE_DEFAULT = "snr"
+CALIBRATION_SIZE_RANGE = (16, 1024)
+CALIBRATION_SIZE_STEP = 16
+CALIBRATION_SIZE_DEFAULT = 256
+SCORERS = ("obs", "magnitude")
+SCORER_DEFAULT = "obs"
+CACHE_DIR_ENV = "MOSAIC_CACHE_DIR"  # pruned checkpoints and Hessians; default <project>/cache
+PRUNED_IN_MEMORY = 4  # pruned staged models kept loaded (the rest reload from the cache)
+
+# Background jobs: how often the progress bars poll the job runner.
+JOB_POLL_SECONDS = 0.5
+
+# Compare (count, repeats: the studio's limits; cfg: the slider's range, the engine accepts [0, 20]).
+COMPARE_LABELS_DEFAULT = "0-9"
+COMPARE_COUNT_RANGE = (1, 64)
+COMPARE_COUNT_DEFAULT = 10
+COMPARE_SEED_DEFAULT = 0
+CFG_RANGE = (0.0, 10.0)
+CFG_DEFAULT = 1.25  # digits-dit's measured best (registry default_cfg)
+CFG_STEP = 0.1
+REPEATS_RANGE = (1, 5)
+REPEATS_DEFAULT = 1  # interactive; the bench command takes the median of 3
+STAGE_ONLY_CHOICES = ("all stages", "early only", "middle only", "late only")
+GALLERY_PIXELS = 96  # small images are upscaled (nearest) to about this size
+GALLERY_COLUMNS = 5
+
 # Teaching panel: the model's own trajectory (a few images, dense sampling run).
 TRAJECTORY_IMAGES = 4
 TRAJECTORY_SEED = 0
@@ -51,3 +82,10 @@ SMALL_CHART_HEIGHT = 270
 STAGE_COLORS = {"early": "#4C78A8", "middle": "#E45756", "late": "#54A24B"}
 TERM_COLORS = {"grad": "#9C755F", "snr": "#B279A2", "score": "#222222"}
 THRESHOLD_COLOR = "#F58518"
+HISTORY_HEIGHT = 340
+VARIANT_COLORS = {"all stages": "#222222", "early only": "#4C78A8", "middle only": "#E45756", "late only": "#54A24B"}
+
+
+def cache_dir() -> Path:
+    """Where pruned checkpoints and Hessians are cached: $MOSAIC_CACHE_DIR, else <project>/cache."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or PROJECT_ROOT / "cache")

@@ -3,10 +3,9 @@
 `build_studio(engine, sections)` composes sections. Each later section is a function
 `build(engine, divide) -> None` that lays out its own components inside the current Blocks
 and reads what it needs from `divide` (a `DivideSection`: `divide.plan_state` holds
-`Plan.to_dict()`, `divide.controls` are the model/sampler/M/λ/sparsity inputs). Prune and
-Compare are placeholders for now; pass real builders to replace them:
-
-    build_studio(engine, sections=(build_prune_section, build_compare_section))
+`Plan.to_dict()`, `divide.controls` are the model/sampler/M/λ/sparsity inputs). The default
+is `build_prune_and_compare`: Compare reads the Prune section's calibration controls (they
+say which pruned model to compare), so the two are built together.
 """
 
 from __future__ import annotations
@@ -16,9 +15,11 @@ from typing import Callable, Sequence
 import gradio as gr
 
 from ui import settings
+from ui.compare_tab import COMPARE_CSS, build_compare_section
 from ui.divide_tab import DivideSection, build_divide_section
 from ui.engine import StudioEngine
 from ui.frontend import STUDIO_CSS, STUDIO_JS
+from ui.prune_tab import PRUNE_CSS, build_prune_section
 
 SectionBuilder = Callable[[StudioEngine, DivideSection], None]
 
@@ -30,22 +31,13 @@ Training-free structural pruning of diffusion transformers that follows their pr
 """
 
 
-def placeholder_section(title: str, text: str) -> SectionBuilder:
-    """A section that only says what will come there."""
-
-    def build(engine: StudioEngine, divide: DivideSection) -> None:
-        gr.Markdown(f"## {title}\n*Coming next:* {text}", elem_classes="mosaic-placeholder")
-
-    return build
+def build_prune_and_compare(engine: StudioEngine, divide: DivideSection) -> None:
+    """Sections 4 and 5: Prune (background job per stage network) and Compare (dense vs staged)."""
+    prune = build_prune_section(engine, divide)
+    build_compare_section(engine, divide, prune)
 
 
-build_prune_placeholder = placeholder_section(
-    "4 · Prune", "a background pruning job per stage (calibration + structured OBS), with progress and cancel."
-)
-build_compare_placeholder = placeholder_section(
-    "5 · Compare", "dense vs staged samples side by side, with measured speed and quality."
-)
-DEFAULT_SECTIONS: tuple[SectionBuilder, ...] = (build_prune_placeholder, build_compare_placeholder)
+DEFAULT_SECTIONS: tuple[SectionBuilder, ...] = (build_prune_and_compare,)
 
 
 def build_studio(engine: StudioEngine, sections: Sequence[SectionBuilder] = DEFAULT_SECTIONS) -> gr.Blocks:
@@ -67,4 +59,4 @@ def studio_theme() -> gr.themes.Base:
 
 def launch_kwargs() -> dict:
     """What `demo.launch` needs besides the address (Gradio 6: theme/css/js go to launch)."""
-    return dict(theme=studio_theme(), css=STUDIO_CSS, js=STUDIO_JS, ssr_mode=False, footer_links=["api"])
+    return dict(theme=studio_theme(), css=STUDIO_CSS + PRUNE_CSS + COMPARE_CSS, js=STUDIO_JS, ssr_mode=False, footer_links=["api"])

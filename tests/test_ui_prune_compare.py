@@ -1,0 +1,421 @@
+"""The studio's Prune and Compare sections end to end, on the real built-in digits-dit.
+
+One server for the module (in-process, free port, MOSAIC_CACHE_DIR pointing at a temporary
+folder), driven first through gradio_client (the `prune_*` / `compare_*` endpoints), then in
+headless Chromium (Debian's /usr/bin/chromium; never `playwright install`). Workloads are
+tiny: 16 calibration images per stage, 10 DDIM steps, a few images, one timed run. torch
+runs on one thread here: the machine's two cores are shared, and two OpenMP threads
+competing with another process are many times slower than one.
+
+With MOSAIC_SCREENSHOT=1 the browser test also writes the README screenshot (assets/screenshot.png) with a finished
+prune and two comparisons on the page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from playwright.sync_api import sync_playwright
+
+from mosaic_core.calibration import CALIBRATION_MODES
+from mosaic_core.plan import build_plan
+from mosaic_core.pruning import SCORERS
+from ui import settings
+from ui.compare_tab import parse_labels
+from ui.engine import StudioEngine
+from ui.studio import build_studio, launch_kwargs
+
+ROOT = Path(__file__).resolve().parent.parent
+# Refresh the README screenshot only on request (MOSAIC_SCREENSHOT=1); tests must not
+# rewrite tracked files.
+SCREENSHOT = ROOT / "assets" / "screenshot.png" if os.environ.get("MOSAIC_SCREENSHOT") == "1" else None
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--no-first-run", "--disable-sync",
+]
+MODEL = "digits-dit"
+STEPS = 10
+SMALL = dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, sparsity=0.3, calibration="snr", calibration_size=16, scorer="obs")
+PHASES = {"calibrate", "hessian", "solve", "build"}
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
+    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    cache_root = tmp_path_factory.mktemp("mosaic-cache")
+    saved_env, saved_threads = os.environ.get(settings.CACHE_DIR_ENV), torch.get_num_threads()
+    os.environ[settings.CACHE_DIR_ENV] = str(cache_root)
+    torch.set_num_threads(1)
+    engine = StudioEngine()
+    demo = build_studio(engine)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
+    try:
+        yield dict(url=f"http://127.0.0.1:{port}/", engine=engine, cache=cache_root)
+    finally:
+        demo.close()
+        engine.jobs.shutdown()
+        torch.set_num_threads(saved_threads)
+        if saved_env is None:
+            os.environ.pop(settings.CACHE_DIR_ENV, None)
+        else:
+            os.environ[settings.CACHE_DIR_ENV] = saved_env
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    return Client(studio["url"], verbose=False)
+
+
+def _wait(client: Client, api: str, job_id: str, timeout: float = 180) -> tuple[dict, list[float]]:
+    """Poll a status endpoint until the job has finished; the final status and the fractions seen."""
+    deadline, fractions = time.monotonic() + timeout, []
+    while time.monotonic() < deadline:
+        status = client.predict(job_id, api_name=api)
+        fractions.append(status["fraction"])
+        if status["state"] in ("done", "cancelled", "failed"):
+            return status, fractions
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s: {status}")
+
+
+def _plan(**kwargs):
+    return build_plan(MODEL, STEPS, 0.55, 0.01, **({"sparsity": 0.3} | kwargs))
+
+
+def _kept(result: dict) -> tuple[list[int], list[int]]:
+    return [s["heads_kept"] for s in result["stages"]], [s["units_kept"] for s in result["stages"]]
+
+
+# ----- pure helpers -----------------------------------------------------------------------------
+
+
+def test_the_studio_choices_are_the_engines():
+    assert settings.CALIBRATION_MODES == tuple(CALIBRATION_MODES)
+    assert settings.SCORERS == tuple(SCORERS)
+
+
+def test_label_parsing():
+    assert parse_labels("0-9", 10, 4) == [0, 1, 2, 3]
+    assert parse_labels("7", 10, 3) == [7, 7, 7]
+    assert parse_labels("1,3, 5-6", 10, 6) == [1, 3, 5, 6, 1, 3]
+    with pytest.raises(ValueError, match=r"class id 12 is out of range: allowed 0\.\.9"):
+        parse_labels("3,12", 10, 2)
+    with pytest.raises(ValueError, match=r"got 'x'"):
+        parse_labels("1,x", 10, 2)
+    with pytest.raises(ValueError, match=r"must go up .* got '7-2'"):
+        parse_labels("7-2", 10, 2)
+    with pytest.raises(ValueError, match=r"class labels are empty"):
+        parse_labels(" , ", 10, 2)
+
+
+# ----- gradio_client ----------------------------------------------------------------------------
+
+
+def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, client):
+    assert studio["engine"].cache_root == studio["cache"]  # MOSAIC_CACHE_DIR was read
+    started = client.predict(**SMALL, api_name="/prune_start")
+    assert started["state"] in ("queued", "running") and started["result"] is None
+    status, fractions = _wait(client, "/prune_status", started["job_id"])
+    assert status["state"] == "done", status
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    result = status["result"]
+    plan = _plan()
+    assert result["source"] == "pruned" and result["from_cache"] is False
+    # Kept counts measured on the built stage networks equal the plan's.
+    assert _kept(result) == (list(plan.allocation.heads_kept), list(plan.allocation.units_kept))
+    assert [s["num_steps"] for s in result["stages"]] == list(plan.step_counts)
+    assert set(result["seconds"]) == PHASES and result["seconds"]["solve"] > 0
+    assert result["cx"] == pytest.approx(0.55, abs=0.05)  # E‖x₀‖²/d of the digits in [-1, 1]
+    memory = result["memory"]
+    assert memory["dense_bytes"] < memory["staged_bytes"] < memory["naive_bytes"] < 3 * memory["dense_bytes"]
+    cache = studio["cache"]
+    assert (cache / "pruned" / result["key"] / "manifest.json").is_file()
+    assert len(list((cache / "analyses").iterdir())) == 3  # one Hessian analysis per stage (snr)
+
+    # The same settings again: done at once, from memory, without queueing a job.
+    start = time.perf_counter()
+    again = client.predict(**SMALL, api_name="/prune_start")
+    assert time.perf_counter() - start < 5
+    assert again["state"] == "done" and again["result"]["source"] == "memory"
+    assert again["result"]["key"] == result["key"] and _kept(again["result"]) == _kept(result)
+
+    # After a restart (a new engine on the same cache root): from the disk cache.
+    engine = StudioEngine(cache_root=cache)
+    spec = engine.resolve(MODEL)
+    pruned = engine.prune(spec, plan, engine.prune_config(spec, "snr", 16, "obs"))
+    assert pruned.source == "disk" and pruned.key == result["key"]
+    assert [s.heads_kept for s in pruned.stages] == list(plan.allocation.heads_kept)
+    assert pruned.seconds["solve"] == pytest.approx(result["seconds"]["solve"], abs=1e-3)  # the original run's
+
+
+def test_moving_only_the_sparsity_reuses_the_hessians(client, studio):
+    started = client.predict(**(SMALL | dict(sparsity=0.45)), api_name="/prune_start")
+    status, _ = _wait(client, "/prune_status", started["job_id"])
+    assert status["state"] == "done", status
+    result = status["result"]
+    assert result["source"] == "pruned"
+    assert result["seconds"]["hessian"] == 0 and result["seconds"]["solve"] == 0 and result["seconds"]["calibrate"] == 0
+    plan = _plan(sparsity=0.45)
+    assert _kept(result) == (list(plan.allocation.heads_kept), list(plan.allocation.units_kept))
+    assert len(list((studio["cache"] / "analyses").iterdir())) == 3  # no new analysis
+
+
+def test_compare_endpoint_measures_dense_and_staged(client):
+    started = client.predict(
+        **SMALL, labels="0-3", seed=0, count=4, cfg=1.5, repeats=1, api_name="/compare_start"
+    )
+    status, _ = _wait(client, "/compare_status", started["job_id"])
+    assert status["state"] == "done", status
+    result = status["result"]
+    assert result["labels"] == [0, 1, 2, 3] and result["image_shape"] == [16, 16, 1]
+    dense, staged = result["rows"]
+    assert (dense["name"], staged["name"]) == ("dense", "staged")
+    plan = _plan()
+    assert staged["ideal_speedup"] == pytest.approx(plan.ideal_speedup, rel=1e-3)
+    assert dense["speedup"] == 1.0 and staged["speedup"] > 0
+    for row in (dense, staged):
+        assert set(row["stage_seconds"]) == {"early", "middle", "late"}
+        assert sum(row["stage_seconds"].values()) == pytest.approx(row["seconds"], rel=1e-3)  # one run: sums agree
+        assert 0 <= row["accuracy"] <= 1 and math.isfinite(row["fd"])
+    assert 10 < staged["psnr"] < 100 and 0 < staged["ssim"] < 1  # close to dense, not identical
+    assert dense["psnr"] == 100.0  # the reference against itself (capped)
+
+
+def test_prune_one_stage_only_goes_through_the_cache(client):
+    started = client.predict(
+        **SMALL, labels="4", seed=1, count=2, cfg=1.5, repeats=1, only_stage="late only", api_name="/compare_start"
+    )
+    status, _ = _wait(client, "/compare_status", started["job_id"])
+    assert status["state"] == "done", status
+    plan = _plan()
+    stages = status["result"]["pruned"]["stages"]
+    assert [s["heads_kept"] for s in stages] == [6, 6, plan.allocation.heads_kept[2]]
+    assert [s["units_kept"] for s in stages] == [768, 768, plan.allocation.units_kept[2]]
+    assert [s["shared_with"] for s in stages][:2] == ["dense", "dense"]
+    assert status["result"]["labels"] == [4, 4]
+
+
+def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(client, studio):
+    settings_ = SMALL | dict(calibration="random")  # not pruned yet: a real job
+    prune = client.predict(**settings_, api_name="/prune_start")
+    # Accepted although nothing is cached yet: the prune job of this plan is ahead in the queue.
+    compare = client.predict(**settings_, labels="0-1", count=2, api_name="/compare_start")
+    assert compare["state"] == "queued" and compare["position"] == 1 and compare["summary"] == "queued (position 1)"
+    client.predict(prune["job_id"], api_name="/prune_cancel")
+    cancelled, _ = _wait(client, "/prune_status", prune["job_id"])
+    assert cancelled["state"] == "cancelled" and cancelled["result"] is None
+    failed, _ = _wait(client, "/compare_status", compare["job_id"])
+    assert failed["state"] == "failed"
+    assert failed["error"].startswith("the pruned model of this plan is not in the cache")
+    assert failed["summary"] == f"failed: {failed['error']}"
+    # The cache holds the three snr analyses only: nothing half-written from the cancelled job.
+    analyses = studio["cache"] / "analyses"
+    assert all(json.loads((p / "traces.json").read_text())["t_range"] is not None for p in analyses.iterdir())
+
+
+@pytest.mark.parametrize(
+    "api, kwargs, message",
+    [
+        ("/prune_start", dict(sparsity=0.95), r"sparsity must be in \[0, 0\.9\], got 0\.95"),
+        ("/prune_start", dict(model="no-such-model"), r"unknown model 'no-such-model'"),
+        ("/prune_start", dict(model="facebook/DiT-XL-2-256"), r"weights not present: put a diffusers copy of 'facebook/DiT-XL-2-256'"),
+        ("/prune_start", dict(calibration_size=5000), r"calibration size must be a whole number in \[16, 1024\], got 5000"),
+        ("/prune_start", dict(calibration="noisy"), r"unknown calibration mode 'noisy'"),
+        ("/prune_start", dict(scorer="random"), r"unknown scorer 'random'"),
+        ("/compare_start", dict(labels="0-12"), r"class id 10 is out of range: allowed 0\.\.9"),
+        ("/compare_start", dict(labels="two"), r"class labels must be ids or ranges like 0-9 or 1,3,5, got 'two'"),
+        ("/compare_start", dict(cfg=25.0), r"guidance scale \(cfg\) must be a finite number in \[0, 20\], got 25\.0"),
+        ("/compare_start", dict(count=0), r"count \(images\) must be a whole number in \[1, 64\], got 0"),
+        ("/compare_start", dict(repeats=9), r"repeats must be a whole number in \[1, 5\], got 9"),
+        ("/compare_start", dict(seed=-1), r"seed must be a whole number in \[0, 2\^31\), got -1"),
+        ("/compare_start", dict(only_stage="first only"), r"got 'first only'"),
+        ("/compare_start", dict(sparsity=0.6), r"no pruned model for this plan and these prune settings yet"),
+    ],
+)
+def test_bad_values_are_errors_naming_the_value(client, api, kwargs, message):
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(**(SMALL | kwargs), api_name=api)
+    assert "Traceback" not in str(error.value)
+
+
+@pytest.mark.parametrize("api", ["/prune_status", "/prune_cancel", "/compare_status"])
+def test_unknown_job_ids_are_errors(client, api):
+    with pytest.raises(AppError, match=r"unknown job id 'no-such-job'"):
+        client.predict("no-such-job", api_name=api)
+
+
+# ----- headless Chromium ------------------------------------------------------------------------
+
+PRUNE_JOB = "#mosaic-prune-job"
+COMPARE_JOB = "#mosaic-compare-job"
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(studio["url"])
+            page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
+            _set_number(page, "Steps", STEPS)
+            page.wait_for_function(
+                f"() => document.querySelector('#mosaic-stage-table caption')?.textContent.includes('ddim {STEPS} steps')",
+                timeout=30_000,
+            )
+            yield page
+        finally:
+            browser.close()
+
+
+def _set_number(page, label: str, value) -> None:
+    """Type into a slider's number box and leave it (that is the slider's release)."""
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _job(page, selector: str) -> dict:
+    return page.evaluate(
+        f"""() => {{
+            const job = document.querySelector('{selector}');
+            return {{ id: job.dataset.job, state: job.dataset.state, fraction: parseFloat(job.dataset.fraction),
+                     width: job.querySelector('.mosaic-bar-fill').style.width,
+                     text: job.querySelector('.mosaic-job-text').textContent }};
+        }}"""
+    )
+
+
+def _click_and_wait(page, button: str, selector: str, states: tuple[str, ...], timeout: float = 120_000) -> dict:
+    """Click `button`, then wait until a *new* job shows one of `states` in the bar `selector`."""
+    before = _job(page, selector)["id"]
+    page.click(button)
+    return _wait_state(page, selector, states, timeout, not_job=before)
+
+
+def _wait_state(page, selector: str, states: tuple[str, ...], timeout: float = 120_000, not_job: str | None = None) -> dict:
+    names = json.dumps(list(states))
+    page.wait_for_function(
+        f"""() => {{
+            const job = document.querySelector('{selector}');
+            return job && {names}.includes(job.dataset.state) && job.dataset.job !== {json.dumps(not_job)};
+        }}""",
+        timeout=timeout,
+    )
+    return _job(page, selector)
+
+
+def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
+    # A long enough job to watch: 512 clean calibration images (one analysis for all stages).
+    page.locator("#mosaic-calibration").get_by_text("clean", exact=True).click()
+    _set_number(page, "Calibration images per stage", 512)
+    running = _click_and_wait(page, "#mosaic-prune-start", PRUNE_JOB, ("running",), timeout=30_000)
+    seen = {(running["width"], running["text"])}
+    # The bar moves: wait for two more distinct (width, text) readings with progress > 0.
+    deadline = time.monotonic() + 90
+    while len(seen) < 3 and time.monotonic() < deadline:
+        page.wait_for_timeout(300)
+        now = _job(page, PRUNE_JOB)
+        assert now["state"] == "running", now
+        if now["fraction"] > 0:
+            seen.add((now["width"], now["text"]))
+    assert len(seen) >= 3, seen
+    widths = sorted(float(width.rstrip("%")) for width, _ in seen)
+    assert widths[-1] > widths[0]
+    assert any("hessian" in text or "solve" in text for _, text in seen), seen
+    # The rest of the page stays usable while the job runs: re-plan with another M.
+    _set_number(page, "M (threshold)", 0.6)
+    page.wait_for_function("() => document.querySelector('#mosaic-stage-table [data-field=M]').textContent === '0.600'")
+    assert _job(page, PRUNE_JOB)["state"] == "running"
+    _set_number(page, "M (threshold)", 0.55)
+    page.wait_for_function("() => document.querySelector('#mosaic-stage-table [data-field=M]').textContent === '0.550'")
+
+    page.click("#mosaic-prune-cancel")
+    cancelled = _wait_state(page, PRUNE_JOB, ("cancelled", "failed", "done"), timeout=60_000)
+    assert cancelled["state"] == "cancelled" and "cancelled" in cancelled["text"]
+    page.wait_for_selector(".toast-body, [data-testid=toast-body]", state="attached", timeout=10_000)
+    # Nothing of the cancelled job reached the disk cache (its analysis was not finished).
+    analyses = studio["cache"] / "analyses"
+    assert all(json.loads((p / "traces.json").read_text())["t_range"] is not None for p in analyses.iterdir())
+
+    # A later Start still works: the small snr prune (pruned already by the API tests, or now).
+    page.locator("#mosaic-calibration").get_by_text("snr", exact=True).click()
+    _set_number(page, "Calibration images per stage", 16)
+    done = _click_and_wait(page, "#mosaic-prune-start", PRUNE_JOB, ("done", "failed", "cancelled"))
+    assert done["state"] == "done" and done["fraction"] == 1 and done["width"] == "100%", done
+    page.wait_for_selector("#mosaic-prune-result[data-key]", state="attached", timeout=10_000)
+    plan = _plan()
+    for index, name in enumerate(("early", "middle", "late")):
+        heads = page.locator(f"#mosaic-prune-result td[data-stage={name}][data-field=heads]").inner_text()
+        units = page.locator(f"#mosaic-prune-result td[data-stage={name}][data-field=units]").inner_text()
+        assert heads == f"{plan.allocation.heads_kept[index]}/6" and units == f"{plan.allocation.units_kept[index]}/768"
+    assert "MiB" in page.locator("#mosaic-prune-result [data-field=mem-naive]").inner_text()
+
+
+def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_factory):
+    page.locator("#mosaic-compare-labels textarea, #mosaic-compare-labels input").first.fill("0-9")
+    page.locator("#mosaic-compare-count input").fill("10")
+    # First the middle stage pruned alone (its network is pruned inside the job, from cached Hessians).
+    page.locator("#mosaic-compare-stage").get_by_text("middle only", exact=True).click()
+    done = _click_and_wait(page, "#mosaic-compare-start", COMPARE_JOB, ("done", "failed", "cancelled"))
+    assert done["state"] == "done", done
+    page.wait_for_function("() => document.querySelector('#mosaic-gallery-staged')?.textContent.includes('middle only')")
+    # Then the whole plan: the table and galleries show it, the history has both points.
+    page.locator("#mosaic-compare-stage").get_by_text("all stages", exact=True).click()
+    done = _click_and_wait(page, "#mosaic-compare-start", COMPARE_JOB, ("done", "failed", "cancelled"))
+    assert done["state"] == "done", done
+    for gallery in ("#mosaic-gallery-dense", "#mosaic-gallery-staged"):
+        page.wait_for_function(f"() => document.querySelectorAll('{gallery} img').length >= 10", timeout=30_000)
+    assert "all stages" in page.locator("#mosaic-gallery-staged").inner_text()
+    table = page.locator("#mosaic-compare-table")
+    page.wait_for_function("() => document.querySelector('#mosaic-compare-table tr[data-method=staged]')?.textContent.includes('all stages')")
+    for method in ("dense", "staged"):
+        total = float(table.locator(f"td[data-method={method}][data-field=seconds]").inner_text())
+        assert total > 0
+        stage_sum = sum(
+            float(table.locator(f"td[data-method={method}][data-field=seconds-{name}]").inner_text())
+            for name in ("early", "middle", "late")
+        )
+        assert stage_sum == pytest.approx(total, abs=0.005)
+    assert table.locator("td[data-method=staged][data-field=ideal]").inner_text() == f"{_plan().ideal_speedup:.2f}×"
+    assert 10 < float(table.locator("td[data-method=staged][data-field=psnr]").inner_text()) < 100
+    assert table.locator("td[data-method=dense][data-field=psnr]").inner_text() == "ref"
+    page.wait_for_function(
+        """() => {
+            const gd = document.querySelector('#mosaic-history-plot .js-plotly-plot');
+            return gd && gd.data && gd.data.reduce((n, trace) => n + trace.y.length, 0) === 2;
+        }""",
+        timeout=30_000,
+    )
+    names = page.evaluate("() => document.querySelector('#mosaic-history-plot .js-plotly-plot').data.map((t) => t.name)")
+    assert names == ["all stages", "middle only"]
+
+    page.evaluate("() => document.querySelectorAll('.toast-close').forEach((button) => button.click())")
+    page.wait_for_function("() => !document.querySelector('.toast-body, [data-testid=toast-body]')", timeout=10_000)
+    page.wait_for_timeout(500)
+    screenshot = SCREENSHOT or tmp_path_factory.mktemp("shot") / "studio.png"
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.stat().st_size > 100_000

@@ -1,0 +1,537 @@
+"""The Compare section: dense vs staged on the same labels and seeds, timed and scored, as a job.
+
+`build_compare_section(engine, divide, prune)` lays out the sampling controls, the two
+galleries, the timing/quality table and the run history, wired like the Prune section: the
+Compare button submits a job to `engine.jobs` and returns; a `gr.Timer` polls it.
+
+What is compared: the dense model against the pruned model of the current plan and the Prune
+section's settings (which must have been pruned, or be queued for pruning: otherwise the
+button says so). "Prune one stage only" compares against a plan that prunes only that stage,
+at its sparsity in the plan, and 0 in the others; that model is pruned inside the comparison
+job if needed, through the same cache (its Hessians are the plan's, so it costs seconds).
+
+Every finished comparison adds a point to the session's history chart (PSNR to dense against
+measured speed-up or seconds), so the quality/time trade-off of the settings tried shows up.
+
+| trigger             | handler                   | api_name (gr.api, plain arguments) |
+|---------------------|---------------------------|------------------------------------|
+| Compare             | `CompareHandlers.start`   | `compare_start`                    |
+| timer tick          | `CompareHandlers.poll`    | `compare_status`                   |
+| Cancel              | `CompareHandlers.cancel`  | `compare_cancel`                   |
+| history x-axis      | `history_figure`          | private                            |
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import gradio as gr
+import numpy as np
+import plotly.graph_objects as go
+
+from mosaic_core.plan import Plan
+from mosaic_core.stages import STAGE_NAMES
+
+from ui import settings
+from ui.charts import FONT, message_figure
+from ui.engine import PrunedModel, StudioEngine
+from ui.jobs import CANCELLED, DONE, JobStatus
+from ui.prune_tab import (
+    PruneSection,
+    api_errors,
+    api_job_status,
+    describe_prune_event,
+    job_status,
+    plan_from_arguments,
+    plan_from_state,
+    progress_html,
+    prune_summary,
+    status_dict,
+)
+
+COMPARE_TEXT = """
+## 5 · Compare: dense vs staged, same seeds
+Both models sample the same class labels from the same initial noise. Seconds are the median
+of the timed runs after a short warm-up, split by stage; the ideal speed-up is the MACs ratio.
+PSNR and SSIM compare each staged image with the dense image of the same seed; accuracy and
+the Fréchet distance (digit classifier features) apply to the digit model.
+"""
+
+IDLE_COMPARE = "No comparison yet: prune the plan in section 4, then press Compare."
+AXES = ("measured speed-up", "seconds")
+LABEL_TOKEN = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
+
+
+# ----- values from the controls -------------------------------------------------------------------
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or ValueError naming it and the range."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+    return value
+
+
+def parse_labels(text: str, num_classes: int, count: int) -> list[int]:
+    """'0-9', '1,3,5', '0-4, 7' -> class ids, repeated in order to `count` images.
+
+    Raises ValueError naming a malformed token or an id outside 0..num_classes-1.
+    """
+    from mosaic_core.sampling import check_labels
+
+    tokens = [token.strip() for token in str(text or "").replace(";", ",").split(",") if token.strip()]
+    if not tokens:
+        raise ValueError(f"class labels are empty: give ids like 0-9 or 1,3,5 (allowed 0..{num_classes - 1})")
+    ids: list[int] = []
+    for token in tokens:
+        match = LABEL_TOKEN.match(token)
+        if match is None:
+            raise ValueError(f"class labels must be ids or ranges like 0-9 or 1,3,5, got {token!r}")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if high < low:
+            raise ValueError(f"a label range must go up (like 2-7), got {token!r}")
+        if high - low >= 10_000:
+            raise ValueError(f"label range {token!r} is too long")
+        ids.extend(range(low, high + 1))
+    check_labels(ids, num_classes)  # "class id 12 is out of range: allowed 0..9"
+    return [ids[i % len(ids)] for i in range(count)]
+
+
+def stage_choice(only_stage: str) -> int:
+    """'all stages' -> -1, 'early only' -> 0, 'middle only' -> 1, 'late only' -> 2."""
+    choices = settings.STAGE_ONLY_CHOICES
+    if only_stage not in choices:
+        raise ValueError(f"prune one stage only must be one of {', '.join(repr(c) for c in choices)}, got {only_stage!r}")
+    return choices.index(only_stage) - 1
+
+
+@dataclass
+class CompareRequest:
+    """A validated comparison: what to prune (maybe), what to sample, how often."""
+
+    spec: object
+    plan: Plan  # the plan of the staged model (the stage-only variant when one is chosen)
+    config: object  # PruneConfig
+    variant: str
+    labels: list[int]
+    sample_config: object  # SampleConfig
+    repeats: int
+
+
+@dataclass
+class CompareRun:
+    """The result of a comparison job."""
+
+    request: CompareRequest
+    pruned: PrunedModel
+    results: list  # compare.MethodResult, dense first
+
+
+def describe_compare_event(event) -> str:
+    """'warm-up · dense' or 'sampling staged · run 1/1 · step 4/10'."""
+    if event.repeat == 0:
+        return f"warm-up · {event.contender}"
+    return f"sampling {event.contender} · run {event.repeat}/{event.repeats} · step {event.step + 1}/{event.num_steps}"
+
+
+# ----- rendering ----------------------------------------------------------------------------------
+
+
+def gallery_items(images: np.ndarray, labels: Sequence[int], spec) -> list[tuple[np.ndarray, str]]:
+    """(image, class name) pairs; small images upscaled (nearest) to about GALLERY_PIXELS."""
+    scale = max(1, settings.GALLERY_PIXELS // max(images.shape[1], 1))
+    names = getattr(spec, "class_names", ()) or ()
+    items = []
+    for image, label in zip(images, labels):
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        if big.shape[-1] == 1:
+            big = np.repeat(big, 3, axis=-1)
+        items.append((big, names[label] if label < len(names) else str(label)))
+    return items
+
+
+def _fmt(value, spec: str, none: str = "—") -> str:
+    return none if value is None else format(value, spec)
+
+
+def compare_table_html(run: CompareRun) -> str:
+    """Per-stage and total seconds, speed-up measured and ideal, accuracy, FD, PSNR and SSIM."""
+    request = run.request
+    sample = request.sample_config
+    rows = []
+    for result in run.results:
+        is_dense = result.name == "dense"
+        stages = "".join(
+            f'<td data-method="{result.name}" data-field="seconds-{name}">{result.stage_seconds.get(name, 0.0):.3f}</td>'
+            for name in STAGE_NAMES
+        )
+        cells = {
+            "steps": str(result.num_inference_steps),
+            "seconds": f"{result.seconds:.3f}",
+            "speedup": f"{result.speedup:.2f}×",
+            "ideal": f"{result.ideal_speedup:.2f}×",
+            "ratio": f"{result.speedup / result.ideal_speedup:.2f}",
+            "accuracy": _fmt(result.accuracy, ".2f"),
+            "fd": _fmt(result.fd, ".1f"),
+            "psnr": "ref" if is_dense else _fmt(result.psnr, ".1f"),
+            "ssim": "ref" if is_dense else _fmt(result.ssim, ".3f"),
+        }
+        cell = lambda field: f'<td data-method="{result.name}" data-field="{field}">{cells[field]}</td>'  # noqa: E731
+        name = "dense" if is_dense else f"staged · {request.variant}"
+        rows.append(
+            f'<tr data-method="{result.name}"><td><b>{html.escape(name)}</b></td>{cell("steps")}{stages}'
+            f'{cell("seconds")}{cell("speedup")}{cell("ideal")}{cell("ratio")}{cell("accuracy")}{cell("fd")}'
+            f'{cell("psnr")}{cell("ssim")}</tr>'
+        )
+    plan = request.plan
+    labels = request.labels
+    label_text = ", ".join(map(str, labels[:12])) + (" …" if len(labels) > 12 else "")
+    caption = (
+        f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · cfg {sample.guidance_scale:g} · "
+        f"{len(labels)} images (classes {label_text}) · seed {sample.seed} · seconds: median of {request.repeats} "
+        f"timed run{'s' if request.repeats > 1 else ''} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
+        f" ({request.config.calibration.mode}, {request.config.calibration.size} images, {request.config.scorer})"
+    )
+    note = ""
+    if len(labels) < 50 and any(r.fd is not None for r in run.results):
+        note = f'<p class="mosaic-note">A Fréchet distance over {len(labels)} images is rough: compare it between runs of equal size.</p>'
+    head = "".join(f"<th>{name} s</th>" for name in STAGE_NAMES)
+    return (
+        '<div class="mosaic-panel" id="mosaic-compare-table">'
+        f'<table class="mosaic-table"><caption>{caption}</caption>'
+        f"<thead><tr><th>method</th><th>steps</th>{head}<th>total s</th><th>speed-up</th><th>ideal</th>"
+        "<th>measured / ideal</th><th>accuracy</th><th>FD</th><th>PSNR dB</th><th>SSIM</th></tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table>{note}</div>"
+    )
+
+
+def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
+    """One point of the history chart (JSON-ready, kept in the session's gr.State)."""
+    request = run.request
+    dense = next(r for r in run.results if r.name == "dense")
+    staged = next(r for r in run.results if r.name == "staged")
+    calibration = request.config.calibration
+    settings_text = (
+        f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} {request.plan.num_inference_steps}, "
+        f"cfg {request.sample_config.guidance_scale:g}, {calibration.mode}/{calibration.size}/{request.config.scorer}, "
+        f"{len(request.labels)} img"
+    )
+    return {
+        "job": job_id,
+        "run": number,
+        "variant": request.variant,
+        "label": f"#{number} {request.variant.replace(' stages', '').replace(' only', '')} S={request.plan.overall_sparsity:.2f}",
+        "settings": settings_text,
+        "seconds": staged.seconds,
+        "dense_seconds": dense.seconds,
+        "speedup": staged.speedup,
+        "ideal_speedup": staged.ideal_speedup,
+        "psnr": staged.psnr,
+        "ssim": staged.ssim,
+        "accuracy": staged.accuracy,
+    }
+
+
+def history_figure(history: Optional[list], axis: str = AXES[0]) -> go.Figure:
+    """PSNR to dense against measured speed-up (or staged seconds), one point per run."""
+    history = [h for h in (history or []) if h.get("psnr") is not None]
+    if not history:
+        return message_figure("Each comparison adds a point here:\nPSNR to dense against speed-up.", settings.HISTORY_HEIGHT)
+    x_key = "speedup" if axis == AXES[0] else "seconds"
+    figure = go.Figure()
+    for variant in settings.STAGE_ONLY_CHOICES:
+        points = [h for h in history if h["variant"] == variant]
+        if not points:
+            continue
+        figure.add_trace(
+            go.Scatter(
+                x=[h[x_key] for h in points],
+                y=[h["psnr"] for h in points],
+                mode="markers+text",
+                name=variant,
+                text=[h["label"] for h in points],
+                textposition="top center",
+                textfont=dict(size=10),
+                marker=dict(size=11, color=settings.VARIANT_COLORS[variant], line=dict(color="white", width=1)),
+                customdata=[[h["settings"], h["ideal_speedup"], h["seconds"], h["dense_seconds"]] for h in points],
+                hovertemplate=(
+                    "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>speed-up %{x:.2f}× (ideal %{customdata[1]:.2f}×)<br>"
+                    "staged %{customdata[2]:.2f} s, dense %{customdata[3]:.2f} s<extra></extra>"
+                    if x_key == "speedup"
+                    else "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>staged %{x:.2f} s (dense %{customdata[3]:.2f} s)<extra></extra>"
+                ),
+            )
+        )
+    ys = [h["psnr"] for h in history]
+    xs = [h[x_key] for h in history]
+    shapes = []
+    if x_key == "speedup":
+        shapes.append(dict(type="line", x0=1, x1=1, yref="paper", y0=0, y1=1, line=dict(color="#9aa5b1", dash="dot", width=1)))
+        x_range = [min(0.9, min(xs) - 0.1), max(xs) + 0.15]
+    else:
+        x_range = [0, max(xs + [h["dense_seconds"] for h in history]) * 1.15]
+        for h in history:  # the dense time of each run, as a faint tick on the axis
+            shapes.append(dict(type="line", x0=h["dense_seconds"], x1=h["dense_seconds"], yref="paper", y0=0, y1=0.04,
+                               line=dict(color="#9aa5b1", width=1)))
+    figure.update_layout(
+        height=settings.HISTORY_HEIGHT,
+        margin=dict(l=58, r=16, t=36, b=48),
+        font=FONT,
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        title=dict(text="Quality vs time, one point per run (higher and further right is better)", font=dict(size=12), x=0.01),
+        xaxis=dict(title=("measured speed-up over dense (×)" if x_key == "speedup" else "staged seconds"), range=x_range,
+                   gridcolor="#eef1f4", zeroline=False, ticks="outside"),
+        yaxis=dict(title="PSNR to dense (dB)", range=[min(ys) - 3, max(ys) + 4], gridcolor="#eef1f4", zeroline=False,
+                   ticks="outside"),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1, font=dict(size=11)),
+        shapes=shapes,
+        showlegend=True,
+    )
+    return figure
+
+
+def compare_summary(run: CompareRun) -> dict:
+    """What the API returns about a comparison (no images: their shape and labels)."""
+    return {
+        "variant": run.request.variant,
+        "labels": list(run.request.labels),
+        "num_images": len(run.request.labels),
+        "image_shape": list(run.results[0].images.shape[1:]),
+        "rows": [result.row() for result in run.results],
+        "pruned": {k: v for k, v in prune_summary(run.pruned).items() if k in ("key", "source", "stages", "overall_sparsity")},
+    }
+
+
+# ----- handlers -----------------------------------------------------------------------------------
+
+
+class CompareHandlers:
+    """Validates a comparison, submits it as a job, polls and renders it."""
+
+    ELEM_ID = "mosaic-compare-job"
+
+    def __init__(self, engine: StudioEngine, prune: PruneSection) -> None:
+        self.engine = engine
+        self.prune = prune.handlers
+
+    def request(self, spec, plan: Plan, config, labels, seed, count, cfg, repeats, only_stage) -> CompareRequest:
+        """Check every value (ValueError naming it) and decide which staged model to compare."""
+        from mosaic_core.sampling import SampleConfig
+
+        self.engine.require_weights(spec)
+        count = whole_number(count, "count (images)", *settings.COMPARE_COUNT_RANGE)
+        ids = parse_labels(labels, spec.num_classes, count)
+        if isinstance(seed, float) and math.isfinite(seed) and seed.is_integer():
+            seed = int(seed)
+        sample_config = SampleConfig(plan.num_inference_steps, cfg, plan.scheduler, seed)
+        repeats = whole_number(repeats, "repeats", *settings.REPEATS_RANGE)
+        stage = stage_choice(only_stage)
+        if stage >= 0:
+            plan = self.engine.stage_only_plan(spec, plan, stage)
+        elif not (
+            self.engine.cached_pruned(spec, plan, config) is not None
+            or self.engine.pruned_on_disk(spec, plan, config)
+            or self.prune.pending_job(self.engine.pruned_key(spec, plan, config))
+        ):
+            raise ValueError(
+                "no pruned model for this plan and these prune settings yet: press “Start pruning” in section 4 "
+                "first (or pick one stage only, which prunes inside the comparison)"
+            )
+        return CompareRequest(spec, plan, config, only_stage, ids, sample_config, repeats)
+
+    def submit(self, request: CompareRequest) -> str:
+        """Queue the comparison (after any prune job of the same plan, FIFO)."""
+        engine = self.engine
+
+        def work(context) -> CompareRun:
+            spec, plan, config = request.spec, request.plan, request.config
+            have = engine.cached_pruned(spec, plan, config) is not None or engine.pruned_on_disk(spec, plan, config)
+            if request.variant == settings.STAGE_ONLY_CHOICES[0] and not have:
+                raise ValueError("the pruned model of this plan is not in the cache (was its prune job cancelled?): prune it again")
+            share = 0.0 if have else 0.4  # of the bar, for pruning the stage-only variant
+            context.report(0.0, "loading the pruned model" if have else f"pruning the {request.variant.replace(' only', '')} stage only")
+            pruned = engine.prune(
+                spec, plan, config, should_stop=context.should_stop,
+                on_event=lambda event: context.report(share * event.fraction, f"prune {request.variant} · {describe_prune_event(event)}"),
+            )
+            results = engine.compare(
+                pruned, request.labels, request.sample_config, request.repeats, should_stop=context.should_stop,
+                on_event=lambda event: context.report(share + (1 - share) * event.fraction, describe_compare_event(event)),
+            )
+            context.report(1.0, "measured")
+            return CompareRun(request, pruned, results)
+
+        return engine.jobs.submit(work, label="compare")
+
+    # ----- UI events ----------------------------------------------------------------------------
+    @api_errors
+    def start(self, plan_state, model, folder, calibration, size, scorer, labels, seed, count, cfg, repeats, only_stage):
+        """Compare: validate, submit, return at once (job id, bar, timer on)."""
+        spec, plan = plan_from_state(self.engine, plan_state, model, folder)
+        config = self.engine.prune_config(spec, calibration, size, scorer)
+        request = self.request(spec, plan, config, labels, seed, count, cfg, repeats, only_stage)
+        job_id = self.submit(request)
+        return job_id, progress_html(self.engine.jobs.status(job_id), IDLE_COMPARE, self.ELEM_ID), gr.Timer(active=True)
+
+    def poll(self, job_id, history, axis):
+        """Timer tick: the bar; once done, galleries, table and a new history point (timer off)."""
+        status = job_status(self.engine, job_id)
+        bar = progress_html(status, IDLE_COMPARE, self.ELEM_ID)
+        unchanged = (gr.update(), gr.update(), gr.update(), gr.update(), gr.update())
+        if status is None:
+            return (bar, *unchanged, gr.Timer(active=False))
+        if not status.is_finished:
+            return (bar, *unchanged, gr.Timer(active=True))
+        if status.state != DONE:
+            if status.state == CANCELLED:
+                gr.Warning("Comparison cancelled: the galleries and the history keep the last run.")
+            else:
+                gr.Warning(f"Comparison failed: {status.error}")
+            return (bar, *unchanged, gr.Timer(active=False))
+        return (bar, *self.render(status, history, axis), gr.Timer(active=False))
+
+    def render(self, status: JobStatus, history, axis):
+        """Galleries, table, history (with this run added once) and the history chart."""
+        run: CompareRun = status.result
+        dense, staged = run.results[0], run.results[1]
+        history = list(history or [])
+        if not any(h.get("job") == status.job_id for h in history):
+            history.append(history_entry(status.job_id, len(history) + 1, run))
+        spec = run.request.spec
+        return (
+            gr.update(value=gallery_items(dense.images, run.request.labels, spec), label=f"dense · {dense.seconds:.2f} s"),
+            gr.update(
+                value=gallery_items(staged.images, run.request.labels, spec),
+                label=f"staged ({run.request.variant}) · {staged.seconds:.2f} s · {staged.speedup:.2f}× · PSNR {_fmt(staged.psnr, '.1f')} dB",
+            ),
+            compare_table_html(run),
+            history,
+            history_figure(history, axis),
+        )
+
+    def cancel(self, job_id):
+        """Cancel: ask the comparison to stop (the next tick shows 'cancelled')."""
+        status = job_status(self.engine, job_id)
+        if status is None or status.is_finished:
+            gr.Info("No comparison is running.")
+            return progress_html(status, IDLE_COMPARE, self.ELEM_ID)
+        return progress_html(self.engine.jobs.cancel(job_id), IDLE_COMPARE, self.ELEM_ID)
+
+    # ----- API (plain arguments) -------------------------------------------------------------------
+    @api_errors
+    def start_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+        calibration: str = settings.CALIBRATION_MODE_DEFAULT,
+        calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
+        scorer: str = settings.SCORER_DEFAULT,
+        labels: str = settings.COMPARE_LABELS_DEFAULT,
+        seed: int = settings.COMPARE_SEED_DEFAULT,
+        count: int = settings.COMPARE_COUNT_DEFAULT,
+        cfg: float = settings.CFG_DEFAULT,
+        repeats: int = settings.REPEATS_DEFAULT,
+        only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+    ) -> dict:
+        """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
+
+        `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
+        'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
+        """
+        spec, plan = plan_from_arguments(self.engine, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        config = self.engine.prune_config(spec, calibration, calibration_size, scorer)
+        request = self.request(spec, plan, config, labels, seed, count, cfg, repeats, only_stage)
+        return status_dict(self.engine.jobs.status(self.submit(request)), compare_summary)
+
+    @api_errors
+    def status_api(self, job_id: str) -> dict:
+        """The state, progress and, when done, the measured rows of a comparison job."""
+        return status_dict(api_job_status(self.engine, job_id), compare_summary)
+
+    @api_errors
+    def cancel_api(self, job_id: str) -> dict:
+        """Cancel a comparison job."""
+        api_job_status(self.engine, job_id)
+        return status_dict(self.engine.jobs.cancel(job_id), compare_summary)
+
+
+def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> None:
+    """Lay out and wire the Compare section (it reads the Divide plan and the Prune controls)."""
+    handlers = CompareHandlers(engine, prune)
+    gr.Markdown(COMPARE_TEXT)
+    with gr.Row():
+        with gr.Column(scale=2, min_width=340):
+            labels = gr.Textbox(
+                settings.COMPARE_LABELS_DEFAULT, label="Class labels", info="ids or ranges, e.g. 0-9 or 1,3,5 (repeated to the count)",
+                elem_id="mosaic-compare-labels",
+            )
+            with gr.Row():
+                count = gr.Number(
+                    settings.COMPARE_COUNT_DEFAULT, label="Images", precision=0, minimum=settings.COMPARE_COUNT_RANGE[0],
+                    maximum=settings.COMPARE_COUNT_RANGE[1], elem_id="mosaic-compare-count",
+                )
+                seed = gr.Number(settings.COMPARE_SEED_DEFAULT, label="Seed", precision=0, minimum=0, elem_id="mosaic-compare-seed")
+            cfg = gr.Slider(*settings.CFG_RANGE, value=settings.CFG_DEFAULT, step=settings.CFG_STEP, label="CFG (guidance scale)", elem_id="mosaic-compare-cfg")
+            repeats = gr.Slider(
+                *settings.REPEATS_RANGE, value=settings.REPEATS_DEFAULT, step=1, label="Timed runs (median)",
+                elem_id="mosaic-compare-repeats",
+            )
+            only_stage = gr.Radio(
+                list(settings.STAGE_ONLY_CHOICES), value=settings.STAGE_ONLY_CHOICES[0], label="Prune one stage only",
+                info="the other stages stay dense: which stage hurts?", elem_id="mosaic-compare-stage",
+            )
+            with gr.Row():
+                start = gr.Button("Compare", variant="primary", elem_id="mosaic-compare-start")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="mosaic-compare-cancel")
+            progress = gr.HTML(progress_html(None, IDLE_COMPARE, CompareHandlers.ELEM_ID), elem_id="mosaic-compare-progress")
+        with gr.Column(scale=3, min_width=420):
+            history_plot = gr.Plot(history_figure([]), label="Run history", elem_id="mosaic-history-plot")
+            axis = gr.Radio(list(AXES), value=AXES[0], label="History x-axis", elem_id="mosaic-history-axis")
+    with gr.Row(equal_height=True):
+        gallery_options = dict(columns=settings.GALLERY_COLUMNS, height="auto", object_fit="contain", format="png", allow_preview=True)
+        dense_gallery = gr.Gallery(label="dense", elem_id="mosaic-gallery-dense", **gallery_options)
+        staged_gallery = gr.Gallery(label="staged", elem_id="mosaic-gallery-staged", **gallery_options)
+    table = gr.HTML(
+        '<div class="mosaic-panel mosaic-empty" id="mosaic-compare-table">Seconds per stage, speed-ups and quality will show here.</div>',
+        elem_id="mosaic-compare-table-box",
+    )
+    job = gr.State(None)
+    history = gr.State([])
+    timer = gr.Timer(settings.JOB_POLL_SECONDS, active=False)
+
+    quick = dict(show_progress="hidden", api_visibility="private")
+    start.click(
+        handlers.start,
+        inputs=[divide.plan_state, divide.model, divide.folder, *prune.controls, labels, seed, count, cfg, repeats, only_stage],
+        outputs=[job, progress, timer], **quick,
+    )
+    timer.tick(
+        handlers.poll, inputs=[job, history, axis],
+        outputs=[progress, dense_gallery, staged_gallery, table, history, history_plot, timer], **quick,
+    )
+    cancel.click(handlers.cancel, inputs=[job], outputs=[progress], **quick)
+    axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], **quick)
+    gr.api(handlers.start_api, api_name="compare_start")
+    gr.api(handlers.status_api, api_name="compare_status")
+    gr.api(handlers.cancel_api, api_name="compare_cancel")
+
+
+COMPARE_CSS = """
+#mosaic-gallery-dense img, #mosaic-gallery-staged img { image-rendering: pixelated; }
+#mosaic-gallery-dense .grid-wrap.fixed-height, #mosaic-gallery-staged .grid-wrap.fixed-height {
+  min-height: 0 !important; height: auto !important; max-height: none !important;
+}
+"""
