@@ -18,7 +18,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (no usage dump) and exit status 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"error: {message} (see `python -m mosaic_core {self.prog.split()[-1]} --help`)", file=sys.stderr)
+        command = self.prog.split()[1] if " " in self.prog else ""
+        hint = f"python -m mosaic_core {command} --help".replace("  ", " ")
+        print(f"error: {message} (see `{hint}`)", file=sys.stderr)
         sys.exit(2)
 
 
