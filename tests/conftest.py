@@ -96,6 +96,21 @@ def tiny_pixel_folder(tmp_path_factory):
     return folder
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for an in-process studio server."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def pytest_configure(config):
-    # numpy 2 deprecation inside diffusers' schedulers: not ours, and not actionable here
-    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+    # Deprecations inside dependencies, not ours and not actionable here: numpy 2 in
+    # diffusers' schedulers, pandas 3 options that gradio's queue sets.
+    for pattern in (
+        "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning",
+        "ignore:.*no_silent_downcasting",
+        "ignore:The copy keyword is deprecated",
+    ):
+        config.addinivalue_line("filterwarnings", pattern)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import socket
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -21,6 +20,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import httpx
 import numpy as np
 import pytest
+from conftest import free_port
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from playwright.sync_api import sync_playwright
@@ -41,17 +41,6 @@ CHROMIUM_ARGS = [
 ]
 MODEL = "digits-dit"
 
-# gradio's queue calls pandas with options pandas 3 deprecates: not ours, not actionable here
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +48,7 @@ def studio_url():
     engine = StudioEngine()
     engine.warm_up()
     demo = build_studio(engine)
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
     try:
         yield f"http://127.0.0.1:{port}/"

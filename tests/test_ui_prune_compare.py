@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
+from conftest import free_port
 import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -50,16 +50,6 @@ STEPS = 10
 SMALL = dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, sparsity=0.3, calibration="snr", calibration_size=16, scorer="obs")
 PHASES = {"calibrate", "hessian", "solve", "build"}
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
-    pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +60,7 @@ def studio(tmp_path_factory):
     torch.set_num_threads(1)
     engine = StudioEngine()
     demo = build_studio(engine)
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
     try:
         yield dict(url=f"http://127.0.0.1:{port}/", engine=engine, cache=cache_root)

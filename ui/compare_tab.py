@@ -38,11 +38,12 @@ from mosaic_core.stages import STAGE_NAMES
 
 from ui import settings
 from ui.charts import FONT, message_figure
+from ui.divide_tab import user_errors
 from ui.engine import PrunedModel, StudioEngine
 from ui.jobs import CANCELLED, DONE, JobStatus
 from ui.prune_tab import (
+    cancel_job,
     PruneSection,
-    api_errors,
     api_job_status,
     describe_prune_event,
     job_status,
@@ -371,7 +372,7 @@ class CompareHandlers:
         return engine.jobs.submit(work, label="compare")
 
     # ----- UI events ----------------------------------------------------------------------------
-    @api_errors
+    @user_errors
     def start(self, plan_state, model, folder, calibration, size, scorer, labels, seed, count, cfg, repeats, only_stage):
         """Compare: validate, submit, return at once (job id, bar, timer on)."""
         spec, plan = plan_from_state(self.engine, plan_state, model, folder)
@@ -418,14 +419,10 @@ class CompareHandlers:
 
     def cancel(self, job_id):
         """Cancel: ask the comparison to stop (the next tick shows 'cancelled')."""
-        status = job_status(self.engine, job_id)
-        if status is None or status.is_finished:
-            gr.Info("No comparison is running.")
-            return progress_html(status, IDLE_COMPARE, self.ELEM_ID)
-        return progress_html(self.engine.jobs.cancel(job_id), IDLE_COMPARE, self.ELEM_ID)
+        return cancel_job(self.engine, job_id, IDLE_COMPARE, self.ELEM_ID, "No comparison is running.")
 
     # ----- API (plain arguments) -------------------------------------------------------------------
-    @api_errors
+    @user_errors
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
@@ -456,12 +453,12 @@ class CompareHandlers:
         request = self.request(spec, plan, config, labels, seed, count, cfg, repeats, only_stage)
         return status_dict(self.engine.jobs.status(self.submit(request)), compare_summary)
 
-    @api_errors
+    @user_errors
     def status_api(self, job_id: str) -> dict:
         """The state, progress and, when done, the measured rows of a comparison job."""
         return status_dict(api_job_status(self.engine, job_id), compare_summary)
 
-    @api_errors
+    @user_errors
     def cancel_api(self, job_id: str) -> dict:
         """Cancel a comparison job."""
         api_job_status(self.engine, job_id)

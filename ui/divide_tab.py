@@ -51,13 +51,14 @@ CX_INFO = "1.0 is the fallback"
 
 
 def user_errors(fn):
-    """Show a ValueError (or a missing file) from the engine as a gr.Error toast, no traceback."""
+    """Engine ValueErrors, missing files and bad argument types sent through the API as a
+    gr.Error toast with the engine's message, no traceback (every section's handlers use it)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, TypeError, FileNotFoundError) as error:
             raise gr.Error(str(error), print_exception=False) from None
 
     return wrapper

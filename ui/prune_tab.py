@@ -23,7 +23,6 @@ restart; moving only the sparsity reuses the cached Hessians and removal orders.
 
 from __future__ import annotations
 
-import functools
 import html
 import math
 import threading
@@ -35,6 +34,7 @@ import gradio as gr
 from mosaic_core.plan import Plan
 
 from ui import settings
+from ui.divide_tab import user_errors
 from ui.engine import PrunedModel, StudioEngine
 from ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobStatus
 from ui.panels import _chip, format_count
@@ -51,20 +51,16 @@ kept weights. The job runs in the background: the page stays usable, and the res
 IDLE_PRUNE = "No pruning job yet: press Start to prune the plan above."
 
 
-def api_errors(fn):
-    """Engine ValueErrors (and bad argument types through the API) as a gr.Error toast, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-
-    return wrapper
-
-
 # ----- shared by the Prune and Compare sections --------------------------------------------------
+
+
+def cancel_job(engine: StudioEngine, job_id, idle: str, elem_id: str, nothing_running: str) -> str:
+    """Ask a job to stop and redraw its bar (the next timer tick shows 'cancelled')."""
+    status = job_status(engine, job_id)
+    if status is None or status.is_finished:
+        gr.Info(nothing_running)
+        return progress_html(status, idle, elem_id)
+    return progress_html(engine.jobs.cancel(job_id), idle, elem_id)
 
 
 def plan_from_state(engine: StudioEngine, plan_state: Optional[dict], model: str, folder: str):
@@ -310,7 +306,7 @@ class PruneHandlers:
         return job_id if self._unfinished(job_id) else None
 
     # ----- UI events ----------------------------------------------------------------------------
-    @api_errors
+    @user_errors
     def start(self, plan_state, model, folder, calibration, size, scorer):
         """Start: submit the job and return at once (job id, bar, result unchanged, timer on)."""
         spec, plan = plan_from_state(self.engine, plan_state, model, folder)
@@ -340,14 +336,10 @@ class PruneHandlers:
 
     def cancel(self, job_id):
         """Cancel: ask the job to stop (the next tick shows 'cancelled')."""
-        status = job_status(self.engine, job_id)
-        if status is None or status.is_finished:
-            gr.Info("No pruning job is running.")
-            return progress_html(status, IDLE_PRUNE, self.ELEM_ID)
-        return progress_html(self.engine.jobs.cancel(job_id), IDLE_PRUNE, self.ELEM_ID)
+        return cancel_job(self.engine, job_id, IDLE_PRUNE, self.ELEM_ID, "No pruning job is running.")
 
     # ----- API (plain arguments) -------------------------------------------------------------------
-    @api_errors
+    @user_errors
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
@@ -372,12 +364,12 @@ class PruneHandlers:
         config = self.engine.prune_config(spec, calibration, calibration_size, scorer)
         return status_dict(self.engine.jobs.status(self.submit(spec, plan, config)), prune_summary)
 
-    @api_errors
+    @user_errors
     def status_api(self, job_id: str) -> dict:
         """The state (queued|running|done|cancelled|failed), progress and, when done, the result of a prune job."""
         return status_dict(api_job_status(self.engine, job_id), prune_summary)
 
-    @api_errors
+    @user_errors
     def cancel_api(self, job_id: str) -> dict:
         """Cancel a prune job (queued: dropped; running: stops at the next batch or layer)."""
         api_job_status(self.engine, job_id)
