@@ -17,6 +17,17 @@ class Cancelled(Exception):
     """Raised by an engine loop when its `should_stop()` returned True."""
 
 
+def run_to_end(generator: Generator[Any, None, Any], on_event: Callable[[Any], None] | None = None) -> Any:
+    """Drive an engine generator to its end, handing each event to `on_event`; return its value."""
+    while True:
+        try:
+            event = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if on_event is not None:
+            on_event(event)
+
+
 def relay(generator: Generator[Any, None, Any], convert: Callable[[Any], Event]) -> Generator[Event, None, Any]:
     """Re-yield an engine generator's events through `convert`, and return its return value.
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaic_core.allocation import (
+from mosaic_core.divide.allocation import (
     MAX_SPARSITY,
     allocate_sparsity,
     manual_sparsity,
@@ -18,10 +18,11 @@ from mosaic_core.allocation import (
     uniform_sparsity,
     water_fill,
 )
-from mosaic_core.cost import block_macs_per_step
-from mosaic_core.registry import TransformerShape, resolve_model
-from mosaic_core.schedule import ScoreCurve, alphas_cumprod, importance_score
-from mosaic_core.stages import EARLY, LATE, MIDDLE, divide_stages
+from mosaic_core.divide.cost import block_macs_per_step
+from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.models.registry import resolve_model
+from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, importance_score
+from mosaic_core.divide.stages import EARLY, LATE, MIDDLE, divide_stages
 
 LINEAR = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 DIGITS = resolve_model("digits-dit").shape

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosaic_core.compare import Contender, compare
-from mosaic_core.images import load_samples
-from mosaic_core.loading import load_model
-from mosaic_core.plan import build_plan
-from mosaic_core.sampling import SampleConfig
+from mosaic_core.conquer.compare import Contender, compare
+from mosaic_core.conquer.images import load_samples
+from mosaic_core.models.loading import load_model
+from mosaic_core.divide.plan import build_plan
+from mosaic_core.conquer.sampling import SampleConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

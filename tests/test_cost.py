@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mosaic_core.allocation import uniform_sparsity
-from mosaic_core.cost import (
+from mosaic_core.divide.allocation import uniform_sparsity
+from mosaic_core.divide.cost import (
     block_macs_per_step,
     head_macs_per_step,
     ideal_speedup,
@@ -14,7 +14,8 @@ from mosaic_core.cost import (
     staged_parameter_count,
     unit_macs_per_step,
 )
-from mosaic_core.registry import TransformerShape, resolve_model
+from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.models.registry import resolve_model
 
 DIT_XL = TransformerShape(num_layers=28, num_heads=16, head_dim=72, mlp_hidden=4608, num_tokens=256)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from mosaic_core.hessian import HessianAccumulator, PrunableLayer, collect_hessians, prunable_layers
+from mosaic_core.prune.hessian import HessianAccumulator, PrunableLayer, collect_hessians, prunable_layers
 from mosaic_core.jobs import Cancelled
 
 

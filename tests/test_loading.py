@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from mosaic_core.loading import load_model
-from mosaic_core.registry import resolve_model
-from mosaic_core.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
+from mosaic_core.models.loading import load_model
+from mosaic_core.models.registry import resolve_model
+from mosaic_core.conquer.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
 
 
 def test_builtin_digits_dit_loads_with_its_schedule():
@@ -56,7 +56,7 @@ def test_unknown_model_and_missing_builtin_weights_are_clear(tmp_path):
 
 def test_shipped_digits_dit_draws_recognisable_digits():
     """Quality smoke test of the committed weights: few images, few steps, most are right."""
-    from mosaic_core.metrics import class_accuracy
+    from mosaic_core.conquer.metrics import class_accuracy
 
     loaded = load_model("digits-dit", device="cpu")
     labels = labels_for(30, 10)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mosaic_core.metrics import class_accuracy, digit_classifier, digit_fd, frechet_distance, mean_psnr, psnr, real_digit_images, ssim
+from mosaic_core.conquer.metrics import class_accuracy, digit_classifier, digit_fd, frechet_distance, mean_psnr, psnr, real_digit_images, ssim
 
 
 def test_classifier_recognises_real_digits_and_not_noise():
@@ -15,7 +15,7 @@ def test_classifier_recognises_real_digits_and_not_noise():
 
 
 def test_fit_is_deterministic():
-    from mosaic_core.metrics import DigitClassifier
+    from mosaic_core.conquer.metrics import DigitClassifier
 
     images = real_digit_images()[0][:50]
     np.testing.assert_array_equal(DigitClassifier.fit().features(images), digit_classifier().features(images))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaic_core.obs import (
+from mosaic_core.prune.obs import (
     PruneTrace,
     _remove_groups,
     damped_hessian,
@@ -81,7 +81,7 @@ def test_sequential_updates_equal_closed_form_and_errors_add_up(group_size):
 def test_obs_on_a_real_dit_hessian():
     from diffusers import DiTTransformer2DModel
 
-    from mosaic_core.hessian import collect_hessians
+    from mosaic_core.prune.hessian import collect_hessians
 
     torch.manual_seed(0)
     model = DiTTransformer2DModel(

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosaic_core.plan import Plan, build_plan
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.plan import Plan, build_plan
+from mosaic_core.divide.stages import STAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_KEYS = {

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from mosaic_core.calibration import CalibrationConfig, CleanSet, calibration_batches
-from mosaic_core.checkpoint import load_pruned, read_manifest, save_pruned
+from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches
+from mosaic_core.prune.checkpoint import load_pruned, read_manifest, save_pruned
 from mosaic_core.jobs import Cancelled
-from mosaic_core.loading import load_model
-from mosaic_core.plan import build_plan
-from mosaic_core.pruning import PruneConfig, prune_steps
-from mosaic_core.registry import resolve_model
-from mosaic_core.sampling import SampleConfig, run_to_end, sample_loaded
+from mosaic_core.models.loading import load_model
+from mosaic_core.divide.plan import build_plan
+from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+from mosaic_core.models.registry import resolve_model
+from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_loaded
 
 CONFIG = PruneConfig(CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4))
 
@@ -183,7 +183,7 @@ def test_latent_dit_prunes_from_its_own_samples_and_runs_in_dit_pipeline(tiny_la
 
 
 def test_disk_cache_survives_a_restart_and_ignores_damaged_entries(pixel, tmp_path):
-    from mosaic_core.cache import AnalysisStore, checkpoint_folder, load_cached_staged
+    from mosaic_core.prune.cache import AnalysisStore, checkpoint_folder, load_cached_staged
 
     store = AnalysisStore(tmp_path)
     plan, result, _ = _prune(pixel, store, sparsity=0.4)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import LINEAR_SCHEDULER, tiny_pixel_dit
 from mosaic_core.jobs import Cancelled
-from mosaic_core.sampling import SampleConfig, initial_noise, labels_for, run_to_end, sample, sample_steps
+from mosaic_core.conquer.sampling import SampleConfig, initial_noise, labels_for, run_to_end, sample, sample_steps
 
 SHAPE = (1, 8, 8)
 SCHEDULER = {**LINEAR_SCHEDULER, "clip_sample": True}

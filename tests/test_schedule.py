@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaic_core.schedule import (
+from mosaic_core.divide.noise_schedule import (
     alphas_cumprod,
     check_cx,
     check_lam,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel
 
-from mosaic_core.staged import StagedDiT, memory_ledger, param_count
-from mosaic_core.surgery import BlockKeep, sliced_model
+from mosaic_core.conquer.staged_denoiser import StagedDiT, memory_ledger, param_count
+from mosaic_core.prune.surgery import BlockKeep, sliced_model
 
 T_MIN, T_MAX = 300, 600
 

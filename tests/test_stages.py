@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mosaic_core.schedule import alphas_cumprod, importance_score
-from mosaic_core.schedulers import sampler_timesteps
-from mosaic_core.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds, divide_stages
+from mosaic_core.divide.noise_schedule import alphas_cumprod, importance_score
+from mosaic_core.models.samplers import sampler_timesteps
+from mosaic_core.divide.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds, divide_stages
 
 LINEAR = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 SCALED_LINEAR = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}

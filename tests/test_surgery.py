@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
-from mosaic_core.hessian import collect_hessians, prunable_layers
-from mosaic_core.obs import full_width_weight, reconstruct_weights
-from mosaic_core.surgery import BlockKeep, block_sizes, mask_block_, slice_block, sliced_model
+from mosaic_core.prune.hessian import collect_hessians, prunable_layers
+from mosaic_core.prune.obs import full_width_weight, reconstruct_weights
+from mosaic_core.prune.surgery import BlockKeep, block_sizes, mask_block_, slice_block, sliced_model
 
 HEADS, HEAD_DIM, UNITS = 4, 8, 128
 

@@ -25,7 +25,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from playwright.sync_api import sync_playwright
 
-from mosaic_core.plan import build_plan
+from mosaic_core.divide.plan import build_plan
 from ui.divide_tab import parse_dragged_M
 from ui.engine import StudioEngine
 from ui.studio import build_studio, launch_kwargs

@@ -28,9 +28,9 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from playwright.sync_api import sync_playwright
 
-from mosaic_core.calibration import CALIBRATION_MODES
-from mosaic_core.plan import build_plan
-from mosaic_core.pruning import SCORERS
+from mosaic_core.prune.calibration import CALIBRATION_MODES
+from mosaic_core.divide.plan import build_plan
+from mosaic_core.prune.stage_pruning import SCORERS
 from ui import settings
 from ui.compare_tab import parse_labels
 from ui.engine import StudioEngine

@@ -25,9 +25,9 @@ from typing import Optional
 import numpy as np
 import plotly.graph_objects as go
 
-from mosaic_core.plan import Plan
-from mosaic_core.schedule import ScoreCurve
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.plan import Plan
+from mosaic_core.divide.noise_schedule import ScoreCurve
+from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
 
@@ -171,7 +171,7 @@ def schedule_figure(curve: ScoreCurve, plan: Plan) -> go.Figure:
     layout.update(
         shapes=shapes,
         annotations=annotations,
-        meta=dict(role="mosaic-schedule", max_score=max_score, M=plan.M, M_min=settings.M_RANGE[0], M_max=settings.M_RANGE[1]),
+        meta=dict(role="mosaic-schedule", max_score=max_score, M=plan.M, M_min=settings.M_RANGE[0], M_max=settings.M_RANGE[1], M_step=settings.M_STEP),
         legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="left", x=0, font=dict(size=11)),
         margin=dict(l=58, r=16, t=52, b=92),
     )

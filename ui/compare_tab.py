@@ -33,8 +33,8 @@ import gradio as gr
 import numpy as np
 import plotly.graph_objects as go
 
-from mosaic_core.plan import Plan
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.plan import Plan
+from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
 from ui.charts import FONT, message_figure
@@ -84,7 +84,7 @@ def parse_labels(text: str, num_classes: int, count: int) -> list[int]:
 
     Raises ValueError naming a malformed token or an id outside 0..num_classes-1.
     """
-    from mosaic_core.sampling import check_labels
+    from mosaic_core.conquer.sampling import check_labels
 
     tokens = [token.strip() for token in str(text or "").replace(";", ",").split(",") if token.strip()]
     if not tokens:
@@ -324,7 +324,7 @@ class CompareHandlers:
 
     def request(self, spec, plan: Plan, config, labels, seed, count, cfg, repeats, only_stage) -> CompareRequest:
         """Check every value (ValueError naming it) and decide which staged model to compare."""
-        from mosaic_core.sampling import SampleConfig
+        from mosaic_core.conquer.sampling import SampleConfig
 
         self.engine.require_weights(spec)
         count = whole_number(count, "count (images)", *settings.COMPARE_COUNT_RANGE)

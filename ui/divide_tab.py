@@ -29,11 +29,12 @@ from typing import Optional
 import gradio as gr
 from gradio.components.plot import PlotData
 
-from mosaic_core.plan import Plan
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.plan import Plan
+from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import charts, settings
 from ui.engine import StudioEngine
+from mosaic_core.divide.stages import snap_M
 from ui.frontend import DRAG_ELEM_ID, PLOT_ELEM_ID
 from ui.panels import cost_panel_html, stage_table_html
 
@@ -65,7 +66,7 @@ def user_errors(fn):
 
 
 def parse_dragged_M(text: str) -> float:
-    """'0.412|1712345678' (M|nonce, written by the browser) -> 0.412, clamped to the slider's range."""
+    """'0.412|1712345678' (M|nonce, written by the browser) -> M clamped to M_RANGE and snapped to M_STEP."""
     head = str(text or "").split("|", 1)[0].strip()
     try:
         value = float(head)
@@ -73,8 +74,7 @@ def parse_dragged_M(text: str) -> float:
         raise ValueError(f"dragged threshold must be a number M in (0, 1), got {head!r}") from None
     if not math.isfinite(value):
         raise ValueError(f"dragged threshold must be a finite M in (0, 1), got {value}")
-    low, high = settings.M_RANGE
-    return round(min(max(value, low), high), 3)
+    return snap_M(value)
 
 
 @dataclass

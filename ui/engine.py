@@ -31,10 +31,10 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mosaic_core.cost import linear_parameter_count
-from mosaic_core.plan import Plan, build_plan
-from mosaic_core.registry import ModelSpec, known_models, resolve_model, where_to_put
-from mosaic_core.schedule import ScoreCurve, alphas_cumprod, importance_score
+from mosaic_core.divide.cost import linear_parameter_count
+from mosaic_core.divide.plan import Plan, build_plan
+from mosaic_core.models.registry import ModelSpec, known_models, resolve_model, where_to_put
+from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, importance_score
 
 from ui import settings
 from ui.jobs import JobRunner
@@ -290,7 +290,7 @@ class StudioEngine:
 
     def _load(self, spec: ModelSpec):
         """The loaded dense model (one kept in memory at a time). Caller holds the compute lock."""
-        from mosaic_core.loading import load_model
+        from mosaic_core.models.loading import load_model
 
         self.require_weights(spec)
         key = (spec.name, spec.path)
@@ -313,8 +313,8 @@ class StudioEngine:
 
         `size` is checked against the studio's range here; the engine checks the rest.
         """
-        from mosaic_core.calibration import CalibrationConfig
-        from mosaic_core.pruning import PruneConfig
+        from mosaic_core.prune.calibration import CalibrationConfig
+        from mosaic_core.prune.stage_pruning import PruneConfig
 
         low, high = settings.CALIBRATION_SIZE_RANGE
         if isinstance(size, float) and math.isfinite(size) and size.is_integer():
@@ -331,7 +331,7 @@ class StudioEngine:
 
     def pruned_key(self, spec: ModelSpec, plan: Plan, config) -> Optional[str]:
         """The cache key of these settings (None when the model has no weights on disk)."""
-        from mosaic_core.cache import checkpoint_key
+        from mosaic_core.prune.cache import checkpoint_key
 
         weights = self._weights_hash(spec)
         return None if weights is None else checkpoint_key(weights, plan, config)
@@ -349,7 +349,7 @@ class StudioEngine:
 
     def pruned_on_disk(self, spec: ModelSpec, plan: Plan, config) -> bool:
         """Whether a complete checkpoint of these settings is in the disk cache."""
-        from mosaic_core.cache import checkpoint_folder
+        from mosaic_core.prune.cache import checkpoint_folder
 
         weights = self._weights_hash(spec)
         if weights is None:
@@ -369,10 +369,10 @@ class StudioEngine:
         Runs on the job thread. Cancelling (`should_stop`) raises `Cancelled` before the
         checkpoint is written, so the cache holds complete entries only.
         """
-        from mosaic_core.cache import checkpoint_folder, load_cached_staged
-        from mosaic_core.checkpoint import read_manifest, save_pruned
-        from mosaic_core.pruning import prune_steps
-        from mosaic_core.sampling import run_to_end
+        from mosaic_core.prune.cache import checkpoint_folder, load_cached_staged
+        from mosaic_core.prune.checkpoint import read_manifest, save_pruned
+        from mosaic_core.prune.stage_pruning import prune_steps
+        from mosaic_core.conquer.sampling import run_to_end
 
         start = time.perf_counter()
         hit = self.cached_pruned(spec, plan, config)
@@ -400,7 +400,7 @@ class StudioEngine:
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
         """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""
-        from mosaic_core.stages import STAGE_NAMES
+        from mosaic_core.divide.stages import STAGE_NAMES
 
         name = STAGE_NAMES[stage]
         if plan.step_counts[stage] == 0:
@@ -422,9 +422,9 @@ class StudioEngine:
         on_event: Optional[Callable[[Any], None]] = None,
     ) -> list:
         """Dense vs `pruned` on the same labels and seeds: `compare.MethodResult`s, dense first."""
-        from mosaic_core.compare import Contender, compare_steps
-        from mosaic_core.sampling import run_to_end
-        from mosaic_core.staged import param_count
+        from mosaic_core.conquer.compare import Contender, compare_steps
+        from mosaic_core.conquer.sampling import run_to_end
+        from mosaic_core.conquer.staged_denoiser import param_count
 
         plan = pruned.plan
         with self._compute_lock:
@@ -449,7 +449,7 @@ _STORES_LOCK = threading.Lock()
 
 def analysis_store(root: str | Path):
     """One `AnalysisStore` per cache root, shared by every engine (and job) that uses it."""
-    from mosaic_core.cache import AnalysisStore
+    from mosaic_core.prune.cache import AnalysisStore
 
     root = Path(root).resolve()
     with _STORES_LOCK:
@@ -465,15 +465,15 @@ def _newest_mtime(folder: Path) -> int:
 @lru_cache(maxsize=16)
 def _weights_hash(folder: str, mtime_ns: int) -> str:
     """`loading.weights_hash`, remembered while the files keep their modification time."""
-    from mosaic_core.loading import weights_hash
+    from mosaic_core.models.loading import weights_hash
 
     return weights_hash(folder)
 
 
 def _stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
     """Heads and MLP units of each stage network, read from its blocks (all blocks must agree)."""
-    from mosaic_core.stages import STAGE_NAMES
-    from mosaic_core.surgery import block_sizes
+    from mosaic_core.divide.stages import STAGE_NAMES
+    from mosaic_core.prune.surgery import block_sizes
 
     total_heads, _, total_units = block_sizes(dense.transformer_blocks[0])
     networks = staged.networks()
@@ -491,7 +491,7 @@ def _stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
 
 
 def _pruned_model(loaded, folder, spec, plan, config, staged, source, seconds, cx, load_seconds) -> PrunedModel:
-    from mosaic_core.staged import memory_ledger
+    from mosaic_core.conquer.staged_denoiser import memory_ledger
 
     return PrunedModel(
         key=Path(folder).name,
@@ -541,7 +541,7 @@ def _transformer_config(spec: ModelSpec, weights_folder: Optional[Path]) -> tupl
     if weights_folder is not None:
         return json.loads((weights_folder / "config.json").read_text()), True
     if spec.name == "digits-dit":
-        from mosaic_core.digits import DIGITS_DIT_CONFIG
+        from mosaic_core.models.digits import DIGITS_DIT_CONFIG
 
         return dict(DIGITS_DIT_CONFIG), True
     shape = spec.shape
@@ -614,7 +614,7 @@ def compute_trajectory(
 
     import torch
 
-    from mosaic_core.sampling import SampleConfig, labels_for, sample_steps
+    from mosaic_core.conquer.sampling import SampleConfig, labels_for, sample_steps
 
     spec = loaded.spec
     config = SampleConfig(num_inference_steps=steps, guidance_scale=spec.default_cfg, scheduler=sampler, seed=seed)

@@ -53,8 +53,9 @@ STUDIO_JS = """
     const meta = gd.layout.meta || {};
     const maxScore = Number(meta.max_score);
     if (y === null || !Number.isFinite(y) || !(maxScore > 0)) return;
-    const low = Number(meta.M_min ?? 0.05), high = Number(meta.M_max ?? 0.95);
-    const M = Math.round(Math.min(Math.max(y / maxScore, low), high) * 1000) / 1000;
+    const low = Number(meta.M_min), high = Number(meta.M_max), step = Number(meta.M_step);
+    if (!(step > 0) || !(high > low)) return;
+    const M = Number((Math.round(Math.min(Math.max(y / maxScore, low), high) / step) * step).toFixed(6));
     const box = document.querySelector("#" + DRAG_ID + " textarea, #" + DRAG_ID + " input");
     if (!box) return;
     box.value = M + "|" + Date.now();

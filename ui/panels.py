@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import html
 
-from mosaic_core.cost import staged_parameter_count
-from mosaic_core.plan import Plan
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.cost import staged_parameter_count
+from mosaic_core.divide.plan import Plan
+from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
 from ui.engine import ParameterSplit

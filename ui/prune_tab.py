@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 import gradio as gr
 
-from mosaic_core.plan import Plan
+from mosaic_core.divide.plan import Plan
 
 from ui import settings
 from ui.divide_tab import user_errors

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mosaic_core.allocation import MAX_SPARSITY
-from mosaic_core.plan import DEFAULT_LAM, DEFAULT_M, DEFAULT_STEPS
-from mosaic_core.registry import DEFAULT_MODEL, PROJECT_ROOT
-from mosaic_core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.divide.allocation import MAX_SPARSITY
+from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_STEPS
+from mosaic_core.divide.stages import DEFAULT_M, M_RANGE, M_STEP
+from mosaic_core.models.registry import DEFAULT_MODEL, PROJECT_ROOT
+from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
 
 # Server (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are gradio's own variables too).
 SERVER_NAME = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
@@ -28,8 +29,8 @@ STEPS_RANGE = (1, 250)
 STEPS_DEFAULT = DEFAULT_STEPS
 
 # Divide.
-M_RANGE = (0.05, 0.95)
-M_STEP = 0.005
+M_RANGE = M_RANGE  # the engine's studio range and step (mosaic_core.divide.stages)
+M_STEP = M_STEP
 M_DEFAULT = DEFAULT_M
 LAM_RANGE = (0.0, 0.05)
 LAM_STEP = 0.001
@@ -42,7 +43,7 @@ SPARSITY_STEP = 0.01
 SPARSITY_DEFAULT = 0.3
 
 # Prune (calibration images per stage; the engine allows 1..8192, the studio keeps jobs short).
-# The choice lists mirror mosaic_core.calibration / .pruning (which import torch; this module
+# The choice lists mirror mosaic_core.prune.calibration / .pruning (which import torch; this module
 # stays light) and the engine validates them again.
 CALIBRATION_MODES = ("snr", "random", "clean")  # snr is MosaicDiff; random and clean are ablations
 CALIBRATION_MODE_DEFAULT = "snr"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mosaic_core.registry import DEFAULT_MODEL
+from mosaic_core.divide.stages import DEFAULT_M
+from mosaic_core.models.registry import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim")
-    parser.add_argument("--M", type=float, default=0.55)
+    parser.add_argument("--M", type=float, default=DEFAULT_M)
     parser.add_argument("--lam", type=float, default=0.01)
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--calib-source", default=None, choices=("data", "samples"))
@@ -41,14 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from mosaic_core.atomic import write_bytes, write_json
-    from mosaic_core.bench import BenchConfig, bench_steps, markdown_table
-    from mosaic_core.calibration import CalibrationConfig
-    from mosaic_core.images import save_samples
-    from mosaic_core.loading import load_model
-    from mosaic_core.plan import build_plan
-    from mosaic_core.sampling import run_to_end
+    from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.conquer.images import save_samples
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.conquer.sampling import run_to_end
 
-    from mosaic_core.registry import resolve_model
+    from mosaic_core.models.registry import resolve_model
 
     build_plan(resolve_model(args.model), args.steps, args.M, args.lam, sparsity=args.sparsity)  # validate first
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from mosaic_core.plan import DEFAULT_LAM, DEFAULT_M, Plan, build_plan
-from mosaic_core.registry import DEFAULT_MODEL, resolve_model
-from mosaic_core.schedulers import DEFAULT_SCHEDULER, SCHEDULERS
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_M, Plan, build_plan
+from mosaic_core.models.registry import DEFAULT_MODEL, resolve_model
+from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.divide.stages import STAGE_NAMES
 
 
 def parse_stage_sparsity(text: str) -> tuple[float, float, float]:

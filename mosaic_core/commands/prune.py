@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from mosaic_core.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
+from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
 from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
-from mosaic_core.pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
+from mosaic_core.prune.stage_pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +34,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prune_config_from_args(args: argparse.Namespace, spec):
     """The `PruneConfig` described by the prune arguments."""
-    from mosaic_core.calibration import CalibrationConfig
-    from mosaic_core.pruning import PruneConfig
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
 
     source = args.calib_source or ("data" if spec.source == "builtin" else "samples")
     calibration = CalibrationConfig(mode=args.calib, size=args.calib_size, source=source, seed=args.seed)
@@ -60,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
     """Plan, prune with a progress bar, save, and print a summary."""
     from tqdm import tqdm
 
-    from mosaic_core.checkpoint import save_pruned
-    from mosaic_core.loading import load_model
-    from mosaic_core.pruning import prune_steps
-    from mosaic_core.sampling import run_to_end
-    from mosaic_core.staged import memory_ledger
+    from mosaic_core.prune.checkpoint import save_pruned
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.stage_pruning import prune_steps
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.conquer.staged_denoiser import memory_ledger
 
     plan = plan_from_args(args)
     loaded = load_model(plan.model, device=args.device, dtype=args.dtype)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from mosaic_core.registry import DEFAULT_MODEL
-from mosaic_core.schedulers import SCHEDULERS
+from mosaic_core.models.registry import DEFAULT_MODEL
+from mosaic_core.models.samplers import SCHEDULERS
 
 
 def register(subparsers) -> None:
@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     """Sample with a progress bar; write the archive (and grid)."""
     from tqdm import tqdm
 
-    from mosaic_core.images import save_grid, save_samples
-    from mosaic_core.loading import load_model
-    from mosaic_core.registry import resolve_model
-    from mosaic_core.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
+    from mosaic_core.conquer.images import save_grid, save_samples
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.models.registry import resolve_model
+    from mosaic_core.conquer.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     transformer = None
     if args.pruned is not None:
-        from mosaic_core.checkpoint import load_pruned
+        from mosaic_core.prune.checkpoint import load_pruned
 
         transformer = load_pruned(args.pruned, loaded)
     labels = labels_for(args.n, spec.num_classes)
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         save_grid(args.grid, result.images, columns=min(spec.num_classes, 10))
     print(f"wrote {len(result.images)} images to {args.out} in {result.total_seconds:.1f} s")
     if args.metrics:
-        from mosaic_core.compare import is_digit_model
-        from mosaic_core.metrics import class_accuracy, digit_fd
+        from mosaic_core.conquer.compare import is_digit_model
+        from mosaic_core.conquer.metrics import class_accuracy, digit_fd
 
         if not is_digit_model(spec):
             raise ValueError(f"--metrics needs a digit model (10 classes, 1-channel pixels); '{spec.name}' is not one")

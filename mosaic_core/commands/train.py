@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from mosaic_core.registry import ASSETS_DIR
+from mosaic_core.models.registry import ASSETS_DIR
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     """Train and show a progress bar with the running loss."""
     from tqdm import tqdm
 
-    from mosaic_core.training import TrainConfig, train_digits_dit
+    from mosaic_core.models.training import TrainConfig, train_digits_dit
 
     config = TrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
     with tqdm(total=config.steps, desc="training digits-dit", unit="step") as bar:

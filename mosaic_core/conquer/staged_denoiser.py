@@ -7,7 +7,7 @@ bounds [t_min, t_max] in model timesteps:
     τ > t_max → early (noisiest),   t_min ≤ τ ≤ t_max → middle,   τ < t_min → late.
 
 Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer
-first, as `stages.StageBounds.stage_of` does. It has the forward signature, `config`,
+first, by the one rule of `divide.stages.stage_of_timesteps`. It has the forward signature, `config`,
 `dtype` and `device` of `DiTTransformer2DModel`, so a sampler or diffusers pipeline calls
 it unchanged.
 """
@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mosaic_core.divide.stages import STAGE_NAMES as STAGES
+from mosaic_core.divide.stages import stage_of_timesteps
+
 __all__ = ["STAGES", "StagedDiT", "MemoryLedger", "memory_ledger", "param_count", "param_bytes"]
 
-STAGES = ("early", "middle", "late")
 
 
 def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -59,7 +61,15 @@ class StagedDiT(nn.Module):
     bit-identical to the dense model's.
     """
 
-    def __init__(self, early: nn.Module, middle: nn.Module, late: nn.Module, t_min: int, t_max: int) -> None:
+    def __init__(
+        self,
+        early: nn.Module,
+        middle: nn.Module,
+        late: nn.Module,
+        t_min: int,
+        t_max: int,
+        num_train_timesteps: int | None = None,
+    ) -> None:
         super().__init__()
         if int(t_min) != t_min or int(t_max) != t_max or not 0 <= t_min <= t_max:
             raise ValueError(f"middle stage bounds must be integers with 0 <= t_min <= t_max, got ({t_min}, {t_max})")
@@ -68,6 +78,7 @@ class StagedDiT(nn.Module):
         self.late = late
         self.t_min = int(t_min)
         self.t_max = int(t_max)
+        self.num_train_timesteps = None if num_train_timesteps is None else int(num_train_timesteps)
         self.stage_calls: list[str] = []
 
     # --- what a diffusers pipeline reads from a transformer -------------------------------
@@ -96,14 +107,8 @@ class StagedDiT(nn.Module):
 
     def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """Stage of each timestep: 0 early, 1 middle, 2 late (same shape, long)."""
-        t = torch.as_tensor(timestep, dtype=torch.float64)
-        if not torch.isfinite(t).all():
-            raise ValueError(f"timesteps must be finite, got {t.flatten()[:4].tolist()}")
-        rounded = torch.floor(t + 0.5)  # half up, as stages.StageBounds.stage_of
-        stage = torch.ones_like(rounded, dtype=torch.long)
-        stage[rounded > self.t_max] = 0
-        stage[rounded < self.t_min] = 2
-        return stage
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy()
+        return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
     def forward(
         self,

@@ -79,13 +79,13 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
             raise ValueError(
                 f"model '{loaded.spec.name}' has no built-in dataset: use calibration source 'samples' (data-free)"
             )
-        from mosaic_core.digits import load_digit_images
+        from mosaic_core.models.digits import load_digit_images
 
         images, labels = load_digit_images(loaded.spec.sample_size)
         index = torch.randperm(images.shape[0], generator=generator)
         index = index.repeat(-(-config.size // len(index)))[: config.size]
         return CleanSet(images[index], labels[index])
-    from mosaic_core.sampling import SampleConfig, run_to_end, sample_steps
+    from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_steps
 
     labels = torch.randint(0, loaded.spec.num_classes, (config.size,), generator=generator)
     xs = []
@@ -109,7 +109,7 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
 
 
 def _noise_for(chunk, loaded, seed, offset):
-    from mosaic_core.sampling import initial_noise
+    from mosaic_core.conquer.sampling import initial_noise
 
     shape = (loaded.spec.in_channels, loaded.spec.sample_size, loaded.spec.sample_size)
     return initial_noise(len(chunk), shape, seed + 7, offset)

@@ -2,7 +2,7 @@
 
     cache/
       analyses/<key>/   hessians.safetensors (float64) + traces.json   — one StageAnalysis
-      pruned/<key>/     a pruned checkpoint folder (see `mosaic_core.checkpoint`)
+      pruned/<key>/     a pruned checkpoint folder (see `mosaic_core.prune.checkpoint`)
 
 An analysis key hashes the base weights, the stage's τ range, the calibration and the
 scorer (`pruning.analysis_key`); a checkpoint key hashes the base weights, the plan and
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Iterator
 
 from mosaic_core.atomic import replace_folder, write_json
-from mosaic_core.obs import PruneTrace
-from mosaic_core.pruning import StageAnalysis
-from mosaic_core.registry import PROJECT_ROOT
+from mosaic_core.prune.obs import PruneTrace
+from mosaic_core.prune.stage_pruning import StageAnalysis
+from mosaic_core.models.registry import PROJECT_ROOT
 
 DEFAULT_CACHE_DIR = PROJECT_ROOT / "cache"
 
@@ -122,7 +122,7 @@ def checkpoint_folder(root: str | Path, weights_hash: str, plan, prune_config) -
 
 def load_cached_staged(root: str | Path, loaded, plan, prune_config):
     """The cached `StagedDiT` for these settings, or None (absent or unreadable)."""
-    from mosaic_core.checkpoint import load_pruned
+    from mosaic_core.prune.checkpoint import load_pruned
 
     folder = checkpoint_folder(root, loaded.weights_hash, plan, prune_config)
     if not (folder / "manifest.json").is_file():

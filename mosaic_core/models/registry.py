@@ -2,7 +2,7 @@
 
 An entry (`ModelSpec`) carries the noise schedule (a diffusers scheduler config) and the
 transformer's block shapes, which is all the Divide engine and the cost model need. Loading
-weights is `mosaic_core.loading`'s job; planning works for a model whose weights are absent.
+weights is `mosaic_core.models.loading`'s job; planning works for a model whose weights are absent.
 
 Names resolve in this order:
 1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`);
@@ -19,52 +19,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from mosaic_core.divide.shapes import TransformerShape
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ASSETS_DIR = PROJECT_ROOT / "assets"
 DEFAULT_MODEL = "digits-dit"
 
 # Where real checkpoints are looked for, besides an explicit folder path and the HF cache.
 MODELS_DIR_ENV = "MOSAIC_MODELS_DIR"
-
-
-@dataclass(frozen=True)
-class TransformerShape:
-    """The shapes of a DiT-like transformer that pruning and the cost model act on.
-
-    | name          | meaning                                        | DiT-XL/2 |
-    |---------------|------------------------------------------------|----------|
-    | num_layers    | transformer blocks                             | 28       |
-    | num_heads     | attention heads per block                      | 16       |
-    | head_dim      | channels per head                              | 72       |
-    | hidden_size   | D, the token width (= num_heads * head_dim)    | 1152     |
-    | mlp_hidden    | F, hidden units of the feed-forward            | 4608     |
-    | num_tokens    | tokens per image ((sample_size / patch)^2)      | 256      |
-    """
-
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    mlp_hidden: int
-    num_tokens: int
-
-    @property
-    def hidden_size(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @classmethod
-    def from_dit_config(cls, config: Mapping[str, Any]) -> "TransformerShape":
-        """Shapes of a `DiTTransformer2DModel` from its diffusers config dict."""
-        heads = int(config.get("num_attention_heads", 16))
-        head_dim = int(config.get("attention_head_dim", 72))
-        patch = int(config.get("patch_size", 2))
-        size = int(config.get("sample_size", 32))
-        return cls(
-            num_layers=int(config.get("num_layers", 28)),
-            num_heads=heads,
-            head_dim=head_dim,
-            mlp_hidden=4 * heads * head_dim,  # diffusers' FeedForward: mult=4
-            num_tokens=(size // patch) ** 2,
-        )
 
 
 @dataclass(frozen=True)

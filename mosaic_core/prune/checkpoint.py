@@ -122,9 +122,9 @@ def load_pruned(folder: str | Path, loaded):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from mosaic_core.plan import Plan
-    from mosaic_core.pruning import build_staged
-    from mosaic_core.surgery import BlockKeep
+    from mosaic_core.divide.plan import Plan
+    from mosaic_core.prune.stage_pruning import build_staged
+    from mosaic_core.prune.surgery import BlockKeep
 
     folder = Path(folder)
     manifest = read_manifest(folder)

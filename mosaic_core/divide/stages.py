@@ -25,12 +25,43 @@ from typing import Optional
 
 import numpy as np
 
-from mosaic_core.schedule import ScoreCurve
+from mosaic_core.divide.noise_schedule import ScoreCurve
 
 STAGE_NAMES = ("early", "middle", "late")
 EARLY, MIDDLE, LATE = 0, 1, 2
 
 StageRange = Optional[tuple[int, int]]
+
+# M: the default (the paper's DiT-XL/2 setting), the range the studio and its API offer
+# (the engine itself accepts any M in (0, 1)) and the step both the slider and a drag snap to.
+DEFAULT_M = 0.55
+M_RANGE = (0.05, 0.95)
+M_STEP = 0.005
+
+
+def snap_M(value: float) -> float:
+    """M clamped to `M_RANGE` and rounded to a multiple of `M_STEP` (slider and drag agree)."""
+    low, high = M_RANGE
+    return round(round(min(max(float(value), low), high) / M_STEP) * M_STEP, 6)
+
+
+def stage_of_timesteps(timesteps, middle: tuple[int, int], num_train_timesteps: int | None = None) -> np.ndarray:
+    """Stage index (0 early, 1 middle, 2 late) of each timestep: the one rule for every caller.
+
+    Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer and
+    clipped to [0, T-1] (to [0, ∞) when T is not given), then compared with the inclusive
+    middle bounds: above → early, below → late.
+    """
+    values = np.asarray(timesteps, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"timesteps must be finite, got {values[~np.isfinite(values)][:3].tolist()}")
+    upper = np.inf if num_train_timesteps is None else num_train_timesteps - 1
+    rounded = np.clip(np.floor(values + 0.5), 0, upper)
+    low, high = middle
+    stage = np.full(rounded.shape, MIDDLE, dtype=np.int64)
+    stage[rounded > high] = EARLY
+    stage[rounded < low] = LATE
+    return stage
 
 
 def check_M(M: float) -> float:
@@ -99,15 +130,7 @@ class StageBounds:
         Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest
         integer, then clipped to [0, T-1].
         """
-        values = np.asarray(timesteps, dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError(f"timesteps must be finite, got {values[~np.isfinite(values)][:3].tolist()}")
-        rounded = np.clip(np.floor(values + 0.5), 0, self.num_train_timesteps - 1)
-        low, high = self.middle
-        stage = np.full(rounded.shape, MIDDLE, dtype=np.int64)
-        stage[rounded > high] = EARLY
-        stage[rounded < low] = LATE
-        return stage
+        return stage_of_timesteps(timesteps, self.middle, self.num_train_timesteps)
 
     def count_steps(self, timesteps) -> tuple[int, int, int]:
         """(n_early, n_middle, n_late): how many of the sampler's timesteps land in each stage."""
@@ -123,7 +146,7 @@ class StageBounds:
         return np.arange(bounds[0], bounds[1] + 1)
 
 
-def divide_stages(curve: ScoreCurve, M: float = 0.55) -> StageBounds:
+def divide_stages(curve: ScoreCurve, M: float = DEFAULT_M) -> StageBounds:
     """Split 0..T-1 into early / middle / late from the importance score (METHOD §1).
 
     1. τ* = argmax score;  2. grow [τ_lo, τ_hi] from τ* while score ≥ M · max score;

@@ -49,10 +49,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from mosaic_core.cost import block_macs_per_step, head_macs_per_step, unit_macs_per_step
-from mosaic_core.registry import TransformerShape
-from mosaic_core.schedule import ScoreCurve
-from mosaic_core.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds
+from mosaic_core.divide.cost import block_macs_per_step, head_macs_per_step, unit_macs_per_step
+from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.divide.noise_schedule import ScoreCurve
+from mosaic_core.divide.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds
 
 MAX_SPARSITY = 0.9
 MODES = ("auto", "manual", "uniform")

@@ -27,13 +27,14 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from mosaic_core.calibration import CalibrationConfig
-from mosaic_core.compare import Contender, MethodResult, compare_steps
+from mosaic_core.prune.calibration import CalibrationConfig
+from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps
 from mosaic_core.jobs import relay
-from mosaic_core.plan import Plan, build_plan
-from mosaic_core.pruning import PruneConfig, prune_steps
-from mosaic_core.sampling import SampleConfig, labels_for
-from mosaic_core.staged import param_count
+from mosaic_core.divide.plan import Plan, build_plan
+from mosaic_core.divide.stages import DEFAULT_M
+from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+from mosaic_core.conquer.sampling import SampleConfig, labels_for
+from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = ("dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude")
 
@@ -50,7 +51,7 @@ class BenchConfig:
     guidance_scale: float | None = None
     scheduler: str = "ddim"
     seed: int = 0
-    M: float = 0.55
+    M: float = DEFAULT_M
     lam: float = 0.01
     calibration: CalibrationConfig = CalibrationConfig()
 

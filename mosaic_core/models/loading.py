@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mosaic_core.registry import ModelSpec, resolve_model, where_to_put
+from mosaic_core.models.registry import ModelSpec, resolve_model, where_to_put
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from mosaic_core.registry import TransformerShape
+from mosaic_core.divide.shapes import TransformerShape
 
 
 def _keep_counts(shape: TransformerShape, heads_kept: int | None, units_kept: int | None) -> tuple[int, int]:
@@ -40,14 +40,27 @@ def _keep_counts(shape: TransformerShape, heads_kept: int | None, units_kept: in
     return heads, units
 
 
+def group_macs_per_token(kind: str, hidden_size: int, group_size: int = 1) -> int:
+    """MACs of one prunable group in one block, per token: the one per-group cost rule.
+
+    An attention head ("attn", group_size = hd) costs q, k, v and out: 4 · D · hd; an MLP
+    hidden unit ("mlp") costs fc1 and fc2: 2 · D.
+    """
+    if kind == "attn":
+        return 4 * hidden_size * group_size
+    if kind == "mlp":
+        return 2 * hidden_size
+    raise ValueError(f"group kind must be 'attn' or 'mlp', got {kind!r}")
+
+
 def head_macs_per_step(shape: TransformerShape) -> int:
     """MACs of one attention head in every block for one model call: L · N · 4 · D · hd."""
-    return shape.num_layers * shape.num_tokens * 4 * shape.hidden_size * shape.head_dim
+    return shape.num_layers * shape.num_tokens * group_macs_per_token("attn", shape.hidden_size, shape.head_dim)
 
 
 def unit_macs_per_step(shape: TransformerShape) -> int:
     """MACs of one MLP hidden unit in every block for one model call: L · N · 2 · D."""
-    return shape.num_layers * shape.num_tokens * 2 * shape.hidden_size
+    return shape.num_layers * shape.num_tokens * group_macs_per_token("mlp", shape.hidden_size)
 
 
 def block_macs_per_step(shape: TransformerShape, heads_kept: int | None = None, units_kept: int | None = None) -> int:

@@ -27,14 +27,16 @@ from typing import Callable, Generator, Mapping
 
 import torch
 
-from mosaic_core.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
-from mosaic_core.hessian import HessianCollector, prunable_layers
+from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
+from mosaic_core.prune.hessian import hessian_steps, prunable_layers
 from mosaic_core.jobs import Cancelled, relay
-from mosaic_core.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
-from mosaic_core.plan import Plan
-from mosaic_core.stages import STAGE_NAMES
-from mosaic_core.staged import StagedDiT
-from mosaic_core.surgery import BlockKeep, sliced_model
+from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
+from mosaic_core.divide.cost import group_macs_per_token
+from mosaic_core.divide.plan import Plan
+from mosaic_core.models.samplers import sampler_alphas_cumprod
+from mosaic_core.divide.stages import STAGE_NAMES
+from mosaic_core.conquer.staged_denoiser import StagedDiT
+from mosaic_core.prune.surgery import BlockKeep, sliced_model
 
 SCORERS = ("obs", "magnitude")
 ALLOCATIONS = ("per-stage", "per-block")
@@ -119,12 +121,6 @@ def analysis_key(weights_hash: str, t_range, config: PruneConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _alphas_cumprod(loaded) -> torch.Tensor:
-    from mosaic_core.schedulers import make_scheduler
-
-    return make_scheduler("ddpm", loaded.scheduler_config).alphas_cumprod.float()
-
-
 def analyse_stage(
     loaded,
     clean: CleanSet,
@@ -150,16 +146,11 @@ def analyse_stage(
         start = time.perf_counter()
         total = num_calibration_batches(clean, config.calibration)
         batches = calibration_batches(
-            clean, _alphas_cumprod(loaded), t_range, config.calibration, loaded.spec.null_class,
+            clean, sampler_alphas_cumprod(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
             device=loaded.device, dtype=loaded.dtype,
         )
-        with HessianCollector(model, layers) as collector:
-            for done, (x_t, t, y) in enumerate(batches, start=1):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("pruning cancelled")
-                collector.run(x_t, t, y)
-                yield "hessian", 0.5 * done / total, None
-            hessians = collector.hessians()
+        steps = hessian_steps(model, batches, layers, should_stop, total)
+        hessians = yield from relay(steps, lambda progress: ("hessian", 0.5 * progress[0] / total, None))
         timings["hessian"] = time.perf_counter() - start
         solve_from = 0.5
     # 2. One greedy pass per layer: the removal order (and error) of every group.
@@ -207,7 +198,7 @@ def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads
     pairs = _block_layer_pairs(model)
     layers = [layer for pair in pairs for layer in pair]
     width = pairs[0][0].num_groups * pairs[0][0].group_size  # D = H·hd (DiT: inner dim = width)
-    cost = {layer.name: (4 * width * layer.group_size if layer.kind == "attn" else 2 * width) for layer in layers}
+    cost = {layer.name: group_macs_per_token(layer.kind, width, layer.group_size) for layer in layers}
     budget = sum(
         cost[a.name] * (a.num_groups - heads_kept) + cost[m.name] * (m.num_groups - units_kept) for a, m in pairs
     )
@@ -282,7 +273,7 @@ def build_staged(
             built[key] = sliced_model(dense, keeps, weights)
         networks.append(built[key])
     t_min, t_max = plan.bounds.middle
-    return StagedDiT(networks[0], networks[1], networks[2], t_min, t_max)
+    return StagedDiT(networks[0], networks[1], networks[2], t_min, t_max, plan.bounds.num_train_timesteps)
 
 
 def _network_key(keeps: list[BlockKeep], weights: Mapping[str, torch.Tensor]) -> str:

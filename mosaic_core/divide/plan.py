@@ -14,20 +14,20 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from mosaic_core.allocation import (
+from mosaic_core.divide.allocation import (
     Allocation,
     allocate_sparsity,
     check_sparsity,
     manual_sparsity,
     uniform_sparsity,
 )
-from mosaic_core.cost import ideal_speedup, sampling_macs
-from mosaic_core.registry import ModelSpec, TransformerShape, resolve_model
-from mosaic_core.schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
-from mosaic_core.schedulers import check_num_steps, check_scheduler_name, sampler_timesteps
-from mosaic_core.stages import STAGE_NAMES, StageBounds, check_M, divide_stages
+from mosaic_core.divide.cost import ideal_speedup, sampling_macs
+from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.models.registry import ModelSpec, resolve_model
+from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
+from mosaic_core.models.samplers import check_num_steps, check_scheduler_name, sampler_timesteps
+from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, StageBounds, check_M, divide_stages
 
-DEFAULT_M = 0.55
 DEFAULT_LAM = 0.01
 DEFAULT_STEPS = 50
 

@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from mosaic_core.digits import DIGITS_DIT_CONFIG, NUM_CLASSES, build_digits_dit, disable_label_dropout, load_digit_images
-from mosaic_core.registry import resolve_model
-from mosaic_core.schedulers import make_scheduler
+from mosaic_core.models.digits import DIGITS_DIT_CONFIG, NUM_CLASSES, build_digits_dit, disable_label_dropout, load_digit_images
+from mosaic_core.models.registry import resolve_model
+from mosaic_core.models.samplers import sampler_alphas_cumprod
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,7 @@ def train_digits_dit(
     """
     torch.manual_seed(config.seed)
     spec = resolve_model("digits-dit")
-    # the exact float32 ᾱ the diffusers samplers will use
-    alphas_cumprod = make_scheduler("ddpm", spec.scheduler_config).alphas_cumprod.float()
+    alphas_cumprod = sampler_alphas_cumprod(spec.scheduler_config)
     num_train = alphas_cumprod.shape[0]
     images, labels = load_digit_images()
 

@@ -13,7 +13,7 @@ averaged over the n calibration tokens x₁..xₙ (rows of X, n × in), is
     E(ΔW) = (1/n) Σᵢ ‖ΔW xᵢ‖² = tr(ΔW H ΔWᵀ),    H = XᵀX / n   (in × in).
 
 E is exactly quadratic in ΔW, so H is the exact Hessian of the layer-wise objective (up
-to a factor 2) and all second-order pruning in `mosaic_core.obs` is exact per layer.
+to a factor 2) and all second-order pruning in `mosaic_core.prune.obs` is exact per layer.
 
 Lifecycle (SparseGPT's add_batch → solve → free): `HessianAccumulator.add_batch` is
 called from a forward pre-hook on every calibration batch; `hessian()` hands H to the
@@ -24,7 +24,7 @@ depends on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -195,6 +195,30 @@ class HessianCollector:
         return hessians
 
 
+def hessian_steps(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    layers: Iterable[PrunableLayer | str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    total: int | None = None,
+) -> Generator[tuple[int, int | None], None, dict[str, torch.Tensor]]:
+    """The one Hessian loop: a generator of (batches done, total) that returns H per layer.
+
+    Each batch is (x_t, t, y): noisy inputs N×C×H×W, model timesteps (N,) and class labels
+    (N,); see `HessianCollector`. `should_stop()` is polled before each batch and raises
+    `mosaic_core.jobs.Cancelled`. Hooks are always removed, also on error or cancel.
+    """
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+    with HessianCollector(model, layers) as collector:
+        for x_t, timestep, class_labels in batches:
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"calibration cancelled after {collector.batches} batches")
+            collector.run(x_t, timestep, class_labels)
+            yield collector.batches, total
+    return collector.hessians()
+
+
 def collect_hessians(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -211,12 +235,7 @@ def collect_hessians(
     raises `mosaic_core.jobs.Cancelled`. Hooks are always removed, also on error or cancel.
     Hessians stay on the device the activations were on.
     """
-    total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
-    with HessianCollector(model, layers) as collector:
-        for x_t, timestep, class_labels in batches:
-            if should_stop is not None and should_stop():
-                raise Cancelled(f"calibration cancelled after {collector.batches} batches")
-            collector.run(x_t, timestep, class_labels)
-            if on_progress is not None:
-                on_progress(collector.batches, total)
-    return collector.hessians()
+    from mosaic_core.jobs import run_to_end
+
+    steps = hessian_steps(model, batches, layers, should_stop)
+    return run_to_end(steps, None if on_progress is None else (lambda event: on_progress(*event)))

@@ -25,7 +25,8 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 import numpy as np
 import torch
 
-from mosaic_core.schedulers import DEFAULT_SCHEDULER, check_num_steps, check_scheduler_name, make_scheduler
+from mosaic_core.jobs import run_to_end  # noqa: F401  (re-exported: callers import it from here)
+from mosaic_core.models.samplers import DEFAULT_SCHEDULER, check_num_steps, check_scheduler_name, make_scheduler
 
 MAX_GUIDANCE = 20.0
 MAX_BATCH = 4096
@@ -200,17 +201,6 @@ def sample_steps(
         step_seconds=np.asarray(seconds),
         decode_seconds=decode_seconds,
     )
-
-
-def run_to_end(generator: Generator[Any, None, Any], on_event: Callable[[Any], None] | None = None) -> Any:
-    """Drive an engine generator to its end and return its return value."""
-    while True:
-        try:
-            event = next(generator)
-        except StopIteration as stop:
-            return stop.value
-        if on_event is not None:
-            on_event(event)
 
 
 def sample(model, scheduler_config, labels, config: SampleConfig = SampleConfig(), **kwargs) -> SampleResult:

@@ -57,6 +57,19 @@ def make_scheduler(name: str, scheduler_config: Mapping[str, Any]):
     return cls.from_config(config)
 
 
+def sampler_alphas_cumprod(scheduler_config: Mapping[str, Any]):
+    """ᾱ_t as the diffusers samplers compute it: a float32 torch tensor of length T.
+
+    Two copies of ᾱ exist on purpose, and this is the only place that says why (docs/method.md
+    §6): the Divide engine (`divide.noise_schedule.alphas_cumprod`) recomputes ᾱ in float64,
+    because ln SNR and its derivative lose digits in float32 near t = 0 and t = T−1; every
+    place that *noises data for the model* (training, calibration, x̂₀ of a sampler step) uses
+    this float32 copy instead, so that the model sees exactly the inputs a diffusers sampler
+    makes. The two agree to 1e-6 (tests/test_schedule.py).
+    """
+    return make_scheduler("ddpm", scheduler_config).alphas_cumprod.float()
+
+
 def sampler_timesteps(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
     """The model timesteps (float64, one per model call) the sampler visits for N steps.
 

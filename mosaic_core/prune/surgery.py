@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mosaic_core.prune.obs import group_columns
+
 __all__ = ["BlockKeep", "slice_block", "mask_block_", "sliced_model", "block_sizes"]
 
 # The per-instance containers of torch.nn.Module (_parameters, _buffers, _modules, hook
@@ -123,9 +125,8 @@ def _check_supported(block: nn.Module) -> None:
 
 
 def _columns(groups: Sequence[int], group_size: int, device: torch.device) -> torch.Tensor:
-    groups_t = torch.as_tensor(groups, dtype=torch.long, device=device)
-    offsets = torch.arange(group_size, dtype=torch.long, device=device)
-    return (groups_t[:, None] * group_size + offsets[None, :]).reshape(-1)  # (groups·size,)
+    """The input columns of `groups` (obs.group_columns: the one definition), on `device`."""
+    return group_columns(groups, group_size).to(device)  # (groups·size,)
 
 
 def _new_parameter(value: torch.Tensor, like: nn.Parameter) -> nn.Parameter:

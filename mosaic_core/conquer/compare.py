@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from mosaic_core.jobs import relay
-from mosaic_core.sampling import SampleConfig, SampleResult, run_to_end, sample_loaded
-from mosaic_core.stages import STAGE_NAMES
+from mosaic_core.conquer.sampling import SampleConfig, SampleResult, run_to_end, sample_loaded
+from mosaic_core.divide.stages import STAGE_NAMES
 
 
 @dataclass
@@ -124,7 +124,7 @@ def compare_steps(
     `reference` names the contender whose images PSNR/SSIM compare against, and whose
     seconds and MACs define the speed-ups (default: the first).
     """
-    from mosaic_core import metrics
+    from mosaic_core.conquer import metrics as metrics
 
     if not contenders:
         raise ValueError("nothing to compare: give at least one contender")

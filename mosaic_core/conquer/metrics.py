@@ -45,7 +45,7 @@ def _pool_to_8x8(images: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def real_digit_images() -> tuple[np.ndarray, np.ndarray]:
     """The 1797 real digits as uint8 N×16×16×1 images (the model's data), and their labels."""
-    from mosaic_core.digits import load_digit_images
+    from mosaic_core.models.digits import load_digit_images
 
     x, y = load_digit_images()
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
