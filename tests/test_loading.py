@@ -35,7 +35,7 @@ def test_local_folder_in_diffusers_layout_loads_and_samples(tiny_latent_folder):
 
 def test_hub_id_loads_from_models_dir_and_is_refused_clearly_when_absent(tiny_latent_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("MOSAIC_MODELS_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match=r"not present locally: put a diffusers copy of 'facebook/DiT-XL-2-256'"):
+    with pytest.raises(ValueError, match=r"weights not present: put a diffusers copy of 'facebook/DiT-XL-2-256'"):
         load_model("facebook/DiT-XL-2-256", device="cpu")
     shutil.copytree(tiny_latent_folder, tmp_path / "facebook" / "DiT-XL-2-256")
     loaded = load_model("facebook/DiT-XL-2-256", device="cpu")

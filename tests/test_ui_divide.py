@@ -139,7 +139,8 @@ def test_plan_endpoint_bad_values_raise_the_engine_message(client, kwargs, messa
 
 
 def test_dragged_value_parsing():
-    assert parse_dragged_M("0.412|1712345678") == 0.412
+    # snapped to the slider's step (0.005), so a drag and the slider land on the same values
+    assert parse_dragged_M("0.412|1712345678") == 0.41 and parse_dragged_M("0.4126|1") == 0.415
     assert parse_dragged_M("0.99|1") == 0.95 and parse_dragged_M("-3|1") == 0.05  # clamped to the slider
     with pytest.raises(ValueError, match=r"got 'abc'"):
         parse_dragged_M("abc|1")

@@ -39,7 +39,8 @@ from mosaic_core.divide.stages import STAGE_NAMES
 from ui import settings
 from ui.charts import FONT, message_figure
 from ui.divide_tab import user_errors
-from ui.engine import PrunedModel, StudioEngine
+from mosaic_core.prune.service import PrunedModel
+from ui.engine import StudioEngine
 from ui.jobs import CANCELLED, DONE, JobStatus
 from ui.prune_tab import (
     cancel_job,

@@ -14,7 +14,7 @@ from mosaic_core.divide.plan import Plan
 from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
-from ui.engine import ParameterSplit
+from mosaic_core.models.parameters import ParameterSplit
 
 
 def format_count(value: float, unit: str = "") -> str:

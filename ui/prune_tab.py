@@ -35,7 +35,8 @@ from mosaic_core.divide.plan import Plan
 
 from ui import settings
 from ui.divide_tab import user_errors
-from ui.engine import PrunedModel, StudioEngine
+from mosaic_core.prune.service import PrunedModel
+from ui.engine import StudioEngine
 from ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobStatus
 from ui.panels import _chip, format_count
 

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mosaic_core.atomic import write_bytes, write_json
     from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
-    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
     from mosaic_core.conquer.images import save_samples
     from mosaic_core.models.loading import load_model
     from mosaic_core.divide.plan import build_plan
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     build_plan(resolve_model(args.model), args.steps, args.M, args.lam, sparsity=args.sparsity)  # validate first
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
-    source = args.calib_source or ("data" if loaded.spec.source == "builtin" else "samples")
+    source = args.calib_source or default_calibration_source(loaded.spec)
     config = BenchConfig(
         sparsity=args.sparsity,
         num_inference_steps=args.steps,

@@ -34,10 +34,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prune_config_from_args(args: argparse.Namespace, spec):
     """The `PruneConfig` described by the prune arguments."""
-    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
     from mosaic_core.prune.stage_pruning import PruneConfig
 
-    source = args.calib_source or ("data" if spec.source == "builtin" else "samples")
+    source = args.calib_source or default_calibration_source(spec)
     calibration = CalibrationConfig(mode=args.calib, size=args.calib_size, source=source, seed=args.seed)
     return PruneConfig(calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=args.allocation)
 

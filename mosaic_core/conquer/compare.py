@@ -40,6 +40,16 @@ class Contender:
     info: dict = field(default_factory=dict)
 
 
+
+def dense_and_staged(dense: torch.nn.Module, staged: torch.nn.Module, plan) -> list[Contender]:
+    """The two contenders of a staged-vs-dense comparison of `plan` (dense first, same steps)."""
+    from mosaic_core.conquer.staged_denoiser import param_count
+
+    return [
+        Contender("dense", dense, plan.num_inference_steps, plan.macs_dense, param_count(dense), plan.step_stages),
+        Contender("staged", staged, plan.num_inference_steps, plan.macs_staged, param_count(staged), plan.step_stages),
+    ]
+
 @dataclass(frozen=True)
 class CompareEvent:
     """Progress: which contender, which repeat (0 = warm-up), which step."""

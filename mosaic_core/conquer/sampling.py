@@ -60,7 +60,7 @@ class StepEvent:
     timestep: float
     seconds: float
     latents: torch.Tensor = field(repr=False)
-    pred_original: torch.Tensor | None = field(default=None, repr=False)
+    pred_original: torch.Tensor | None = field(default=None, repr=False)  # x̂₀ of this step (see sample_steps)
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,15 @@ def _denoise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null
     return eps_uncond + g * (eps_cond - eps_uncond)
 
 
+def _pred_original(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """x̂₀ = (x_t − √(1−ᾱ) ε̂) / √ᾱ at the rounded timestep (for samplers that do not report it)."""
+    alphas = scheduler.alphas_cumprod
+    index = int(min(max(math.floor(float(t) + 0.5), 0), alphas.numel() - 1))
+    a = alphas[index].to(device=x_t.device, dtype=torch.float32)
+    x0 = (x_t.float() - torch.sqrt(1 - a) * eps.float()) / torch.sqrt(a)
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
 def decode_images(latents: torch.Tensor, vae=None) -> np.ndarray:
     """Model-space samples -> uint8 N×H×W×C images. Pixels in [-1, 1], or latents via the VAE."""
     with torch.no_grad():
@@ -154,6 +163,11 @@ def sample_steps(
     `sample_shape` is (C, H, W) of the model's input; `noise`, if given, replaces the seeded
     initial noise (N×C×H×W). `should_stop` is polled between steps; stopping raises
     `mosaic_core.jobs.Cancelled`.
+
+    Every event carries x̂₀, the step's prediction of the clean sample: the scheduler's own
+    `pred_original_sample` when it gives one (DDIM, DDPM, Euler); otherwise (DPM-Solver)
+    x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (Ho et al. 2020, eq. 15) from the guided ε̂, with ᾱ at the
+    rounded timestep, clipped like DDIM/DDPM clip theirs when the schedule clips samples.
     """
     from mosaic_core.jobs import Cancelled
 
@@ -173,6 +187,7 @@ def sample_steps(
     step_generators = [torch.Generator().manual_seed(int(config.seed) * 1_000_003 + 500_009 + i) for i in range(len(y))]
     seconds = []
     timesteps = scheduler.timesteps
+    clip = float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample") else None
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             if should_stop is not None and should_stop():
@@ -189,7 +204,10 @@ def sample_steps(
             x = out.prev_sample.to(dtype)
             _synchronize(device)
             seconds.append(time.perf_counter() - start)
-            yield StepEvent(i, len(timesteps), float(t), seconds[-1], x, getattr(out, "pred_original_sample", None))
+            pred_original = getattr(out, "pred_original_sample", None)
+            if pred_original is None:
+                pred_original = _pred_original(scheduler, model_input, eps, t, clip)
+            yield StepEvent(i, len(timesteps), float(t), seconds[-1], x, pred_original)
     _synchronize(device)
     start = time.perf_counter()
     images = decode_images(x, vae)

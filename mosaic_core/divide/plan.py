@@ -255,3 +255,23 @@ def build_plan(
         macs_dense=sampling_macs(spec.shape, None, counts),
         macs_staged=sampling_macs(spec.shape, allocation, counts),
     )
+
+
+def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
+    """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`.
+
+    Everything else (sampler, steps, M, λ, c_x) is kept, so comparing the result with the
+    dense model shows what that one stage's pruning costs.
+    """
+    if isinstance(stage, bool) or stage not in (0, 1, 2):
+        raise ValueError(f"stage must be 0 (early), 1 (middle) or 2 (late), got {stage!r}")
+    name = STAGE_NAMES[stage]
+    if plan.step_counts[stage] == 0:
+        raise ValueError(f"the {name} stage has no sampler steps in this plan: pruning it alone changes nothing")
+    sparsity = plan.allocation.achieved[stage]
+    if sparsity <= 0:
+        raise ValueError(f"the {name} stage is not pruned in this plan (sparsity 0): raise its sparsity first")
+    values = tuple(sparsity if index == stage else 0.0 for index in range(3))
+    return build_plan(
+        spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx
+    )

@@ -67,21 +67,36 @@ def weights_hash(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _transformer_folder(spec: ModelSpec) -> Path:
-    folder = Path(spec.path) if spec.path else None
-    if spec.source == "builtin":
-        if folder is None or not (folder / "config.json").is_file():
-            raise ValueError(
-                f"the weights of '{spec.name}' are missing from {folder}: "
-                "run `python -m mosaic_core train` to rebuild them"
-            )
-        return folder
-    if folder is None:
-        raise ValueError(f"weights of '{spec.name}' are not present locally: {where_to_put(spec.name)}")
-    for candidate in (folder / "transformer", folder):  # pipeline layout, or a bare model folder
+def weights_folder(spec: ModelSpec) -> Path | None:
+    """The folder holding the transformer's config.json and safetensors, or None when absent.
+
+    The one rule for every caller (loader, studio, cache keys): the model's folder itself
+    (the built-in model, or a bare model folder) or its `transformer/` (diffusers' pipeline
+    layout), whichever holds a config.json and at least one .safetensors file.
+    """
+    if not spec.path:
+        return None
+    root = Path(spec.path)
+    for candidate in (root / "transformer", root):
         if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
             return candidate
-    raise ValueError(f"folder {folder} has no transformer weights (transformer/config.json + *.safetensors expected)")
+    return None
+
+
+def missing_weights_hint(spec: ModelSpec) -> str:
+    """'weights not present …: what to do' for a model whose weights are not on disk."""
+    if spec.source == "builtin":
+        return f"weights not present yet in {spec.path}: run `python -m mosaic_core train`"
+    if spec.source == "hub" and not spec.path:
+        return f"weights not present: {where_to_put(spec.name)}"
+    return f"weights not present in {spec.path} (expected transformer/config.json and *.safetensors)"
+
+
+def _transformer_folder(spec: ModelSpec) -> Path:
+    folder = weights_folder(spec)
+    if folder is None:
+        raise ValueError(f"{spec.name}: {missing_weights_hint(spec)}")
+    return folder
 
 
 def load_model(

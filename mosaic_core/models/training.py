@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from mosaic_core.models.digits import DIGITS_DIT_CONFIG, NUM_CLASSES, build_digits_dit, disable_label_dropout, load_digit_images
 from mosaic_core.models.registry import resolve_model
+from mosaic_core.models.dynamics import FILE_NAME as DYNAMICS_FILE
+from mosaic_core.models.dynamics import dynamics_record
 from mosaic_core.models.samplers import sampler_alphas_cumprod
 
 
@@ -186,16 +188,8 @@ def _write_model_folder(out_dir, ema, spec, config, probe, log_steps, log_losses
         (tmp / "scheduler_config.json").write_text(
             json.dumps({"_class_name": "DDIMScheduler", **dict(spec.scheduler_config)}, indent=2)
         )
-        edges = probe.edges.tolist()
-        dynamics = {
-            "description": "eps-MSE of the raw (non-EMA) model per noise-level bin, fixed eval set",
-            "bins": [[edges[i], edges[i + 1] - 1] for i in range(len(edges) - 1)],
-            "steps": log_steps,
-            "loss": log_losses,
-            "eval_images": int(probe.x0.shape[0]),
-            "cx": float(images.pow(2).mean()),
-        }
-        (tmp / "dynamics.json").write_text(json.dumps(dynamics))
+        dynamics = dynamics_record(probe.edges.tolist(), log_steps, log_losses, probe.x0.shape[0], images.pow(2).mean())
+        (tmp / DYNAMICS_FILE).write_text(json.dumps(dynamics))
         (tmp / "train_config.json").write_text(
             json.dumps({**asdict(config), "architecture": DIGITS_DIT_CONFIG, "train_seconds": round(seconds, 1)}, indent=2)
         )

@@ -31,6 +31,12 @@ CALIBRATION_SOURCES = ("data", "samples")
 MAX_CALIBRATION_SIZE = 8192
 
 
+
+def default_calibration_source(spec) -> str:
+    """Where calibration images come from by default: the built-in model's own dataset
+    ("data"); for every other model the dense model's own samples ("samples", data-free)."""
+    return "data" if spec.source == "builtin" else "samples"
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Calibration settings; `size` is the number of clean images per stage (before the null copy)."""

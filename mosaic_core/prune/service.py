@@ -1,0 +1,224 @@
+"""Prune with caches: memory → disk → prune → save, as one generator with progress events.
+
+`PruneService` is what an interactive front end (the studio) or a long-running script
+holds: the pruned staged models of the last few settings in memory, checkpoints on disk
+under `cache_root/pruned/<key>/`, and the Hessians and removal orders under
+`cache_root/analyses/` (one `AnalysisStore` per cache root, shared by every service), so
+that
+
+1. the same settings return at once (memory, else the disk checkpoint, also after a restart);
+2. moving only the sparsity re-solves nothing but the kept weights (the analyses are reused);
+3. a cancelled or failed prune writes nothing (the checkpoint is saved only when complete).
+
+Keys are `cache.checkpoint_key` (base weights + plan + prune config), so a change of any
+of them is a miss.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Generator, Optional
+
+from mosaic_core.divide.plan import Plan
+from mosaic_core.divide.stages import STAGE_NAMES
+from mosaic_core.jobs import relay
+from mosaic_core.models.loading import weights_folder
+from mosaic_core.models.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class StageKept:
+    """What one stage's network kept, measured on the built modules (not read from the plan)."""
+
+    name: str
+    num_steps: int
+    sparsity: float  # the plan's achieved sparsity of this stage
+    heads_kept: int
+    heads_total: int
+    units_kept: int
+    units_total: int
+    shared_with: Optional[str] = None  # "dense" or an earlier stage whose network it reuses
+
+
+@dataclass
+class PrunedModel:
+    """A pruned staged model ready to sample, with what a front end shows about it.
+
+    `source` is "pruned" (computed now), "memory" or "disk" (a cache hit); `seconds` are the
+    prune seconds by phase of the run that made it (read from the manifest on a disk hit)
+    and `load_seconds` how long this request took.
+    """
+
+    key: str
+    folder: Path
+    spec: ModelSpec
+    plan: Plan
+    config: Any  # stage_pruning.PruneConfig
+    staged: Any  # staged_denoiser.StagedDiT
+    source: str
+    seconds: dict
+    load_seconds: float
+    cx: float
+    ledger: Any  # staged_denoiser.MemoryLedger
+    stages: tuple[StageKept, ...]
+
+    @property
+    def from_cache(self) -> bool:
+        return self.source != "pruned"
+
+
+_STORES: dict[Path, Any] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def analysis_store(root: str | Path):
+    """One `AnalysisStore` per cache root, shared by every service (and job) that uses it."""
+    from mosaic_core.prune.cache import AnalysisStore
+
+    root = Path(root).resolve()
+    with _STORES_LOCK:
+        if root not in _STORES:
+            _STORES[root] = AnalysisStore(root)
+        return _STORES[root]
+
+
+def spec_weights_hash(spec: ModelSpec) -> Optional[str]:
+    """`LoadedModel.weights_hash` without loading the model (None when there are no weights)."""
+    folder = weights_folder(spec)
+    if folder is None:
+        return None
+    newest = max(p.stat().st_mtime_ns for p in folder.glob("*.safetensors"))
+    return _weights_hash(str(folder), newest)
+
+
+@lru_cache(maxsize=16)
+def _weights_hash(folder: str, mtime_ns: int) -> str:
+    """`loading.weights_hash`, remembered while the files keep their modification time."""
+    from mosaic_core.models.loading import weights_hash
+
+    return weights_hash(folder)
+
+
+class PruneService:
+    """Pruned staged models by settings: an in-memory LRU over a disk cache over pruning."""
+
+    def __init__(self, cache_root: str | Path, memory_size: int = 4) -> None:
+        if int(memory_size) < 1:
+            raise ValueError(f"memory_size must be >= 1, got {memory_size!r}")
+        self.cache_root = Path(cache_root)
+        self.memory_size = int(memory_size)
+        self._memory: OrderedDict[str, PrunedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def analyses(self):
+        """The `AnalysisStore` (Hessians and removal orders) of this service's cache root."""
+        return analysis_store(self.cache_root)
+
+    def key(self, spec: ModelSpec, plan: Plan, config) -> Optional[str]:
+        """The cache key of these settings (None when the model has no weights on disk)."""
+        from mosaic_core.prune.cache import checkpoint_key
+
+        weights = spec_weights_hash(spec)
+        return None if weights is None else checkpoint_key(weights, plan, config)
+
+    def cached(self, spec: ModelSpec, plan: Plan, config) -> Optional[PrunedModel]:
+        """The pruned model of these settings if it is in memory (no disk access, no compute)."""
+        start = time.perf_counter()
+        key = self.key(spec, plan, config)
+        with self._lock:
+            hit = self._memory.get(key) if key else None
+            if hit is None:
+                return None
+            self._memory.move_to_end(key)
+        return replace(hit, source="memory", load_seconds=time.perf_counter() - start)
+
+    def on_disk(self, spec: ModelSpec, plan: Plan, config) -> bool:
+        """Whether a complete checkpoint of these settings is in the disk cache."""
+        from mosaic_core.prune.cache import checkpoint_folder
+
+        weights = spec_weights_hash(spec)
+        if weights is None:
+            return False
+        return (checkpoint_folder(self.cache_root, weights, plan, config) / "manifest.json").is_file()
+
+    def prune_steps(
+        self,
+        loaded,
+        plan: Plan,
+        config,
+        should_stop: Optional[Callable[[], bool]] = None,
+    ) -> Generator[Any, None, PrunedModel]:
+        """The staged model of `plan` on `loaded`: from memory, from disk, or pruned now and saved.
+
+        Yields `stage_pruning.PruneEvent`s while pruning; returns a `PrunedModel`. Stopping
+        (`should_stop`) raises `jobs.Cancelled` before the checkpoint is written.
+        """
+        from mosaic_core.prune.cache import checkpoint_folder, load_cached_staged
+        from mosaic_core.prune.checkpoint import read_manifest, save_pruned
+        from mosaic_core.prune.stage_pruning import prune_steps
+
+        start = time.perf_counter()
+        hit = self.cached(loaded.spec, plan, config)
+        if hit is not None:
+            return hit
+        folder = checkpoint_folder(self.cache_root, loaded.weights_hash, plan, config)
+        staged = load_cached_staged(self.cache_root, loaded, plan, config)
+        if staged is not None:
+            manifest = read_manifest(folder)
+            source, seconds, cx = "disk", dict(manifest.get("seconds", {})), float(manifest.get("cx", float("nan")))
+        else:
+            result = yield from relay(prune_steps(loaded, plan, config, should_stop=should_stop, analyses=self.analyses), lambda e: e)
+            save_pruned(result, loaded, folder)
+            source, seconds, cx, staged = "pruned", dict(result.seconds), float(result.cx), result.staged
+        pruned = describe_pruned(loaded, folder, plan, config, staged, source, seconds, cx, time.perf_counter() - start)
+        with self._lock:
+            self._memory[pruned.key] = pruned
+            self._memory.move_to_end(pruned.key)
+            while len(self._memory) > self.memory_size:
+                self._memory.popitem(last=False)
+        return pruned
+
+
+def stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
+    """Heads and MLP units of each stage network, read from its blocks (all blocks must agree)."""
+    from mosaic_core.prune.surgery import block_sizes
+
+    total_heads, _, total_units = block_sizes(dense.transformer_blocks[0])
+    networks = staged.networks()
+    rows = []
+    for index, (name, network) in enumerate(zip(STAGE_NAMES, networks)):
+        sizes = {block_sizes(block) for block in network.transformer_blocks}
+        if len(sizes) != 1:
+            raise ValueError(f"the {name} network's blocks differ in size: {sorted(sizes)}")
+        heads, _, units = sizes.pop()
+        shared = "dense" if network is dense else next((STAGE_NAMES[j] for j in range(index) if networks[j] is network), None)
+        rows.append(
+            StageKept(name, plan.step_counts[index], plan.allocation.achieved[index], heads, total_heads, units, total_units, shared)
+        )
+    return tuple(rows)
+
+
+def describe_pruned(loaded, folder, plan, config, staged, source, seconds, cx, load_seconds) -> PrunedModel:
+    """A `PrunedModel` for a staged model built on `loaded` (its memory ledger and kept sizes)."""
+    from mosaic_core.conquer.staged_denoiser import memory_ledger
+
+    return PrunedModel(
+        key=Path(folder).name,
+        folder=Path(folder),
+        spec=loaded.spec,
+        plan=plan,
+        config=config,
+        staged=staged,
+        source=source,
+        seconds=seconds,
+        load_seconds=load_seconds,
+        cx=cx,
+        ledger=memory_ledger(loaded.transformer, staged),
+        stages=stage_kept(plan, staged, loaded.transformer),
+    )
