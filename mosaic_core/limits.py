@@ -1,0 +1,86 @@
+"""Every size-bearing input's bound, in one place that the CLI, the Python API and the studio share.
+
+Values are checked *while they are parsed*, never after something of their size was built:
+a label list such as `0-9999,0-9999,…` is refused at the token that crosses `MAX_IMAGES`,
+before the ids exist. Each check raises `ValueError` naming the parameter, what was given
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+MAX_IMAGES = 4096  # images in one sampling / comparison call (sampling.MAX_BATCH)
+MAX_SAMPLE_IMAGES = 1_000_000  # images of one `sample`/`eval` run (written in batches)
+MAX_STEPS = 1000  # sampler steps (at most T)
+MAX_CALIBRATION_SIZE = 8192  # clean calibration images per stage
+MAX_REPEATS = 20  # timed repeats of a comparison / bench
+MAX_SEED = 2**31 - 1
+MAX_NAME_LENGTH = 512  # a model name or folder path
+MAX_TEXT_LENGTH = 4096  # a label list, a prompt, any other free text
+MAX_LABEL_TOKENS = 4096
+
+_LABEL_TOKEN = re.compile(r"^\s*(\d{1,7})\s*(?:-\s*(\d{1,7}))?\s*$")
+
+
+def check_text(name: str, value: Any, max_length: int = MAX_TEXT_LENGTH) -> str:
+    """A string of at most `max_length` characters (no NUL), or ValueError naming `name`."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > max_length:
+        raise ValueError(f"{name} is {len(value)} characters long: at most {max_length} allowed")
+    if "\x00" in value:
+        raise ValueError(f"{name} must not contain NUL characters")
+    return value
+
+
+def check_int(name: str, value: Any, low: int, high: int) -> int:
+    """A whole number in [low, high] (an integral float is accepted), or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+    number = int(value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
+    return number
+
+
+def check_float(name: str, value: Any, low: float, high: float) -> float:
+    """A finite number in [low, high], or ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return number
+
+
+def parse_label_list(text: Any, num_classes: int, max_ids: int = MAX_IMAGES) -> list[int]:
+    """'0-9', '1,3,5', '0-4, 7' -> class ids, bounded while parsing.
+
+    At most `max_ids` ids in total and ids in 0..num_classes-1; the first token that breaks
+    a rule is named in the error, and nothing larger than the limit is ever built.
+    """
+    text = check_text("class labels", "" if text is None else text)
+    tokens = [token.strip() for token in text.replace(";", ",").split(",") if token.strip()]
+    if not tokens:
+        raise ValueError(f"class labels are empty: give ids like 0-9 or 1,3,5 (allowed 0..{num_classes - 1})")
+    if len(tokens) > MAX_LABEL_TOKENS:
+        raise ValueError(f"class labels have {len(tokens)} entries: at most {MAX_LABEL_TOKENS} allowed")
+    ids: list[int] = []
+    for token in tokens:
+        match = _LABEL_TOKEN.match(token)
+        if match is None:
+            raise ValueError(f"class labels must be ids or ranges like 0-9 or 1,3,5, got {token[:40]!r}")
+        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
+        if high < low:
+            raise ValueError(f"a label range must go up (like 2-7), got {token!r}")
+        if high >= num_classes:
+            raise ValueError(f"class id {high} is out of range: allowed 0..{num_classes - 1}")
+        if len(ids) + (high - low + 1) > max_ids:
+            raise ValueError(f"class labels name more than {max_ids} images: at most {max_ids} allowed")
+        ids.extend(range(low, high + 1))
+    return ids
