@@ -1,4 +1,4 @@
-"""Sparsity allocation (METHOD.md §2): the rule, water-filling, rounding and its tolerance."""
+"""Sparsity allocation (docs/method.md §2): the rule, water-filling, rounding and its tolerance."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def divided(draw):
 
 
 def test_reference_allocation_of_the_digits_model():
-    """METHOD §7: digits DiT, DDIM-50, overall 0.3 → sparsities about 0.49 / 0.10 / 0.40."""
+    """docs/method.md §2.5: digits DiT, DDIM-50, overall 0.3 → sparsities about 0.49 / 0.10 / 0.40."""
     curve, bounds = linear_setup()
     allocation = allocate_sparsity(curve, bounds, (21, 23, 6), 0.3, DIGITS)
     np.testing.assert_allclose(allocation.requested, (0.49, 0.10, 0.40), atol=0.01)

@@ -1,4 +1,4 @@
-"""Divide: golden stage bounds of METHOD.md §1 and properties of the partition."""
+"""Divide: golden stage bounds of docs/method.md §1 and properties of the partition."""
 
 from __future__ import annotations
 

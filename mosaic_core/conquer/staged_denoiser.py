@@ -1,4 +1,4 @@
-"""Conquer: one transformer that switches stage sub-networks by timestep (METHOD.md §4).
+"""Conquer: one transformer that switches stage sub-networks by timestep (docs/method.md §4).
 
 `StagedDiT` holds the early, middle and late sub-networks (from `surgery.sliced_model`,
 sharing every unpruned module with the dense model) and the inclusive middle-stage

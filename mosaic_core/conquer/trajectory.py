@@ -1,6 +1,6 @@
 """The model's own trajectory: how fast the predicted clean sample x̂₀ settles, step by step.
 
-A teaching measurement (docs/method.md §7): sample a few images densely and, at every
+A teaching measurement (docs/method.md §4.2, eq. 4.4): sample a few images densely and, at every
 sampler step k, measure the RMS distance of that step's x̂₀ to the final step's,
 
     d_k = mean over images of  ‖x̂₀(t_k) − x̂₀(t_N)‖₂ / √d        (d = C·H·W elements),

@@ -1,4 +1,4 @@
-"""Sparsity allocation: how much of each stage's network to prune (METHOD.md §2).
+"""Sparsity allocation: how much of each stage's network to prune (docs/method.md §2).
 
 The sparsity of a stage is the fraction of the prunable block compute its network
 removes (attention heads and MLP hidden units, in every block). The overall sparsity of a
@@ -6,7 +6,7 @@ plan is the step-weighted mean over the sampler's steps (eq. 2.1):
 
     s̄ = Σᵢ nᵢ sᵢ / Σᵢ nᵢ
 
-Auto allocation (METHOD §2, bounds ours). With ŝ(τ) the score normalised to [0, 1] over
+Auto allocation (docs/method.md §2, bounds ours). With ŝ(τ) the score normalised to [0, 1] over
 all T timesteps (0 = lowest score):
 
     rᵢ = 1 - mean_{τ ∈ stage i} ŝ(τ)                          (eq. 2.2)
@@ -26,9 +26,9 @@ Rounding to whole structures (ours). Per stage, with H heads and F MLP units per
                     block-linear MACs closest to sᵢ
 
 Heads are coarse (1/H of the attention compute each), so the MLP units compensate for
-the head rounding (so heads and units are not removed in exactly the same fraction, as
-METHOD §2's wording has it, but the removed compute is what was asked): the achieved sparsity, which is the removed MAC fraction after
-rounding, is within half of one MLP unit's MAC fraction (`sparsity_resolution`) of the
+the head rounding: a stage's sparsity is the fraction of block-linear MACs removed, not
+equal fractions of heads and units (docs/method.md §2.1). The achieved sparsity, the
+removed MAC fraction after rounding, is within half of one MLP unit's MAC fraction (`sparsity_resolution`) of the
 request unless a clip binds. If rounding would leave the middle stage sparser than
 another stage with steps, the middle stage takes that stage's keep counts (auto only).
 
@@ -225,7 +225,7 @@ def allocate_sparsity(
     target: float,
     shape: TransformerShape,
 ) -> Allocation:
-    """Auto allocation of METHOD §2: eq. 2.2 → middle cap → eq. 2.3 with water-filling → rounding.
+    """Auto allocation of docs/method.md §2: eq. 2.2 → middle cap → eq. 2.3 with water-filling → rounding.
 
     Raises ValueError when the target is not finite and in [0, 0.9], or the step counts
     are not 3 whole numbers >= 0 with a positive sum.

@@ -1,4 +1,4 @@
-"""Cost model: block-linear MACs and parameters of a (pruned) DiT (METHOD.md §4).
+"""Cost model: block-linear MACs and parameters of a (pruned) DiT (docs/method.md §4).
 
 Only the layers that pruning touches are counted, which is the paper's MACs convention
 (dense DiT-XL/2 at DDIM-50 = 5.72 T; the exact figure here is 5.7076e12). Per token and
@@ -124,7 +124,7 @@ def staged_parameter_count(shape: TransformerShape, allocation_or_keep_counts: A
     """Prunable-linear parameters of three stage networks stored side by side.
 
     Everything else (embedders, adaLN, final layer) is shared between stages and not
-    counted (METHOD §4, ours); compare with `linear_parameter_count(shape)` for dense.
+    counted (docs/method.md §4, ours); compare with `linear_parameter_count(shape)` for dense.
     """
     keeps = _stage_keep_counts(shape, allocation_or_keep_counts)
     return sum(linear_parameter_count(shape, heads, units) for heads, units in keeps)

@@ -1,4 +1,4 @@
-"""Noise schedules and the Divide importance score (METHOD.md §1).
+"""Noise schedules and the Divide importance score (docs/method.md §1).
 
 Everything here is float64 numpy: a scheduler config in, arrays and a frozen `ScoreCurve`
 out. The diffusers scheduler objects compute the same schedule in float32; we recompute
@@ -20,7 +20,7 @@ Forward process, with model timestep τ = 0..T-1 (Ho et al. 2020, eq. 4):
 | `lam`              | λ                 | weight of the ln SNR term                           |
 | `importance_score` | score(τ)          | Grad(τ) / max Grad + λ ln SNR(τ)            (eq. 1.3) |
 
-Equation numbers (1.1)-(1.3) refer to the three bullets of METHOD.md §1, in order.
+Equation numbers (1.1)-(1.3) are those of docs/method.md §1.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def log_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 
 def expected_mse(alphas_cumprod: np.ndarray, cx: float = 1.0) -> np.ndarray:
-    """E[MSE(τ)] = (1 - √ᾱ(τ))² c_x + (1 - ᾱ(τ))   (METHOD §1, eq. 1.1).
+    """E[MSE(τ)] = (1 - √ᾱ(τ))² c_x + (1 - ᾱ(τ))   (docs/method.md §1, eq. 1.1).
 
     The expected per-element squared distance between x_τ and x₀ when x₀ has mean power
     c_x and is independent of the unit Gaussian noise ε.
@@ -143,7 +143,7 @@ def expected_mse(alphas_cumprod: np.ndarray, cx: float = 1.0) -> np.ndarray:
 
 
 def learning_speed(alphas_cumprod: np.ndarray, cx: float = 1.0) -> np.ndarray:
-    """Grad(τ) = E[MSE(τ)] - E[MSE(τ-1)], with ᾱ(-1) := 1   (METHOD §1, eq. 1.2).
+    """Grad(τ) = E[MSE(τ)] - E[MSE(τ-1)], with ᾱ(-1) := 1   (docs/method.md §1, eq. 1.2).
 
     In closed form Grad(τ) = (δ + 2(√ᾱ(τ-1) - √ᾱ(τ))) c_x - δ with δ = ᾱ(τ) - ᾱ(τ-1),
     which is what is computed here (no cancellation between two nearly equal E[MSE]).
@@ -158,7 +158,7 @@ def learning_speed(alphas_cumprod: np.ndarray, cx: float = 1.0) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class ScoreCurve:
-    """The importance score over all T model timesteps (METHOD §1, eq. 1.3).
+    """The importance score over all T model timesteps (docs/method.md §1, eq. 1.3).
 
     score(τ) = grad_term(τ) + snr_term(τ),  grad_term = Grad(τ) / max_τ Grad,
     snr_term = λ ln SNR(τ). Arrays are float64 of length T, indexed by τ.
@@ -192,7 +192,7 @@ class ScoreCurve:
 
 
 def importance_score(alphas_cumprod: np.ndarray, lam: float = 0.01, cx: float = 1.0) -> ScoreCurve:
-    """score(τ) = Grad(τ) / max Grad + λ ln SNR(τ)   (METHOD §1, eq. 1.3; normalisation ours).
+    """score(τ) = Grad(τ) / max Grad + λ ln SNR(τ)   (docs/method.md §1, eq. 1.3; normalisation ours).
 
     Grad is `learning_speed` (eq. 1.2). Dividing by its maximum puts the Grad term on
     [0, 1] whatever c_x and T are, so that λ means the same for every schedule.

@@ -192,7 +192,7 @@ def build_plan(
     scheduler: str = "ddim",
     cx: float = 1.0,
 ) -> Plan:
-    """Divide a model's sampling trajectory and allocate per-stage sparsity (METHOD §1-2).
+    """Divide a model's sampling trajectory and allocate per-stage sparsity (docs/method.md §1-2).
 
     Give at most one of `sparsity` (overall target s̄, auto allocation, or one network for
     all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);

@@ -1,4 +1,4 @@
-"""Divide: cut the T model timesteps into early / middle / late stages (METHOD.md §1).
+"""Divide: cut the T model timesteps into early / middle / late stages (docs/method.md §1).
 
 The middle stage is the fast-learning, fragile part of the trajectory:
 
@@ -147,7 +147,7 @@ class StageBounds:
 
 
 def divide_stages(curve: ScoreCurve, M: float = DEFAULT_M) -> StageBounds:
-    """Split 0..T-1 into early / middle / late from the importance score (METHOD §1).
+    """Split 0..T-1 into early / middle / late from the importance score (docs/method.md §1).
 
     1. τ* = argmax score;  2. grow [τ_lo, τ_hi] from τ* while score ≥ M · max score;
     3. early = τ > τ_hi, late = τ < τ_lo. Raises ValueError when M ∉ (0, 1), or when the

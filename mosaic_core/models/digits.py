@@ -15,7 +15,7 @@ import torch
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
 
-# The digits-dit architecture (METHOD.md §6 recipe): 6 blocks, 6 heads x 32, patch 2,
+# The digits-dit architecture (docs/method.md §6 recipe): 6 blocks, 6 heads x 32, patch 2,
 # 64 tokens of width 192, ~4.6 M parameters. num_embeds_ada_norm is the class count;
 # the label table gets one extra row (the null class 10) because label dropout > 0.
 DIGITS_DIT_CONFIG = {
@@ -60,7 +60,7 @@ def disable_label_dropout(model) -> None:
     """Turn off diffusers' per-block label dropout (labels are dropped in the training loop).
 
     Each DiT block owns a class embedder that would draw its own dropout mask, so the
-    blocks would disagree about whether a sample is unconditional (METHOD.md §6). The null
+    blocks would disagree about whether a sample is unconditional (docs/method.md §6). The null
     row of the label table stays; only the random dropping is switched off.
     """
     for block in model.transformer_blocks:

@@ -5,7 +5,7 @@ For a stage covering model timesteps [t_min, t_max], each calibration example is
     τ ~ U{t_min..t_max},  ε ~ N(0, I),  x_τ = √ᾱ(τ) x₀ + √(1 − ᾱ(τ)) ε       (DDPM eq. 4)
 
 with its true class label, and every batch is repeated with the null label so that the
-unconditional branch of classifier-free guidance is calibrated too (METHOD.md §3).
+unconditional branch of classifier-free guidance is calibrated too (docs/method.md §3).
 
 | mode     | τ drawn from                 | input  | role                                   |
 |----------|------------------------------|--------|----------------------------------------|

@@ -1,6 +1,6 @@
 """Layer Hessians for structured OBS: H = XᵀX / n at the inputs of the pruned layers.
 
-What is pruned in a DiT block (METHOD.md §3) is the *input* side of two linear layers:
+What is pruned in a DiT block (docs/method.md §3) is the *input* side of two linear layers:
 
 - `attn1.to_out.0` (D × H·hd): attention head h is the group of input columns
   [h·hd, (h+1)·hd); removing it also removes rows [h·hd, (h+1)·hd) of to_q/to_k/to_v.

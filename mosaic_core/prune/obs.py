@@ -1,4 +1,4 @@
-r"""Greedy structured Optimal Brain Surgeon (OBS) for groups of input columns (METHOD.md §3).
+r"""Greedy structured Optimal Brain Surgeon (OBS) for groups of input columns (docs/method.md §3).
 
 Lineage: OBS (Hassibi & Stork 1993) → OBC / SparseGPT (Frantar & Alistarh 2022–23) →
 ZipLM (Kurtic et al. 2023), whose structured variant removes whole groups of input

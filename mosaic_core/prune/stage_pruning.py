@@ -191,7 +191,7 @@ def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads
     costs 4·D·hd MACs per token, an MLP unit 2·D), so blocks whose layers reconstruct well
     give up more. Every ε is the layer's output error in the residual stream (tr ΔW H ΔWᵀ),
     which makes them comparable across blocks and between attention and MLP. At least one
-    head and one unit stay in every block. METHOD.md §7 measured +2-3 dB from this at 0.5.
+    head and one unit stay in every block. On digits-dit this adds 4.0 dB PSNR at S = 0.3 and 1.2 dB at 0.5 (docs/method.md §7.4).
     """
     import heapq
 

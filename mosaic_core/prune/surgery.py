@@ -4,7 +4,7 @@ Masking (zeroing the removed input columns of `attn1.to_out.0` and `ff.net.2`) p
 what pruning does to the function; slicing makes it real — smaller matmuls, fewer MACs.
 The two agree to float precision (`tests/test_surgery.py`).
 
-What a sliced block is (METHOD.md §3–4):
+What a sliced block is (docs/method.md §3–4):
 
 - a NEW `BasicTransformerBlock` object whose `attn1` and `ff` are new modules with sliced
   weights: rows h·hd…(h+1)·hd of to_q/to_k/to_v and the same input columns of to_out.0
