@@ -13,16 +13,23 @@ import torch
 LINEAR_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
 
 
-def tiny_pixel_dit(seed: int = 0, num_layers: int = 2, heads: int = 4, head_dim: int = 8, classes: int = 10):
-    """A 2-block, 1-channel, 8x8 class-conditional DiT (digits-dit's shape, miniaturised)."""
+def tiny_pixel_dit(
+    seed: int = 0, num_layers: int = 2, heads: int = 4, head_dim: int = 8, classes: int = 10, in_channels: int = 1
+):
+    """A 2-block, 8x8 class-conditional DiT (digits-dit's shape, miniaturised), every layer random.
+
+    The one tiny DiT of the tests: DiT zero-initialises adaLN and the output layer, which
+    would make a fresh model's output independent of its blocks (and checks on it vacuous),
+    so those layers get small random values here.
+    """
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(
         num_attention_heads=heads,
         attention_head_dim=head_dim,
-        in_channels=1,
-        out_channels=1,
+        in_channels=in_channels,
+        out_channels=in_channels,
         num_layers=num_layers,
         sample_size=8,
         patch_size=2,
@@ -106,6 +113,12 @@ def free_port() -> int:
 
 
 def pytest_configure(config):
+    for marker in (
+        "browser: drives the studio in headless Chromium (Debian's /usr/bin/chromium)",
+        "slow: takes more than about 10 s on 2 CPU cores (left out of the fast loop)",
+        "gpu: needs CUDA; collected only where torch.cuda.is_available()",
+    ):
+        config.addinivalue_line("markers", marker)
     # Deprecations inside dependencies, not ours and not actionable here: numpy 2 in
     # diffusers' schedulers, pandas 3 options that gradio's queue sets.
     for pattern in (
@@ -114,3 +127,13 @@ def pytest_configure(config):
         "ignore:The copy keyword is deprecated",
     ):
         config.addinivalue_line("filterwarnings", pattern)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is present; elsewhere they are deselected (not skipped)."""
+    if torch.cuda.is_available():
+        return
+    kept = [item for item in items if item.get_closest_marker("gpu") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
+        items[:] = kept

@@ -41,6 +41,7 @@ def test_compare_reports_consistent_numbers(tiny_pixel_folder):
         compare(loaded, contenders, [0], SampleConfig(6), repeats=0)
 
 
+@pytest.mark.slow
 def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_path):
     out = tmp_path / "bench"
     command = [

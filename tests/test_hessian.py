@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from mosaic_core.prune.hessian import HessianAccumulator, PrunableLayer, collect_hessians, prunable_layers
 from mosaic_core.jobs import Cancelled
+from conftest import tiny_pixel_dit
 
 
-def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    )
-    return model.eval()
+def tiny_dit(seed: int = 0):
+    return tiny_pixel_dit(seed)
 
 
 def make_batches(count: int = 2, size: int = 3, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

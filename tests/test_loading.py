@@ -54,6 +54,7 @@ def test_unknown_model_and_missing_builtin_weights_are_clear(tmp_path):
         resolve_model(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_shipped_digits_dit_draws_recognisable_digits():
     """Quality smoke test of the committed weights: few images, few steps, most are right."""
     from mosaic_core.conquer.metrics import class_accuracy

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_pixel_dit
 from mosaic_core.prune.obs import (
     PruneTrace,
     _remove_groups,
@@ -79,15 +80,9 @@ def test_sequential_updates_equal_closed_form_and_errors_add_up(group_size):
 
 
 def test_obs_on_a_real_dit_hessian():
-    from diffusers import DiTTransformer2DModel
-
     from mosaic_core.prune.hessian import collect_hessians
 
-    torch.manual_seed(0)
-    model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=1,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    ).eval()
+    model = tiny_pixel_dit(0, num_layers=1)
     batches = [(torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,)))]
     hessians = collect_hessians(model, batches)
     for name, group_size in (("transformer_blocks.0.attn1.to_out.0", 8), ("transformer_blocks.0.ff.net.2", 1)):

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel
+from diffusers import DDIMScheduler
 
 from mosaic_core.conquer.staged_denoiser import StagedDiT, memory_ledger, param_count
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
+from conftest import tiny_pixel_dit
 
 T_MIN, T_MAX = 300, 600
 
 
-def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=4, attention_head_dim=8, in_channels=1, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    )
-    return model.eval()
+def tiny_dit(seed: int = 0):
+    return tiny_pixel_dit(seed)
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,17 @@ import random
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from mosaic_core.prune.hessian import collect_hessians, prunable_layers
 from mosaic_core.prune.obs import full_width_weight, reconstruct_weights
 from mosaic_core.prune.surgery import BlockKeep, block_sizes, mask_block_, slice_block, sliced_model
+from conftest import tiny_pixel_dit
 
 HEADS, HEAD_DIM, UNITS = 4, 8, 128
 
 
-def tiny_dit(seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(
-        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=4, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    )
-    return model.eval()
+def tiny_dit(seed: int = 0):
+    return tiny_pixel_dit(seed, heads=HEADS, head_dim=HEAD_DIM, in_channels=4)
 
 
 def inputs(seed: int = 1, size: int = 3):
