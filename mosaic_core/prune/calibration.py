@@ -26,6 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mosaic_core.models.adapters.base import move_condition, select_rows
+
 CALIBRATION_MODES = ("snr", "random", "clean")
 CALIBRATION_SOURCES = ("data", "samples")
 MAX_CALIBRATION_SIZE = 8192
@@ -66,7 +68,11 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class CleanSet:
-    """Clean model inputs x₀ (N×C×H×W, model space) with labels, and c_x = E‖x₀‖²/d."""
+    """Clean model inputs x₀ (N×C×H×W, model space) with their conditions, and c_x = E‖x₀‖²/d.
+
+    `labels` are class labels (N,), or a family's condition object for N samples (e.g.
+    SDXL's prompt embeddings: `mosaic_core.models.adapters`).
+    """
 
     x0: torch.Tensor
     labels: torch.Tensor
@@ -130,7 +136,10 @@ def calibration_batches(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches (x_τ, τ, y) for one stage; each batch is followed by its null-label copy.
+    """Batches (x_τ, τ, y) for one stage; each batch is followed by its null-condition copy.
+
+    y is a slice of `clean.labels`: class labels (then the copy has `null_class`), or a
+    condition object (then the copy is its `null()`: both CFG branches are calibrated).
 
     `t_range` is the stage's inclusive (t_min, t_max); None means all timesteps. The draws
     depend only on `config.seed`, so every run (and every scorer) sees the same data.
@@ -145,16 +154,23 @@ def calibration_batches(
     noise = torch.randn(clean.x0.shape, generator=generator)
     for start in range(0, n, config.batch_size):
         x0 = clean.x0[start : start + config.batch_size]
-        y = clean.labels[start : start + config.batch_size]
+        rows = torch.arange(start, min(start + config.batch_size, n))
+        y = clean.labels[start : start + config.batch_size] if torch.is_tensor(clean.labels) else select_rows(clean.labels, rows, n)
         if config.mode == "clean":
             tb, x_t = torch.zeros(len(x0), dtype=torch.long), x0
         else:
             tb = t[start : start + config.batch_size]
             a = alphas_cumprod[tb].view(-1, 1, 1, 1).to(x0.dtype)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise[start : start + config.batch_size]
-        x_t, tb, y = x_t.to(device=device, dtype=dtype), tb.to(device), y.to(device)
-        yield x_t, tb, y
-        yield x_t, tb, torch.full_like(y, null_class)
+        x_t, tb = x_t.to(device=device, dtype=dtype), tb.to(device)
+        if torch.is_tensor(y):
+            y = y.to(device)
+            yield x_t, tb, y
+            yield x_t, tb, torch.full_like(y, null_class)
+        else:
+            y = move_condition(y, device, dtype)
+            yield x_t, tb, y
+            yield x_t, tb, y.null()
 
 
 def num_calibration_batches(clean: CleanSet, config: CalibrationConfig) -> int:

@@ -37,6 +37,7 @@ from mosaic_core.models.samplers import sampler_alphas_cumprod
 from mosaic_core.divide.stages import STAGE_NAMES
 from mosaic_core.conquer.staged_denoiser import StagedDiT
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
+from mosaic_core.models.adapters.base import KEEP_FIELDS
 
 SCORERS = ("obs", "magnitude")
 ALLOCATIONS = ("per-stage", "per-block")
@@ -172,36 +173,76 @@ def analyse_stage(
     return StageAnalysis(key, t_range, {k: v.cpu() for k, v in hessians.items()}, traces, clean.cx, timings)
 
 
-def stage_keeps(model: torch.nn.Module, analysis: StageAnalysis, heads_kept: int, units_kept: int) -> list[BlockKeep]:
-    """Per block, the heads and units that survive: all but the first removals of each order."""
+def _kept_count(layer, heads_kept: int, units_kept: int, layer_keeps: Mapping[str, int] | None) -> int:
+    """Groups `layer` keeps: its own count (blockwise plans) or the plan's heads/units per block."""
+    if layer_keeps is not None:
+        return int(layer_keeps[layer.name])
+    return units_kept if layer.kind == "mlp" else heads_kept
+
+
+def _block_keep(block_layers: Mapping[str, object], kept: Mapping[str, tuple[int, ...]]) -> BlockKeep:
+    """A `BlockKeep` from the kept groups of one block's layers (by kind)."""
+    return BlockKeep(
+        heads=kept[block_layers["attn"].name],
+        units=kept[block_layers["mlp"].name],
+        cross_heads=kept[block_layers["cross_attn"].name] if "cross_attn" in block_layers else None,
+    )
+
+
+def stage_keeps(
+    model: torch.nn.Module,
+    analysis: StageAnalysis,
+    heads_kept: int,
+    units_kept: int,
+    layer_keeps: Mapping[str, int] | None = None,
+) -> list[BlockKeep]:
+    """Per block, the groups that survive: all but the first removals of each layer's order.
+
+    Every attention layer keeps `heads_kept` heads and every feed-forward `units_kept`
+    units, or, for a blockwise plan, each layer its own count from `layer_keeps`.
+    """
     keeps = []
-    for layer_attn, layer_mlp in _block_layer_pairs(model):
-        heads = analysis.traces[layer_attn.name].kept_groups(layer_attn.num_groups - heads_kept)
-        units = analysis.traces[layer_mlp.name].kept_groups(layer_mlp.num_groups - units_kept)
-        keeps.append(BlockKeep(heads=heads, units=units))
+    for block_layers in _block_layers(model):
+        kept = {
+            layer.name: analysis.traces[layer.name].kept_groups(
+                layer.num_groups - _kept_count(layer, heads_kept, units_kept, layer_keeps)
+            )
+            for layer in block_layers.values()
+        }
+        keeps.append(_block_keep(block_layers, kept))
     return keeps
 
 
-def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads_kept: int, units_kept: int) -> list[BlockKeep]:
+def stage_keeps_per_block(
+    model: torch.nn.Module,
+    analysis: StageAnalysis,
+    heads_kept: int,
+    units_kept: int,
+    layer_keeps: Mapping[str, int] | None = None,
+    layer_costs: Mapping[str, int] | None = None,
+) -> list[BlockKeep]:
     """Per-block allocation **(ours)**: the same MACs as `stage_keeps`, spread by OBS error.
 
     The stage's budget is the block-linear MACs that `heads_kept`/`units_kept` in every block
-    would remove. Candidates are each layer's next removal in its greedy order; the one with
-    the smallest recorded error ε per MAC saved is taken until the budget is spent (a head
-    costs 4·D·hd MACs per token, an MLP unit 2·D), so blocks whose layers reconstruct well
-    give up more. Every ε is the layer's output error in the residual stream (tr ΔW H ΔWᵀ),
-    which makes them comparable across blocks and between attention and MLP. At least one
-    head and one unit stay in every block. On digits-dit this adds 4.0 dB PSNR at S = 0.3 and 1.2 dB at 0.5 (docs/method.md §7.4).
+    (or `layer_keeps` per layer) would remove. Candidates are each layer's next removal in
+    its greedy order; the one with the smallest recorded error ε per MAC saved is taken
+    until the budget is spent (in a homogeneous network a head costs 4·D·hd MACs per token,
+    an MLP unit 2·D; `layer_costs` gives each layer's MACs per group otherwise), so blocks
+    whose layers reconstruct well give up more. Every ε is the layer's output error in the
+    residual stream (tr ΔW H ΔWᵀ), which makes them comparable across blocks and between
+    attention and MLP. At least one group stays in every layer. On digits-dit this adds
+    4.0 dB PSNR at S = 0.3 and 1.2 dB at 0.5 (docs/method.md §7.4).
     """
     import heapq
 
-    pairs = _block_layer_pairs(model)
-    layers = [layer for pair in pairs for layer in pair]
-    width = pairs[0][0].num_groups * pairs[0][0].group_size  # D = H·hd (DiT: inner dim = width)
-    cost = {layer.name: group_macs_per_token(layer.kind, width, layer.group_size) for layer in layers}
-    budget = sum(
-        cost[a.name] * (a.num_groups - heads_kept) + cost[m.name] * (m.num_groups - units_kept) for a, m in pairs
-    )
+    blocks = _block_layers(model)
+    layers = [layer for block in blocks for layer in block.values()]
+    if layer_costs is None:
+        width = blocks[0]["attn"].num_groups * blocks[0]["attn"].group_size  # D = H·hd (inner dim = width)
+        cost = {layer.name: group_macs_per_token(layer.kind, width, layer.group_size) for layer in layers}
+    else:
+        cost = {layer.name: int(layer_costs[layer.name]) for layer in layers}
+    budget = sum(cost[layer.name] * (layer.num_groups - _kept_count(layer, heads_kept, units_kept, layer_keeps)) for layer in layers)
     removed = {layer.name: 0 for layer in layers}
     limit = {layer.name: layer.num_groups - 1 for layer in layers}
     heap = []
@@ -223,20 +264,17 @@ def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads
         budget -= cost[name]
         push(layer)
     return [
-        BlockKeep(
-            heads=analysis.traces[a.name].kept_groups(removed[a.name]),
-            units=analysis.traces[m.name].kept_groups(removed[m.name]),
-        )
-        for a, m in pairs
+        _block_keep(block, {layer.name: analysis.traces[layer.name].kept_groups(removed[layer.name]) for layer in block.values()})
+        for block in blocks
     ]
 
 
-def _block_layer_pairs(model):
-    layers = prunable_layers(model)
+def _block_layers(model) -> list[dict[str, object]]:
+    """Per block, its prunable layers by kind ("attn", "cross_attn", "mlp")."""
     by_block: dict[int, dict[str, object]] = {}
-    for layer in layers:
+    for layer in prunable_layers(model):
         by_block.setdefault(layer.block, {})[layer.kind] = layer
-    return [(by_block[b]["attn"], by_block[b]["mlp"]) for b in sorted(by_block)]
+    return [by_block[b] for b in sorted(by_block)]
 
 
 def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config: PruneConfig) -> dict[str, torch.Tensor]:
@@ -245,9 +283,10 @@ def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config
         return {}
     modules = dict(model.named_modules())
     weights = {}
-    for (layer_attn, layer_mlp), keep in zip(_block_layer_pairs(model), keeps):
-        for layer, kept in ((layer_attn, keep.heads), (layer_mlp, keep.units)):
-            if len(kept) == layer.num_groups:
+    for block_layers, keep in zip(_block_layers(model), keeps):
+        for kind, layer in block_layers.items():
+            kept = getattr(keep, KEEP_FIELDS[kind])
+            if kept is None or len(kept) == layer.num_groups:
                 continue  # nothing removed: keep the original weights bit for bit
             weight = modules[layer.name].weight
             solved = reconstruct_weights(weight.detach(), analysis.hessians[layer.name].to(weight.device), kept, layer.group_size, config.damping)
@@ -335,8 +374,14 @@ def prune_steps(
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
         analysis = analyses[keys[i]]
-        allocate = stage_keeps_per_block if config.allocation == "per-block" else stage_keeps
-        keeps = allocate(loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i])
+        layer_keeps = plan.layer_keep_counts(i)
+        if config.allocation == "per-block":
+            costs = None if layer_keeps is None else {layer.name: layer.macs_per_group for layer in plan.shape.layers}
+            keeps = stage_keeps_per_block(
+                loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps, costs
+            )
+        else:
+            keeps = stage_keeps(loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps)
         stage_networks[i] = (keeps, stage_weights(loaded.transformer, analysis, keeps, config))
     staged = build_staged(loaded.transformer, plan, stage_networks)
     timings["build"] = time.perf_counter() - start
