@@ -184,6 +184,13 @@ class FamilyAdapter:
                 layers.append(PrunableLayer(index, kind, name, size, groups))
         return layers
 
+    def condition_for(self, loaded, values: Any) -> Any:
+        """The condition of N samples for this family: class labels (ids) or prompts (text)."""
+        from mosaic_core.conquer.sampling import check_labels
+
+        labels = check_labels(values, loaded.spec.num_classes).to(loaded.device)
+        return ClassCondition(labels, loaded.spec.num_classes)
+
     # -- the config side (pure: no weights) ---------------------------------------------
     def shape_from_config(self, config: Mapping[str, Any], **context: Any):
         """The cost shape (`divide.shapes`) of a denoiser from its diffusers config."""
@@ -216,9 +223,14 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
+FAMILY_MODULES = ("dit", "sdxl")  # one module per family; each registers its adapter on import
+
+
 def _ensure_registered() -> None:
-    if not _ADAPTERS:
-        from mosaic_core.models.adapters import dit, sdxl  # noqa: F401  (register themselves)
+    import importlib
+
+    for module in FAMILY_MODULES:
+        importlib.import_module(f"mosaic_core.models.adapters.{module}")  # cached after the first call
 
 
 def supported_classes() -> list[str]:
