@@ -167,6 +167,12 @@ class SDXLAdapter(FamilyAdapter):
     denoiser_folder = "unet"
     conditioning = "text"
 
+    def condition_for(self, loaded, values: Any) -> TextCondition:
+        """The text condition of `values` (a prompt or a list of prompts) at the model's image size."""
+        prompts = [values] if isinstance(values, str) else list(values)
+        size = loaded.pixel_size
+        return encode_prompts(loaded.extras, prompts, size, size, loaded.device, loaded.dtype)
+
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> BlockwiseShape:
         """Per-layer costs of the UNet's transformer blocks (`unet_layer_shapes`)."""
         return unet_layer_shapes(config, int(context.get("context_tokens", CONTEXT_TOKENS)))
