@@ -52,6 +52,7 @@ class PruneConfig:
     scorer: str = "obs"
     damping: float = DEFAULT_DAMPING
     allocation: str = "per-stage"  # per-block: spread each stage's budget over blocks by OBS error
+    hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -62,11 +63,15 @@ class PruneConfig:
             raise ValueError("per-block allocation needs the OBS scorer (magnitudes are not comparable errors)")
         if not 0.0 < float(self.damping) <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
+        if self.hessian_budget is not None and (isinstance(self.hessian_budget, bool) or int(self.hessian_budget) < 1):
+            raise ValueError(f"hessian budget must be a positive number of bytes (or None), got {self.hessian_budget!r}")
 
     def to_dict(self) -> dict:
         value = {"calibration": self.calibration.to_dict(), "scorer": self.scorer, "damping": float(self.damping)}
         if self.allocation != "per-stage":  # keeps the cache keys of per-stage results unchanged
             value["allocation"] = self.allocation
+        if self.hessian_budget is not None:
+            value["hessian_budget"] = int(self.hessian_budget)
         return value
 
 
@@ -91,6 +96,7 @@ class StageAnalysis:
     traces: dict[str, PruneTrace]
     cx: float
     seconds: dict[str, float] = field(default_factory=dict)
+    hessian_peak_bytes: int = 0  # float64 Hessian bytes held at once while gathering (0: not measured)
 
 
 @dataclass
@@ -105,6 +111,7 @@ class PruneResult:
     analyses: dict[str, StageAnalysis]
     cx: float
     seconds: dict[str, float]
+    hessian_peak_bytes: int = 0  # the most float64 Hessian bytes any analysis of this run held at once
 
 
 def stage_t_ranges(plan: Plan, config: PruneConfig) -> list[tuple[int, int] | None]:
@@ -118,6 +125,7 @@ def analysis_key(weights_hash: str, t_range, config: PruneConfig) -> str:
     """Content hash of an analysis: base weights, τ range, calibration, scorer, damping."""
     settings = config.to_dict()
     settings.pop("allocation", None)  # how kept counts are spread does not change the Hessians
+    settings.pop("hessian_budget", None)  # nor does gathering them a few blocks at a time
     payload = json.dumps({"weights": weights_hash, "t_range": t_range, **settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -139,38 +147,76 @@ def analyse_stage(
     """
     model = loaded.transformer
     layers = prunable_layers(model)
-    timings = {}
+    modules = dict(model.named_modules())
+    traces: dict[str, PruneTrace] = {}
+    if config.scorer != "obs":
+        timings = {}
+        start = time.perf_counter()
+        for index, layer in enumerate(layers):
+            if should_stop is not None and should_stop():
+                raise Cancelled("pruning cancelled")
+            traces[layer.name] = magnitude_prune_order(modules[layer.name].weight.detach(), layer.group_size, layer.num_groups - 1)
+            yield "solve", (index + 1) / len(layers), layer.name
+        timings["solve"] = time.perf_counter() - start
+        return StageAnalysis(key, t_range, {}, traces, clean.cx, timings)
+    # Layers are gathered in chunks of whole blocks whose float64 Hessians fit the memory
+    # budget (one chunk, every layer at once, without a budget); each chunk re-runs the same
+    # seeded calibration batches, so its Hessians are those of a single pass.
+    chunks = hessian_chunks(layers, config.hessian_budget)
+    timings = {"hessian": 0.0, "solve": 0.0}
     hessians: dict[str, torch.Tensor] = {}
-    solve_from = 0.0
-    if config.scorer == "obs":
-        # 1. H = XᵀX/n at every pruned layer's input, one calibration batch at a time.
+    peak = 0
+    for number, chunk in enumerate(chunks):
+        offset, share = number / len(chunks), 1 / len(chunks)
+        # 1. H = XᵀX/n at the input of every layer of the chunk, one calibration batch at a time.
         start = time.perf_counter()
         total = num_calibration_batches(clean, config.calibration)
         batches = calibration_batches(
             clean, sampler_alphas_cumprod(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
             device=loaded.device, dtype=loaded.dtype,
         )
-        steps = hessian_steps(model, batches, layers, should_stop, total)
-        hessians = yield from relay(steps, lambda progress: ("hessian", 0.5 * progress[0] / total, None))
-        timings["hessian"] = time.perf_counter() - start
-        solve_from = 0.5
-    # 2. One greedy pass per layer: the removal order (and error) of every group.
-    start = time.perf_counter()
-    modules = dict(model.named_modules())
-    traces: dict[str, PruneTrace] = {}
-    for index, layer in enumerate(layers):
-        if should_stop is not None and should_stop():
-            raise Cancelled("pruning cancelled")
-        weight = modules[layer.name].weight.detach()
-        if config.scorer == "obs":
+        steps = hessian_steps(model, batches, chunk, should_stop, total)
+        chunk_hessians = yield from relay(steps, lambda progress: ("hessian", offset + share * 0.5 * progress[0] / total, None))
+        peak = max(peak, sum(h.numel() * h.element_size() for h in chunk_hessians.values()))
+        timings["hessian"] += time.perf_counter() - start
+        # 2. One greedy pass per layer: the removal order (and error) of every group.
+        start = time.perf_counter()
+        for index, layer in enumerate(chunk):
+            if should_stop is not None and should_stop():
+                raise Cancelled("pruning cancelled")
+            weight = modules[layer.name].weight.detach()
             traces[layer.name] = obs_prune_order(
-                weight, hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
+                weight, chunk_hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
             )
-        else:
-            traces[layer.name] = magnitude_prune_order(weight, layer.group_size, layer.num_groups - 1)
-        yield "solve", solve_from + (1 - solve_from) * (index + 1) / len(layers), layer.name
-    timings["solve"] = time.perf_counter() - start
-    return StageAnalysis(key, t_range, {k: v.cpu() for k, v in hessians.items()}, traces, clean.cx, timings)
+            yield "solve", offset + share * (0.5 + 0.5 * (index + 1) / len(chunk)), layer.name
+        hessians.update({name: h.cpu() for name, h in chunk_hessians.items()})
+        del chunk_hessians
+        timings["solve"] += time.perf_counter() - start
+    return StageAnalysis(key, t_range, hessians, traces, clean.cx, timings, hessian_peak_bytes=peak)
+
+
+def hessian_chunks(layers, budget_bytes: int | None) -> list[list]:
+    """Consecutive whole blocks of `layers` whose float64 Hessians (Σ 8·in²) fit `budget_bytes`.
+
+    None: one chunk with every layer. A block larger than the budget on its own is a chunk
+    by itself (its layers must be solved together with the Hessians they need).
+    """
+    if budget_bytes is None:
+        return [list(layers)]
+    blocks: dict[int, list] = {}
+    for layer in layers:
+        blocks.setdefault(layer.block, []).append(layer)
+    chunks, current, used = [], [], 0
+    for block in blocks.values():
+        size = sum(8 * layer.in_features**2 for layer in block)
+        if current and used + size > budget_bytes:
+            chunks.append(current)
+            current, used = [], 0
+        current.extend(block)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 def _kept_count(layer, heads_kept: int, units_kept: int, layer_keeps: Mapping[str, int] | None) -> int:
@@ -387,7 +433,9 @@ def prune_steps(
     timings["build"] = time.perf_counter() - start
     yield PruneEvent("build", "", 1.0, message="done")
     cx = clean.cx if clean is not None else next((analyses[keys[i]].cx for i in needed), float("nan"))
-    return PruneResult(plan, config, staged, stage_networks, {keys[i]: analyses[keys[i]] for i in needed}, cx, timings)
+    used = {keys[i]: analyses[keys[i]] for i in needed}
+    peak = max((analysis.hessian_peak_bytes for analysis in used.values()), default=0)
+    return PruneResult(plan, config, staged, stage_networks, used, cx, timings, peak)
 
 
 def _with_events(analysis, stage: str, offset: float, share: float):
