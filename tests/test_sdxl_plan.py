@@ -92,3 +92,13 @@ def test_sdxl_base_shape_matches_the_real_unet_built_on_the_meta_device():
         sum(counts[f"UNet2DConditionModel.{l.name.rsplit('.', 2)[0]}.{linear}"].values()) for l in layers for linear in linears[l.kind]
     )
     assert flops // 2 == spec.shape.macs()
+
+
+def test_sdxl_base_parameters_are_the_public_count():
+    """SDXL-base-1.0's UNet has 2,567,463,684 parameters; built from the shipped config on
+    the meta device, so are ours; 2.18 B of them are in the prunable linear layers."""
+    from mosaic_core.models.parameters import parameter_split
+
+    split = parameter_split(resolve_model("sdxl-base"))
+    assert split.total == 2_567_463_684 and split.exact
+    assert split.prunable_linear == resolve_model("sdxl-base").shape.parameters() == 2_184_902_400

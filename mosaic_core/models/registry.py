@@ -58,6 +58,7 @@ class ModelSpec:
     class_names: tuple[str, ...] = field(default=())
     family: str = "dit"  # the adapter (mosaic_core.models.adapters) that knows this denoiser
     hub_id: str | None = None  # where the weights are looked for, when it differs from `name`
+    config_path: str | None = None  # the denoiser's shipped config.json, for entries planned without weights
 
     @property
     def null_class(self) -> int:
@@ -130,6 +131,7 @@ def _sdxl_base() -> ModelSpec:
         default_cfg=5.0,
         family=adapter.name,
         hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+        config_path=str(folder / "unet_config.json"),
         **adapter.spec_fields(unet, folder),
     )
 
