@@ -137,3 +137,94 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu") is not None])
         items[:] = kept
+
+
+# --- a tiny SDXL (UNet2DConditionModel, two CLIP text encoders, tokenizers written here) ---
+
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+def write_clip_tokenizer(folder, max_length: int = 77):
+    """A byte-level BPE CLIP tokenizer written from scratch: every byte char (and its
+    word-final form) is a token, plus a few merges; returns the loaded CLIPTokenizer."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # GPT-2's byte -> printable character table (the alphabet of byte-level BPE).
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    shifted = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(shifted))]
+    merges = [("t", "h</w>"), ("a", "n"), ("i", "n"), ("e", "r"), ("o", "n</w>"), ("c", "at</w>"), ("a", "t</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def tiny_sdxl_parts(tokenizer_folder, seed: int = 0):
+    """A tiny SDXL: a 2-level UNet2DConditionModel with 8 transformer blocks (2 down, 4 up,
+    2 mid; 4 heads of 8, GEGLU feed-forward of 128 units), a tiny VAE (32x32 RGB <-> 16x16x4), two CLIP text encoders (32 wide
+    each: cross_attention_dim 64 is their concatenation) with their tokenizers, Euler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = write_clip_tokenizer(f"{tokenizer_folder}/tokenizer")
+    tokenizer_2 = write_clip_tokenizer(f"{tokenizer_folder}/tokenizer_2")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+        norm_num_groups=8,
+    )
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=32, hidden_act="gelu",
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config)).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1, norm_num_groups=4, sample_size=32, scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(**SDXL_SCHEDULER)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """A tiny SDXL pipeline saved in diffusers' layout (unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    parts = tiny_sdxl_parts(tmp_path_factory.mktemp("tiny-sdxl-tokenizers"))
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLPipeline(**parts).save_pretrained(folder)
+    return folder

@@ -37,6 +37,14 @@ def format_macs(macs: float) -> str:
     return f"{macs / 1e12:.3f} T" if macs >= 1e12 else f"{macs / 1e9:.2f} G"
 
 
+def format_bytes(count: float) -> str:
+    """Bytes with a binary suffix, e.g. 13.7 GiB."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan: stages, τ ranges, steps, sparsity, kept structure, cost."""
     allocation = plan.allocation
@@ -62,6 +70,13 @@ def format_plan(plan: Plan) -> str:
         f"achieved {allocation.overall_achieved:.4f}",
         f"block-linear MACs per image: dense {format_macs(plan.macs_dense)}, "
         f"staged {format_macs(plan.macs_staged)}, ideal speed-up {plan.ideal_speedup:.2f}x",
+    ]
+    memory = plan.memory_figures()
+    lines += [
+        f"prunable-layer parameters: dense {memory['parameters_dense'] / 1e6:.1f} M, "
+        f"three stage networks {memory['parameters_staged'] / 1e6:.1f} M (shared layers not counted)",
+        f"Hessians a prune gathers (float64): {format_bytes(memory['hessian_bytes'])} for every layer at once, "
+        f"{format_bytes(memory['hessian_block_bytes'])} for the largest block",
     ]
     if allocation.middle_capped:
         lines.append("note: the middle stage's ratio was capped to the lowest of the other stages")

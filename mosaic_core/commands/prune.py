@@ -18,8 +18,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", default="snr", choices=CALIBRATION_MODES, help="calibration noise levels (default snr)")
     parser.add_argument("--calib-size", type=int, default=256, help="clean calibration images per stage (default 256)")
     parser.add_argument(
-        "--calib-source", default=None, choices=CALIBRATION_SOURCES,
-        help="clean inputs: the model's dataset, or the dense model's own samples (default: data for digits-dit, else samples)",
+        "--calib-source", default=None, metavar="|".join(CALIBRATION_SOURCES),
+        help="clean inputs: the model's dataset, the dense model's own samples, or a local image folder "
+        "encoded by the VAE (text-to-image models) (default: data for digits-dit, else samples)",
     )
     parser.add_argument("--scorer", default="obs", choices=SCORERS, help="structured OBS or magnitude (ablation)")
     parser.add_argument(
@@ -28,6 +29,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
     parser.add_argument("--seed", type=int, default=0, help="calibration seed")
+    parser.add_argument(
+        "--hessian-budget", type=float, default=None, metavar="MIB",
+        help="gather float64 Hessians a few blocks at a time, at most MIB MiB at once (default: every layer at once; "
+        "`plan` shows both figures)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32 on CPU)")
 
@@ -39,7 +45,13 @@ def prune_config_from_args(args: argparse.Namespace, spec):
 
     source = args.calib_source or default_calibration_source(spec)
     calibration = CalibrationConfig(mode=args.calib, size=args.calib_size, source=source, seed=args.seed)
-    return PruneConfig(calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=args.allocation)
+    budget = getattr(args, "hessian_budget", None)
+    if budget is not None and not budget > 0:
+        raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
+    return PruneConfig(
+        calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=args.allocation,
+        hessian_budget=None if budget is None else int(budget * 2**20),
+    )
 
 
 def register(subparsers) -> None:
@@ -82,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     ledger = memory_ledger(loaded.transformer, result.staged)
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"measured c_x = {result.cx:.4f}; {seconds}")
+    if result.hessian_peak_bytes:
+        budget = "every layer at once" if config.hessian_budget is None else f"budget {config.hessian_budget / 2**20:.1f} MiB"
+        print(f"Hessians held at once: peak {result.hessian_peak_bytes / 2**20:.1f} MiB ({budget})")
     print(
         f"parameters: dense {ledger.dense_bytes / 2**20:.1f} MiB, staged (shared) {ledger.staged_bytes / 2**20:.1f} MiB, "
         f"three copies {ledger.naive_bytes / 2**20:.1f} MiB"

@@ -12,12 +12,17 @@ def register(subparsers) -> None:
     """Add the `sample` command."""
     parser = subparsers.add_parser(
         "sample",
-        help="sample images to an .npz (images uint8 N×H×W×C, labels N; image i has class i mod classes)",
+        help="sample images to an .npz (images uint8 N×H×W×C, labels N; image i has class i mod classes, "
+        "or prompt i mod the --prompt list for a text-to-image model, labels -1)",
         description="Sample a model with classifier-free guidance; with --pruned, the staged pruned model.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
     parser.add_argument("--pruned", default=None, metavar="DIR", help="a pruned checkpoint folder written by `prune`")
     parser.add_argument("--n", type=int, default=20, help="number of images (default 20)")
+    parser.add_argument(
+        "--prompt", action="append", default=None, metavar="TEXT",
+        help="text prompt of a text-to-image model (repeat for several; image i gets prompt i mod the list)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -56,12 +61,19 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.prune.checkpoint import load_pruned
 
         transformer = load_pruned(args.pruned, loaded)
-    labels = labels_for(args.n, spec.num_classes)
+    if loaded.adapter.conditioning == "text":
+        if not args.prompt:
+            raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" (repeat it for several prompts)")
+        labels = loaded.adapter.condition_for(loaded, [args.prompt[i % len(args.prompt)] for i in range(args.n)])
+    elif args.prompt:
+        raise ValueError(f"model '{spec.name}' is class-conditional: --prompt is for text-to-image models")
+    else:
+        labels = labels_for(args.n, spec.num_classes)
     with tqdm(total=config.num_inference_steps, desc="sampling", unit="step") as bar:
         result = run_to_end(sample_loaded(loaded, labels, config, transformer=transformer), lambda event: bar.update(1))
     save_samples(args.out, result.images, result.labels)
     if args.grid:
-        save_grid(args.grid, result.images, columns=min(spec.num_classes, 10))
+        save_grid(args.grid, result.images, columns=min(spec.num_classes or len(result.images), 10))
     print(f"wrote {len(result.images)} images to {args.out} in {result.total_seconds:.1f} s")
     if args.metrics:
         from mosaic_core.conquer.compare import is_digit_model

@@ -1,4 +1,4 @@
-"""Sampling any DiT-like denoiser with classifier-free guidance and any diffusers scheduler.
+"""Sampling any family's denoiser with classifier-free guidance and any diffusers scheduler.
 
 `sample_steps` is a generator that yields one `StepEvent` per denoising step (step index,
 timestep, seconds of that step, the current latents and predicted x₀) and returns a
@@ -10,8 +10,10 @@ Determinism: image i's initial noise is drawn from its own generator seeded with
 dense and a pruned model given the same seed start from identical noise. Stochastic
 samplers (DDPM) draw their per-step noise from per-image generators in the same way.
 
-Classifier-free guidance (Ho & Salimans 2022, eq. 6), with null label ∅ = num_classes:
-    ε̂ = ε(x, ∅) + g · (ε(x, y) − ε(x, ∅))
+Classifier-free guidance (Ho & Salimans 2022, eq. 6), with the condition's null ∅ (the
+null label num_classes for class labels; the family adapter's null for other conditions,
+e.g. zero prompt embeddings for SDXL):
+    ε̂ = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅))
 g = 1 runs only the conditional branch; otherwise each call doubles the batch [x, x].
 """
 
@@ -113,17 +115,19 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _denoise(model, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, null: torch.Tensor, g: float) -> torch.Tensor:
-    """One guided ε prediction. x: N×C×H×W; labels, null: N."""
+def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float) -> torch.Tensor:
+    """One guided ε prediction. x: N×C×H×W; condition, null: N samples each (adapters' conditions)."""
+    from mosaic_core.models.adapters import concat_conditions
+
     channels = x.shape[1]
     if g == 1.0:
-        out = model(x, timestep=t.expand(x.shape[0]), class_labels=labels).sample
+        out = model(x, timestep=t.expand(x.shape[0]), **condition.model_kwargs()).sample
         return out[:, :channels]  # learned-σ models output 2C channels: keep ε
     if g == 0.0:
-        out = model(x, timestep=t.expand(x.shape[0]), class_labels=null).sample
+        out = model(x, timestep=t.expand(x.shape[0]), **null.model_kwargs()).sample
         return out[:, :channels]
     both = torch.cat([x, x])  # 2N×C×H×W
-    out = model(both, timestep=t.expand(both.shape[0]), class_labels=torch.cat([labels, null])).sample
+    out = model(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
     eps_cond, eps_uncond = out[:, :channels].chunk(2)
     return eps_uncond + g * (eps_cond - eps_uncond)
 
@@ -160,6 +164,10 @@ def sample_steps(
 ) -> Generator[StepEvent, None, SampleResult]:
     """Sample images for `labels`, yielding a `StepEvent` per step; returns a `SampleResult`.
 
+    `labels` are class ids (checked against `num_classes`) or a family's condition object
+    (`mosaic_core.models.adapters`, e.g. SDXL's `TextCondition` from `encode_prompts`);
+    the result's `labels` are then -1 (no class).
+
     `sample_shape` is (C, H, W) of the model's input; `noise`, if given, replaces the seeded
     initial noise (N×C×H×W). `should_stop` is polled between steps; stopping raises
     `mosaic_core.jobs.Cancelled`.
@@ -170,10 +178,16 @@ def sample_steps(
     rounded timestep, clipped like DDIM/DDPM clip theirs when the schedule clips samples.
     """
     from mosaic_core.jobs import Cancelled
+    from mosaic_core.models.adapters import ClassCondition, move_condition
 
-    y = check_labels(labels, num_classes)
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    if hasattr(labels, "model_kwargs"):
+        condition = move_condition(labels, device, dtype)
+        y = torch.full((condition.batch_size,), -1, dtype=torch.long)
+    else:
+        y = check_labels(labels, num_classes)
+        condition = ClassCondition(y.to(device), num_classes)
     scheduler = make_scheduler(config.scheduler, scheduler_config)
     scheduler.set_timesteps(config.num_inference_steps)
     if noise is None:
@@ -181,8 +195,7 @@ def sample_steps(
     elif tuple(noise.shape) != (len(y),) + tuple(sample_shape):
         raise ValueError(f"noise must have shape {(len(y),) + tuple(sample_shape)}, got {tuple(noise.shape)}")
     x = (noise * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
-    y = y.to(device)
-    null = torch.full_like(y, num_classes)
+    null = condition.null()
     # DDPM's per-step noise: one generator per image too, so images stay batch-independent.
     step_generators = [torch.Generator().manual_seed(int(config.seed) * 1_000_003 + 500_009 + i) for i in range(len(y))]
     seconds = []
@@ -197,7 +210,7 @@ def sample_steps(
             # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM).
             model_input = scheduler.scale_model_input(x, t)
             # 2. Guided ε prediction at this timestep.
-            eps = _denoise(model, model_input, t.to(device), y, null, config.guidance_scale)
+            eps = _denoise(model, model_input, t.to(device), condition, null, config.guidance_scale)
             # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
             kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}
             out = scheduler.step(eps, t, x, **kwargs)

@@ -1,4 +1,4 @@
-"""Conquer: one transformer that switches stage sub-networks by timestep (docs/method.md §4).
+"""Conquer: one denoiser that switches stage sub-networks by timestep (docs/method.md §4).
 
 `StagedDiT` holds the early, middle and late sub-networks (from `surgery.sliced_model`,
 sharing every unpruned module with the dense model) and the inclusive middle-stage
@@ -7,9 +7,11 @@ bounds [t_min, t_max] in model timesteps:
     τ > t_max → early (noisiest),   t_min ≤ τ ≤ t_max → middle,   τ < t_min → late.
 
 Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer
-first, by the one rule of `divide.stages.stage_of_timesteps`. It has the forward signature, `config`,
-`dtype` and `device` of `DiTTransformer2DModel`, so a sampler or diffusers pipeline calls
-it unchanged.
+first, by the one rule of `divide.stages.stage_of_timesteps`. It forwards every argument
+of the call to the stage's network and returns what that network returns, and reads
+`config`, `dtype`, `device` and any other attribute from the dense-shaped middle network,
+so it is a drop-in for any family's denoiser: DiTPipeline's `transformer`,
+StableDiffusionXLPipeline's `unet` (which also reads e.g. `add_embedding`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from mosaic_core.divide.stages import STAGE_NAMES as STAGES
 from mosaic_core.divide.stages import stage_of_timesteps
 
-__all__ = ["STAGES", "StagedDiT", "MemoryLedger", "memory_ledger", "param_count", "param_bytes"]
+__all__ = ["STAGES", "StagedDiT", "StagedDenoiser", "MemoryLedger", "memory_ledger", "param_count", "param_bytes"]
 
 
 
@@ -52,7 +54,7 @@ def param_bytes(*modules: nn.Module) -> int:
 
 
 class StagedDiT(nn.Module):
-    """A DiT-shaped module that runs the early/middle/late sub-network of each timestep.
+    """A denoiser that runs the early/middle/late sub-network of each timestep (any family).
 
     `stage_calls` records the stage names of every call (a mixed batch adds one entry per
     stage it contains, in early, middle, late order); `reset_stage_calls()` clears it.
@@ -110,18 +112,27 @@ class StagedDiT(nn.Module):
         t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy()
         return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        timestep: torch.LongTensor | None = None,
-        class_labels: torch.LongTensor | None = None,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ):
-        """Same signature and outputs as `DiTTransformer2DModel.forward`, routed by timestep."""
+    def __getattr__(self, name: str):
+        """Attributes a pipeline reads from its denoiser (e.g. `add_embedding`) come from `middle`."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            middle = self.__dict__.get("_modules", {}).get("middle")
+            if middle is None or name.startswith("_"):
+                raise
+            return getattr(middle, name)
+
+    def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
+        """The stage network's forward for these timesteps; every argument is passed through.
+
+        A mixed batch (timesteps of several stages) is split: each stage's network runs on
+        its rows (every tensor argument whose first dimension is the batch is sliced,
+        also inside dicts such as `added_cond_kwargs`), and the rows are put back in order.
+        """
+        from mosaic_core.models.adapters import select_rows
+
         if timestep is None:
             raise ValueError("StagedDiT needs a timestep to choose the stage sub-network")
-        kwargs = {"cross_attention_kwargs": cross_attention_kwargs}
         stage = self.stage_index(timestep.detach().cpu() if torch.is_tensor(timestep) else timestep).reshape(-1)
         batch = hidden_states.shape[0]
         present = sorted(set(stage.tolist()))  # stage indices in this call, early first
@@ -130,35 +141,35 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            output = self.networks()[present[0]](
-                hidden_states, timestep=timestep, class_labels=class_labels, return_dict=False, **kwargs
-            )[0]
-        else:
-            # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
-            if stage.numel() != batch:
-                raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
-            output = None
-            for index, network in enumerate(self.networks()):
-                rows = torch.nonzero(stage == index).flatten()
-                if rows.numel() == 0:
-                    continue
-                self.stage_calls.append(STAGES[index])
-                rows_dev = rows.to(hidden_states.device)
-                part = network(
-                    hidden_states.index_select(0, rows_dev),
-                    timestep=timestep.index_select(0, rows.to(timestep.device)),
-                    class_labels=None if class_labels is None else class_labels.index_select(0, rows.to(class_labels.device)),
-                    return_dict=False,
-                    **kwargs,
-                )[0]
-                if output is None:
-                    output = part.new_empty((batch, *part.shape[1:]))
-                output[rows_dev] = part
+            return self.networks()[present[0]](hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+        # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
+        if stage.numel() != batch:
+            raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
+        output, output_type = None, None
+        for index, network in enumerate(self.networks()):
+            rows = torch.nonzero(stage == index).flatten()
+            if rows.numel() == 0:
+                continue
+            self.stage_calls.append(STAGES[index])
+            rows_dev = rows.to(hidden_states.device)
+            part = network(
+                hidden_states.index_select(0, rows_dev),
+                select_rows(timestep, rows, batch),
+                *select_rows(tuple(args), rows, batch),
+                return_dict=True,
+                **select_rows(kwargs, rows, batch),
+            )
+            output_type = type(part)
+            sample = part.sample
+            if output is None:
+                output = sample.new_empty((batch, *sample.shape[1:]))
+            output[rows_dev] = sample
         if not return_dict:
             return (output,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+        return output_type(sample=output)
 
-        return Transformer2DModelOutput(sample=output)
+
+StagedDenoiser = StagedDiT  # the family-neutral name; StagedDiT stays for existing callers
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,19 @@ another stage with steps, the middle stage takes that stage's keep counts (auto 
 | `ratios`         | rᵢ     | eq. 2.2                                          |
 | `requested`      | sᵢ     | after eq. 2.3 and water-filling                  |
 | `achieved`       | aᵢ     | removed MAC fraction after rounding              |
+
+Heterogeneous networks (a UNet: `shapes.BlockwiseShape`, one cost per prunable layer; ours).
+Every attention layer ℓ (self or cross) with Gℓ heads keeps
+
+    heads_keptℓ = Gℓ − clip(round(sᵢ · Gℓ), 0, Gℓ − 1)
+
+and the feed-forward layers give up one common fraction f of their units, chosen so that
+the removed MACs come closest to sᵢ of the dense MACs:
+
+    f = clip((sᵢ·C − removed attention MACs) / C_ff, 0, 1),  units_removedℓ = clip(round(f·Fℓ), 0, Fℓ − 1)
+
+`layer_keeps` then holds every layer's kept count; `heads_kept` / `units_kept` hold their
+totals over the network (the shape's `num_heads` / `mlp_hidden` are totals too).
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mosaic_core.divide.cost import block_macs_per_step, head_macs_per_step, unit_macs_per_step
-from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape
 from mosaic_core.divide.noise_schedule import ScoreCurve
 from mosaic_core.divide.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds
 
@@ -94,6 +107,7 @@ class StageKeep:
     heads_kept: int
     units_kept: int
     achieved: float
+    layer_keeps: tuple[int, ...] | None = None  # per layer of a BlockwiseShape, else None
 
 
 def round_to_structure(sparsity: float, shape: TransformerShape) -> StageKeep:
@@ -105,6 +119,8 @@ def round_to_structure(sparsity: float, shape: TransformerShape) -> StageKeep:
     3. achieved = 1 - MACs(kept) / MACs(dense).
     """
     sparsity = check_sparsity(sparsity)
+    if isinstance(shape, BlockwiseShape):
+        return _round_blockwise(sparsity, shape)
     heads_removed = int(np.clip(math.floor(sparsity * shape.num_heads + 0.5), 0, shape.num_heads - 1))
     dense = block_macs_per_step(shape)
     remaining = sparsity * dense - heads_removed * head_macs_per_step(shape)
@@ -113,6 +129,30 @@ def round_to_structure(sparsity: float, shape: TransformerShape) -> StageKeep:
     units_kept = shape.mlp_hidden - units_removed
     achieved = 1.0 - block_macs_per_step(shape, heads_kept, units_kept) / dense
     return StageKeep(heads_kept=heads_kept, units_kept=units_kept, achieved=achieved)
+
+
+def _round_blockwise(sparsity: float, shape: BlockwiseShape) -> StageKeep:
+    """Per-layer kept counts of a heterogeneous network (module docstring, ours)."""
+    dense = shape.macs()
+    keeps = []
+    removed_attention = 0
+    for layer in shape.layers:
+        if layer.kind == "mlp":
+            keeps.append(layer.num_groups)
+            continue
+        removed = int(np.clip(math.floor(sparsity * layer.num_groups + 0.5), 0, layer.num_groups - 1))
+        removed_attention += removed * layer.macs_per_group
+        keeps.append(layer.num_groups - removed)
+    ff_dense = sum(layer.num_groups * layer.macs_per_group for layer in shape.layers if layer.kind == "mlp")
+    fraction = float(np.clip((sparsity * dense - removed_attention) / ff_dense, 0.0, 1.0)) if ff_dense else 0.0
+    for index, layer in enumerate(shape.layers):
+        if layer.kind == "mlp":
+            removed = int(np.clip(math.floor(fraction * layer.num_groups + 0.5), 0, layer.num_groups - 1))
+            keeps[index] = layer.num_groups - removed
+    keeps = tuple(keeps)
+    heads = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind != "mlp")
+    units = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind == "mlp")
+    return StageKeep(heads, units, 1.0 - shape.macs(keeps) / dense, keeps)
 
 
 @dataclass(frozen=True)
@@ -131,10 +171,13 @@ class Allocation:
     overall_requested: float
     overall_achieved: float
     middle_capped: bool = False
+    layer_keeps: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None  # BlockwiseShape only
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"allocation mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.layer_keeps is not None and len(self.layer_keeps) != 3:
+            raise ValueError(f"layer_keeps must have 3 entries (early, middle, late), got {len(self.layer_keeps)}")
         for name in ("step_counts", "requested", "achieved", "heads_kept", "units_kept"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"{name} must have 3 values (early, middle, late), got {getattr(self, name)}")
@@ -215,6 +258,7 @@ def _finish(
         overall_requested=_step_weighted_mean(requested, counts),
         overall_achieved=_step_weighted_mean(achieved, counts),
         middle_capped=middle_capped,
+        layer_keeps=tuple(keep.layer_keeps for keep in keeps) if isinstance(shape, BlockwiseShape) else None,  # type: ignore[arg-type]
     )
 
 

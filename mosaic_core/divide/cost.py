@@ -18,6 +18,12 @@ guidance doubling), times the number of sampler steps for a whole sample.
 | `units_kept`  | u      | ≤ 4608   |
 | `step_counts` | nᵢ     | steps per stage |
 
+A heterogeneous network (`shapes.BlockwiseShape`, a UNet whose blocks differ in width and
+token count, and whose cross-attention K/V run over the text tokens) has one cost per
+prunable layer instead (`LayerShape`): the totals below are then Σ over layers of kept
+groups × that layer's MACs (or weights) per group, with the kept counts of
+`Allocation.layer_keeps`.
+
 `allocation_or_keep_counts` arguments take either an object with `heads_kept` and
 `units_kept` sequences of length 3 (an `allocation.Allocation`), or three `(heads, units)`
 pairs, or `None` for the dense network at every stage.
@@ -27,7 +33,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape
+
+
+def _blockwise_keeps(shape: BlockwiseShape, allocation_or_keep_counts: Any) -> list:
+    """Per-stage per-layer kept counts of a blockwise shape (None = dense)."""
+    if allocation_or_keep_counts is None:
+        return [None] * 3
+    keeps = getattr(allocation_or_keep_counts, "layer_keeps", allocation_or_keep_counts)
+    if keeps is None or len(keeps) != 3:
+        raise ValueError("a blockwise shape needs per-layer kept counts for each of the 3 stages (Allocation.layer_keeps)")
+    return list(keeps)
 
 
 def _keep_counts(shape: TransformerShape, heads_kept: int | None, units_kept: int | None) -> tuple[int, int]:
@@ -94,6 +110,8 @@ def sampling_macs(shape: TransformerShape, allocation_or_keep_counts: Any, step_
     `allocation_or_keep_counts=None` gives the dense total, `Σ nᵢ · block_macs_per_step(shape)`.
     """
     counts = _check_step_counts(step_counts)
+    if isinstance(shape, BlockwiseShape):
+        return sum(n * shape.macs(keep) for n, keep in zip(counts, _blockwise_keeps(shape, allocation_or_keep_counts)))
     keeps = _stage_keep_counts(shape, allocation_or_keep_counts)
     return sum(n * block_macs_per_step(shape, heads, units) for n, (heads, units) in zip(counts, keeps))
 
@@ -112,6 +130,10 @@ def linear_parameter_count(shape: TransformerShape, heads_kept: int | None = Non
     fc2 = u · D + D. The out and fc2 biases (D each) are never pruned but are counted,
     since a sliced copy of those layers stores them too.
     """
+    if isinstance(shape, BlockwiseShape):
+        if heads_kept is not None or units_kept is not None:
+            raise ValueError("a blockwise shape counts parameters per layer: use shape.parameters(layer_keeps)")
+        return shape.parameters()
     heads, units = _keep_counts(shape, heads_kept, units_kept)
     width = shape.hidden_size
     inner = heads * shape.head_dim
@@ -126,5 +148,7 @@ def staged_parameter_count(shape: TransformerShape, allocation_or_keep_counts: A
     Everything else (embedders, adaLN, final layer) is shared between stages and not
     counted (docs/method.md §4, ours); compare with `linear_parameter_count(shape)` for dense.
     """
+    if isinstance(shape, BlockwiseShape):
+        return sum(shape.parameters(keep) for keep in _blockwise_keeps(shape, allocation_or_keep_counts))
     keeps = _stage_keep_counts(shape, allocation_or_keep_counts)
     return sum(linear_parameter_count(shape, heads, units) for heads, units in keeps)

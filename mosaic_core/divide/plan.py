@@ -21,8 +21,8 @@ from mosaic_core.divide.allocation import (
     manual_sparsity,
     uniform_sparsity,
 )
-from mosaic_core.divide.cost import ideal_speedup, sampling_macs
-from mosaic_core.divide.shapes import TransformerShape
+from mosaic_core.divide.cost import ideal_speedup, linear_parameter_count, sampling_macs, staged_parameter_count
+from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape, shape_from_dict
 from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
 from mosaic_core.models.samplers import check_num_steps, check_scheduler_name, sampler_timesteps
@@ -54,7 +54,7 @@ class Plan:
     cx: float
     mode: str
     scheduler_config: Mapping[str, Any]
-    shape: TransformerShape
+    shape: TransformerShape | BlockwiseShape
     bounds: StageBounds
     allocation: Allocation
     timesteps: tuple[float, ...]
@@ -76,6 +76,23 @@ class Plan:
     def ideal_speedup(self) -> float:
         """Dense MACs / staged MACs."""
         return ideal_speedup(self.macs_dense, self.macs_staged)
+
+    def layer_keep_counts(self, stage: int) -> dict[str, int] | None:
+        """Kept groups per prunable layer name for `stage` (blockwise shapes), else None."""
+        keeps = self.allocation.layer_keeps
+        if keeps is None or keeps[stage] is None:
+            return None
+        return {layer.name: int(kept) for layer, kept in zip(self.shape.layers, keeps[stage])}
+
+    def memory_figures(self) -> dict[str, int]:
+        """Parameters (dense, three stage networks side by side) and the float64 Hessian bytes
+        of a prune: every prunable layer at once, and the largest block (block by block)."""
+        return {
+            "parameters_dense": int(linear_parameter_count(self.shape)),
+            "parameters_staged": int(staged_parameter_count(self.shape, self.allocation if self.allocation.layer_keeps else list(zip(self.allocation.heads_kept, self.allocation.units_kept)))),
+            "hessian_bytes": int(self.shape.hessian_bytes()),
+            "hessian_block_bytes": int(self.shape.block_hessian_bytes()),
+        }
 
     def stage_of(self, timesteps) -> np.ndarray:
         """Stage index (0 early, 1 middle, 2 late) of model timesteps (rounded, clipped)."""
@@ -103,6 +120,8 @@ class Plan:
                     "units_kept": int(allocation.units_kept[index]),
                 }
             )
+            if allocation.layer_keeps is not None:
+                stages[-1]["layer_keeps"] = [int(k) for k in allocation.layer_keeps[index]]
         return {
             "model": self.model,
             "scheduler": self.scheduler,
@@ -121,14 +140,9 @@ class Plan:
             "ideal_speedup": float(self.ideal_speedup),
             "timesteps": [_json_number(t) for t in self.timesteps],
             "step_stages": [STAGE_NAMES[s] for s in self.step_stages],
-            "shape": {
-                "num_layers": self.shape.num_layers,
-                "num_heads": self.shape.num_heads,
-                "head_dim": self.shape.head_dim,
-                "mlp_hidden": self.shape.mlp_hidden,
-                "num_tokens": self.shape.num_tokens,
-            },
+            "shape": self.shape.to_dict(),
             "scheduler_config": dict(self.scheduler_config),
+            **self.memory_figures(),
         }
 
     @classmethod
@@ -157,6 +171,7 @@ class Plan:
                 overall_requested=float(data["requested_sparsity"]),
                 overall_achieved=float(data["overall_sparsity"]),
                 middle_capped=bool(data.get("middle_capped", False)),
+                layer_keeps=tuple(tuple(int(k) for k in stage["layer_keeps"]) for stage in stages) if "layer_keeps" in stages[0] else None,  # type: ignore[arg-type]
             )
             return cls(
                 model=str(data["model"]),
@@ -167,7 +182,7 @@ class Plan:
                 cx=float(data["cx"]),
                 mode=str(data["mode"]),
                 scheduler_config=dict(data["scheduler_config"]),
-                shape=TransformerShape(**{k: int(v) for k, v in data["shape"].items()}),
+                shape=shape_from_dict(data["shape"]),
                 bounds=bounds,
                 allocation=allocation,
                 timesteps=tuple(float(t) for t in data["timesteps"]),

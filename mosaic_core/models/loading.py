@@ -1,5 +1,9 @@
 """Loading a registry model's weights: the built-in digits-dit, a hub id present locally, or a folder.
 
+The family adapter (`ModelSpec.family`) says which diffusers class the denoiser is, where it
+sits in a pipeline folder (`transformer/`, `unet/`) and which other components it needs to
+be conditioned (SDXL: two text encoders and their tokenizers, in `LoadedModel.extras`).
+
 Nothing is downloaded: a hub id (`facebook/DiT-XL-2-256`) loads from a local diffusers copy
 (see `registry.hub_folder`), and a missing one fails with a message saying where to put it.
 """
@@ -7,7 +11,7 @@ Nothing is downloaded: a hub id (`facebook/DiT-XL-2-256`) loads from a local dif
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +31,21 @@ class LoadedModel:
     vae: torch.nn.Module | None
     scheduler_config: Mapping[str, Any]
     weights_hash: str
+    extras: dict[str, Any] = field(default_factory=dict)  # text encoders, tokenizers (text families)
+
+    @property
+    def adapter(self):
+        """The family adapter of this model (`mosaic_core.models.adapters`)."""
+        from mosaic_core.models.adapters import adapter_named
+
+        return adapter_named(self.spec.family)
+
+    @property
+    def pixel_size(self) -> int:
+        """Side of the decoded image: sample_size × the VAE's 2^(levels − 1) (pixels: sample_size)."""
+        if self.vae is None:
+            return self.spec.sample_size
+        return self.spec.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def device(self) -> torch.device:
@@ -68,16 +87,19 @@ def weights_hash(folder: str | Path) -> str:
 
 
 def weights_folder(spec: ModelSpec) -> Path | None:
-    """The folder holding the transformer's config.json and safetensors, or None when absent.
+    """The folder holding the denoiser's config.json and safetensors, or None when absent.
 
     The one rule for every caller (loader, studio, cache keys): the model's folder itself
-    (the built-in model, or a bare model folder) or its `transformer/` (diffusers' pipeline
-    layout), whichever holds a config.json and at least one .safetensors file.
+    (the built-in model, or a bare model folder) or its denoiser sub-folder in diffusers'
+    pipeline layout (`transformer/` or `unet/`, as the family adapter says), whichever
+    holds a config.json and at least one .safetensors file.
     """
+    from mosaic_core.models.adapters import adapter_named
+
     if not spec.path:
         return None
     root = Path(spec.path)
-    for candidate in (root / "transformer", root):
+    for candidate in (root / adapter_named(spec.family).denoiser_folder, root):
         if (candidate / "config.json").is_file() and any(candidate.glob("*.safetensors")):
             return candidate
     return None
@@ -89,7 +111,10 @@ def missing_weights_hint(spec: ModelSpec) -> str:
         return f"weights not present yet in {spec.path}: run `python -m mosaic_core train`"
     if spec.source == "hub" and not spec.path:
         return f"weights not present: {where_to_put(spec.name)}"
-    return f"weights not present in {spec.path} (expected transformer/config.json and *.safetensors)"
+    from mosaic_core.models.adapters import adapter_named
+
+    sub = adapter_named(spec.family).denoiser_folder
+    return f"weights not present in {spec.path} (expected {sub}/config.json and *.safetensors)"
 
 
 def _transformer_folder(spec: ModelSpec) -> Path:
@@ -104,14 +129,20 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> LoadedModel:
-    """Load a model's transformer (and VAE for latent models) from local files, in eval mode."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
+    """Load a model's denoiser (and VAE for latent models, text encoders for text families), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    from mosaic_core.models.adapters import adapter_for_class, adapter_named
 
     spec = resolve_model(name) if isinstance(name, str) else name
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     folder = _transformer_folder(spec)
-    transformer = DiTTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    adapter = adapter_named(spec.family)
+    config_class = _config_class(folder)
+    if config_class is not None and adapter_for_class(config_class) is not adapter:
+        raise ValueError(f"{folder} holds a {config_class}, but '{spec.name}' is a {adapter.name} model")
+    transformer = adapter.load_denoiser(folder, dtype).to(device).eval()
     transformer.requires_grad_(False)
     vae = None
     if spec.latent:
@@ -126,4 +157,15 @@ def load_model(
         vae=vae,
         scheduler_config=spec.scheduler_config,
         weights_hash=weights_hash(folder),
+        extras=adapter.load_extras(Path(spec.path), device, dtype),
     )
+
+
+def _config_class(folder: Path) -> str | None:
+    """The `_class_name` of the denoiser config in `folder`, if it names one."""
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None

@@ -36,6 +36,8 @@ def transformer_config(spec: ModelSpec) -> tuple[dict, bool]:
     folder = weights_folder(spec)
     if folder is not None:
         return json.loads((Path(folder) / "config.json").read_text()), True
+    if spec.config_path:  # a registry entry that ships its public config (sdxl-base)
+        return json.loads(Path(spec.config_path).read_text()), True
     if spec.name == "digits-dit":
         from mosaic_core.models.digits import DIGITS_DIT_CONFIG
 
@@ -64,11 +66,16 @@ def parameter_split(spec: ModelSpec) -> ParameterSplit:
 
 @lru_cache(maxsize=16)
 def _meta_parameter_count(config_json: str) -> int:
-    """Parameters of a DiTTransformer2DModel built on the meta device (no memory, no weights)."""
+    """Parameters of the config's denoiser class (`_class_name`, DiT when absent) built on the
+    meta device (no memory, no weights)."""
+    import diffusers
     import torch
-    from diffusers import DiTTransformer2DModel
 
-    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    from mosaic_core.models.adapters import adapter_for_class
+
+    config = json.loads(config_json)
+    cls = getattr(diffusers, adapter_for_class(config.get("_class_name", "DiTTransformer2DModel")).model_classes[0])
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = DiTTransformer2DModel(**config)
+        model = cls(**config)
     return int(sum(p.numel() for p in model.parameters()))

@@ -1,13 +1,19 @@
 """Model registry: what the engine knows about a model before loading any weight.
 
-An entry (`ModelSpec`) carries the noise schedule (a diffusers scheduler config) and the
-transformer's block shapes, which is all the Divide engine and the cost model need. Loading
-weights is `mosaic_core.models.loading`'s job; planning works for a model whose weights are absent.
+An entry (`ModelSpec`) carries the noise schedule (a diffusers scheduler config), the
+denoiser's cost shape and its family (the adapter in `mosaic_core.models.adapters` that
+knows its blocks and conditioning), which is all the Divide engine and the cost model need.
+Loading weights is `mosaic_core.models.loading`'s job; planning works for a model whose
+weights are absent.
 
 Names resolve in this order:
-1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`);
-2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and
-   `transformer/config.json`), or a folder holding a bare `scheduler_config.json`.
+1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`,
+   `sdxl-base`: SDXL-base-1.0's public UNet and scheduler configs ship in
+   `assets/configs/sdxl-base/`);
+2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and the denoiser's
+   `transformer/config.json` or `unet/config.json`), or a folder holding a bare
+   `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
+   picks the family; an unknown one is refused with the list of supported classes.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ class ModelSpec:
     default_cfg: float = 1.5
     path: str | None = None
     class_names: tuple[str, ...] = field(default=())
+    family: str = "dit"  # the adapter (mosaic_core.models.adapters) that knows this denoiser
+    hub_id: str | None = None  # where the weights are looked for, when it differs from `name`
+    config_path: str | None = None  # the denoiser's shipped config.json, for entries planned without weights
 
     @property
     def null_class(self) -> int:
@@ -106,9 +115,34 @@ _REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+def _sdxl_base() -> ModelSpec:
+    """SDXL-base-1.0 from its shipped public configs (no weights needed to plan)."""
+    from mosaic_core.models.adapters import adapter_for_class
+
+    folder = ASSETS_DIR / "configs" / "sdxl-base"
+    unet = _read_json(folder / "unet_config.json")
+    adapter = adapter_for_class(unet["_class_name"])
+    return ModelSpec(
+        name="sdxl-base",
+        description="Stable Diffusion XL base 1.0: text-to-image latent UNet (2.6 B parameters), 1024x1024.",
+        scheduler_config=MappingProxyType(_read_json(folder / "scheduler_config.json")),
+        source="hub",
+        default_steps=50,
+        default_cfg=5.0,
+        family=adapter.name,
+        hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+        config_path=str(folder / "unet_config.json"),
+        **adapter.spec_fields(unet, folder),
+    )
+
+
+# Entries built on first use (they read config files and import the family adapters).
+_LAZY_REGISTRY = {"sdxl-base": _sdxl_base}
+
+
 def known_models() -> list[str]:
     """Names of the built-in registry entries."""
-    return list(_REGISTRY)
+    return list(_REGISTRY) + list(_LAZY_REGISTRY)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -125,11 +159,15 @@ def _scheduler_config_in(folder: Path) -> dict[str, Any] | None:
     return None
 
 
-def _transformer_config_in(folder: Path) -> dict[str, Any] | None:
-    for candidate in (folder / "transformer" / "config.json", folder / "config.json"):
+DENOISER_FOLDERS = ("transformer", "unet")
+
+
+def _denoiser_config_in(folder: Path) -> dict[str, Any] | None:
+    """The denoiser's diffusers config in a folder (transformer/, unet/ or the folder itself)."""
+    for candidate in [folder / name / "config.json" for name in DENOISER_FOLDERS] + [folder / "config.json"]:
         if candidate.is_file():
             config = _read_json(candidate)
-            if "num_attention_heads" in config or "_class_name" in config:
+            if "_class_name" in config:
                 return config
     return None
 
@@ -144,13 +182,13 @@ def hub_folder(model_id: str) -> Path | None:
     roots.append(PROJECT_ROOT / "cache" / "models")
     for root in roots:
         for name in (model_id, model_id.replace("/", "--")):
-            if (root / name / "transformer").is_dir():
+            if any((root / name / sub).is_dir() for sub in DENOISER_FOLDERS):
                 return root / name
     try:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(model_id, local_files_only=True))
-        return folder if (folder / "transformer").is_dir() else None
+        return folder if any((folder / sub).is_dir() for sub in DENOISER_FOLDERS) else None
     except Exception:  # noqa: BLE001 - any cache miss or hub error means "not present"
         return None
 
@@ -158,7 +196,7 @@ def hub_folder(model_id: str) -> Path | None:
 def where_to_put(model_id: str) -> str:
     """One sentence telling the user where the weights of a hub id are looked for."""
     return (
-        f"put a diffusers copy of '{model_id}' (folders transformer/, vae/, scheduler/) in "
+        f"put a diffusers copy of '{model_id}' (folders transformer/ or unet/, vae/, scheduler/, …) in "
         f"cache/models/{model_id.replace('/', '--')} or ${MODELS_DIR_ENV}/{model_id}, "
         f"or pass the folder path as --model"
     )
@@ -171,10 +209,10 @@ def resolve_model(name: str) -> ModelSpec:
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if name in _REGISTRY:
-        spec = _REGISTRY[name]
+    if name in _REGISTRY or name in _LAZY_REGISTRY:
+        spec = _REGISTRY[name] if name in _REGISTRY else _LAZY_REGISTRY[name]()
         if spec.source == "hub":
-            folder = hub_folder(name)
+            folder = hub_folder(spec.hub_id or name)
             if folder is not None:
                 return ModelSpec(**{**spec.__dict__, "path": str(folder)})
         return spec
@@ -186,19 +224,24 @@ def resolve_model(name: str) -> ModelSpec:
                 f"folder '{name}' has no scheduler config: expected scheduler/scheduler_config.json "
                 f"(diffusers layout) or scheduler_config.json"
             )
-        transformer = _transformer_config_in(folder) or {}
-        shape = TransformerShape.from_dit_config(transformer)
+        from mosaic_core.models.adapters import adapter_for_class, supported_classes
+
+        denoiser = _denoiser_config_in(folder)
+        if denoiser is None:
+            raise ValueError(
+                f"folder '{name}' has no denoiser config: expected transformer/config.json or unet/config.json "
+                f"(diffusers layout) or config.json, with a _class_name among {', '.join(supported_classes())}"
+            )
+        adapter = adapter_for_class(str(denoiser["_class_name"]))
         return ModelSpec(
             name=str(folder),
             description=f"local diffusers folder {folder}",
             scheduler_config=MappingProxyType(scheduler),
-            shape=shape,
-            num_classes=int(transformer.get("num_embeds_ada_norm", 1000) or 1000),
             source="folder",
-            in_channels=int(transformer.get("in_channels", 4)),
-            sample_size=int(transformer.get("sample_size", 32)),
-            latent=(folder / "vae").is_dir(),
             path=str(folder),
+            family=adapter.name,
+            default_cfg=5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg,
+            **adapter.spec_fields(denoiser, folder),
         )
     raise ValueError(
         f"unknown model '{name}': choose one of {', '.join(known_models())}, "

@@ -15,7 +15,11 @@ unconditional branch of classifier-free guidance is calibrated too (docs/method.
 
 Clean inputs x₀ come from the model's dataset (`data`: the real digits for digits-dit) or,
 for any model, from the dense model's own samples (`samples`: data-free; for a latent model
-these are already latents, no VAE encoding needed).
+these are already latents, no VAE encoding needed), or from a local image folder encoded by
+the VAE (`folder:PATH`). A text-to-image family is conditioned on prompts from
+`assets/prompts.txt` (the i-th clean input on prompt i mod the list, after a seeded shuffle),
+embedded by the pipeline's own text encoders (`FamilyAdapter.condition_for`); the null copy
+of each batch is the family's unconditional condition, so both CFG branches are calibrated.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mosaic_core.models.adapters.base import move_condition, select_rows
+
 CALIBRATION_MODES = ("snr", "random", "clean")
-CALIBRATION_SOURCES = ("data", "samples")
+CALIBRATION_SOURCES = ("data", "samples", "folder:PATH")
+PROMPTS_FILE = "prompts.txt"  # in assets/: calibration prompts of text-to-image models
 MAX_CALIBRATION_SIZE = 8192
 
 
@@ -51,7 +58,7 @@ class CalibrationConfig:
     def __post_init__(self) -> None:
         if self.mode not in CALIBRATION_MODES:
             raise ValueError(f"unknown calibration mode '{self.mode}': choose one of {', '.join(CALIBRATION_MODES)}")
-        if self.source not in CALIBRATION_SOURCES:
+        if self.source not in CALIBRATION_SOURCES[:2] and not (str(self.source).startswith("folder:") and len(self.source) > 7):
             raise ValueError(f"unknown calibration source '{self.source}': choose one of {', '.join(CALIBRATION_SOURCES)}")
         if isinstance(self.size, bool) or int(self.size) != self.size or not 1 <= self.size <= MAX_CALIBRATION_SIZE:
             raise ValueError(f"calibration size must be a whole number in [1, {MAX_CALIBRATION_SIZE}], got {self.size!r}")
@@ -66,7 +73,11 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class CleanSet:
-    """Clean model inputs x₀ (N×C×H×W, model space) with labels, and c_x = E‖x₀‖²/d."""
+    """Clean model inputs x₀ (N×C×H×W, model space) with their conditions, and c_x = E‖x₀‖²/d.
+
+    `labels` are class labels (N,), or a family's condition object for N samples (e.g.
+    SDXL's prompt embeddings: `mosaic_core.models.adapters`).
+    """
 
     x0: torch.Tensor
     labels: torch.Tensor
@@ -77,8 +88,82 @@ class CleanSet:
         return float(self.x0.double().pow(2).mean())
 
 
+def calibration_prompts(size: int, seed: int) -> list[str]:
+    """`size` prompts from assets/prompts.txt: a seeded shuffle, cycled."""
+    from mosaic_core.models.registry import ASSETS_DIR
+
+    prompts = [line.strip() for line in (ASSETS_DIR / PROMPTS_FILE).read_text().splitlines() if line.strip()]
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [prompts[order[i % len(prompts)]] for i in range(size)]
+
+
+def _text_clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSet:
+    """Clean latents of a text-to-image model with their prompts' conditions (samples or a folder)."""
+    from mosaic_core.conquer.sampling import SampleConfig, sample_steps
+    from mosaic_core.models.adapters import concat_conditions, move_condition
+
+    prompts = calibration_prompts(config.size, config.seed)
+    images = _folder_latents(loaded, config) if config.source.startswith("folder:") else None
+    xs, conditions = [], None
+    for start in range(0, config.size, config.batch_size):
+        chunk = prompts[start : start + config.batch_size]
+        condition = loaded.adapter.condition_for(loaded, chunk)
+        if images is not None:
+            xs.append(images[start : start + len(chunk)])
+        else:
+            steps = sample_steps(
+                loaded.transformer, loaded.scheduler_config, condition,
+                SampleConfig(num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg, seed=config.seed),
+                num_classes=0, sample_shape=(loaded.spec.in_channels, loaded.spec.sample_size, loaded.spec.sample_size),
+                noise=_noise_for(chunk, loaded, config.seed, start), should_stop=should_stop,
+            )
+            last = None
+            for event in steps:
+                last = event
+            xs.append(last.latents.float().cpu())
+        condition = move_condition(condition, "cpu", torch.float32)
+        conditions = condition if conditions is None else concat_conditions(conditions, condition)
+    return CleanSet(torch.cat(xs), conditions)
+
+
+def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
+    """`config.size` images of a local folder (cycled), resized to the model's size, VAE-encoded."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(config.source[len("folder:") :]).expanduser()
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    if not files:
+        raise ValueError(f"calibration folder '{folder}' has no .png/.jpg/.jpeg/.webp/.bmp images")
+    if loaded.vae is None:
+        raise ValueError(f"model '{loaded.spec.name}' has no VAE to encode the images of '{folder}'")
+    size = loaded.pixel_size
+    latents = []
+    for start in range(0, config.size, config.batch_size):
+        batch = []
+        for i in range(start, min(start + config.batch_size, config.size)):
+            image = Image.open(files[i % len(files)]).convert("RGB").resize((size, size), Image.BICUBIC)
+            batch.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))  # C×H×W in [-1, 1]
+        pixels = torch.stack(batch).to(device=loaded.vae.device, dtype=loaded.vae.dtype)
+        with torch.no_grad():
+            encoded = loaded.vae.encode(pixels).latent_dist.mean * loaded.vae.config.scaling_factor
+        latents.append(encoded.float().cpu())
+    return torch.cat(latents)
+
+
 def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSet:
-    """`config.size` clean inputs for `loaded`: dataset images, or the dense model's own samples."""
+    """`config.size` clean inputs for `loaded`: dataset images, the dense model's own samples,
+    or a local image folder; with class labels, or a text family's prompt conditions."""
+    if loaded.adapter.conditioning == "text":
+        if config.source == "data":
+            raise ValueError(
+                f"model '{loaded.spec.name}' has no built-in dataset: use calibration source 'samples' "
+                "(data-free) or 'folder:PATH' (local images)"
+            )
+        return _text_clean_inputs(loaded, config, should_stop)
+    if config.source.startswith("folder:"):
+        raise ValueError(f"calibration source '{config.source}' needs a text-to-image model; use 'samples' or 'data'")
     generator = torch.Generator().manual_seed(config.seed)
     if config.source == "data":
         if loaded.spec.name != "digits-dit" and loaded.spec.source != "builtin":
@@ -130,7 +215,10 @@ def calibration_batches(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches (x_τ, τ, y) for one stage; each batch is followed by its null-label copy.
+    """Batches (x_τ, τ, y) for one stage; each batch is followed by its null-condition copy.
+
+    y is a slice of `clean.labels`: class labels (then the copy has `null_class`), or a
+    condition object (then the copy is its `null()`: both CFG branches are calibrated).
 
     `t_range` is the stage's inclusive (t_min, t_max); None means all timesteps. The draws
     depend only on `config.seed`, so every run (and every scorer) sees the same data.
@@ -145,16 +233,23 @@ def calibration_batches(
     noise = torch.randn(clean.x0.shape, generator=generator)
     for start in range(0, n, config.batch_size):
         x0 = clean.x0[start : start + config.batch_size]
-        y = clean.labels[start : start + config.batch_size]
+        rows = torch.arange(start, min(start + config.batch_size, n))
+        y = clean.labels[start : start + config.batch_size] if torch.is_tensor(clean.labels) else select_rows(clean.labels, rows, n)
         if config.mode == "clean":
             tb, x_t = torch.zeros(len(x0), dtype=torch.long), x0
         else:
             tb = t[start : start + config.batch_size]
             a = alphas_cumprod[tb].view(-1, 1, 1, 1).to(x0.dtype)
             x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise[start : start + config.batch_size]
-        x_t, tb, y = x_t.to(device=device, dtype=dtype), tb.to(device), y.to(device)
-        yield x_t, tb, y
-        yield x_t, tb, torch.full_like(y, null_class)
+        x_t, tb = x_t.to(device=device, dtype=dtype), tb.to(device)
+        if torch.is_tensor(y):
+            y = y.to(device)
+            yield x_t, tb, y
+            yield x_t, tb, torch.full_like(y, null_class)
+        else:
+            y = move_condition(y, device, dtype)
+            yield x_t, tb, y
+            yield x_t, tb, y.null()
 
 
 def num_calibration_batches(clean: CleanSet, config: CalibrationConfig) -> int:

@@ -134,7 +134,9 @@ def load_pruned(folder: str | Path, loaded):
             f"not from the loaded '{loaded.spec.name}' (weights {loaded.weights_hash}): prune this model again"
         )
     networks = []
-    num_blocks = len(loaded.transformer.transformer_blocks)
+    from mosaic_core.models.adapters import adapter_for_model
+
+    num_blocks = len(adapter_for_model(loaded.transformer).block_paths(loaded.transformer))
     for network in manifest["networks"]:
         path = folder / network["file"]
         if not path.is_file():

@@ -1,11 +1,13 @@
 """Layer Hessians for structured OBS: H = XᵀX / n at the inputs of the pruned layers.
 
-What is pruned in a DiT block (docs/method.md §3) is the *input* side of two linear layers:
+What is pruned in a transformer block (docs/method.md §3) is the *input* side of the
+output projections that the family adapter names (`mosaic_core.models.adapters`):
 
-- `attn1.to_out.0` (D × H·hd): attention head h is the group of input columns
-  [h·hd, (h+1)·hd); removing it also removes rows [h·hd, (h+1)·hd) of to_q/to_k/to_v.
-- `ff.net.2` (D × F): MLP hidden unit j is input column j; removing it also removes
-  row j (and bias j) of `ff.net.0.proj`.
+- `attn1.to_out.0` (D × H·hd), and `attn2.to_out.0` for cross-attention: attention head
+  h is the group of input columns [h·hd, (h+1)·hd); removing it also removes rows
+  [h·hd, (h+1)·hd) of to_q/to_k/to_v.
+- `ff.net.2` (D × F): feed-forward unit j is input column j; removing it also removes
+  row j (and bias j) of `ff.net.0.proj` (rows j and j+F for a gated GEGLU).
 
 For a linear layer y = W x the output reconstruction error of a weight change ΔW,
 averaged over the n calibration tokens x₁..xₙ (rows of X, n × in), is
@@ -32,15 +34,17 @@ import torch
 
 from mosaic_core.jobs import Cancelled
 
-LayerKind = Literal["attn", "mlp"]
+LayerKind = Literal["attn", "cross_attn", "mlp"]
+LAYER_KINDS = ("attn", "cross_attn", "mlp")
 
 
 @dataclass(frozen=True)
 class PrunableLayer:
-    """One prunable linear layer of a DiT block, named as in `model.named_modules()`.
+    """One prunable linear layer of a block, named as in `model.named_modules()`.
 
     `group_size` input columns form one prunable group (head_dim for attention heads, 1
-    for MLP units); the layer has `num_groups` groups and `num_groups * group_size` inputs.
+    for feed-forward units); the layer has `num_groups` groups and `num_groups * group_size`
+    inputs. `kind` is "attn" (self-attention), "cross_attn" or "mlp".
     """
 
     block: int
@@ -50,8 +54,8 @@ class PrunableLayer:
     num_groups: int
 
     def __post_init__(self) -> None:
-        if self.kind not in ("attn", "mlp"):
-            raise ValueError(f"kind must be 'attn' or 'mlp', got {self.kind!r}")
+        if self.kind not in LAYER_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(LAYER_KINDS)}, got {self.kind!r}")
         if self.group_size < 1 or self.num_groups < 1:
             raise ValueError(
                 f"group_size and num_groups must be >= 1, got {self.group_size} and {self.num_groups}"
@@ -64,23 +68,14 @@ class PrunableLayer:
 
 
 def prunable_layers(model: torch.nn.Module) -> list[PrunableLayer]:
-    """The pruned layers of a DiT, block by block: attention output, then MLP fc2.
+    """The pruned layers of a denoiser, block by block: self-attention, cross-attention, feed-forward.
 
-    Reads the sizes from the modules themselves (not the config), so it also works on a
-    sliced model whose blocks have fewer heads/units than the config says.
+    The family adapter finds the blocks by module path; sizes are read from the modules
+    themselves (not the config), so it also works on a sliced model.
     """
-    blocks = getattr(model, "transformer_blocks", None)
-    if blocks is None:
-        raise ValueError(f"expected a DiT with `transformer_blocks`, got {type(model).__name__}")
-    layers: list[PrunableLayer] = []
-    for index, block in enumerate(blocks):
-        attn, fc2 = block.attn1, block.ff.net[2]
-        head_dim = attn.inner_dim // attn.heads
-        layers.append(
-            PrunableLayer(index, "attn", f"transformer_blocks.{index}.attn1.to_out.0", head_dim, attn.heads)
-        )
-        layers.append(PrunableLayer(index, "mlp", f"transformer_blocks.{index}.ff.net.2", 1, fc2.in_features))
-    return layers
+    from mosaic_core.models.adapters import adapter_for_model
+
+    return adapter_for_model(model).prunable_layers(model)
 
 
 class HessianAccumulator:
@@ -177,12 +172,15 @@ class HessianCollector:
         self._handles.clear()
         self.model.train(self._was_training)
 
-    def run(self, x_t: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> None:
-        """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and labels."""
+    def run(self, x_t: torch.Tensor, timestep: torch.Tensor, condition) -> None:
+        """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and the
+        condition (class labels (N,), or a family's condition object; `adapters.as_condition`)."""
+        from mosaic_core.models.adapters import as_condition
+
         if not self._handles:
             raise RuntimeError("HessianCollector.run must be called inside its `with` block")
         with torch.no_grad():
-            self.model(x_t, timestep=timestep, class_labels=class_labels)
+            self.model(x_t, timestep=timestep, **as_condition(condition).model_kwargs())
         self.batches += 1
 
     def hessians(self) -> dict[str, torch.Tensor]:
@@ -204,17 +202,17 @@ def hessian_steps(
 ) -> Generator[tuple[int, int | None], None, dict[str, torch.Tensor]]:
     """The one Hessian loop: a generator of (batches done, total) that returns H per layer.
 
-    Each batch is (x_t, t, y): noisy inputs N×C×H×W, model timesteps (N,) and class labels
-    (N,); see `HessianCollector`. `should_stop()` is polled before each batch and raises
+    Each batch is (x_t, t, c): noisy inputs N×C×H×W, model timesteps (N,) and the
+    condition (class labels (N,) or a condition object); see `HessianCollector`. `should_stop()` is polled before each batch and raises
     `mosaic_core.jobs.Cancelled`. Hooks are always removed, also on error or cancel.
     """
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
     with HessianCollector(model, layers) as collector:
-        for x_t, timestep, class_labels in batches:
+        for x_t, timestep, condition in batches:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"calibration cancelled after {collector.batches} batches")
-            collector.run(x_t, timestep, class_labels)
+            collector.run(x_t, timestep, condition)
             yield collector.batches, total
     return collector.hessians()
 

@@ -186,17 +186,25 @@ class PruneService:
 
 
 def stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
-    """Heads and MLP units of each stage network, read from its blocks (all blocks must agree)."""
-    from mosaic_core.prune.surgery import block_sizes
+    """Heads and feed-forward units of each stage network, read from its layers: per block
+    when every block is alike (a DiT), else totals over the network (a UNet)."""
+    from mosaic_core.prune.hessian import prunable_layers
 
-    total_heads, _, total_units = block_sizes(dense.transformer_blocks[0])
+    def per_block(network) -> dict[int, tuple[int, int]]:
+        sizes: dict[int, tuple[int, int]] = {}
+        for layer in prunable_layers(network):
+            heads, units = sizes.get(layer.block, (0, 0))
+            sizes[layer.block] = (heads + layer.num_groups, units) if layer.kind != "mlp" else (heads, units + layer.num_groups)
+        return sizes
+
     networks = staged.networks()
+    sizes = [per_block(network) for network in (dense, *networks)]
+    alike = all(len(set(s.values())) == 1 for s in sizes)  # every block alike in every network (a DiT)
+    figures = [next(iter(s.values())) if alike else tuple(map(sum, zip(*s.values()))) for s in sizes]
+    total_heads, total_units = figures[0]
     rows = []
     for index, (name, network) in enumerate(zip(STAGE_NAMES, networks)):
-        sizes = {block_sizes(block) for block in network.transformer_blocks}
-        if len(sizes) != 1:
-            raise ValueError(f"the {name} network's blocks differ in size: {sorted(sizes)}")
-        heads, _, units = sizes.pop()
+        heads, units = figures[index + 1]
         shared = "dense" if network is dense else next((STAGE_NAMES[j] for j in range(index) if networks[j] is network), None)
         rows.append(
             StageKept(name, plan.step_counts[index], plan.allocation.achieved[index], heads, total_heads, units, total_units, shared)

@@ -37,6 +37,7 @@ from mosaic_core.models.samplers import sampler_alphas_cumprod
 from mosaic_core.divide.stages import STAGE_NAMES
 from mosaic_core.conquer.staged_denoiser import StagedDiT
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
+from mosaic_core.models.adapters.base import KEEP_FIELDS
 
 SCORERS = ("obs", "magnitude")
 ALLOCATIONS = ("per-stage", "per-block")
@@ -51,6 +52,7 @@ class PruneConfig:
     scorer: str = "obs"
     damping: float = DEFAULT_DAMPING
     allocation: str = "per-stage"  # per-block: spread each stage's budget over blocks by OBS error
+    hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
 
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
@@ -61,11 +63,15 @@ class PruneConfig:
             raise ValueError("per-block allocation needs the OBS scorer (magnitudes are not comparable errors)")
         if not 0.0 < float(self.damping) <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
+        if self.hessian_budget is not None and (isinstance(self.hessian_budget, bool) or int(self.hessian_budget) < 1):
+            raise ValueError(f"hessian budget must be a positive number of bytes (or None), got {self.hessian_budget!r}")
 
     def to_dict(self) -> dict:
         value = {"calibration": self.calibration.to_dict(), "scorer": self.scorer, "damping": float(self.damping)}
         if self.allocation != "per-stage":  # keeps the cache keys of per-stage results unchanged
             value["allocation"] = self.allocation
+        if self.hessian_budget is not None:
+            value["hessian_budget"] = int(self.hessian_budget)
         return value
 
 
@@ -90,6 +96,7 @@ class StageAnalysis:
     traces: dict[str, PruneTrace]
     cx: float
     seconds: dict[str, float] = field(default_factory=dict)
+    hessian_peak_bytes: int = 0  # float64 Hessian bytes held at once while gathering (0: not measured)
 
 
 @dataclass
@@ -104,6 +111,7 @@ class PruneResult:
     analyses: dict[str, StageAnalysis]
     cx: float
     seconds: dict[str, float]
+    hessian_peak_bytes: int = 0  # the most float64 Hessian bytes any analysis of this run held at once
 
 
 def stage_t_ranges(plan: Plan, config: PruneConfig) -> list[tuple[int, int] | None]:
@@ -117,6 +125,7 @@ def analysis_key(weights_hash: str, t_range, config: PruneConfig) -> str:
     """Content hash of an analysis: base weights, τ range, calibration, scorer, damping."""
     settings = config.to_dict()
     settings.pop("allocation", None)  # how kept counts are spread does not change the Hessians
+    settings.pop("hessian_budget", None)  # nor does gathering them a few blocks at a time
     payload = json.dumps({"weights": weights_hash, "t_range": t_range, **settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -138,70 +147,148 @@ def analyse_stage(
     """
     model = loaded.transformer
     layers = prunable_layers(model)
-    timings = {}
+    modules = dict(model.named_modules())
+    traces: dict[str, PruneTrace] = {}
+    if config.scorer != "obs":
+        timings = {}
+        start = time.perf_counter()
+        for index, layer in enumerate(layers):
+            if should_stop is not None and should_stop():
+                raise Cancelled("pruning cancelled")
+            traces[layer.name] = magnitude_prune_order(modules[layer.name].weight.detach(), layer.group_size, layer.num_groups - 1)
+            yield "solve", (index + 1) / len(layers), layer.name
+        timings["solve"] = time.perf_counter() - start
+        return StageAnalysis(key, t_range, {}, traces, clean.cx, timings)
+    # Layers are gathered in chunks of whole blocks whose float64 Hessians fit the memory
+    # budget (one chunk, every layer at once, without a budget); each chunk re-runs the same
+    # seeded calibration batches, so its Hessians are those of a single pass.
+    chunks = hessian_chunks(layers, config.hessian_budget)
+    timings = {"hessian": 0.0, "solve": 0.0}
     hessians: dict[str, torch.Tensor] = {}
-    solve_from = 0.0
-    if config.scorer == "obs":
-        # 1. H = XᵀX/n at every pruned layer's input, one calibration batch at a time.
+    peak = 0
+    for number, chunk in enumerate(chunks):
+        offset, share = number / len(chunks), 1 / len(chunks)
+        # 1. H = XᵀX/n at the input of every layer of the chunk, one calibration batch at a time.
         start = time.perf_counter()
         total = num_calibration_batches(clean, config.calibration)
         batches = calibration_batches(
             clean, sampler_alphas_cumprod(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
             device=loaded.device, dtype=loaded.dtype,
         )
-        steps = hessian_steps(model, batches, layers, should_stop, total)
-        hessians = yield from relay(steps, lambda progress: ("hessian", 0.5 * progress[0] / total, None))
-        timings["hessian"] = time.perf_counter() - start
-        solve_from = 0.5
-    # 2. One greedy pass per layer: the removal order (and error) of every group.
-    start = time.perf_counter()
-    modules = dict(model.named_modules())
-    traces: dict[str, PruneTrace] = {}
-    for index, layer in enumerate(layers):
-        if should_stop is not None and should_stop():
-            raise Cancelled("pruning cancelled")
-        weight = modules[layer.name].weight.detach()
-        if config.scorer == "obs":
+        steps = hessian_steps(model, batches, chunk, should_stop, total)
+        chunk_hessians = yield from relay(steps, lambda progress: ("hessian", offset + share * 0.5 * progress[0] / total, None))
+        peak = max(peak, sum(h.numel() * h.element_size() for h in chunk_hessians.values()))
+        timings["hessian"] += time.perf_counter() - start
+        # 2. One greedy pass per layer: the removal order (and error) of every group.
+        start = time.perf_counter()
+        for index, layer in enumerate(chunk):
+            if should_stop is not None and should_stop():
+                raise Cancelled("pruning cancelled")
+            weight = modules[layer.name].weight.detach()
             traces[layer.name] = obs_prune_order(
-                weight, hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
+                weight, chunk_hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
             )
-        else:
-            traces[layer.name] = magnitude_prune_order(weight, layer.group_size, layer.num_groups - 1)
-        yield "solve", solve_from + (1 - solve_from) * (index + 1) / len(layers), layer.name
-    timings["solve"] = time.perf_counter() - start
-    return StageAnalysis(key, t_range, {k: v.cpu() for k, v in hessians.items()}, traces, clean.cx, timings)
+            yield "solve", offset + share * (0.5 + 0.5 * (index + 1) / len(chunk)), layer.name
+        hessians.update({name: h.cpu() for name, h in chunk_hessians.items()})
+        del chunk_hessians
+        timings["solve"] += time.perf_counter() - start
+    return StageAnalysis(key, t_range, hessians, traces, clean.cx, timings, hessian_peak_bytes=peak)
 
 
-def stage_keeps(model: torch.nn.Module, analysis: StageAnalysis, heads_kept: int, units_kept: int) -> list[BlockKeep]:
-    """Per block, the heads and units that survive: all but the first removals of each order."""
+def hessian_chunks(layers, budget_bytes: int | None) -> list[list]:
+    """Consecutive whole blocks of `layers` whose float64 Hessians (Σ 8·in²) fit `budget_bytes`.
+
+    None: one chunk with every layer. A block larger than the budget on its own is a chunk
+    by itself (its layers must be solved together with the Hessians they need).
+    """
+    if budget_bytes is None:
+        return [list(layers)]
+    blocks: dict[int, list] = {}
+    for layer in layers:
+        blocks.setdefault(layer.block, []).append(layer)
+    chunks, current, used = [], [], 0
+    for block in blocks.values():
+        size = sum(8 * layer.in_features**2 for layer in block)
+        if current and used + size > budget_bytes:
+            chunks.append(current)
+            current, used = [], 0
+        current.extend(block)
+        used += size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _kept_count(layer, heads_kept: int, units_kept: int, layer_keeps: Mapping[str, int] | None) -> int:
+    """Groups `layer` keeps: its own count (blockwise plans) or the plan's heads/units per block."""
+    if layer_keeps is not None:
+        return int(layer_keeps[layer.name])
+    return units_kept if layer.kind == "mlp" else heads_kept
+
+
+def _block_keep(block_layers: Mapping[str, object], kept: Mapping[str, tuple[int, ...]]) -> BlockKeep:
+    """A `BlockKeep` from the kept groups of one block's layers (by kind)."""
+    return BlockKeep(
+        heads=kept[block_layers["attn"].name],
+        units=kept[block_layers["mlp"].name],
+        cross_heads=kept[block_layers["cross_attn"].name] if "cross_attn" in block_layers else None,
+    )
+
+
+def stage_keeps(
+    model: torch.nn.Module,
+    analysis: StageAnalysis,
+    heads_kept: int,
+    units_kept: int,
+    layer_keeps: Mapping[str, int] | None = None,
+) -> list[BlockKeep]:
+    """Per block, the groups that survive: all but the first removals of each layer's order.
+
+    Every attention layer keeps `heads_kept` heads and every feed-forward `units_kept`
+    units, or, for a blockwise plan, each layer its own count from `layer_keeps`.
+    """
     keeps = []
-    for layer_attn, layer_mlp in _block_layer_pairs(model):
-        heads = analysis.traces[layer_attn.name].kept_groups(layer_attn.num_groups - heads_kept)
-        units = analysis.traces[layer_mlp.name].kept_groups(layer_mlp.num_groups - units_kept)
-        keeps.append(BlockKeep(heads=heads, units=units))
+    for block_layers in _block_layers(model):
+        kept = {
+            layer.name: analysis.traces[layer.name].kept_groups(
+                layer.num_groups - _kept_count(layer, heads_kept, units_kept, layer_keeps)
+            )
+            for layer in block_layers.values()
+        }
+        keeps.append(_block_keep(block_layers, kept))
     return keeps
 
 
-def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads_kept: int, units_kept: int) -> list[BlockKeep]:
+def stage_keeps_per_block(
+    model: torch.nn.Module,
+    analysis: StageAnalysis,
+    heads_kept: int,
+    units_kept: int,
+    layer_keeps: Mapping[str, int] | None = None,
+    layer_costs: Mapping[str, int] | None = None,
+) -> list[BlockKeep]:
     """Per-block allocation **(ours)**: the same MACs as `stage_keeps`, spread by OBS error.
 
     The stage's budget is the block-linear MACs that `heads_kept`/`units_kept` in every block
-    would remove. Candidates are each layer's next removal in its greedy order; the one with
-    the smallest recorded error ε per MAC saved is taken until the budget is spent (a head
-    costs 4·D·hd MACs per token, an MLP unit 2·D), so blocks whose layers reconstruct well
-    give up more. Every ε is the layer's output error in the residual stream (tr ΔW H ΔWᵀ),
-    which makes them comparable across blocks and between attention and MLP. At least one
-    head and one unit stay in every block. On digits-dit this adds 4.0 dB PSNR at S = 0.3 and 1.2 dB at 0.5 (docs/method.md §7.4).
+    (or `layer_keeps` per layer) would remove. Candidates are each layer's next removal in
+    its greedy order; the one with the smallest recorded error ε per MAC saved is taken
+    until the budget is spent (in a homogeneous network a head costs 4·D·hd MACs per token,
+    an MLP unit 2·D; `layer_costs` gives each layer's MACs per group otherwise), so blocks
+    whose layers reconstruct well give up more. Every ε is the layer's output error in the
+    residual stream (tr ΔW H ΔWᵀ), which makes them comparable across blocks and between
+    attention and MLP. At least one group stays in every layer. On digits-dit this adds
+    4.0 dB PSNR at S = 0.3 and 1.2 dB at 0.5 (docs/method.md §7.4).
     """
     import heapq
 
-    pairs = _block_layer_pairs(model)
-    layers = [layer for pair in pairs for layer in pair]
-    width = pairs[0][0].num_groups * pairs[0][0].group_size  # D = H·hd (DiT: inner dim = width)
-    cost = {layer.name: group_macs_per_token(layer.kind, width, layer.group_size) for layer in layers}
-    budget = sum(
-        cost[a.name] * (a.num_groups - heads_kept) + cost[m.name] * (m.num_groups - units_kept) for a, m in pairs
-    )
+    blocks = _block_layers(model)
+    layers = [layer for block in blocks for layer in block.values()]
+    if layer_costs is None:
+        width = blocks[0]["attn"].num_groups * blocks[0]["attn"].group_size  # D = H·hd (inner dim = width)
+        cost = {layer.name: group_macs_per_token(layer.kind, width, layer.group_size) for layer in layers}
+    else:
+        cost = {layer.name: int(layer_costs[layer.name]) for layer in layers}
+    budget = sum(cost[layer.name] * (layer.num_groups - _kept_count(layer, heads_kept, units_kept, layer_keeps)) for layer in layers)
     removed = {layer.name: 0 for layer in layers}
     limit = {layer.name: layer.num_groups - 1 for layer in layers}
     heap = []
@@ -223,20 +310,17 @@ def stage_keeps_per_block(model: torch.nn.Module, analysis: StageAnalysis, heads
         budget -= cost[name]
         push(layer)
     return [
-        BlockKeep(
-            heads=analysis.traces[a.name].kept_groups(removed[a.name]),
-            units=analysis.traces[m.name].kept_groups(removed[m.name]),
-        )
-        for a, m in pairs
+        _block_keep(block, {layer.name: analysis.traces[layer.name].kept_groups(removed[layer.name]) for layer in block.values()})
+        for block in blocks
     ]
 
 
-def _block_layer_pairs(model):
-    layers = prunable_layers(model)
+def _block_layers(model) -> list[dict[str, object]]:
+    """Per block, its prunable layers by kind ("attn", "cross_attn", "mlp")."""
     by_block: dict[int, dict[str, object]] = {}
-    for layer in layers:
+    for layer in prunable_layers(model):
         by_block.setdefault(layer.block, {})[layer.kind] = layer
-    return [(by_block[b]["attn"], by_block[b]["mlp"]) for b in sorted(by_block)]
+    return [by_block[b] for b in sorted(by_block)]
 
 
 def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config: PruneConfig) -> dict[str, torch.Tensor]:
@@ -245,9 +329,10 @@ def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config
         return {}
     modules = dict(model.named_modules())
     weights = {}
-    for (layer_attn, layer_mlp), keep in zip(_block_layer_pairs(model), keeps):
-        for layer, kept in ((layer_attn, keep.heads), (layer_mlp, keep.units)):
-            if len(kept) == layer.num_groups:
+    for block_layers, keep in zip(_block_layers(model), keeps):
+        for kind, layer in block_layers.items():
+            kept = getattr(keep, KEEP_FIELDS[kind])
+            if kept is None or len(kept) == layer.num_groups:
                 continue  # nothing removed: keep the original weights bit for bit
             weight = modules[layer.name].weight
             solved = reconstruct_weights(weight.detach(), analysis.hessians[layer.name].to(weight.device), kept, layer.group_size, config.damping)
@@ -335,14 +420,22 @@ def prune_steps(
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
         analysis = analyses[keys[i]]
-        allocate = stage_keeps_per_block if config.allocation == "per-block" else stage_keeps
-        keeps = allocate(loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i])
+        layer_keeps = plan.layer_keep_counts(i)
+        if config.allocation == "per-block":
+            costs = None if layer_keeps is None else {layer.name: layer.macs_per_group for layer in plan.shape.layers}
+            keeps = stage_keeps_per_block(
+                loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps, costs
+            )
+        else:
+            keeps = stage_keeps(loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps)
         stage_networks[i] = (keeps, stage_weights(loaded.transformer, analysis, keeps, config))
     staged = build_staged(loaded.transformer, plan, stage_networks)
     timings["build"] = time.perf_counter() - start
     yield PruneEvent("build", "", 1.0, message="done")
     cx = clean.cx if clean is not None else next((analyses[keys[i]].cx for i in needed), float("nan"))
-    return PruneResult(plan, config, staged, stage_networks, {keys[i]: analyses[keys[i]] for i in needed}, cx, timings)
+    used = {keys[i]: analyses[keys[i]] for i in needed}
+    peak = max((analysis.hessian_peak_bytes for analysis in used.values()), default=0)
+    return PruneResult(plan, config, staged, stage_networks, used, cx, timings, peak)
 
 
 def _with_events(analysis, stage: str, offset: float, share: float):

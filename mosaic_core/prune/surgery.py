@@ -1,4 +1,4 @@
-"""Physical surgery: slice attention heads and MLP units out of diffusers DiT blocks.
+"""Physical surgery: slice attention heads and feed-forward units out of diffusers blocks.
 
 Masking (zeroing the removed input columns of `attn1.to_out.0` and `ff.net.2`) proves
 what pruning does to the function; slicing makes it real — smaller matmuls, fewer MACs.
@@ -6,10 +6,16 @@ The two agree to float precision (`tests/test_surgery.py`).
 
 What a sliced block is (docs/method.md §3–4):
 
-- a NEW `BasicTransformerBlock` object whose `attn1` and `ff` are new modules with sliced
-  weights: rows h·hd…(h+1)·hd of to_q/to_k/to_v and the same input columns of to_out.0
-  per kept head h; row j (+ bias j) of ff.net.0.proj and input column j of ff.net.2 per
-  kept unit j. The biases of to_out.0 and ff.net.2 are not pruned and are shared.
+- a NEW block object (any diffusers `BasicTransformerBlock`: DiT's, or a UNet's with
+  cross-attention) whose `attn1`, `attn2` and `ff` are new modules with sliced weights:
+  rows h·hd…(h+1)·hd of to_q/to_k/to_v (and of add_q/k/v_proj when the attention has added
+  context projections, whose `to_add_out` loses the same input columns: joint attention
+  slices image and context together) and the same input columns of to_out.0 per kept
+  head h; row j (+ bias j) of ff.net.0.proj — rows j and j+F for a gated GEGLU/SwiGLU,
+  whose output is proj[:F]·act(proj[F:]) — and input column j of ff.net.2 per kept unit
+  j. The biases of to_out.0 and ff.net.2 are not pruned and are shared.
+- cross-attention heads (`attn2`, keys/values over the text tokens) are pruned like
+  self-attention heads; a `BlockKeep` without `cross_heads` keeps them all.
 - every other submodule (norm1 with its timestep/label embedders and adaLN linear,
   norm3, dropouts, the attention processor) is the *same Python object* as in the dense
   block, so three stage sub-networks cost only their pruned weights (`staged.memory_ledger`).
@@ -36,7 +42,10 @@ from torch import nn
 
 from mosaic_core.prune.obs import group_columns
 
-__all__ = ["BlockKeep", "slice_block", "mask_block_", "sliced_model", "block_sizes"]
+__all__ = [
+    "BlockKeep", "slice_attention", "slice_feed_forward", "slice_block", "mask_block_", "sliced_model",
+    "block_sizes", "replace_modules",
+]
 
 # The per-instance containers of torch.nn.Module (_parameters, _buffers, _modules, hook
 # dicts, ...). A bare copy.copy of a module would share them with the original, so that
@@ -62,66 +71,98 @@ def _check_indices(name: str, values: Iterable[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class BlockKeep:
-    """Which attention heads and MLP hidden units one transformer block keeps (sorted)."""
+    """Which self-attention heads, feed-forward units and (optionally) cross-attention heads a block keeps.
+
+    `cross_heads` is None for a block without cross-attention, or to keep all its heads.
+    """
 
     heads: tuple[int, ...]
     units: tuple[int, ...]
+    cross_heads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _check_indices("heads", self.heads))
         object.__setattr__(self, "units", _check_indices("units", self.units))
+        if self.cross_heads is not None:
+            object.__setattr__(self, "cross_heads", _check_indices("cross_heads", self.cross_heads))
 
     @classmethod
-    def full(cls, num_heads: int, num_units: int) -> "BlockKeep":
-        """Keep everything: heads 0..num_heads-1 and units 0..num_units-1."""
-        return cls(tuple(range(num_heads)), tuple(range(num_units)))
+    def full(cls, num_heads: int, num_units: int, num_cross_heads: int | None = None) -> "BlockKeep":
+        """Keep everything: heads 0..num_heads-1, units 0..num_units-1 (and every cross head)."""
+        cross = None if num_cross_heads is None else tuple(range(num_cross_heads))
+        return cls(tuple(range(num_heads)), tuple(range(num_units)), cross)
 
     @classmethod
     def from_dict(cls, value: Mapping[str, Sequence[int]]) -> "BlockKeep":
         """Inverse of `to_dict` (for JSON manifests)."""
-        return cls(tuple(value["heads"]), tuple(value["units"]))
+        cross = value.get("cross_heads")
+        return cls(tuple(value["heads"]), tuple(value["units"]), None if cross is None else tuple(cross))
 
     def to_dict(self) -> dict[str, list[int]]:
-        """{"heads": [...], "units": [...]}: JSON-serialisable."""
-        return {"heads": list(self.heads), "units": list(self.units)}
+        """{"heads": [...], "units": [...]} (+ "cross_heads" when set): JSON-serialisable."""
+        value = {"heads": list(self.heads), "units": list(self.units)}
+        if self.cross_heads is not None:
+            value["cross_heads"] = list(self.cross_heads)
+        return value
 
 
 def block_sizes(block: nn.Module) -> tuple[int, int, int]:
-    """(num_heads, head_dim, num_units) of a (possibly sliced) BasicTransformerBlock."""
+    """(num_heads, head_dim, num_units) of a (possibly sliced) block's self-attention and feed-forward."""
     attn = block.attn1
     return attn.heads, attn.inner_dim // attn.heads, block.ff.net[2].in_features
 
 
+def _cross_attention(block: nn.Module) -> nn.Module | None:
+    attn = getattr(block, "attn2", None)
+    return attn if attn is not None and getattr(attn, "is_cross_attention", False) else None
+
+
+def _check_groups(name: str, groups: Sequence[int], count: int) -> None:
+    if groups and groups[-1] >= count:
+        raise ValueError(f"{name} must be in [0, {count}), got {tuple(groups)}")
+
+
 def _check_keep(block: nn.Module, keep: BlockKeep) -> tuple[int, int, int]:
     num_heads, head_dim, num_units = block_sizes(block)
-    if keep.heads and keep.heads[-1] >= num_heads:
-        raise ValueError(f"heads must be in [0, {num_heads}), got {keep.heads}")
+    _check_groups("heads", keep.heads, num_heads)
     if keep.units and keep.units[-1] >= num_units:
         raise ValueError(f"units must be in [0, {num_units}), got max {keep.units[-1]}")
+    if keep.cross_heads is not None:
+        cross = _cross_attention(block)
+        if cross is None:
+            raise ValueError("cross_heads were given for a block without cross-attention")
+        _check_groups("cross_heads", keep.cross_heads, cross.heads)
     return num_heads, head_dim, num_units
 
 
-def _check_supported(block: nn.Module) -> None:
-    attn, ff = block.attn1, block.ff
+def _check_attention(attn: nn.Module) -> int:
+    """Head width of a sliceable diffusers Attention, or ValueError naming what is unsupported."""
     if getattr(attn, "fused_projections", False):
         raise ValueError("attention with fused projections (to_qkv) is not supported; unfuse it first")
     if attn.inner_kv_dim != attn.inner_dim:
         raise ValueError(
             f"grouped-query attention (inner_kv_dim {attn.inner_kv_dim} != inner_dim {attn.inner_dim}) is not supported"
         )
-    if getattr(attn, "added_kv_proj_dim", None) is not None:
-        raise ValueError("attention with added key/value projections is not supported")
     head_dim = attn.inner_dim // attn.heads
-    for norm in (attn.norm_q, attn.norm_k):
+    for norm in (getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)):
         shape = getattr(norm, "normalized_shape", None) or getattr(norm, "dim", None)
         if norm is not None and shape not in (None, (head_dim,), head_dim):
             raise ValueError("q/k norms across heads are not supported by head slicing")
+    return head_dim
+
+
+def _feed_forward_rows(ff: nn.Module, units: torch.Tensor) -> torch.Tensor:
+    """Rows of the input projection that belong to `units`: j, or j and j+F when gated."""
     proj = getattr(ff.net[0], "proj", None)
-    if proj is None or proj.out_features != ff.net[2].in_features:
+    width = ff.net[2].in_features  # F
+    if proj is None or proj.out_features not in (width, 2 * width):
         raise ValueError(
             f"feed-forward activation {type(ff.net[0]).__name__} is not supported "
-            "(need one projection of width equal to ff.net.2's inputs; GEGLU/SwiGLU are not)"
+            f"(need a projection with F or 2F rows for ff.net.2's F = {width} inputs)"
         )
+    if proj.out_features == width:
+        return units  # GELU: unit j is row j
+    return torch.cat([units, units + width])  # gated (GEGLU, SwiGLU): value row j, gate row j+F
 
 
 def _columns(groups: Sequence[int], group_size: int, device: torch.device) -> torch.Tensor:
@@ -160,55 +201,81 @@ def _slice_columns(linear: nn.Linear, columns: torch.Tensor, weight: torch.Tenso
     return new
 
 
+def slice_attention(attn: nn.Module, heads: Sequence[int], out_weight: torch.Tensor | None = None, name: str = "out_weight") -> nn.Module:
+    """A copy of a diffusers `Attention` keeping `heads`; the original is untouched.
+
+    Rows of to_q/to_k/to_v (and add_q/k/v_proj) and input columns of to_out.0 (and
+    to_add_out) for each kept head; `out_weight` (D × kept·hd) replaces to_out.0's kept
+    columns. `heads`, `inner_dim`, `inner_kv_dim` and `sliceable_head_dim` are set to the
+    kept count, since the processors read them instead of the weights.
+    """
+    head_dim = _check_attention(attn)
+    heads = _check_indices("heads", heads)
+    _check_groups("heads", heads, attn.heads)
+    if not heads:
+        raise ValueError(
+            f"at least one attention head must stay (diffusers divides by the head count); "
+            f"got heads=() for an attention with {attn.heads} heads"
+        )
+    device = attn.to_q.weight.device
+    cols = _columns(heads, head_dim, device)  # (kept·hd,)
+    new = _shallow_copy(attn)
+    for projection in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+        module = getattr(attn, projection, None)
+        if module is not None:
+            setattr(new, projection, _slice_rows(module, cols))
+    new.to_out = nn.ModuleList([_slice_columns(attn.to_out[0], cols, out_weight, name), *attn.to_out[1:]])  # dropout shared
+    if getattr(attn, "to_add_out", None) is not None:
+        new.to_add_out = _slice_columns(attn.to_add_out, cols, None, "to_add_out")
+    new.heads = len(heads)
+    new.inner_dim = len(heads) * head_dim
+    new.inner_kv_dim = len(heads) * head_dim
+    new.sliceable_head_dim = len(heads)
+    return new
+
+
+def slice_feed_forward(ff: nn.Module, units: Sequence[int], out_weight: torch.Tensor | None = None, name: str = "fc2_weight") -> nn.Module:
+    """A copy of a diffusers `FeedForward` keeping hidden `units` (GELU or gated GEGLU/SwiGLU)."""
+    units = _check_indices("units", units)
+    width = ff.net[2].in_features
+    if units and units[-1] >= width:
+        raise ValueError(f"units must be in [0, {width}), got max {units[-1]}")
+    device = ff.net[2].weight.device
+    unit_cols = _columns(units, 1, device)  # (kept units,)
+    rows = _feed_forward_rows(ff, unit_cols)
+    new_act = _shallow_copy(ff.net[0])
+    new_act.proj = _slice_rows(ff.net[0].proj, rows)
+    new_out = _slice_columns(ff.net[2], unit_cols, out_weight, name)
+    new = _shallow_copy(ff)
+    new.net = nn.ModuleList([new_act, ff.net[1], new_out, *ff.net[3:]])  # dropouts shared
+    return new
+
+
 def slice_block(
     block: nn.Module,
     keep: BlockKeep,
     out_weight: torch.Tensor | None = None,
     fc2_weight: torch.Tensor | None = None,
+    cross_out_weight: torch.Tensor | None = None,
 ) -> nn.Module:
-    """A new block keeping `keep.heads` and `keep.units`; unpruned submodules are shared.
+    """A new block keeping `keep.heads`, `keep.units` (and `keep.cross_heads`); the rest is shared.
 
-    `out_weight` (D × kept·hd) and `fc2_weight` (D × kept units) replace the sliced
-    columns of attn1.to_out.0 / ff.net.2 — pass the OBS-reconstructed weights here
-    (`obs.reconstruct_weights`). The input block is not modified.
+    `out_weight` (D × kept·hd), `fc2_weight` (D × kept units) and `cross_out_weight`
+    replace the sliced columns of attn1.to_out.0 / ff.net.2 / attn2.to_out.0 — pass the
+    OBS-reconstructed weights here (`obs.reconstruct_weights`). The input block is not modified.
     """
-    num_heads, head_dim, _ = _check_keep(block, keep)
-    _check_supported(block)
-    if not keep.heads:
-        raise ValueError(
-            f"at least one attention head must stay (diffusers divides by the head count); "
-            f"got heads=() for a block with {num_heads} heads"
-        )
-    attn, ff = block.attn1, block.ff
-    device = attn.to_q.weight.device
-
-    # Attention: rows of q/k/v and input columns of to_out for the kept heads.
-    head_cols = _columns(keep.heads, head_dim, device)  # (kept·hd,)
-    new_attn = _shallow_copy(attn)
-    new_attn.to_q = _slice_rows(attn.to_q, head_cols)
-    new_attn.to_k = _slice_rows(attn.to_k, head_cols)
-    new_attn.to_v = _slice_rows(attn.to_v, head_cols)
-    new_out = _slice_columns(attn.to_out[0], head_cols, out_weight, "out_weight")
-    new_attn.to_out = nn.ModuleList([new_out, *attn.to_out[1:]])  # dropout shared
-    kept_heads = len(keep.heads)
-    new_attn.heads = kept_heads
-    new_attn.inner_dim = kept_heads * head_dim
-    new_attn.inner_kv_dim = kept_heads * head_dim
-    new_attn.sliceable_head_dim = kept_heads
-
-    # MLP: rows (+bias) of the first projection and input columns of fc2 for the kept units.
-    unit_cols = _columns(keep.units, 1, device)  # (kept units,)
-    new_act = _shallow_copy(ff.net[0])
-    new_act.proj = _slice_rows(ff.net[0].proj, unit_cols)
-    new_fc2 = _slice_columns(ff.net[2], unit_cols, fc2_weight, "fc2_weight")
-    new_ff = _shallow_copy(ff)
-    new_ff.net = nn.ModuleList([new_act, ff.net[1], new_fc2, *ff.net[3:]])  # dropouts shared
-
+    _check_keep(block, keep)
+    _check_attention(block.attn1)
+    _feed_forward_rows(block.ff, torch.zeros(0, dtype=torch.long))
     new_block = _shallow_copy(block)
-    new_block.attn1 = new_attn
-    new_block.ff = new_ff
+    new_block.attn1 = slice_attention(block.attn1, keep.heads, out_weight, "out_weight")
+    new_block.ff = slice_feed_forward(block.ff, keep.units, fc2_weight, "fc2_weight")
+    cross = _cross_attention(block)
+    if cross is not None and (keep.cross_heads is not None or cross_out_weight is not None):
+        heads = keep.cross_heads if keep.cross_heads is not None else tuple(range(cross.heads))
+        new_block.attn2 = slice_attention(cross, heads, cross_out_weight, "cross_out_weight")
     if hasattr(new_block, "num_attention_heads"):
-        new_block.num_attention_heads = kept_heads  # informational in diffusers; kept consistent
+        new_block.num_attention_heads = len(keep.heads)  # informational in diffusers; kept consistent
     return new_block
 
 
@@ -217,20 +284,24 @@ def mask_block_(
     keep: BlockKeep,
     out_weight_full: torch.Tensor | None = None,
     fc2_weight_full: torch.Tensor | None = None,
+    cross_out_weight_full: torch.Tensor | None = None,
 ) -> None:
-    """In place: zero the removed input columns of attn1.to_out.0 and ff.net.2 (full width).
+    """In place: zero the removed input columns of attn1.to_out.0, ff.net.2 (and attn2.to_out.0).
 
     The reference for surgery tests: q/k/v and fc1 still compute every head/unit, but the
     removed ones no longer reach the output. `*_weight_full` (D × full width), if given,
     are copied in first (e.g. OBS-updated weights scattered back to full width).
     """
     _, head_dim, _ = _check_keep(block, keep)
-    out_linear, fc2 = block.attn1.to_out[0], block.ff.net[2]
+    targets = [
+        (block.attn1.to_out[0], out_weight_full, keep.heads, head_dim, "out_weight_full"),
+        (block.ff.net[2], fc2_weight_full, keep.units, 1, "fc2_weight_full"),
+    ]
+    cross = _cross_attention(block)
+    if cross is not None and keep.cross_heads is not None:
+        targets.append((cross.to_out[0], cross_out_weight_full, keep.cross_heads, cross.inner_dim // cross.heads, "cross_out_weight_full"))
     with torch.no_grad():
-        for linear, full, groups, size, name in (
-            (out_linear, out_weight_full, keep.heads, head_dim, "out_weight_full"),
-            (fc2, fc2_weight_full, keep.units, 1, "fc2_weight_full"),
-        ):
+        for linear, full, groups, size, name in targets:
             if full is not None:
                 if full.shape != linear.weight.shape:
                     raise ValueError(f"{name} must have shape {tuple(linear.weight.shape)}, got {tuple(full.shape)}")
@@ -240,35 +311,66 @@ def mask_block_(
             linear.weight[:, removed] = 0.0
 
 
+def replace_modules(root: nn.Module, replacements: Mapping[str, nn.Module]) -> nn.Module:
+    """A shallow copy of `root` with the modules at the given paths replaced; `root` is untouched.
+
+    Every ancestor of a replaced module is shallow-copied once (it owns its child dict), so
+    the copy and the original share every other module and parameter.
+    """
+    new_root = _shallow_copy(root)
+    copies: dict[str, nn.Module] = {"": new_root}
+    for path, module in replacements.items():
+        parts = path.split(".")
+        parent_path, parent = "", new_root
+        for part in parts[:-1]:
+            child_path = f"{parent_path}.{part}" if parent_path else part
+            if child_path not in copies:
+                original = parent._modules.get(part)
+                if original is None:
+                    raise ValueError(f"no module at {child_path!r} in {type(root).__name__}")
+                copies[child_path] = _shallow_copy(original)
+                parent._modules[part] = copies[child_path]
+            parent_path, parent = child_path, copies[child_path]
+        if parts[-1] not in parent._modules:
+            raise ValueError(f"no module at {path!r} in {type(root).__name__}")
+        parent._modules[parts[-1]] = module
+    return new_root
+
+
+_WEIGHT_SUFFIXES = {"attn1.to_out.0": "out_weight", "ff.net.2": "fc2_weight", "attn2.to_out.0": "cross_out_weight"}
+
+
 def sliced_model(
     dense_model: nn.Module,
     keeps: Sequence[BlockKeep],
     weights: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module:
-    """A DiT whose blocks are sliced per `keeps`; everything else is shared with `dense_model`.
+    """A denoiser whose prunable blocks are sliced per `keeps`; everything else is shared.
 
-    `weights` maps layer names ("transformer_blocks.{i}.attn1.to_out.0",
-    "transformer_blocks.{i}.ff.net.2") to kept-column weights (e.g. OBS-reconstructed).
-    pos_embed, norm_out, proj_out_1/2 and each block's norms/embedders are the dense
-    model's own objects; the config is the dense config. The dense model is untouched.
+    The blocks are the family adapter's (`block_paths`, e.g. "transformer_blocks.{i}" for
+    DiT, "down_blocks.1.attentions.0.transformer_blocks.0" for a UNet), one `BlockKeep`
+    each in that order. `weights` maps output-projection names ("<block>.attn1.to_out.0",
+    "<block>.ff.net.2", "<block>.attn2.to_out.0") to kept-column weights (e.g.
+    OBS-reconstructed). Embedders, norms, resnets and the config are the dense model's
+    own objects. The dense model is untouched.
     """
-    blocks = dense_model.transformer_blocks
-    if len(keeps) != len(blocks):
-        raise ValueError(f"need one BlockKeep per block: the model has {len(blocks)} blocks, got {len(keeps)}")
+    from mosaic_core.models.adapters.base import adapter_for_model
+
+    paths = adapter_for_model(dense_model).block_paths(dense_model)
+    if len(keeps) != len(paths):
+        raise ValueError(f"need one BlockKeep per block: the model has {len(paths)} blocks, got {len(keeps)}")
     weights = dict(weights or {})
-    names = {f"transformer_blocks.{i}.{suffix}" for i in range(len(blocks)) for suffix in ("attn1.to_out.0", "ff.net.2")}
+    modules = dict(dense_model.named_modules())
+    names = {
+        f"{path}.{suffix}" for path in paths for suffix in _WEIGHT_SUFFIXES
+        if suffix != "attn2.to_out.0" or _cross_attention(modules[path]) is not None
+    }
     unknown = sorted(set(weights) - names)
     if unknown:
         raise ValueError(f"unknown layer names in weights: {unknown}; expected names like {sorted(names)[:2]}")
-    new_blocks = [
-        slice_block(
-            block,
-            keep,
-            out_weight=weights.get(f"transformer_blocks.{i}.attn1.to_out.0"),
-            fc2_weight=weights.get(f"transformer_blocks.{i}.ff.net.2"),
+    replacements = {}
+    for path, keep in zip(paths, keeps):
+        replacements[path] = slice_block(
+            modules[path], keep, **{arg: weights.get(f"{path}.{suffix}") for suffix, arg in _WEIGHT_SUFFIXES.items()}
         )
-        for i, (block, keep) in enumerate(zip(blocks, keeps))
-    ]
-    model = _shallow_copy(dense_model)
-    model.transformer_blocks = nn.ModuleList(new_blocks)
-    return model
+    return replace_modules(dense_model, replacements)

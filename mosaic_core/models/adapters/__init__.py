@@ -1,0 +1,14 @@
+"""Model families behind one interface (`base.FamilyAdapter`): one file per family."""
+
+from mosaic_core.models.adapters.base import (  # noqa: F401
+    ClassCondition,
+    FamilyAdapter,
+    adapter_for_class,
+    adapter_for_model,
+    adapter_named,
+    as_condition,
+    concat_conditions,
+    move_condition,
+    select_rows,
+    supported_classes,
+)
