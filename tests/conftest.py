@@ -106,6 +106,8 @@ def free_port() -> int:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test over ~10 s (real multi-process launches, model-sized work)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped only where CUDA is absent")
     # Deprecations inside dependencies, not ours and not actionable here: numpy 2 in
     # diffusers' schedulers, pandas 3 options that gradio's queue sets.
     for pattern in (

@@ -77,8 +77,13 @@ class CleanSet:
         return float(self.x0.double().pow(2).mean())
 
 
-def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSet:
-    """`config.size` clean inputs for `loaded`: dataset images, or the dense model's own samples."""
+def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=None) -> CleanSet:
+    """`config.size` clean inputs for `loaded`: dataset images, or the dense model's own samples.
+
+    With several `processes` (`mosaic_core.distributed.Processes`), sampled inputs are made
+    batch by batch (batch k by process k mod N, each from its images' own seeds) and
+    gathered, so every process holds the same set one process would make.
+    """
     generator = torch.Generator().manual_seed(config.seed)
     if config.source == "data":
         if loaded.spec.name != "digits-dit" and loaded.spec.source != "builtin":
@@ -95,7 +100,9 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
 
     labels = torch.randint(0, loaded.spec.num_classes, (config.size,), generator=generator)
     xs = []
-    for start in range(0, config.size, config.batch_size):
+    for index, start in enumerate(range(0, config.size, config.batch_size)):
+        if processes is not None and not processes.owns(index):
+            continue
         chunk = labels[start : start + config.batch_size]
         steps = sample_steps(
             loaded.transformer,
@@ -110,8 +117,12 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
         last = None
         for event in steps:
             last = event
-        xs.append(last.latents.float().cpu())
-    return CleanSet(torch.cat(xs), labels)
+        xs.append((index, last.latents.float().cpu()))
+    if processes is not None and processes.distributed:
+        from mosaic_core.distributed import in_batch_order
+
+        return CleanSet(torch.cat(in_batch_order(processes.all_gather(xs))), labels)
+    return CleanSet(torch.cat([x for _, x in xs]), labels)
 
 
 def _noise_for(chunk, loaded, seed, offset):
