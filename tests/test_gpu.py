@@ -204,3 +204,23 @@ def test_random_weights_bench_reports_peak_memory_on_cuda():
         assert network.peak_memory is not None and network.peak_memory >= 4 * network.params  # fp32 weights are resident
         assert all(s > 0 for s in network.seconds)
     assert result.statistic == "median"
+
+
+# ----- ZeroGPU ---------------------------------------------------------------------------
+
+
+def test_zerogpu_decorator_is_a_no_op_without_spaces(monkeypatch):
+    from ui import zerogpu
+
+    monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` fails, as on any machine without it
+    assert not zerogpu.on_zerogpu()
+
+    def prune(x):
+        return x + 1
+
+    for kind in zerogpu.DURATIONS:
+        assert zerogpu.gpu_bound(kind)(prune) is prune  # the very same function, not a wrapper
+    assert zerogpu.gpu_bound("compare", duration=30)(prune)(1) == 2
+    with pytest.raises(ValueError, match="unknown GPU-bound call 'sample': choose one of prune, compare, trace"):
+        zerogpu.gpu_bound("sample")
+    assert zerogpu.DURATIONS["prune"] > zerogpu.DURATIONS["compare"] > zerogpu.DURATIONS["trace"]

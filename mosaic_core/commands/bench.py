@@ -99,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark with a progress bar and write its files."""
     if args.random_weights:
         return run_random(args)
+    if args.compile:
+        raise ValueError("--compile is supported with --random-weights (timing only) for now; drop it or add --random-weights")
     from tqdm import tqdm
 
     from mosaic_core.atomic import write_bytes, write_json
