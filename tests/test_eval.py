@@ -184,3 +184,58 @@ def test_eval_digit_metrics_through_the_same_command(tmp_path):
     command_result = json.loads((tmp_path / "real.json").read_text())
     assert command_result["accuracy"] == pytest.approx(real_result["accuracy"])
     assert command_result["fd"] == pytest.approx(real_result["fd"], rel=1e-9)
+
+
+def _tiny_clip_folder(folder: Path) -> Path:
+    """A tiny real CLIPModel built from a config, with a word-level tokenizer written here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "a", "red", "blue", "square", "circle", "dot", "</s>"]
+    vocab = {word: i for i, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    text = dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, eos_token_id=vocab["</s>"], pad_token_id=0)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    model.save_pretrained(folder)
+    wrapped.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow  # two eval processes that import transformers
+def test_clip_score_command_equals_cosines_of_the_models_own_towers(tmp_path):
+    from transformers import AutoTokenizer, CLIPModel
+
+    folder = _tiny_clip_folder(tmp_path / "clip")
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)  # already CLIP's size: no resize
+    prompts = ["a red square", "a blue circle", "a red dot", "a blue square", "a circle", "red blue dot"]
+    np.savez(tmp_path / "gen.npz", images=images, labels=np.zeros(6, np.int64))
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    done = _eval(str(tmp_path / "gen.npz"), "--metric", "clip", "--clip", str(folder), "--prompts",
+                 str(tmp_path / "prompts.txt"), "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "out.json"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073])
+    std = np.array([0.26862954, 0.26130258, 0.27577711])
+    pixels = torch.from_numpy(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2)).float()
+    tokens = tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).double().numpy()
+        text = model.text_projection(
+            model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        ).double().numpy()
+    cosine = (image * text).sum(1) / np.linalg.norm(image, axis=1) / np.linalg.norm(text, axis=1)
+    assert result["clip"] == pytest.approx(100 * np.maximum(cosine, 0).mean(), rel=1e-4, abs=1e-4)
+
+    missing = _eval(str(tmp_path / "gen.npz"), "--prompts", str(tmp_path / "prompts.txt"), "--metric", "clip")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "CLIP weights not found" in missing.stderr and "nothing is downloaded" in missing.stderr

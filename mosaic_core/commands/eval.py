@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-METRICS = ("fid", "is", "digits")
+METRICS = ("fid", "is", "clip", "digits")
 
 
 def register(subparsers) -> None:
@@ -32,13 +32,16 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default=None, help="the model that made the images; a digit model implies --metric digits")
     parser.add_argument("--inception", default=None, metavar="FILE",
                         help="TorchScript FID Inception (inception-2015-12-05.pt); default $MOSAIC_INCEPTION or cache/metrics/")
+    parser.add_argument("--prompts", default=None, metavar="FILE.txt",
+                        help="text-to-image: one prompt per line (line i for image i, or one for all); adds the CLIP score")
+    parser.add_argument("--clip", default=None, metavar="FOLDER", help="local transformers CLIP folder for the CLIP score")
     parser.add_argument("--batch-size", type=int, default=100, help="images per Inception call (default 100)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the numbers as JSON")
     parser.set_defaults(func=run)
 
 
-def parse_metrics(text: str | None, model: str | None, has_reference: bool) -> tuple[str, ...]:
+def parse_metrics(text: str | None, model: str | None, has_reference: bool, has_prompts: bool = False) -> tuple[str, ...]:
     """The metrics to compute, validated (ValueError naming the bad one and the choices)."""
     if text is None:
         if model is not None:
@@ -47,13 +50,15 @@ def parse_metrics(text: str | None, model: str | None, has_reference: bool) -> t
 
             if is_digit_model(resolve_model(model)):
                 return ("digits",)
-        return ("fid", "is") if has_reference else ("is",)
+        return (("fid", "is") if has_reference else ("is",)) + (("clip",) if has_prompts else ())
     metrics = tuple(part.strip().lower() for part in text.split(",") if part.strip())
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metric '{','.join(unknown) or text}': choose from {', '.join(METRICS)}")
     if "fid" in metrics and not has_reference:
         raise ValueError("FID needs a reference batch: pass --reference REF (ADM .npz, sample .npz or folder)")
+    if "clip" in metrics and not has_prompts:
+        raise ValueError("the CLIP score needs prompts: pass --prompts FILE.txt (one per image, or one for all)")
     return metrics
 
 
@@ -73,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.out is not None and not args.out.endswith(".json"):
         raise ValueError(f"--out must name a .json file, got '{args.out}'")
-    metrics = parse_metrics(args.metric, args.model, args.reference is not None)
+    metrics = parse_metrics(args.metric, args.model, args.reference is not None, args.prompts is not None)
     inception = None
     if {"fid", "is"} & set(metrics):
         inception = evaluation.inception_path(args.inception)  # fail before reading anything big
+    if "clip" in metrics:
+        evaluation.clip_folder(args.clip)  # likewise: where to put CLIP, before any image is read
     device = resolve_device(args.device)
     processes = current_processes(device)
     device = resolve_device(process_device(args.device, processes)) if args.device else device
@@ -110,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
                     evaluation.FeatureStatistics.of(features), reference_statistics
                 )
                 results["reference_statistics"] = "precomputed mu/sigma" if reference.statistics is not None else "computed"
+    if "clip" in metrics and processes.is_main:  # small next to Inception work: rank 0 alone
+        model, tokenizer = evaluation.load_clip(args.clip, device)
+        prompts = evaluation.read_prompts(args.prompts, len(generated.images))
+        results["clip"] = evaluation.clip_score(model, tokenizer, generated.images, prompts, args.batch_size, device)
     if not processes.is_main:
         return 0
     shown = {k: v for k, v in results.items() if isinstance(v, float)}

@@ -228,3 +228,84 @@ def digit_metrics(images: np.ndarray, labels: np.ndarray | None) -> dict:
         "accuracy": None if labels is None else class_accuracy(images, labels, classifier),
         "fd": frechet_distance_from_statistics(generated, real),
     }
+
+
+# ----- CLIP score (text-to-image models, when prompts are given) --------------------------
+#
+# CLIP score (Hessel et al. 2021, as torchmetrics reports it) = 100 · mean_i max(cos(E_img(x_i), E_txt(p_i)), 0)
+# with image i judged against prompt i. The CLIP model is a local transformers folder
+# (config.json, weights, tokenizer files); nothing is downloaded. Images are prepared as
+# CLIP's own processor does: shortest side resized to the model's input size (bicubic,
+# antialiased), centre crop, then normalised with CLIP's mean and std.
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_prompts(path: str | Path, count: int) -> list[str]:
+    """One prompt per image from a text file (line i for image i; one line is used for every image)."""
+    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if len(lines) == 1:
+        return lines * count
+    if len(lines) != count:
+        raise ValueError(f"{path} has {len(lines)} prompts for {count} images: give one per image, or one for all")
+    return lines
+
+
+def clip_folder(folder: str | Path | None) -> Path:
+    """The local CLIP folder, or one ValueError line saying where to put it (nothing is downloaded)."""
+    folder = Path(folder) if folder else None
+    if folder is None or not (folder / "config.json").is_file():
+        raise ValueError(
+            f"CLIP weights not found{f' in {folder}' if folder else ''}: pass --clip FOLDER, a local transformers CLIP "
+            f"folder (config.json, model.safetensors, tokenizer files; e.g. a copy of openai/clip-vit-large-patch14); "
+            f"nothing is downloaded"
+        )
+    return folder
+
+
+def load_clip(folder: str | Path, device: torch.device | str = "cpu"):
+    """(CLIPModel, tokenizer) from a local transformers folder, or ValueError saying what is missing."""
+    folder = clip_folder(folder)
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return model, tokenizer
+
+
+def clip_pixels(images: np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 N×H×W×C -> CLIP input N×3×size×size: resize shortest side, centre crop, normalise."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0  # N×C×H×W
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[:, :, top : top + size, left : left + size].clamp(0, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _pooled(output) -> torch.Tensor:
+    """Projected embeddings from `get_*_features` (a tensor in older transformers, an output object in newer)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def clip_score(model, tokenizer, images: np.ndarray, prompts: list[str], batch_size: int = 50, device="cpu") -> float:
+    """100 · mean max(cos(image_i, prompt_i), 0) over all images."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    size = int(model.config.vision_config.image_size)
+    scores = []
+    with torch.no_grad():
+        for start, stop in batch_ranges(len(images), batch_size):
+            image = _pooled(model.get_image_features(pixel_values=clip_pixels(images[start:stop], size, device)))
+            tokens = tokenizer(prompts[start:stop], padding=True, truncation=True, return_tensors="pt").to(device)
+            text = _pooled(model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask")))
+            cosine = torch.nn.functional.cosine_similarity(image.double(), text.double(), dim=-1)
+            scores.append((100.0 * cosine.clamp(min=0)).cpu().numpy())
+    return float(np.concatenate(scores).mean())
