@@ -105,3 +105,27 @@ def test_two_processes_prune_and_sample_like_one(tiny_pixel_folder, tmp_path):
     assert np.abs(images_whole.astype(int) - images_one.astype(int)).max() <= 1
     assert len(np.unique(images_one.reshape(7, -1), axis=0)) == 7  # every image has its own noise
     assert shown.stdout.count("wrote 7 images") == 1  # only rank 0 reports
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(tmp_path):
+    from test_eval import TinyDetector
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is the detector file's format
+        torch.jit.script(TinyDetector()).save(str(tmp_path / "detector.pt"))
+    rng = np.random.default_rng(7)
+    generated = rng.integers(0, 256, (23, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "gen.npz", images=generated, labels=np.zeros(23, np.int64))
+    np.savez(tmp_path / "ref.npz", np.clip(generated.astype(int) + 30, 0, 255).astype(np.uint8))
+    common = ["eval", str(tmp_path / "gen.npz"), "--reference", str(tmp_path / "ref.npz"), "--inception",
+              str(tmp_path / "detector.pt"), "--batch-size", "5", "--device", "cpu"]  # 5 batches: 3 on rank 0, 2 on rank 1
+    launch([*common, "--out", str(tmp_path / "one.json")], 1)
+    launch([*common, "--out", str(tmp_path / "two.json")], 2)
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-9) and one["fid"] > 0
+    # IS splits the images in order: equal only if the gathered probabilities keep image order
+    assert (two["is"], two["is_std"]) == pytest.approx((one["is"], one["is_std"]), rel=1e-9)
