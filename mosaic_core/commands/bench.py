@@ -1,4 +1,10 @@
-"""`python -m mosaic_core bench`: MosaicDiff vs. baselines and ablations -> bench.json, bench.md, <method>.npz."""
+"""`python -m mosaic_core bench`: MosaicDiff vs. baselines and ablations -> bench.json, bench.md, <method>.npz.
+
+    python -m mosaic_core bench --sparsity 0.3 --out out/bench
+    python -m mosaic_core bench --random-weights --model facebook/DiT-XL-2-256 --batch 2 --out out/xl   # no weights needed
+
+A benchmark times one device: under `accelerate launch` rank 0 runs it and the others exit.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sparsity", type=float, default=0.3, help="overall sparsity S in [0, 0.9] (default 0.3)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps N (default 50)")
     parser.add_argument("--n", type=int, default=200, help="images per method (default 200, 20 per class)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default 3); with --random-weights, timed rounds per network")
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim")
@@ -101,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
         return run_random(args)
     if args.compile:
         raise ValueError("--compile is supported with --random-weights (timing only) for now; drop it or add --random-weights")
+    from mosaic_core.distributed import current_processes
+
+    if not current_processes(args.device).is_main:
+        return 0  # a benchmark times one device: under `accelerate launch` only rank 0 runs it
     from tqdm import tqdm
 
     from mosaic_core.atomic import write_bytes, write_json

@@ -1,4 +1,9 @@
-"""`python -m mosaic_core sample`: sample a model (dense, or staged with --pruned) to an .npz."""
+"""`python -m mosaic_core sample`: sample a model (dense, or staged with --pruned) to an .npz.
+
+    python -m mosaic_core sample --pruned out/mosaic-0.3 --n 20 --out staged.npz
+    accelerate launch --multi_gpu --num_processes 8 -m mosaic_core sample --model facebook/DiT-XL-2-256 \
+        --n 50000 --batch-size 64 --out samples.npz          # the same file one process writes
+"""
 
 from __future__ import annotations
 
