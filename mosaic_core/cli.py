@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("plan", "sample", "prune", "bench", "train")
+COMMANDS = ("plan", "sample", "prune", "bench", "train", "eval")
 
 
 class _Parser(argparse.ArgumentParser):

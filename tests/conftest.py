@@ -115,7 +115,7 @@ def free_port() -> int:
 def pytest_configure(config):
     for marker in (
         "browser: drives the studio in headless Chromium (Debian's /usr/bin/chromium)",
-        "slow: takes more than about 10 s on 2 CPU cores (left out of the fast loop)",
+        "slow: takes more than about 10 s on 2 CPU cores: real multi-process launches, model-sized work (left out of the fast loop)",
         "gpu: needs CUDA; collected only where torch.cuda.is_available()",
     ):
         config.addinivalue_line("markers", marker)

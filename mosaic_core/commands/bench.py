@@ -1,4 +1,10 @@
-"""`python -m mosaic_core bench`: MosaicDiff vs. baselines and ablations -> bench.json, bench.md, <method>.npz."""
+"""`python -m mosaic_core bench`: MosaicDiff vs. baselines and ablations -> bench.json, bench.md, <method>.npz.
+
+    python -m mosaic_core bench --sparsity 0.3 --out out/bench
+    python -m mosaic_core bench --random-weights --model facebook/DiT-XL-2-256 --batch 2 --out out/xl   # no weights needed
+
+A benchmark times one device: under `accelerate launch` rank 0 runs it and the others exit.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sparsity", type=float, default=0.3, help="overall sparsity S in [0, 0.9] (default 0.3)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps N (default 50)")
     parser.add_argument("--n", type=int, default=200, help="images per method (default 200, 20 per class)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default 3); with --random-weights, timed rounds per network")
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim")
@@ -31,14 +37,80 @@ def register(subparsers) -> None:
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--calib-source", default=None, choices=("data", "samples"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, fp16 on CUDA)")
     parser.add_argument("--out", required=True, metavar="DIR")
+    random = parser.add_argument_group(
+        "timing at real size without weights",
+        "--random-weights builds the model from its registry shapes with random weights (nothing is read) and times "
+        "dense against staged plans whose networks keep random heads/units of the plan's sizes; no calibration, "
+        "no quality columns. E.g. bench --random-weights --model facebook/DiT-XL-2-256 --batch 2 --out out/xl",
+    )
+    random.add_argument("--random-weights", action="store_true", help="time a random-weights model of the real shapes")
+    random.add_argument("--sparsities", default="0.3,0.5", metavar="S1,S2,...", help="plans to time (default 0.3,0.5)")
+    random.add_argument("--batch", type=int, default=2, help="rows per model call (default 2 = one image with guidance)")
+    random.add_argument("--calls", type=int, default=2, help="timed calls per network per round (default 2)")
+    random.add_argument("--compile", action="store_true", help="torch.compile every network (the warm-up call compiles)")
     parser.set_defaults(func=run)
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    """'0.3,0.5' -> (0.3, 0.5); ValueError naming the text when a part is not a number."""
+    try:
+        return tuple(float(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--sparsities must be comma-separated numbers in [0, 0.9], e.g. 0.3,0.5; got '{text}'") from None
+
+
+def run_random(args: argparse.Namespace) -> int:
+    """`bench --random-weights`: time dense against staged plans on random weights of the real shapes."""
+    from tqdm import tqdm
+
+    from mosaic_core.atomic import write_bytes, write_json
+    from mosaic_core.conquer.bench import RandomBenchConfig, random_bench_steps, random_markdown_table
+    from mosaic_core.distributed import current_processes
+    from mosaic_core.jobs import run_to_end
+    from mosaic_core.models.loading import resolve_device, resolve_dtype
+    from mosaic_core.models.registry import resolve_model
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    spec = resolve_model(args.model)
+    config = RandomBenchConfig(
+        sparsities=parse_sparsities(args.sparsities), num_inference_steps=args.steps, batch=args.batch,
+        calls=args.calls, repeats=args.repeats, seed=args.seed, M=args.M, lam=args.lam, scheduler=args.scheduler,
+        compile=args.compile,
+    )
+    if not current_processes(device).is_main:
+        return 0  # timing is one device's business: under `accelerate launch` only rank 0 benchmarks
+    with tqdm(total=1000, desc="bench (random weights)", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
+
+        def show(event) -> None:
+            bar.n = int(1000 * event.fraction)
+            bar.set_postfix_str(event.method)
+            bar.refresh()
+
+        result = run_to_end(random_bench_steps(spec, config, device, dtype), show)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "bench.json", result.to_dict())
+    table = random_markdown_table(result)
+    write_bytes(out / "bench.md", table.encode())
+    print(table)
+    print(f"wrote {out}/bench.json and bench.md")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with a progress bar and write its files."""
+    if args.random_weights:
+        return run_random(args)
+    if args.compile:
+        raise ValueError("--compile is supported with --random-weights (timing only) for now; drop it or add --random-weights")
+    from mosaic_core.distributed import current_processes
+
+    if not current_processes(args.device).is_main:
+        return 0  # a benchmark times one device: under `accelerate launch` only rank 0 runs it
     from tqdm import tqdm
 
     from mosaic_core.atomic import write_bytes, write_json

@@ -22,6 +22,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="clean inputs: the model's dataset, the dense model's own samples, or a local image folder "
         "encoded by the VAE (text-to-image models) (default: data for digits-dit, else samples)",
     )
+    parser.add_argument(
+        "--calib-batch-size", type=int, default=64,
+        help="clean calibration images per model call (default 64); under `accelerate launch` batch k runs on process k mod N",
+    )
     parser.add_argument("--scorer", default="obs", choices=SCORERS, help="structured OBS or magnitude (ablation)")
     parser.add_argument(
         "--allocation", default="per-stage", choices=ALLOCATIONS,
@@ -34,8 +38,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="gather float64 Hessians a few blocks at a time, at most MIB MiB at once (default: every layer at once; "
         "`plan` shows both figures)",
     )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (or float32 | float16 | bfloat16; default fp32 on CPU)")
 
 
 def prune_config_from_args(args: argparse.Namespace, spec):
@@ -44,7 +48,10 @@ def prune_config_from_args(args: argparse.Namespace, spec):
     from mosaic_core.prune.stage_pruning import PruneConfig
 
     source = args.calib_source or default_calibration_source(spec)
-    calibration = CalibrationConfig(mode=args.calib, size=args.calib_size, source=source, seed=args.seed)
+    calibration = CalibrationConfig(
+        mode=args.calib, size=args.calib_size, source=source, seed=args.seed,
+        batch_size=getattr(args, "calib_batch_size", 64),
+    )
     budget = getattr(args, "hessian_budget", None)
     if budget is not None and not budget > 0:
         raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
@@ -77,20 +84,28 @@ def run(args: argparse.Namespace) -> int:
     from mosaic_core.prune.stage_pruning import prune_steps
     from mosaic_core.conquer.sampling import run_to_end
     from mosaic_core.conquer.staged_denoiser import memory_ledger
+    from mosaic_core.distributed import current_processes, process_device
 
     plan = plan_from_args(args)
-    loaded = load_model(plan.model, device=args.device, dtype=args.dtype)
+    processes = current_processes(args.device)  # one process unless started by `accelerate launch`
+    loaded = load_model(plan.model, device=process_device(args.device, processes), dtype=args.dtype)
     config = prune_config_from_args(args, loaded.spec)
-    print(format_plan(plan))
-    with tqdm(total=1000, desc="pruning", unit="‰", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
+    if processes.is_main:
+        print(format_plan(plan))
+    with tqdm(
+        total=1000, desc="pruning", unit="‰", bar_format="{l_bar}{bar}| {elapsed} {postfix}", disable=not processes.is_main
+    ) as bar:
 
         def show(event) -> None:
             bar.n = int(1000 * event.fraction)
             bar.set_postfix_str(" ".join(x for x in (event.phase, event.stage, event.layer or "") if x))
             bar.refresh()
 
-        result = run_to_end(prune_steps(loaded, plan, config), show)
-    save_pruned(result, loaded, args.out)
+        result = run_to_end(prune_steps(loaded, plan, config, processes=processes), show)
+    if not processes.is_main:  # its share of the Hessians is summed; rank 0 solves and writes
+        return 0
+    extra = {"processes": result.processes, "calibration_images_per_process": result.calibration_images}
+    save_pruned(result, loaded, args.out, extra=extra)
     ledger = memory_ledger(loaded.transformer, result.staged)
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"measured c_x = {result.cx:.4f}; {seconds}")

@@ -1,8 +1,15 @@
-"""`python -m mosaic_core sample`: sample a model (dense, or staged with --pruned) to an .npz."""
+"""`python -m mosaic_core sample`: sample a model (dense, or staged with --pruned) to an .npz.
+
+    python -m mosaic_core sample --pruned out/mosaic-0.3 --n 20 --out staged.npz
+    accelerate launch --multi_gpu --num_processes 8 -m mosaic_core sample --model facebook/DiT-XL-2-256 \
+        --n 50000 --batch-size 64 --out samples.npz          # the same file one process writes
+"""
 
 from __future__ import annotations
 
 import argparse
+
+import numpy as np
 
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import SCHEDULERS
@@ -27,8 +34,13 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (or float32 | float16 | bfloat16; default: fp32 on CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, default=64,
+        help="images per model call (default 64); images do not depend on it. Under `accelerate launch` "
+        "batch k runs on process k mod N and rank 0 writes them all, in order",
+    )
     parser.add_argument("--out", required=True, metavar="FILE.npz")
     parser.add_argument("--grid", default=None, metavar="FILE.png", help="also write an image grid")
     parser.add_argument("--metrics", action="store_true", help="also print class accuracy and Fréchet distance (digit models)")
@@ -37,12 +49,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Sample with a progress bar; write the archive (and grid)."""
-    from tqdm import tqdm
-
     from mosaic_core.conquer.images import save_grid, save_samples
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
-    from mosaic_core.conquer.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
+    from mosaic_core.conquer.sampling import SampleConfig, labels_for
+    from mosaic_core.distributed import current_processes, process_device
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -55,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         seed=args.seed,
     )
-    loaded = load_model(spec, device=args.device, dtype=args.dtype)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    processes = current_processes(args.device)  # one process unless started by `accelerate launch`
+    loaded = load_model(spec, device=process_device(args.device, processes), dtype=args.dtype)
     transformer = None
     if args.pruned is not None:
         from mosaic_core.prune.checkpoint import load_pruned
@@ -64,22 +78,62 @@ def run(args: argparse.Namespace) -> int:
     if loaded.adapter.conditioning == "text":
         if not args.prompt:
             raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" (repeat it for several prompts)")
-        labels = loaded.adapter.condition_for(loaded, [args.prompt[i % len(args.prompt)] for i in range(args.n)])
+        labels = [args.prompt[i % len(args.prompt)] for i in range(args.n)]  # prompts; conditions per batch
     elif args.prompt:
         raise ValueError(f"model '{spec.name}' is class-conditional: --prompt is for text-to-image models")
     else:
         labels = labels_for(args.n, spec.num_classes)
-    with tqdm(total=config.num_inference_steps, desc="sampling", unit="step") as bar:
-        result = run_to_end(sample_loaded(loaded, labels, config, transformer=transformer), lambda event: bar.update(1))
-    save_samples(args.out, result.images, result.labels)
+    images, seconds = sample_sharded(loaded, labels, config, transformer, args.batch_size, processes)
+    if not processes.is_main:
+        return 0
+    result_labels = np.asarray(labels)
+    save_samples(args.out, images, result_labels)
     if args.grid:
-        save_grid(args.grid, result.images, columns=min(spec.num_classes or len(result.images), 10))
-    print(f"wrote {len(result.images)} images to {args.out} in {result.total_seconds:.1f} s")
+        save_grid(args.grid, images, columns=min(spec.num_classes or len(images), 10))
+    where = f" by {processes.count} processes" if processes.distributed else ""
+    print(f"wrote {len(images)} images to {args.out}{where} in {seconds:.1f} s")
     if args.metrics:
         from mosaic_core.conquer.compare import is_digit_model
         from mosaic_core.conquer.metrics import class_accuracy, digit_fd
 
         if not is_digit_model(spec):
             raise ValueError(f"--metrics needs a digit model (10 classes, 1-channel pixels); '{spec.name}' is not one")
-        print(f"class accuracy {class_accuracy(result.images, result.labels):.3f}, Fréchet distance {digit_fd(result.images):.2f}")
+        print(f"class accuracy {class_accuracy(images, result_labels):.3f}, Fréchet distance {digit_fd(images):.2f}")
     return 0
+
+
+def sample_sharded(loaded, labels, config, transformer, batch_size: int, processes):
+    """All images for `labels` in global batches; batch k on process k mod N, gathered on rank 0.
+
+    Returns (uint8 N×H×W×C images in label order, sampling seconds of this process) on
+    rank 0 and (None, seconds) elsewhere. Image i's noise is seeded by its global index i
+    (`index_offset`), so the images are those of one process and one call. Gathering goes
+    round by round (one batch per process), so rank 0 never holds more than N batches in
+    flight besides the result.
+    """
+    from tqdm import tqdm
+
+    from mosaic_core.conquer.sampling import run_to_end, sample_loaded
+    from mosaic_core.distributed import batch_ranges, in_batch_order
+
+    ranges = batch_ranges(len(labels), batch_size)
+    mine = processes.shard(len(ranges))
+    rounds = -(-len(ranges) // processes.count)
+    parts, seconds = [], 0.0
+    with tqdm(total=len(mine) * config.num_inference_steps, desc="sampling", unit="step", disable=not processes.is_main) as bar:
+        for round_index in range(rounds):
+            k = round_index * processes.count + processes.index
+            done = []
+            if k < len(ranges):
+                start, stop = ranges[k]
+                batch = labels[start:stop]
+                if loaded.adapter.conditioning == "text":  # prompts -> the pipeline's own text conditions
+                    batch = loaded.adapter.condition_for(loaded, list(batch))
+                steps = sample_loaded(loaded, batch, config, transformer=transformer, index_offset=start)
+                result = run_to_end(steps, lambda event: bar.update(1))
+                seconds += result.total_seconds
+                done = [(k, result.images)]
+            gathered = processes.gather_to_main(done)
+            if processes.is_main:
+                parts.extend(in_batch_order(gathered))
+    return (np.concatenate(parts) if processes.is_main else None), seconds

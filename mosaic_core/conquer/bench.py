@@ -31,7 +31,7 @@ from mosaic_core.prune.calibration import CalibrationConfig
 from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps
 from mosaic_core.jobs import relay
 from mosaic_core.divide.plan import Plan, build_plan
-from mosaic_core.divide.stages import DEFAULT_M
+from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
 from mosaic_core.conquer.sampling import SampleConfig, labels_for
 from mosaic_core.conquer.staged_denoiser import param_count
@@ -193,4 +193,349 @@ def markdown_table(result: BenchResult, loaded) -> str:
         f"mosaic stages: steps {'/'.join(map(str, allocation.step_counts))}, sparsity "
         f"{'/'.join(f'{a:.2f}' for a in allocation.achieved)} (early/middle/late).",
     ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Timing at real size without real weights (`bench --random-weights`)
+# ---------------------------------------------------------------------------------------
+#
+# Speed depends on shapes, not on weight values, so a model of the registry entry's real
+# shapes with random weights times like the real one. The staged networks are sliced from
+# it with *random* keep sets of the plan's sizes (no calibration: which heads are kept
+# does not change the cost). Quality columns are left out: random weights draw noise.
+#
+# Protocol: for each sparsity, the dense network and the plan's distinct stage networks
+# are timed together — one warm-up call each (with `compile`, this call compiles), then
+# `repeats` rounds, interleaved round-robin, each timing `calls` consecutive calls of a
+# network between two device synchronisations. Seconds per call are reported as min and
+# median over the rounds. A plan's sampling time is Σ_stage steps_stage · seconds/call_stage
+# (guidance is inside the call's batch), so
+#
+#     measured speed-up = N · t_dense / Σ_i n_i · t_i,     ideal = MACs_dense / MACs_staged.
+#
+# On a CPU the speed-up uses the **min** (the least-disturbed round: other processes only
+# ever add time); on a GPU the median.
+
+
+@dataclass(frozen=True)
+class RandomBenchConfig:
+    """Random-weights timing: sparsities, plan steps N, rows per call, timed calls and rounds."""
+
+    sparsities: tuple[float, ...] = (0.3, 0.5)
+    num_inference_steps: int = 50
+    batch: int = 2  # rows per model call (classifier-free guidance: 2 rows = 1 image)
+    calls: int = 2
+    repeats: int = 5
+    seed: int = 0
+    M: float = DEFAULT_M
+    lam: float = 0.01
+    scheduler: str = "ddim"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sparsities:
+            raise ValueError("give at least one sparsity to time (e.g. --sparsities 0.3,0.5)")
+        for value in self.sparsities:
+            if not 0.0 <= float(value) <= 0.9:
+                raise ValueError(f"each sparsity must be in [0, 0.9], got {value}")
+        for name, low, high in (("batch", 1, 1024), ("calls", 1, 100), ("repeats", 1, 50)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or not low <= value <= high:
+                raise ValueError(f"--{name} must be a whole number in [{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class NetworkTiming:
+    """Seconds per model call of one network (all rounds), its size and peak memory."""
+
+    name: str
+    heads_kept: int
+    units_kept: int
+    params: int
+    seconds: tuple[float, ...]
+    warmup_seconds: float
+    peak_memory: int | None  # bytes: CUDA max_memory_allocated; None on CPU
+
+    @property
+    def min(self) -> float:
+        return float(np.min(self.seconds))
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.seconds))
+
+
+@dataclass(frozen=True)
+class RandomPlanTiming:
+    """One sparsity: its plan, the dense timing of the same rounds and each stage's network."""
+
+    sparsity: float
+    plan: Plan
+    dense: NetworkTiming
+    stages: tuple[NetworkTiming | None, ...]  # None: the stage runs the dense network (or has no steps)
+
+    def stage_timing(self, index: int) -> NetworkTiming:
+        return self.stages[index] or self.dense
+
+    def speedup(self, statistic: str) -> float:
+        """N · t_dense / Σ n_i · t_i with t = the `statistic` ("min" or "median") of each network."""
+        steps = self.plan.step_counts
+        dense = sum(steps) * getattr(self.dense, statistic)
+        staged = sum(n * getattr(self.stage_timing(i), statistic) for i, n in enumerate(steps))
+        return dense / staged
+
+    def stage_ideal(self, index: int) -> float:
+        """MACs per step of the dense blocks over those of stage `index`'s blocks."""
+        from mosaic_core.divide.cost import block_macs_per_step
+
+        shape, allocation = self.plan.shape, self.plan.allocation
+        return block_macs_per_step(shape) / block_macs_per_step(shape, allocation.heads_kept[index], allocation.units_kept[index])
+
+
+@dataclass
+class RandomBenchResult:
+    """Everything `bench --random-weights` measured."""
+
+    model: str
+    exact_config: bool
+    config: RandomBenchConfig
+    device: str
+    dtype: str
+    timings: list[RandomPlanTiming]
+    build_seconds: float
+
+    @property
+    def statistic(self) -> str:
+        """Which per-call statistic the speed-ups use: min on CPU, median on GPU."""
+        return "min" if self.device.startswith("cpu") else "median"
+
+    def to_dict(self) -> dict:
+        """bench.json of the random-weights mode."""
+        def network(t: NetworkTiming) -> dict:
+            return {
+                "name": t.name, "heads_kept": t.heads_kept, "units_kept": t.units_kept, "params": t.params,
+                "seconds_per_call_min": round(t.min, 6), "seconds_per_call_median": round(t.median, 6),
+                "seconds_per_call_all": [round(s, 6) for s in t.seconds], "warmup_seconds": round(t.warmup_seconds, 4),
+                "peak_memory_bytes": t.peak_memory,
+            }
+
+        return {
+            "mode": "random-weights",
+            "model": self.model,
+            "exact_config": self.exact_config,
+            "quality": "left out: random weights produce noise, so accuracy, FD, PSNR and SSIM would measure nothing",
+            "speedup_statistic": self.statistic,
+            "batch": self.config.batch, "calls": self.config.calls, "repeats": self.config.repeats,
+            "steps": self.config.num_inference_steps, "compile": self.config.compile,
+            "machine": machine_info(self.device, self.dtype),
+            "build_seconds": round(self.build_seconds, 2),
+            "plans": [
+                {
+                    "sparsity": t.sparsity,
+                    "stage_steps": list(t.plan.step_counts),
+                    "stage_sparsity": [round(a, 4) for a in t.plan.allocation.achieved],
+                    "ideal_speedup": round(t.plan.ideal_speedup, 4),
+                    "measured_speedup_min": round(t.speedup("min"), 4),
+                    "measured_speedup_median": round(t.speedup("median"), 4),
+                    "measured_over_ideal": round(t.speedup(self.statistic) / t.plan.ideal_speedup, 4),
+                    "dense": network(t.dense),
+                    "stages": [
+                        {"stage": STAGE_NAMES[i], "ideal_speedup": round(t.stage_ideal(i), 4), **network(t.stage_timing(i))}
+                        for i in range(3)
+                    ],
+                }
+                for t in self.timings
+            ],
+        }
+
+
+def machine_info(device: str, dtype: str) -> dict:
+    """Device, threads, GPU name, platform and versions, for every bench report."""
+    return {
+        "device": device,
+        "dtype": dtype,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def random_weights_model(spec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> tuple[torch.nn.Module, bool]:
+    """A DiTTransformer2DModel of the entry's real shapes with random weights, and whether its config is exact.
+
+    The config is `parameters.transformer_config` (the real config.json when present, else
+    the one the registry's shape implies). Built directly on `device`: nothing is read.
+    """
+    from diffusers import DiTTransformer2DModel
+
+    from mosaic_core.models.parameters import transformer_config
+
+    config, exact = transformer_config(spec)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DiTTransformer2DModel(**config)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model, exact
+
+
+def random_keeps(num_blocks: int, num_heads: int, num_units: int, heads_kept: int, units_kept: int, generator: torch.Generator):
+    """Per block, a random sorted set of `heads_kept` heads and `units_kept` MLP units."""
+    from mosaic_core.prune.surgery import BlockKeep
+
+    keeps = []
+    for _ in range(num_blocks):
+        heads = torch.randperm(num_heads, generator=generator)[:heads_kept].sort().values.tolist()
+        units = torch.randperm(num_units, generator=generator)[:units_kept].sort().values.tolist()
+        keeps.append(BlockKeep(heads=tuple(heads), units=tuple(units)))
+    return keeps
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels are asynchronous); no-op on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(model: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], calls: int) -> float:
+    """Seconds per call of `model(x, timestep=t, class_labels=y)`, between two device synchronisations."""
+    import time
+
+    x, t, y = inputs
+    synchronize(x.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(calls):
+            model(x, timestep=t, class_labels=y)
+    synchronize(x.device)
+    return (time.perf_counter() - start) / calls
+
+
+def _peak_memory_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def random_bench_steps(
+    spec,
+    config: RandomBenchConfig = RandomBenchConfig(),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[BenchEvent, None, RandomBenchResult]:
+    """Time dense against staged plans of `config.sparsities` on a random-weights model of `spec`'s shapes."""
+    import time
+
+    from mosaic_core.jobs import Cancelled
+    from mosaic_core.prune.surgery import sliced_model
+
+    device = torch.device(device)
+    start = time.perf_counter()
+    dense, exact = random_weights_model(spec, device, dtype, config.seed)
+    build_seconds = time.perf_counter() - start
+    shape = spec.shape
+    generator = torch.Generator().manual_seed(config.seed)
+    x = torch.randn((config.batch, spec.in_channels, spec.sample_size, spec.sample_size), generator=generator).to(device, dtype)
+    t = torch.full((config.batch,), 500, device=device, dtype=torch.long)
+    y = torch.randint(0, spec.num_classes, (config.batch,), generator=generator).to(device)
+    maybe_compile = (lambda m: torch.compile(m)) if config.compile else (lambda m: m)
+    timings = []
+    for index, sparsity in enumerate(config.sparsities):
+        plan = build_plan(spec, config.num_inference_steps, config.M, config.lam, sparsity=sparsity, scheduler=config.scheduler)
+        allocation = plan.allocation
+        # The distinct stage networks of this plan (equal sizes share one network, as build_staged does).
+        networks: dict[tuple[int, int], torch.nn.Module] = {}
+        stage_keys: list[tuple[int, int] | None] = []
+        for i in range(3):
+            key = (allocation.heads_kept[i], allocation.units_kept[i])
+            if plan.step_counts[i] == 0 or key == (shape.num_heads, shape.mlp_hidden):
+                stage_keys.append(None)
+                continue
+            if key not in networks:
+                keeps = random_keeps(shape.num_layers, shape.num_heads, shape.mlp_hidden, key[0], key[1], generator)
+                networks[key] = sliced_model(dense, keeps)
+            stage_keys.append(key)
+        contenders = [("dense", None, dense)] + [(f"{key[0]}h/{key[1]}u", key, net) for key, net in networks.items()]
+        compiled = {name: maybe_compile(net) for name, _, net in contenders}
+        seconds: dict[str, list[float]] = {name: [] for name, _, _ in contenders}
+        warmup: dict[str, float] = {}
+        peaks: dict[str, int | None] = {}
+        total = len(contenders) * (config.repeats + 1)
+        done = 0
+        for round_index in range(config.repeats + 1):  # round 0: warm-up (and compilation)
+            for name, _, _ in contenders:
+                if should_stop is not None and should_stop():
+                    raise Cancelled("benchmark cancelled")
+                if round_index == 0:
+                    _peak_memory_start(device)
+                    warmup[name] = time_calls(compiled[name], (x, t, y), 1)
+                    peaks[name] = _peak_memory(device)
+                else:
+                    seconds[name].append(time_calls(compiled[name], (x, t, y), config.calls))
+                done += 1
+                yield BenchEvent("time", f"S={sparsity:g} {name}", (index + done / total) / len(config.sparsities))
+        by_key = {}
+        for name, key, net in contenders:
+            heads, units = key if key is not None else (shape.num_heads, shape.mlp_hidden)
+            by_key[key] = NetworkTiming(
+                name, heads, units, param_count(net), tuple(seconds[name]), warmup[name], peaks[name]
+            )
+        timings.append(
+            RandomPlanTiming(sparsity, plan, by_key[None], tuple(None if key is None else by_key[key] for key in stage_keys))
+        )
+        del networks, compiled, contenders
+    return RandomBenchResult(
+        spec.name, exact, config, str(device), str(dtype).replace("torch.", ""), timings, build_seconds
+    )
+
+
+def random_markdown_table(result: RandomBenchResult) -> str:
+    """bench.md of the random-weights mode: one row per plan, one per stage network."""
+    cfg = result.config
+    statistic = result.statistic
+    why = "min of the rounds (CPU: other processes only add time)" if statistic == "min" else "median of the rounds"
+    lines = [
+        f"**{result.model}** with random weights ({'its real config' if result.exact_config else 'shapes from the registry'}), "
+        f"{result.device} {result.dtype}, {torch.get_num_threads()} threads, batch {cfg.batch} rows per call, "
+        f"{cfg.calls} calls × {cfg.repeats} interleaved rounds{', torch.compile' if cfg.compile else ''}; "
+        f"speed-ups from the {why}. Plans at {cfg.scheduler.upper()}-{cfg.num_inference_steps}.",
+        "",
+        "Quality columns are left out: the weights are random, so accuracy, FD, PSNR and SSIM would measure nothing.",
+        "",
+        "| sparsity | steps E/M/L | stage sparsity | ideal speed-up | measured (min) | measured (median) | measured/ideal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in result.timings:
+        lines.append(
+            f"| {t.sparsity:g} | {'/'.join(map(str, t.plan.step_counts))} | "
+            f"{'/'.join(f'{a:.2f}' for a in t.plan.allocation.achieved)} | {t.plan.ideal_speedup:.3f}× | "
+            f"{t.speedup('min'):.3f}× | {t.speedup('median'):.3f}× | {t.speedup(statistic) / t.plan.ideal_speedup:.3f} |"
+        )
+    memory = lambda b: "— (CPU)" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
+    lines += [
+        "",
+        "| sparsity | network | heads/units kept | params | s/call min | s/call median | ideal | measured (min) | warm-up s | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t in result.timings:
+        rows = [("dense", t.dense, 1.0)] + [
+            (STAGE_NAMES[i], t.stage_timing(i), t.stage_ideal(i)) for i in range(3) if t.plan.step_counts[i] > 0
+        ]
+        for label, timing, ideal in rows:
+            lines.append(
+                f"| {t.sparsity:g} | {label} | {timing.heads_kept}/{timing.units_kept} | {timing.params / 1e6:.1f} M | "
+                f"{timing.min:.4f} | {timing.median:.4f} | {ideal:.3f}× | {t.dense.min / timing.min:.3f}× | "
+                f"{timing.warmup_seconds:.2f} | {memory(timing.peak_memory)} |"
+            )
     return "\n".join(lines) + "\n"

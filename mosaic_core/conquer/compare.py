@@ -83,6 +83,7 @@ class MethodResult:
     psnr: float | None = None
     ssim: float | None = None
     info: dict = field(default_factory=dict)
+    peak_memory: int | None = None  # bytes: CUDA max_memory_allocated over its runs; None on CPU
 
     def row(self) -> dict:
         """A JSON-ready summary (no images)."""
@@ -101,6 +102,7 @@ class MethodResult:
             "fd": None if self.fd is None else round(self.fd, 3),
             "psnr": None if self.psnr is None else round(self.psnr, 3),
             "ssim": None if self.ssim is None else round(self.ssim, 4),
+            "peak_memory_bytes": self.peak_memory,
             **self.info,
         }
 
@@ -152,14 +154,20 @@ def compare_steps(
     done = itertools.count(1)  # steps finished, for the progress fraction
     first: dict[str, SampleResult] = {}
     timings: dict[str, list[np.ndarray]] = {c.name: [] for c in contenders}
+    peaks: dict[str, int | None] = {c.name: None for c in contenders}
+    cuda = loaded.device.type == "cuda"
     for repeat in range(0 if warmup else 1, repeats + 1):
         for contender in contenders:
             steps = min(2, contender.num_inference_steps) if repeat == 0 else contender.num_inference_steps
             run_config = SampleConfig(steps, config.guidance_scale, config.scheduler, config.seed)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(loaded.device)
             result = yield from relay(
                 sample_loaded(loaded, labels, run_config, transformer=contender.transformer, should_stop=should_stop),
                 lambda e, name=contender.name, r=repeat: CompareEvent(name, r, repeats, e.step, e.num_steps, next(done) / total_steps),
             )
+            if cuda:
+                peaks[contender.name] = max(peaks[contender.name] or 0, int(torch.cuda.max_memory_allocated(loaded.device)))
             if repeat == 0:
                 continue
             timings[contender.name].append(result.step_seconds)
@@ -190,6 +198,7 @@ def compare_steps(
                 psnr=metrics.mean_psnr(images, reference_images),
                 ssim=float(metrics.ssim(images, reference_images).mean()) if min(images.shape[1:3]) >= 7 else None,
                 info=dict(contender.info),
+                peak_memory=peaks[contender.name],
             )
         )
     base = next(r for r in results if r.name == reference)

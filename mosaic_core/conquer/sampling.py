@@ -161,6 +161,7 @@ def sample_steps(
     vae=None,
     noise: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
+    index_offset: int = 0,
 ) -> Generator[StepEvent, None, SampleResult]:
     """Sample images for `labels`, yielding a `StepEvent` per step; returns a `SampleResult`.
 
@@ -170,7 +171,9 @@ def sample_steps(
 
     `sample_shape` is (C, H, W) of the model's input; `noise`, if given, replaces the seeded
     initial noise (N×C×H×W). `should_stop` is polled between steps; stopping raises
-    `mosaic_core.jobs.Cancelled`.
+    `mosaic_core.jobs.Cancelled`. `index_offset` is the global index of the first image:
+    image j of this call draws its noise as image `index_offset + j` of the whole run, so a
+    run split into batches (or over processes) gives the images of one call.
 
     Every event carries x̂₀, the step's prediction of the clean sample: the scheduler's own
     `pred_original_sample` when it gives one (DDIM, DDPM, Euler); otherwise (DPM-Solver)
@@ -191,13 +194,15 @@ def sample_steps(
     scheduler = make_scheduler(config.scheduler, scheduler_config)
     scheduler.set_timesteps(config.num_inference_steps)
     if noise is None:
-        noise = initial_noise(len(y), sample_shape, config.seed)
+        noise = initial_noise(len(y), sample_shape, config.seed, index_offset)
     elif tuple(noise.shape) != (len(y),) + tuple(sample_shape):
         raise ValueError(f"noise must have shape {(len(y),) + tuple(sample_shape)}, got {tuple(noise.shape)}")
     x = (noise * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
     null = condition.null()
     # DDPM's per-step noise: one generator per image too, so images stay batch-independent.
-    step_generators = [torch.Generator().manual_seed(int(config.seed) * 1_000_003 + 500_009 + i) for i in range(len(y))]
+    step_generators = [
+        torch.Generator().manual_seed(int(config.seed) * 1_000_003 + 500_009 + index_offset + i) for i in range(len(y))
+    ]
     seconds = []
     timesteps = scheduler.timesteps
     clip = float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample") else None

@@ -20,6 +20,8 @@ import torch
 from mosaic_core.models.registry import ModelSpec, resolve_model, where_to_put
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 @dataclass
@@ -61,15 +63,51 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on, checked before anything is loaded: cpu, cuda or cuda:N.
+
+    `cuda` without a CUDA build or GPU, an index past the last GPU, and any other device
+    type (tpu, mps, xla, ...) are one clear ValueError each; None means CUDA when present.
+    """
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in DEVICE_TYPES:
+        raise ValueError(f"unsupported device '{device}': choose cpu, cuda or cuda:N (TPU/MPS are not supported)")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{device}' asked for, but CUDA is not available here (torch {torch.__version__}): use --device cpu")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device '{device}' does not exist: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    return resolved
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """A torch dtype from a name; float32 on CPU by default, float16 on CUDA."""
+    """A torch dtype from a name (fp32|fp16|bf16 or float32|float16|bfloat16) checked against the device.
+
+    Default: float32 on CPU, float16 on CUDA. float16 on CPU is refused (PyTorch's CPU half
+    kernels are many times slower than float32 and some are missing): use fp32, or bf16.
+    """
+    device = torch.device(device)
     if dtype is None:
         return torch.float16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+        resolved = dtype
+    else:
+        name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+        if name not in DTYPES:
+            choices = ", ".join(list(DTYPE_ALIASES) + list(DTYPES))
+            raise ValueError(f"unknown dtype '{dtype}': choose one of {choices}")
+        resolved = DTYPES[name]
+    if resolved not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {resolved}: choose fp32, fp16 or bf16")
+    if resolved == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype fp16 on the CPU is refused (CPU half-precision runs many times slower than fp32): use --dtype fp32 or bf16 on CPU, or fp16 with --device cuda")
+    return resolved
 
 
 def weights_hash(folder: str | Path) -> str:
@@ -134,9 +172,9 @@ def load_model(
 
     from mosaic_core.models.adapters import adapter_for_class, adapter_named
 
-    spec = resolve_model(name) if isinstance(name, str) else name
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)  # device and dtype are checked before the model is even resolved
     dtype = resolve_dtype(dtype, device)
+    spec = resolve_model(name) if isinstance(name, str) else name
     folder = _transformer_folder(spec)
     adapter = adapter_named(spec.family)
     config_class = _config_class(folder)

@@ -152,9 +152,15 @@ def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
     return torch.cat(latents)
 
 
-def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSet:
+def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=None) -> CleanSet:
     """`config.size` clean inputs for `loaded`: dataset images, the dense model's own samples,
-    or a local image folder; with class labels, or a text family's prompt conditions."""
+    or a local image folder; with class labels, or a text family's prompt conditions.
+
+    With several `processes` (`mosaic_core.distributed.Processes`), class-conditional sampled
+    inputs are made batch by batch (batch k by process k mod N, each from its images' own
+    seeds) and gathered, so every process holds the same set one process would make; a text
+    family's inputs are made whole by every process (its Hessian batches are still sharded).
+    """
     if loaded.adapter.conditioning == "text":
         if config.source == "data":
             raise ValueError(
@@ -180,7 +186,9 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
 
     labels = torch.randint(0, loaded.spec.num_classes, (config.size,), generator=generator)
     xs = []
-    for start in range(0, config.size, config.batch_size):
+    for index, start in enumerate(range(0, config.size, config.batch_size)):
+        if processes is not None and not processes.owns(index):
+            continue
         chunk = labels[start : start + config.batch_size]
         steps = sample_steps(
             loaded.transformer,
@@ -195,8 +203,12 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSe
         last = None
         for event in steps:
             last = event
-        xs.append(last.latents.float().cpu())
-    return CleanSet(torch.cat(xs), labels)
+        xs.append((index, last.latents.float().cpu()))
+    if processes is not None and processes.distributed:
+        from mosaic_core.distributed import in_batch_order
+
+        return CleanSet(torch.cat(in_batch_order(processes.all_gather(xs))), labels)
+    return CleanSet(torch.cat([x for _, x in xs]), labels)
 
 
 def _noise_for(chunk, loaded, seed, offset):

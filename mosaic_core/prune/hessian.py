@@ -22,6 +22,16 @@ called from a forward pre-hook on every calibration batch; `hessian()` hands H t
 solver; `free()` drops the in × in buffer. Accumulation is in float64: the sum runs over
 tens of thousands of tokens and float32 would lose the small eigenvalues the OBS inverse
 depends on.
+
+Several processes (`mosaic_core.distributed`): each accumulates ΣXᵀX and n over its own
+calibration batches; `hessian_steps(..., reduce=...)` sums both over the processes before
+dividing, so H = (Σ_r Σ_{x∈shard r} x xᵀ) / (Σ_r n_r) is the one-process H up to the order
+of float64 additions.
+
+Where the sums live: on the activations' device when all in × in float64 buffers fit in
+`memory_budget` bytes (default: a quarter of the free GPU memory; DiT-XL/2 needs
+28 · (1152² + 4608²) · 8 B ≈ 5 GB), else on the CPU (each batch's XᵀX is still formed on the
+device, only the running sum moves).
 """
 
 from __future__ import annotations
@@ -99,8 +109,12 @@ class HessianAccumulator:
         if self._sum is None:
             device = self.device if self.device is not None else x.device
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=device)
-        x = x.to(device=self._sum.device, dtype=torch.float64)
-        self._sum.addmm_(x.T, x)  # in × in
+        if x.device == self._sum.device:
+            x = x.to(dtype=torch.float64)
+            self._sum.addmm_(x.T, x)  # in × in
+        else:  # sums kept on the CPU (memory budget): form XᵀX where X is, move only the result
+            x = x.to(dtype=torch.float64)
+            self._sum += (x.T @ x).to(self._sum.device)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -120,6 +134,38 @@ class HessianAccumulator:
         """Drop the in × in buffer (the solver has taken its copy)."""
         self._sum = None
         self.count = 0
+
+    def reduce(self, reduce: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Replace ΣXᵀX and n by their sums over processes (`reduce` = an all-reduce sum).
+
+        A process that saw no batch contributes zeros, so every process must call this.
+        """
+        if self._sum is None:
+            target = self.device if self.device is not None else torch.device(device)
+            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=target)
+        self._sum = reduce(self._sum)
+        count = reduce(torch.tensor([float(self.count)], dtype=torch.float64, device=self._sum.device))
+        self.count = int(round(float(count.item())))
+
+
+def hessian_bytes(layers: Iterable[PrunableLayer]) -> int:
+    """Bytes of the float64 in × in running sums of `layers`."""
+    return sum(8 * layer.in_features**2 for layer in layers)
+
+
+def hessian_device(model: torch.nn.Module, layers: Iterable[PrunableLayer], memory_budget: int | None = None) -> torch.device | None:
+    """Where the running sums live: None (the activations' device) when they fit the budget, else CPU.
+
+    On CPU the answer is always the activations' device. On CUDA the default budget is a
+    quarter of the free memory (`torch.cuda.mem_get_info`), leaving room for activations.
+    """
+    parameter = next(model.parameters(), None)
+    if parameter is None or parameter.device.type != "cuda":
+        return None
+    if memory_budget is None:
+        free, _ = torch.cuda.mem_get_info(parameter.device)
+        memory_budget = free // 4
+    return None if hessian_bytes(list(layers)) <= memory_budget else torch.device("cpu")
 
 
 def _resolve_layers(model: torch.nn.Module, layers: Iterable[PrunableLayer | str] | None) -> list[PrunableLayer]:
@@ -149,10 +195,16 @@ class HessianCollector:
     The model runs in eval mode under `torch.no_grad()`; its mode is restored on exit.
     """
 
-    def __init__(self, model: torch.nn.Module, layers: Iterable[PrunableLayer | str] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: Iterable[PrunableLayer | str] | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
         self.model = model
         self.layers = _resolve_layers(model, layers)
-        self.accumulators = {layer.name: HessianAccumulator(layer.in_features) for layer in self.layers}
+        self.sum_device = hessian_device(model, self.layers, memory_budget)
+        self.accumulators = {layer.name: HessianAccumulator(layer.in_features, self.sum_device) for layer in self.layers}
         self.batches = 0
         self._handles: list = []
         self._was_training = model.training
@@ -183,9 +235,17 @@ class HessianCollector:
             self.model(x_t, timestep=timestep, **as_condition(condition).model_kwargs())
         self.batches += 1
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        """H = XᵀX / n per layer name (float64); frees the running sums."""
-        if self.batches == 0:
+    def hessians(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """H = XᵀX / n per layer name (float64); frees the running sums.
+
+        `reduce` (an all-reduce sum over processes) is applied to ΣXᵀX and n first.
+        """
+        if reduce is not None:
+            for accumulator in self.accumulators.values():
+                accumulator.reduce(reduce, self.sum_device)
+            if all(acc.count == 0 for acc in self.accumulators.values()):
+                raise ValueError("batches was empty in every process; calibration needs at least one batch")
+        elif self.batches == 0:
             raise ValueError("batches was empty; calibration needs at least one batch")
         hessians = {name: acc.hessian() for name, acc in self.accumulators.items()}
         for acc in self.accumulators.values():
@@ -199,22 +259,25 @@ def hessian_steps(
     layers: Iterable[PrunableLayer | str] | None = None,
     should_stop: Callable[[], bool] | None = None,
     total: int | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    memory_budget: int | None = None,
 ) -> Generator[tuple[int, int | None], None, dict[str, torch.Tensor]]:
     """The one Hessian loop: a generator of (batches done, total) that returns H per layer.
 
     Each batch is (x_t, t, c): noisy inputs N×C×H×W, model timesteps (N,) and the
     condition (class labels (N,) or a condition object); see `HessianCollector`. `should_stop()` is polled before each batch and raises
     `mosaic_core.jobs.Cancelled`. Hooks are always removed, also on error or cancel.
+    `reduce` sums ΣXᵀX and n over processes before H is formed (see the module docstring).
     """
     if total is None and hasattr(batches, "__len__"):
         total = len(batches)  # type: ignore[arg-type]
-    with HessianCollector(model, layers) as collector:
+    with HessianCollector(model, layers, memory_budget) as collector:
         for x_t, timestep, condition in batches:
             if should_stop is not None and should_stop():
                 raise Cancelled(f"calibration cancelled after {collector.batches} batches")
             collector.run(x_t, timestep, condition)
             yield collector.batches, total
-    return collector.hessians()
+    return collector.hessians(reduce)
 
 
 def collect_hessians(

@@ -15,6 +15,11 @@ Which analyses a plan needs: `snr` calibration gives each stage its own τ range
 and `clean` calibration (and `--uniform`) use one analysis for every stage, since their
 data does not depend on the stage. A stage whose sparsity is 0 uses the dense network
 itself, so 0 % pruning is bit-identical to the dense model.
+
+Several processes (`processes`, see `mosaic_core.distributed`): calibration batch pair k
+(the batch and its null-label copy) is run by process k mod N; ΣXᵀX and n are summed over
+the processes, then the greedy OBS pass and the build run once, on the main process. The
+other processes return None from `prune_steps` once their Hessian shares are summed.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
 from mosaic_core.prune.hessian import hessian_steps, prunable_layers
+from mosaic_core.distributed import Processes
 from mosaic_core.jobs import Cancelled, relay
 from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
 from mosaic_core.divide.cost import group_macs_per_token
@@ -112,6 +118,9 @@ class PruneResult:
     cx: float
     seconds: dict[str, float]
     hessian_peak_bytes: int = 0  # the most float64 Hessian bytes any analysis of this run held at once
+    # processes that shared the calibration and the clean images each one ran through the model
+    processes: int = 1
+    calibration_images: list[int] = field(default_factory=list)
 
 
 def stage_t_ranges(plan: Plan, config: PruneConfig) -> list[tuple[int, int] | None]:
@@ -137,13 +146,17 @@ def analyse_stage(
     config: PruneConfig,
     key: str,
     should_stop: Callable[[], bool] | None = None,
-) -> Generator[tuple[str, float, str | None], None, StageAnalysis]:
+    processes: Processes = Processes(),
+) -> Generator[tuple[str, float, str | None], None, StageAnalysis | None]:
     """Hessians at the stage's noise levels and the greedy removal order of every layer.
 
     A generator of (phase, fraction of this analysis, layer) progress tuples that returns
     the `StageAnalysis`. Every attention layer records the order of all heads but one
     (≥ 1 head stays), every MLP fc2 the order of all units but one, so any sparsity of the
     stage is available later without new Hessians.
+
+    With several `processes`, each runs its own calibration batches, the Hessians are
+    summed over all of them, and only the main process solves (the others return None).
     """
     model = loaded.transformer
     layers = prunable_layers(model)
@@ -170,15 +183,23 @@ def analyse_stage(
         offset, share = number / len(chunks), 1 / len(chunks)
         # 1. H = XᵀX/n at the input of every layer of the chunk, one calibration batch at a time.
         start = time.perf_counter()
-        total = num_calibration_batches(clean, config.calibration)
         batches = calibration_batches(
             clean, sampler_alphas_cumprod(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
             device=loaded.device, dtype=loaded.dtype,
         )
-        steps = hessian_steps(model, batches, chunk, should_stop, total)
-        chunk_hessians = yield from relay(steps, lambda progress: ("hessian", offset + share * 0.5 * progress[0] / total, None))
+        total = num_calibration_batches(clean, config.calibration)
+        if processes.distributed:  # batch 2k and its null copy 2k+1 belong to process k mod N
+            total = 2 * len(processes.shard(total // 2))
+            batches = (batch for index, batch in enumerate(batches) if processes.owns(index // 2))
+        reduce = processes.all_reduce_sum if processes.distributed else None
+        steps = hessian_steps(model, batches, chunk, should_stop, total, reduce=reduce)
+        chunk_hessians = yield from relay(
+            steps, lambda progress: ("hessian", offset + share * 0.5 * progress[0] / max(total, 1), None)
+        )
         peak = max(peak, sum(h.numel() * h.element_size() for h in chunk_hessians.values()))
         timings["hessian"] += time.perf_counter() - start
+        if not processes.is_main:
+            continue  # the others only contribute their Hessian shares; the main process solves
         # 2. One greedy pass per layer: the removal order (and error) of every group.
         start = time.perf_counter()
         for index, layer in enumerate(chunk):
@@ -192,6 +213,8 @@ def analyse_stage(
         hessians.update({name: h.cpu() for name, h in chunk_hessians.items()})
         del chunk_hessians
         timings["solve"] += time.perf_counter() - start
+    if not processes.is_main:
+        return None
     return StageAnalysis(key, t_range, hessians, traces, clean.cx, timings, hessian_peak_bytes=peak)
 
 
@@ -376,11 +399,14 @@ def prune_steps(
     *,
     should_stop: Callable[[], bool] | None = None,
     analyses: dict[str, StageAnalysis] | None = None,
-) -> Generator[PruneEvent, None, PruneResult]:
+    processes: Processes = Processes(),
+) -> Generator[PruneEvent, None, PruneResult | None]:
     """Prune `loaded` per `plan`, yielding `PruneEvent`s; returns a `PruneResult`.
 
     `analyses` is a cache (key -> StageAnalysis) that is read and filled: a second call
     with another sparsity but the same calibration reuses the Hessians and orders.
+    With several `processes` the calibration is shared (module docstring); every process
+    must call this, and all but the main one return None.
     """
     if plan.model != loaded.spec.name:
         raise ValueError(f"the plan is for model '{plan.model}', but '{loaded.spec.name}' is loaded")
@@ -401,17 +427,22 @@ def prune_steps(
     if missing:
         yield PruneEvent("calibrate", "", 0.0, message=f"preparing {config.calibration.size} calibration inputs")
         start = time.perf_counter()
-        clean = clean_inputs(loaded, config.calibration, should_stop=should_stop)
+        clean = clean_inputs(loaded, config.calibration, should_stop=should_stop, processes=processes)
         timings["calibrate"] = time.perf_counter() - start
     for n, key in enumerate(missing):
         stage = next(i for i in needed if keys[i] == key)
         name = STAGE_NAMES[stage] if t_ranges[stage] is not None else "all stages"
         analysis = yield from _with_events(
-            analyse_stage(loaded, clean, t_ranges[stage], config, key, should_stop), name, n * share, share
+            analyse_stage(loaded, clean, t_ranges[stage], config, key, should_stop, processes), name, n * share, share
         )
+        if analysis is None:  # not the main process: its Hessian share is summed, OBS is not its job
+            continue
         analyses[key] = analysis
         timings["hessian"] += analysis.seconds.get("hessian", 0.0)
         timings["solve"] += analysis.seconds.get("solve", 0.0)
+    seen = _images_per_process(clean, config, processes) if clean is not None and config.scorer == "obs" else []
+    if not processes.is_main:
+        return None
 
     yield PruneEvent("build", "", 0.95, message="building stage networks")
     start = time.perf_counter()
@@ -435,7 +466,19 @@ def prune_steps(
     cx = clean.cx if clean is not None else next((analyses[keys[i]].cx for i in needed), float("nan"))
     used = {keys[i]: analyses[keys[i]] for i in needed}
     peak = max((analysis.hessian_peak_bytes for analysis in used.values()), default=0)
-    return PruneResult(plan, config, staged, stage_networks, used, cx, timings, peak)
+    return PruneResult(
+        plan, config, staged, stage_networks, used, cx, timings, peak,
+        processes=processes.count, calibration_images=seen,
+    )
+
+
+def _images_per_process(clean: CleanSet, config: PruneConfig, processes: Processes) -> list[int]:
+    """Clean calibration images each process ran through the model per analysis (batch k → k mod N)."""
+    size, batch = clean.x0.shape[0], config.calibration.batch_size
+    counts = [0] * processes.count
+    for k, start in enumerate(range(0, size, batch)):
+        counts[k % processes.count] += min(batch, size - start)
+    return counts
 
 
 def _with_events(analysis, stage: str, offset: float, share: float):
