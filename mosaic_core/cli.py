@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
+
+from mosaic_core import limits
 
 COMMANDS = ("plan", "sample", "prune", "bench", "train")
 
@@ -22,6 +25,45 @@ class _Parser(argparse.ArgumentParser):
         hint = f"python -m mosaic_core {command} --help".replace("  ", " ")
         print(f"error: {message} (see `{hint}`)", file=sys.stderr)
         sys.exit(2)
+
+
+def int_in(option: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type=` for a whole number in [low, high], checked while parsing (limits.parse_int)."""
+
+    def parse(text: str) -> int:
+        try:
+            return limits.parse_int(option, text, low, high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def float_in(option: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse `type=` for a finite number in [low, high] (limits.parse_float)."""
+
+    def parse(text: str) -> float:
+        try:
+            return limits.parse_float(option, text, low, high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def text_of(option: str, max_length: int) -> Callable[[str], str]:
+    """An argparse `type=` for a string of at most `max_length` characters (limits.check_text)."""
+
+    def parse(text: str) -> str:
+        try:
+            return limits.check_text(option, text, max_length)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "text"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
