@@ -22,6 +22,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.split()[1] if " " in self.prog else ""
+        if len(message) > 500:  # argparse repeats the offending value: never echo a huge one
+            message = message[:500] + "…"
         hint = f"python -m mosaic_core {command} --help".replace("  ", " ")
         print(f"error: {message} (see `{hint}`)", file=sys.stderr)
         sys.exit(2)

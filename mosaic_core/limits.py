@@ -37,6 +37,15 @@ MAX_CACHE_BYTES = 1 << 50
 _LABEL_TOKEN = re.compile(r"^\s*(\d{1,7})\s*(?:-\s*(\d{1,7}))?\s*$")
 
 
+def shown(value: Any, max_length: int = 60) -> str:
+    """`repr(value)` cut to `max_length` characters, for error messages (never echo a huge input)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not replace the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= max_length else text[: max_length - 1] + "…"
+
+
 def check_text(name: str, value: Any, max_length: int = MAX_TEXT_LENGTH) -> str:
     """A string of at most `max_length` characters (no NUL), or ValueError naming `name`."""
     if not isinstance(value, str):
@@ -51,22 +60,25 @@ def check_text(name: str, value: Any, max_length: int = MAX_TEXT_LENGTH) -> str:
 def check_int(name: str, value: Any, low: int, high: int) -> int:
     """A whole number in [low, high] (an integral float is accepted), or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(value)}")
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(value)}")
     number = int(value)
     if not low <= number <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(number)}")
     return number
 
 
 def check_float(name: str, value: Any, low: float, high: float) -> float:
     """A finite number in [low, high], or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-    number = float(value)
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
     if not (math.isfinite(number) and low <= number <= high):
-        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {shown(value)}")
     return number
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from mosaic_core import limits
-from mosaic_core.cli import int_in, text_of
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
 from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
 from mosaic_core.prune.stage_pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
@@ -28,7 +28,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "--allocation", default="per-stage", choices=ALLOCATIONS,
         help="per-stage: the plan's counts in every block; per-block: spread each stage's MACs by OBS error",
     )
-    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
+    parser.add_argument("--damping", type=float_in("--damping", 0.0, 1.0), default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
     parser.add_argument("--seed", type=int_in("--seed", 0, limits.MAX_SEED), default=0, help="calibration seed")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32 on CPU)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mosaic_core import limits
-from mosaic_core.cli import int_in, text_of
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import SCHEDULERS
 
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampling steps (default: the model's, 50)"
     )
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 20.0), default=None, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: float32 on CPU)")
