@@ -128,7 +128,9 @@ def check_output_folder(path: Any, owns: Optional[Owns] = None, what: str = "out
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise ValueError(f"{what} must be a folder path, got {path!r}")
     path = Path(path).expanduser()
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
+    if path.is_symlink():
+        raise ValueError(f"{what} '{path}' is a symbolic link: give the folder itself, or a new or empty folder")
+    if path.exists() and not path.is_dir():
         raise ValueError(f"{what} '{path}' exists and is not a folder: choose a new or empty folder")
     _check_parent(path, what)
     if path.is_dir():

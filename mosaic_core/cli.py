@@ -2,7 +2,10 @@
 
 Each command lives in `mosaic_core/commands/<name>.py`. Bad input (a `ValueError` raised at
 the engine's edge) is printed as one line `error: ...` and exits with status 2, with no
-traceback; a missing file exits with status 1 the same way.
+traceback; a missing file or another operating-system error (disk full, permission)
+exits with status 1 the same way. Every size-bearing option is parsed with a bounded type
+(`int_in`, `float_in`, `text_of`, backed by `mosaic_core.limits`), so a huge value is
+refused while parsing, before anything of its size exists.
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
+    except OSError as error:  # a missing file, a full disk, a folder we may not write
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

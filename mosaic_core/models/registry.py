@@ -244,7 +244,8 @@ def _unknown(name: str) -> ValueError:
     shown = name if len(name) <= 200 else name[:200] + "…"
     return ValueError(
         f"unknown model '{shown}': choose one of {', '.join(known_models())}, "
-        f"or give an allowed folder holding a diffusers scheduler config"
+        f"or give a folder holding a diffusers scheduler config (scheduler/scheduler_config.json or "
+        f"scheduler_config.json) that this caller may read"
     )
 
 
