@@ -39,10 +39,16 @@ def pixel(tiny_pixel_folder):
 
 
 @pytest.fixture(scope="module")
-def pruned(pixel):
+def store_root(tmp_path_factory):
+    """An analysis cache folder filled once for the module (by the `pruned` fixture)."""
+    return tmp_path_factory.mktemp("clean-cache")
+
+
+@pytest.fixture(scope="module")
+def pruned(pixel, store_root):
     """A plan whose three stages each have their own network, pruned once for the module."""
     plan = build_plan(pixel.spec, num_inference_steps=10, sparsity=0.4)
-    result = run_to_end(prune_steps(pixel, plan, CONFIG, analyses={}))
+    result = run_to_end(prune_steps(pixel, plan, CONFIG, analyses=AnalysisStore(store_root)))
     assert len({id(n) for n in result.staged.networks()}) == 3
     return plan, result
 
@@ -130,10 +136,11 @@ def test_malformed_manifests_are_refused_with_a_clear_error(pixel, pruned, tmp_p
         load_pruned(folder, pixel)
 
 
-def test_the_app_cache_discards_a_tampered_checkpoint_and_recomputes(pixel, pruned, tmp_path, caplog):
+def test_the_app_cache_discards_a_tampered_checkpoint_and_recomputes(pixel, pruned, store_root, tmp_path, caplog):
     from mosaic_core.prune.service import PruneService
 
     plan, result = pruned
+    shutil.copytree(store_root / "analyses", tmp_path / "analyses")  # the Hessians, so only the build reruns
     first = run_to_end(PruneService(tmp_path).prune_steps(pixel, plan, CONFIG))
     assert first.source == "pruned"
     edit_manifest(first.folder, swap_first_two_networks)  # what a disk-cache attacker does
@@ -154,23 +161,23 @@ def test_a_cached_checkpoint_must_hold_the_settings_its_key_names(pixel, pruned,
     assert not folder.exists()
 
 
-def test_flipped_hessian_bytes_are_discarded_and_recomputed_to_the_clean_result(pixel, tmp_path, caplog):
-    plan = build_plan(pixel.spec, num_inference_steps=10, sparsity=0.4)
-    clean = run_to_end(prune_steps(pixel, plan, CONFIG, analyses=AnalysisStore(tmp_path / "clean")))
-    store_root = tmp_path / "attacked"
-    run_to_end(prune_steps(pixel, plan, CONFIG, analyses=AnalysisStore(store_root)))
-    for entry in sorted((store_root / "analyses").iterdir()):
+def test_flipped_hessian_bytes_are_discarded_and_recomputed_to_the_clean_result(pixel, pruned, store_root, tmp_path, caplog):
+    plan, clean = pruned
+    attacked = tmp_path / "attacked"
+    shutil.copytree(store_root, attacked)  # the cache the clean run wrote, then damaged
+    assert len(list((attacked / "analyses").iterdir())) == 3
+    for entry in sorted((attacked / "analyses").iterdir()):
         hessians = entry / "hessians.safetensors"
         data = bytearray(hessians.read_bytes())
         data[len(data) // 2] ^= 0x01  # a small flip: the lowest bit of one float64
         hessians.write_bytes(bytes(data))
     events = []
     with caplog.at_level(logging.WARNING, logger="mosaic_core.prune.cache"):
-        again = run_to_end(prune_steps(pixel, plan, CONFIG, analyses=AnalysisStore(store_root)), events.append)
+        again = run_to_end(prune_steps(pixel, plan, CONFIG, analyses=AnalysisStore(attacked)), events.append)
     assert sum("discarding damaged cache entry" in r.getMessage() for r in caplog.records) == 3
     assert any(e.phase == "hessian" for e in events)  # recomputed, not used
     assert same_outputs(again.staged, clean.staged)
-    fresh = AnalysisStore(store_root)  # the rewritten entries verify
+    fresh = AnalysisStore(attacked)  # the rewritten entries verify
     assert len(fresh) == 3 and all(fresh[key].hessians for key in fresh)
 
 
@@ -215,8 +222,10 @@ def test_the_disk_cache_is_capped_and_evicts_the_least_recently_used(tmp_path, m
     assert usage.bytes == sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
 
 
-def test_the_prune_service_holds_a_bounded_number_of_models(pixel, pruned, tmp_path):
+def test_the_prune_service_holds_a_bounded_number_of_models(pixel, pruned, store_root, tmp_path):
     from mosaic_core.prune.service import PruneService
+
+    shutil.copytree(store_root / "analyses", tmp_path / "analyses")
 
     service = PruneService(tmp_path, memory_size=4, memory_bytes=0)  # no room: only the newest stays
     for sparsity in (0.4, 0.3):
