@@ -2,7 +2,10 @@
 
 Each command lives in `mosaic_core/commands/<name>.py`. Bad input (a `ValueError` raised at
 the engine's edge) is printed as one line `error: ...` and exits with status 2, with no
-traceback; a missing file exits with status 1 the same way.
+traceback; a missing file or another operating-system error (disk full, permission)
+exits with status 1 the same way. Every size-bearing option is parsed with a bounded type
+(`int_in`, `float_in`, `text_of`, backed by `mosaic_core.limits`), so a huge value is
+refused while parsing, before anything of its size exists.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Callable
+
+from mosaic_core import limits
 
 COMMANDS = ("plan", "sample", "prune", "bench", "train", "eval")
 
@@ -19,9 +25,50 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.split()[1] if " " in self.prog else ""
+        if len(message) > 500:  # argparse repeats the offending value: never echo a huge one
+            message = message[:500] + "…"
         hint = f"python -m mosaic_core {command} --help".replace("  ", " ")
         print(f"error: {message} (see `{hint}`)", file=sys.stderr)
         sys.exit(2)
+
+
+def int_in(option: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type=` for a whole number in [low, high], checked while parsing (limits.parse_int)."""
+
+    def parse(text: str) -> int:
+        try:
+            return limits.parse_int(option, text, low, high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def float_in(option: str, low: float, high: float) -> Callable[[str], float]:
+    """An argparse `type=` for a finite number in [low, high] (limits.parse_float)."""
+
+    def parse(text: str) -> float:
+        try:
+            return limits.parse_float(option, text, low, high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def text_of(option: str, max_length: int) -> Callable[[str], str]:
+    """An argparse `type=` for a string of at most `max_length` characters (limits.check_text)."""
+
+    def parse(text: str) -> str:
+        try:
+            return limits.check_text(option, text, max_length)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = "text"
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
+    except OSError as error:  # a missing file, a full disk, a folder we may not write
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 MAX_IMAGES = 4096  # images in one sampling / comparison call (sampling.MAX_BATCH)
-MAX_SAMPLE_IMAGES = 1_000_000  # images of one `sample`/`eval` run (written in batches)
+MAX_SAMPLE_IMAGES = 100_000  # images of one `sample` run (FID at scale: 50k; held in memory until written)
 MAX_STEPS = 1000  # sampler steps (at most T)
 MAX_CALIBRATION_SIZE = 8192  # clean calibration images per stage
 MAX_REPEATS = 20  # timed repeats of a comparison / bench
@@ -21,8 +21,29 @@ MAX_SEED = 2**31 - 1
 MAX_NAME_LENGTH = 512  # a model name or folder path
 MAX_TEXT_LENGTH = 4096  # a label list, a prompt, any other free text
 MAX_LABEL_TOKENS = 4096
+MAX_TRAIN_STEPS = 1_000_000  # optimizer steps of `train`
+MAX_PATH_LENGTH = 4096  # an output file or folder path
+MAX_TRAIN_TIMESTEPS = 100_000  # T of a local model's scheduler config (the schedule arrays are T long)
+MAX_CONFIG_BYTES = 1 << 20  # a local model's JSON config files are read only up to this size
+MIN_METRIC_IMAGES = 2  # Fréchet distance fits a covariance: at least two images
+
+# Caches (mosaic_core.prune.cache): bytes on disk under cache/, bytes of Hessians held in memory.
+CACHE_MAX_BYTES_ENV = "MOSAIC_CACHE_MAX_BYTES"
+DEFAULT_CACHE_MAX_BYTES = 2 << 30  # 2 GiB: ~20 digits-dit analyses or a few hundred checkpoints
+ANALYSIS_MEMORY_BYTES_ENV = "MOSAIC_ANALYSIS_MEMORY_BYTES"
+DEFAULT_ANALYSIS_MEMORY_BYTES = 512 << 20  # 512 MiB: ~6 digits-dit stage analyses (87 MB each)
+MAX_CACHE_BYTES = 1 << 50
 
 _LABEL_TOKEN = re.compile(r"^\s*(\d{1,7})\s*(?:-\s*(\d{1,7}))?\s*$")
+
+
+def shown(value: Any, max_length: int = 60) -> str:
+    """`repr(value)` cut to `max_length` characters, for error messages (never echo a huge input)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__ must not replace the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= max_length else text[: max_length - 1] + "…"
 
 
 def check_text(name: str, value: Any, max_length: int = MAX_TEXT_LENGTH) -> str:
@@ -39,23 +60,58 @@ def check_text(name: str, value: Any, max_length: int = MAX_TEXT_LENGTH) -> str:
 def check_int(name: str, value: Any, low: int, high: int) -> int:
     """A whole number in [low, high] (an integral float is accepted), or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(value)}")
     if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(value)}")
     number = int(value)
     if not low <= number <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {number}")
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(number)}")
     return number
 
 
 def check_float(name: str, value: Any, low: float, high: float) -> float:
     """A finite number in [low, high], or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
-    number = float(value)
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
     if not (math.isfinite(number) and low <= number <= high):
-        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {shown(value)}")
     return number
+
+
+def check_bytes_setting(name: str, value: Any, default: int) -> int:
+    """A byte budget from an environment variable's text (None/empty = `default`), or ValueError naming it."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    text = check_text(name, str(value), 32).strip()
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of bytes in [0, {MAX_CACHE_BYTES}], got {text!r}") from None
+    return check_int(name, number, 0, MAX_CACHE_BYTES)
+
+
+def parse_int(name: str, text: Any, low: int, high: int) -> int:
+    """A command-line integer, checked against [low, high] before anything of its size is built."""
+    raw = check_text(name, str(text), 32).strip()
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {raw!r}") from None
+    return check_int(name, number, low, high)
+
+
+def parse_float(name: str, text: Any, low: float, high: float) -> float:
+    """A command-line number, finite and in [low, high]."""
+    raw = check_text(name, str(text), 64).strip()
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {raw!r}") from None
+    return check_float(name, number, low, high)
 
 
 def parse_label_list(text: Any, num_classes: int, max_ids: int = MAX_IMAGES) -> list[int]:

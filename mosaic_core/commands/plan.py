@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mosaic_core import limits
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_M, Plan, build_plan
 from mosaic_core.models.registry import DEFAULT_MODEL, resolve_model
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
@@ -109,17 +111,22 @@ def run(args: argparse.Namespace) -> int:
 
 def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = True) -> None:
     """The Divide arguments: model, steps, M, λ, sparsity or per-stage sparsity, sampler, c_x."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's, 50)")
-    parser.add_argument("--M", type=float, default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
-    parser.add_argument("--lam", type=float, default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, type=text_of("--model", limits.MAX_NAME_LENGTH),
+        help=f"registry name or diffusers folder (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampler steps (default: the model's, 50)"
+    )
+    parser.add_argument("--M", type=float_in("--M", 0.0, 1.0), default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
+    parser.add_argument("--lam", type=float_in("--lam", -1e6, 1e6), default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
     if sparsity_group:
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("--sparsity", type=float, default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
-        group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", help="early,middle,late sparsities, each in [0, 0.9]")
+        group.add_argument("--sparsity", type=float_in("--sparsity", 0.0, 0.9), default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
+        group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", type=text_of("--stage-sparsity", 200), help="early,middle,late sparsities, each in [0, 0.9]")
         parser.add_argument("--uniform", action="store_true", help="one network at --sparsity for every step")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
-    parser.add_argument("--cx", type=float, default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
+    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, type=text_of("--scheduler", 64), help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    parser.add_argument("--cx", type=float_in("--cx", 0.0, 1e12), default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
 
 
 def register(subparsers) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from mosaic_core import limits
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
 from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
 from mosaic_core.prune.stage_pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
@@ -16,7 +18,7 @@ from mosaic_core.prune.stage_pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORER
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     """Calibration and scorer arguments (shared with `bench`)."""
     parser.add_argument("--calib", default="snr", choices=CALIBRATION_MODES, help="calibration noise levels (default snr)")
-    parser.add_argument("--calib-size", type=int, default=256, help="clean calibration images per stage (default 256)")
+    parser.add_argument("--calib-size", type=int_in("--calib-size", 1, limits.MAX_CALIBRATION_SIZE), default=256, help="clean calibration images per stage (default 256)")
     parser.add_argument(
         "--calib-source", default=None, metavar="|".join(CALIBRATION_SOURCES),
         help="clean inputs: the model's dataset, the dense model's own samples, or a local image folder "
@@ -31,8 +33,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         "--allocation", default="per-stage", choices=ALLOCATIONS,
         help="per-stage: the plan's counts in every block; per-block: spread each stage's MACs by OBS error",
     )
-    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
-    parser.add_argument("--seed", type=int, default=0, help="calibration seed")
+    parser.add_argument("--damping", type=float_in("--damping", 0.0, 1.0), default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
+    parser.add_argument("--seed", type=int_in("--seed", 0, limits.MAX_SEED), default=0, help="calibration seed")
     parser.add_argument(
         "--hessian-budget", type=float, default=None, metavar="MIB",
         help="gather float64 Hessians a few blocks at a time, at most MIB MiB at once (default: every layer at once; "
@@ -71,7 +73,10 @@ def register(subparsers) -> None:
     )
     add_plan_arguments(parser)
     add_prune_arguments(parser)
-    parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write (replaced atomically)")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),
+        help="checkpoint folder to write: new, empty, or an earlier checkpoint (replaced atomically)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -79,13 +84,14 @@ def run(args: argparse.Namespace) -> int:
     """Plan, prune with a progress bar, save, and print a summary."""
     from tqdm import tqdm
 
-    from mosaic_core.prune.checkpoint import save_pruned
+    from mosaic_core.prune.checkpoint import check_checkpoint_folder, save_pruned
     from mosaic_core.models.loading import load_model
     from mosaic_core.prune.stage_pruning import prune_steps
     from mosaic_core.conquer.sampling import run_to_end
     from mosaic_core.conquer.staged_denoiser import memory_ledger
     from mosaic_core.distributed import current_processes, process_device
 
+    check_checkpoint_folder(args.out, "--out")  # before any work: never prune for nothing
     plan = plan_from_args(args)
     processes = current_processes(args.device)  # one process unless started by `accelerate launch`
     loaded = load_model(plan.model, device=process_device(args.device, processes), dtype=args.dtype)

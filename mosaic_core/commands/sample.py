@@ -11,6 +11,8 @@ import argparse
 
 import numpy as np
 
+from mosaic_core import limits
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import SCHEDULERS
 
@@ -23,43 +25,67 @@ def register(subparsers) -> None:
         "or prompt i mod the --prompt list for a text-to-image model, labels -1)",
         description="Sample a model with classifier-free guidance; with --pruned, the staged pruned model.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or diffusers folder (default {DEFAULT_MODEL})")
-    parser.add_argument("--pruned", default=None, metavar="DIR", help="a pruned checkpoint folder written by `prune`")
-    parser.add_argument("--n", type=int, default=20, help="number of images (default 20)")
     parser.add_argument(
-        "--prompt", action="append", default=None, metavar="TEXT",
+        "--model", default=DEFAULT_MODEL, type=text_of("--model", limits.MAX_NAME_LENGTH),
+        help=f"registry name or diffusers folder (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--pruned", default=None, metavar="DIR", type=text_of("--pruned", limits.MAX_PATH_LENGTH),
+        help="a pruned checkpoint folder written by `prune`",
+    )
+    parser.add_argument(
+        "--n", type=int_in("--n", 1, limits.MAX_SAMPLE_IMAGES), default=20,
+        help=f"number of images, 1..{limits.MAX_SAMPLE_IMAGES} (default 20; sampled --batch-size at a time)",
+    )
+    parser.add_argument(
+        "--prompt", action="append", default=None, metavar="TEXT", type=text_of("--prompt", limits.MAX_TEXT_LENGTH),
         help="text prompt of a text-to-image model (repeat for several; image i gets prompt i mod the list)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50)")
-    parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--seed", type=int_in("--seed", 0, limits.MAX_SEED), default=0)
+    parser.add_argument(
+        "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampling steps (default: the model's, 50)"
+    )
+    parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 20.0), default=None, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (or float32 | float16 | bfloat16; default: fp32 on CPU)")
     parser.add_argument(
-        "--batch-size", type=int, default=64,
+        "--batch-size", type=int_in("--batch-size", 1, limits.MAX_IMAGES), default=64,
         help="images per model call (default 64); images do not depend on it. Under `accelerate launch` "
         "batch k runs on process k mod N and rank 0 writes them all, in order",
     )
-    parser.add_argument("--out", required=True, metavar="FILE.npz")
-    parser.add_argument("--grid", default=None, metavar="FILE.png", help="also write an image grid")
+    parser.add_argument("--out", required=True, metavar="FILE.npz", type=text_of("--out", limits.MAX_PATH_LENGTH))
+    parser.add_argument(
+        "--grid", default=None, metavar="FILE.png", type=text_of("--grid", limits.MAX_PATH_LENGTH), help="also write an image grid"
+    )
     parser.add_argument("--metrics", action="store_true", help="also print class accuracy and Fréchet distance (digit models)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Sample with a progress bar; write the archive (and grid)."""
+    from mosaic_core.atomic import check_output_file
+    from mosaic_core.conquer.compare import is_digit_model
     from mosaic_core.conquer.images import save_grid, save_samples
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
     from mosaic_core.conquer.sampling import SampleConfig, labels_for
     from mosaic_core.distributed import current_processes, process_device
 
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    if not args.out.endswith(".npz"):
-        raise ValueError(f"--out must name a .npz file, got '{args.out}'")
+    # Everything that can be refused is refused here, before the model loads or a step runs.
+    check_output_file(args.out, "--out", suffix=".npz")
+    if args.grid:
+        check_output_file(args.grid, "--grid", suffix=".png")
     spec = resolve_model(args.model)
+    if args.metrics:
+        if not is_digit_model(spec):
+            raise ValueError(f"--metrics needs a digit model (10 classes, 1-channel pixels); '{spec.name}' is not one")
+        if args.n < limits.MIN_METRIC_IMAGES:
+            raise ValueError(f"--metrics needs --n of at least {limits.MIN_METRIC_IMAGES} (Fréchet distance fits a covariance), got {args.n}")
+    if args.pruned is not None:
+        from mosaic_core.prune.checkpoint import read_manifest
+
+        read_manifest(args.pruned)
     config = SampleConfig(
         num_inference_steps=args.steps if args.steps is not None else spec.default_steps,
         guidance_scale=args.cfg if args.cfg is not None else spec.default_cfg,
@@ -93,11 +119,8 @@ def run(args: argparse.Namespace) -> int:
     where = f" by {processes.count} processes" if processes.distributed else ""
     print(f"wrote {len(images)} images to {args.out}{where} in {seconds:.1f} s")
     if args.metrics:
-        from mosaic_core.conquer.compare import is_digit_model
         from mosaic_core.conquer.metrics import class_accuracy, digit_fd
 
-        if not is_digit_model(spec):
-            raise ValueError(f"--metrics needs a digit model (10 classes, 1-channel pixels); '{spec.name}' is not one")
         print(f"class accuracy {class_accuracy(images, result_labels):.3f}, Fréchet distance {digit_fd(images):.2f}")
     return 0
 

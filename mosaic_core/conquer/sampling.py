@@ -27,6 +27,7 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 import numpy as np
 import torch
 
+from mosaic_core import limits
 from mosaic_core.jobs import run_to_end  # noqa: F401  (re-exported: callers import it from here)
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, check_num_steps, check_scheduler_name, make_scheduler
 
@@ -48,9 +49,8 @@ class SampleConfig:
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
-            raise ValueError(f"guidance scale (cfg) must be a finite number in [0, {MAX_GUIDANCE:g}], got {g!r}")
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or not 0 <= int(self.seed) < 2**31:
-            raise ValueError(f"seed must be a whole number in [0, 2^31), got {self.seed!r}")
+            raise ValueError(f"guidance scale (cfg) must be a finite number in [0, {MAX_GUIDANCE:g}], got {limits.shown(g)}")
+        object.__setattr__(self, "seed", limits.check_int("seed", self.seed, 0, limits.MAX_SEED))
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ totals over the network (the shape's `num_heads` / `mlp_hidden` are totals too).
 
 from __future__ import annotations
 
+from mosaic_core.limits import shown
+
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -75,8 +77,8 @@ def check_sparsity(value: float, name: str = "sparsity") -> float:
     """Return `value` as a float, or raise ValueError unless it is finite and in [0, 0.9]."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be in [0, {MAX_SPARSITY}], got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be in [0, {MAX_SPARSITY}], got {shown(value)}") from None
     if not (math.isfinite(number) and 0.0 <= number <= MAX_SPARSITY):
         raise ValueError(f"{name} must be in [0, {MAX_SPARSITY}], got {number}")
     return number

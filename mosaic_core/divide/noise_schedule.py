@@ -25,6 +25,8 @@ Equation numbers (1.1)-(1.3) are those of docs/method.md §1.
 
 from __future__ import annotations
 
+from mosaic_core.limits import shown
+
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -45,8 +47,8 @@ def check_lam(lam: float) -> float:
     """Return λ as a float, or raise ValueError when it is not a finite number."""
     try:
         value = float(lam)
-    except (TypeError, ValueError):
-        raise ValueError(f"lam (λ) must be a finite number, got {lam!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"lam (λ) must be a finite number, got {shown(lam)}") from None
     if not math.isfinite(value):
         raise ValueError(f"lam (λ) must be a finite number (any real, 0.01 recommended), got {value}")
     return value
@@ -56,8 +58,8 @@ def check_cx(cx: float) -> float:
     """Return c_x as a float, or raise ValueError when it is not finite and > 0."""
     try:
         value = float(cx)
-    except (TypeError, ValueError):
-        raise ValueError(f"cx (c_x) must be a finite number > 0, got {cx!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"cx (c_x) must be a finite number > 0, got {shown(cx)}") from None
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"cx (c_x) must be a finite number in (0, inf), 1.0 as fallback, got {value}")
     return value

@@ -23,6 +23,7 @@ from mosaic_core.divide.allocation import (
 )
 from mosaic_core.divide.cost import ideal_speedup, linear_parameter_count, sampling_macs, staged_parameter_count
 from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape, shape_from_dict
+from mosaic_core.limits import shown
 from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
 from mosaic_core.models.samplers import check_num_steps, check_scheduler_name, sampler_timesteps
@@ -226,9 +227,11 @@ def build_plan(
     if uniform and stage_sparsity is not None:
         raise ValueError("uniform means one sparsity for every step: give sparsity, not stage_sparsity")
     if stage_sparsity is not None:
+        if isinstance(stage_sparsity, (str, bytes, dict, set)) or not hasattr(stage_sparsity, "__len__") or len(stage_sparsity) != 3:
+            raise ValueError(
+                f"stage sparsity needs exactly 3 values (early, middle, late) each in [0, 0.9], got {shown(stage_sparsity)}"
+            )
         values = tuple(stage_sparsity)
-        if len(values) != 3:
-            raise ValueError(f"stage sparsity needs exactly 3 values (early, middle, late), got {len(values)}: {values}")
         for value, name in zip(values, STAGE_NAMES):
             check_sparsity(value, f"{name} sparsity")
         mode = "manual"

@@ -19,6 +19,8 @@ to Ï„ = T-1, so its early stage is empty); the middle stage never is (it holds Ï
 
 from __future__ import annotations
 
+from mosaic_core.limits import shown
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -68,8 +70,8 @@ def check_M(M: float) -> float:
     """Return M as a float, or raise ValueError when it is not in the open interval (0, 1)."""
     try:
         value = float(M)
-    except (TypeError, ValueError):
-        raise ValueError(f"M must be in (0, 1), got {M!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"M must be in (0, 1), got {shown(M)}") from None
     if not (math.isfinite(value) and 0.0 < value < 1.0):
         raise ValueError(f"M must be in (0, 1), got {value}")
     return value

@@ -14,6 +14,12 @@ Names resolve in this order:
    `transformer/config.json` or `unet/config.json`), or a folder holding a bare
    `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
    picks the family; an unknown one is refused with the list of supported classes.
+
+A server that resolves names sent by remote users passes `allowed_roots`: a local folder
+must then lie (after resolving symlinks) inside one of them. Every refusal of a local
+folder — missing, not a folder, unreadable, outside the roots, no usable scheduler
+config — has the same message, so a caller cannot learn which paths exist, and no error
+repeats what a config file contains (only the names of its fields).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
+from mosaic_core import limits
 from mosaic_core.divide.shapes import TransformerShape
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -145,16 +152,33 @@ def known_models() -> list[str]:
     return list(_REGISTRY) + list(_LAZY_REGISTRY)
 
 
+class _Unusable(Exception):
+    """A local folder is not a usable model; deliberately carries no detail for the user."""
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a config file of bounded size; `_Unusable` otherwise (content never echoed)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from error
+        if path.stat().st_size > limits.MAX_CONFIG_BYTES:
+            raise _Unusable
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        raise _Unusable from None
+    if not isinstance(value, dict):
+        raise _Unusable
+    return value
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _scheduler_config_in(folder: Path) -> dict[str, Any] | None:
     for candidate in (folder / "scheduler" / "scheduler_config.json", folder / "scheduler_config.json"):
-        if candidate.is_file():
+        if _is_file(candidate):
             return _read_json(candidate)
     return None
 
@@ -165,11 +189,63 @@ DENOISER_FOLDERS = ("transformer", "unet")
 def _denoiser_config_in(folder: Path) -> dict[str, Any] | None:
     """The denoiser's diffusers config in a folder (transformer/, unet/ or the folder itself)."""
     for candidate in [folder / name / "config.json" for name in DENOISER_FOLDERS] + [folder / "config.json"]:
-        if candidate.is_file():
+        if _is_file(candidate):
             config = _read_json(candidate)
             if "_class_name" in config:
                 return config
     return None
+
+
+# Fields of a local folder's configs the engine reads, with their allowed ranges.
+_SCHEDULER_INTS = {"num_train_timesteps": (2, limits.MAX_TRAIN_TIMESTEPS)}
+_SCHEDULER_FLOATS = {"beta_start": (0.0, 1.0), "beta_end": (0.0, 1.0), "clip_sample_range": (0.0, 1e6)}
+_TRANSFORMER_INTS = {
+    "num_attention_heads": (1, 1024),
+    "attention_head_dim": (1, 4096),
+    "num_layers": (1, 1024),
+    "patch_size": (1, 64),
+    "sample_size": (1, 4096),
+    "in_channels": (1, 64),
+    "out_channels": (1, 128),
+    "num_embeds_ada_norm": (1, 100_000),
+}
+
+
+def _check_fields(config: Mapping[str, Any], ints: Mapping[str, tuple], floats: Mapping[str, tuple], what: str) -> None:
+    """ValueError naming the field and its allowed range (never its value) when a read field is bad."""
+    for key, (low, high) in ints.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ValueError(f"{what}: '{key}' must be a whole number in [{low}, {high}]")
+    for key, (low, high) in floats.items():
+        value = config.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high
+        ):
+            raise ValueError(f"{what}: '{key}' must be a number in [{low:g}, {high:g}]")
+
+
+def _check_scheduler_config(config: Mapping[str, Any], what: str) -> None:
+    """The scheduler fields the engine reads must be sane, and give a schedule (checked now, not at use)."""
+    from mosaic_core.divide.noise_schedule import BETA_SCHEDULES, alphas_cumprod
+
+    _check_fields(config, _SCHEDULER_INTS, _SCHEDULER_FLOATS, what)
+    kind = config.get("beta_schedule")
+    if kind is not None and kind not in BETA_SCHEDULES:
+        raise ValueError(f"{what}: 'beta_schedule' must be one of {', '.join(BETA_SCHEDULES)}")
+    trained = config.get("trained_betas")
+    if trained is not None and not (
+        isinstance(trained, list)
+        and 2 <= len(trained) <= limits.MAX_TRAIN_TIMESTEPS
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained)
+    ):
+        raise ValueError(f"{what}: 'trained_betas' must be a list of 2 to {limits.MAX_TRAIN_TIMESTEPS} numbers")
+    try:
+        alphas_cumprod(config)
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(
+            f"{what}: its fields do not give a noise schedule (need betas in [0, 1) and ᾱ decreasing)"
+        ) from None
 
 
 def hub_folder(model_id: str) -> Path | None:
@@ -202,13 +278,32 @@ def where_to_put(model_id: str) -> str:
     )
 
 
-def resolve_model(name: str) -> ModelSpec:
+def _unknown(name: str) -> ValueError:
+    shown = name if len(name) <= 200 else name[:200] + "…"
+    return ValueError(
+        f"unknown model '{shown}': choose one of {', '.join(known_models())}, "
+        f"or give a folder holding a diffusers scheduler config (scheduler/scheduler_config.json or "
+        f"scheduler_config.json) that this caller may read"
+    )
+
+
+def _inside(folder: Path, roots: list[Path]) -> bool:
+    return any(folder == root or root in folder.parents for root in roots)
+
+
+def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> ModelSpec:
     """The `ModelSpec` for a registry name or a local diffusers folder.
 
-    Raises ValueError naming the model and the allowed choices when it is neither.
+    `allowed_roots` (None = any folder) restricts local folders to those inside one of the
+    given roots. Raises ValueError naming the model and the allowed choices when it is
+    neither; the message is the same whatever the reason a folder was refused.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise ValueError(f"model name must be a non-empty string, got {str(name)[:80]!r}")
+    if len(name) > limits.MAX_NAME_LENGTH:
+        raise ValueError(f"model name is {len(name)} characters long: at most {limits.MAX_NAME_LENGTH} allowed")
+    if "\x00" in name:
+        raise ValueError("model name must not contain NUL characters")
     if name in _REGISTRY or name in _LAZY_REGISTRY:
         spec = _REGISTRY[name] if name in _REGISTRY else _LAZY_REGISTRY[name]()
         if spec.source == "hub":
@@ -216,34 +311,46 @@ def resolve_model(name: str) -> ModelSpec:
             if folder is not None:
                 return ModelSpec(**{**spec.__dict__, "path": str(folder)})
         return spec
-    folder = Path(name).expanduser()
-    if folder.is_dir():
+    try:
+        folder = Path(name).expanduser()
+        if allowed_roots is not None:
+            folder = folder.resolve()
+            if not _inside(folder, [Path(root).expanduser().resolve() for root in allowed_roots]):
+                raise _Unusable
+        if not folder.is_dir():
+            raise _Unusable
         scheduler = _scheduler_config_in(folder)
         if scheduler is None:
-            raise ValueError(
-                f"folder '{name}' has no scheduler config: expected scheduler/scheduler_config.json "
-                f"(diffusers layout) or scheduler_config.json"
-            )
-        from mosaic_core.models.adapters import adapter_for_class, supported_classes
-
+            raise _Unusable
         denoiser = _denoiser_config_in(folder)
-        if denoiser is None:
-            raise ValueError(
-                f"folder '{name}' has no denoiser config: expected transformer/config.json or unet/config.json "
-                f"(diffusers layout) or config.json, with a _class_name among {', '.join(supported_classes())}"
-            )
-        adapter = adapter_for_class(str(denoiser["_class_name"]))
-        return ModelSpec(
-            name=str(folder),
-            description=f"local diffusers folder {folder}",
-            scheduler_config=MappingProxyType(scheduler),
-            source="folder",
-            path=str(folder),
-            family=adapter.name,
-            default_cfg=5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg,
-            **adapter.spec_fields(denoiser, folder),
+    except (_Unusable, OSError, RuntimeError):
+        raise _unknown(name) from None
+    from mosaic_core.models.adapters import adapter_for_class, supported_classes
+
+    what = f"model folder '{name}'"
+    _check_scheduler_config(scheduler, f"{what} (scheduler config)")
+    if denoiser is None:
+        raise ValueError(
+            f"{what} has no denoiser config: expected transformer/config.json or unet/config.json "
+            f"(diffusers layout) or config.json, with a _class_name among {', '.join(supported_classes())}"
         )
-    raise ValueError(
-        f"unknown model '{name}': choose one of {', '.join(known_models())}, "
-        f"or give a folder with a diffusers scheduler config"
+    class_name = denoiser.get("_class_name")
+    if not isinstance(class_name, str) or class_name not in supported_classes():
+        raise ValueError(f"{what}: its denoiser class is not supported: supported are {', '.join(supported_classes())}")
+    adapter = adapter_for_class(class_name)
+    if adapter.name == "dit":
+        _check_fields(denoiser, _TRANSFORMER_INTS, {}, f"{what} (transformer config)")
+    try:
+        fields = adapter.spec_fields(denoiser, folder)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError(f"{what}: its {class_name} config lacks fields or has fields of the wrong type") from None
+    return ModelSpec(
+        name=str(folder),
+        description=f"local diffusers folder {folder}",
+        scheduler_config=MappingProxyType(scheduler),
+        source="folder",
+        path=str(folder),
+        family=adapter.name,
+        default_cfg=5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg,
+        **fields,
     )

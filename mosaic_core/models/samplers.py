@@ -7,6 +7,10 @@ needs the scheduler object. Both come from the model's scheduler config, so that
 
 from __future__ import annotations
 
+import math
+
+from mosaic_core.limits import shown
+
 from typing import Any, Mapping
 
 import numpy as np
@@ -24,17 +28,22 @@ MAX_STEPS = 1000
 
 def check_scheduler_name(name: str) -> str:
     """Return `name` normalised, or raise ValueError listing the allowed samplers."""
-    key = str(name).strip().lower()
+    key = name.strip().lower() if isinstance(name, str) else None
     if key not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+        raise ValueError(f"unknown scheduler {shown(name)}: choose one of {', '.join(SCHEDULERS)}")
     return key
 
 
 def check_num_steps(num_inference_steps: int, num_train_timesteps: int = MAX_STEPS) -> int:
     """Return the step count, or raise ValueError when it is not an integer in [1, T]."""
-    if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps:
-        raise ValueError(f"steps must be a whole number, got {num_inference_steps!r}")
-    steps = int(num_inference_steps)
+    value = num_inference_steps
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+    ):
+        raise ValueError(f"steps must be a whole number in [1, {num_train_timesteps}], got {shown(value)}")
+    steps = int(value)
     if not 1 <= steps <= num_train_timesteps:
         raise ValueError(f"steps must be in [1, {num_train_timesteps}], got {steps}")
     return steps

@@ -121,6 +121,7 @@ def train_digits_dit(
     (the EMA weights, diffusers layout), `scheduler_config.json`, `dynamics.json` and
     `train_config.json`. Stopping early (`should_stop`) writes nothing.
     """
+    out_dir = check_model_folder(out_dir)  # refuse a folder of other files before training, not after
     torch.manual_seed(config.seed)
     spec = resolve_model("digits-dit")
     alphas_cumprod = sampler_alphas_cumprod(spec.scheduler_config)
@@ -179,11 +180,30 @@ def train_digits_dit(
     _write_model_folder(Path(out_dir), ema, spec, config, probe, log_steps, log_losses, time.perf_counter() - start, images)
 
 
+# What a digits-dit folder holds; `train` replaces a folder only when it holds nothing else.
+MODEL_FOLDER_FILES = (
+    "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", DYNAMICS_FILE, "train_config.json",
+    "README.md", "samples.png",
+)
+
+
+def owns_model_entry(path: Path) -> bool:
+    """Whether a folder entry is one a digits-dit model folder holds (README.md and samples.png are kept)."""
+    return path.name in MODEL_FOLDER_FILES and path.is_file() and not path.is_symlink()
+
+
+def check_model_folder(out_dir, what: str = "output folder") -> Path:
+    """A folder `train_digits_dit` may write (new, empty, or an earlier model folder), or ValueError."""
+    from mosaic_core.atomic import check_output_folder
+
+    return check_output_folder(out_dir, owns_model_entry, what)
+
+
 def _write_model_folder(out_dir, ema, spec, config, probe, log_steps, log_losses, seconds, images) -> None:
     """Write everything to a temporary sibling folder, then swap it in (atomic for readers)."""
     from mosaic_core.atomic import replace_folder
 
-    with replace_folder(out_dir) as tmp:
+    with replace_folder(out_dir, owns_model_entry) as tmp:
         ema.save_pretrained(tmp, safe_serialization=True)
         (tmp / "scheduler_config.json").write_text(
             json.dumps({"_class_name": "DDIMScheduler", **dict(spec.scheduler_config)}, indent=2)

@@ -30,12 +30,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from mosaic_core import limits
 from mosaic_core.models.adapters.base import move_condition, select_rows
 
 CALIBRATION_MODES = ("snr", "random", "clean")
 CALIBRATION_SOURCES = ("data", "samples", "folder:PATH")
 PROMPTS_FILE = "prompts.txt"  # in assets/: calibration prompts of text-to-image models
-MAX_CALIBRATION_SIZE = 8192
+MAX_CALIBRATION_SIZE = limits.MAX_CALIBRATION_SIZE
 
 
 
@@ -56,16 +57,23 @@ class CalibrationConfig:
     sample_steps: int = 25  # sampler steps for source="samples"
 
     def __post_init__(self) -> None:
-        if self.mode not in CALIBRATION_MODES:
-            raise ValueError(f"unknown calibration mode '{self.mode}': choose one of {', '.join(CALIBRATION_MODES)}")
-        if self.source not in CALIBRATION_SOURCES[:2] and not (str(self.source).startswith("folder:") and len(self.source) > 7):
-            raise ValueError(f"unknown calibration source '{self.source}': choose one of {', '.join(CALIBRATION_SOURCES)}")
-        if isinstance(self.size, bool) or int(self.size) != self.size or not 1 <= self.size <= MAX_CALIBRATION_SIZE:
-            raise ValueError(f"calibration size must be a whole number in [1, {MAX_CALIBRATION_SIZE}], got {self.size!r}")
-        if not 1 <= int(self.batch_size) <= 4096:
-            raise ValueError(f"calibration batch size must be in [1, 4096], got {self.batch_size!r}")
-        if not 1 <= int(self.sample_steps) <= 1000:
-            raise ValueError(f"calibration sample steps must be in [1, 1000], got {self.sample_steps!r}")
+        if not isinstance(self.mode, str) or self.mode not in CALIBRATION_MODES:
+            raise ValueError(f"unknown calibration mode {limits.shown(self.mode)}: choose one of {', '.join(CALIBRATION_MODES)}")
+        source = self.source
+        if not isinstance(source, str) or (
+            source not in CALIBRATION_SOURCES[:2] and not (source.startswith("folder:") and len(source) > len("folder:"))
+        ):
+            raise ValueError(f"unknown calibration source {limits.shown(source)}: choose one of {', '.join(CALIBRATION_SOURCES)}")
+        if len(source) > limits.MAX_PATH_LENGTH + len("folder:"):
+            raise ValueError(f"calibration source is {len(source)} characters long: at most {limits.MAX_PATH_LENGTH} allowed")
+        for field, name, high in (
+            ("size", "calibration size", MAX_CALIBRATION_SIZE),
+            ("batch_size", "calibration batch size", 4096),
+            ("seed", "calibration seed", limits.MAX_SEED),
+            ("sample_steps", "calibration sample steps", limits.MAX_STEPS),
+        ):
+            low = 0 if field == "seed" else 1
+            object.__setattr__(self, field, limits.check_int(name, getattr(self, field), low, high))
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

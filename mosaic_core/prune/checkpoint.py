@@ -6,30 +6,64 @@ count), so a checkpoint stores only what pruning changed and how to rebuild the 
     manifest.json           format, versions, base model + hash of its weights, the plan,
                             the prune config, measured c_x, per stage the network it uses,
                             per network the kept heads/units of every block and the
-                            SHA-256 of its tensor file
+                            SHA-256 of its tensor file, and (v2) `content_sha256`
     network_<k>.safetensors the OBS-solved kept-column weights of the layers that lost
                             groups (q/k/v/fc1 rows and biases are slices of the base)
 
-Stages with nothing removed point at the base network (`"network": null`). Loading
-refuses a manifest of another base model or format, and a tensor file whose hash or
-shapes do not match. Writes are atomic: the folder appears complete or not at all.
+Stages with nothing removed point at the base network (`"network": null`).
+
+Integrity. Format v2 adds `content_sha256`: the SHA-256 of the manifest's canonical JSON
+(sorted keys, no spaces) without that field. Since the manifest holds every tensor file's
+SHA-256, the digest covers the whole checkpoint: an edited field (two stages' networks
+swapped, a stage boundary moved) or a changed tensor file is refused. Version 1 manifests
+(no digest) are still read; for them what they carry is checked: the tensor hashes, the
+schema, and that the stage ranges and kept counts agree with the stored plan.
+
+Loading refuses, with a ValueError saying what is wrong, a malformed manifest (missing
+keys, wrong types, a `file` that is not a plain `network_<k>.safetensors` name), another
+base model or format, and a tensor file whose hash or shapes do not match. Writes are
+atomic (the folder appears complete or not at all) and never replace a folder holding
+files a checkpoint does not own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mosaic_core.atomic import replace_folder, write_json
+from mosaic_core.atomic import check_output_folder, replace_folder, write_json
 
 FORMAT = "mosaicdiff-pruned"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: content_sha256 over the whole manifest (v1 had per-file hashes only)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+DIGEST_FIELD = "content_sha256"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few hundred kB even for DiT-XL/2
+_NETWORK_FILE = re.compile(r"^network_\d{1,6}\.safetensors$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def owns_entry(path: Path) -> bool:
+    """Whether a folder entry is one a checkpoint writes (its manifest or a network tensor file)."""
+    return path.is_file() and not path.is_symlink() and (path.name == MANIFEST or bool(_NETWORK_FILE.match(path.name)))
+
+
+def check_checkpoint_folder(folder: Any, what: str = "--out") -> Path:
+    """A folder a checkpoint may be written to (new, empty, or an earlier checkpoint), or ValueError."""
+    return check_output_folder(folder, owns_entry, what)
+
+
+def content_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without `content_sha256` (covers the tensor hashes too)."""
+    body = {key: value for key, value in manifest.items() if key != DIGEST_FIELD}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -86,39 +120,134 @@ def manifest_for(result, loaded, extra: dict[str, Any] | None = None) -> tuple[d
 
 
 def save_pruned(result, loaded, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a pruned checkpoint folder atomically; returns its path."""
+    """Write a pruned checkpoint folder atomically; returns its path.
+
+    `folder` must be new, empty or an earlier checkpoint (ValueError otherwise, nothing written).
+    """
     from safetensors.torch import save_file
 
+    folder = check_checkpoint_folder(folder, "checkpoint folder")
     manifest, tensors = manifest_for(result, loaded, extra)
-    folder = Path(folder)
-    with replace_folder(folder) as tmp:
+    with replace_folder(folder, owns_entry) as tmp:
         for network, weights in zip(manifest["networks"], tensors):
             path = tmp / network["file"]
             save_file(weights, str(path), metadata={"format": FORMAT})
             network["sha256"] = _sha256(path)
+        manifest[DIGEST_FIELD] = content_digest(manifest)
         write_json(tmp / MANIFEST, manifest)
     return folder
 
 
+def _damaged(where: Any, what: str) -> ValueError:
+    return ValueError(f"damaged manifest {where}: {what}; prune again to rewrite it")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(x) for x in value)
+
+
+def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
+    """Check a manifest's format, schema, file names, digest (v2) and plan consistency; ValueError if bad.
+
+    Nothing of the manifest's content is echoed except small numbers and the names of fields.
+    """
+    from mosaic_core.divide.plan import Plan
+    from mosaic_core.divide.stages import STAGE_NAMES
+
+    if not isinstance(manifest, dict):
+        raise _damaged(where, f"expected a JSON object, got {type(manifest).__name__}")
+    found_format, found_version = manifest.get("format"), manifest.get("format_version")
+    if found_format != FORMAT or not _is_int(found_version) or found_version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{where} is not a {FORMAT} manifest of a readable version ({', '.join(f'v{v}' for v in READABLE_VERSIONS)}); "
+            f"found format={str(found_format)[:40]!r}, version={str(found_version)[:20]!r}"
+        )
+    required = {"base_model": str, "base_weights_hash": str, "plan": dict, "prune": dict, "stages": list, "networks": list}
+    for key, kind in required.items():
+        if key not in manifest:
+            raise _damaged(where, f"the field '{key}' is missing")
+        if not isinstance(manifest[key], kind):
+            raise _damaged(where, f"the field '{key}' must be a {kind.__name__}, got {type(manifest[key]).__name__}")
+    if found_version >= 2:
+        digest = manifest.get(DIGEST_FIELD)
+        if not isinstance(digest, str) or digest != content_digest(manifest):
+            raise _damaged(where, f"its {DIGEST_FIELD} does not match its content (edited or corrupted)")
+    networks, stages = manifest["networks"], manifest["stages"]
+    if len(networks) > len(STAGE_NAMES):
+        raise _damaged(where, f"it lists {len(networks)} networks, at most {len(STAGE_NAMES)} allowed")
+    files = set()
+    for index, network in enumerate(networks):
+        if not isinstance(network, dict):
+            raise _damaged(where, f"networks[{index}] must be an object")
+        file = network.get("file")
+        if not isinstance(file, str) or not _NETWORK_FILE.match(file):
+            raise _damaged(where, f"networks[{index}].file must be a plain name like network_0.safetensors (no folders, no '..')")
+        if file in files:
+            raise _damaged(where, f"networks[{index}].file repeats an earlier network's file")
+        files.add(file)
+        if not isinstance(network.get("sha256"), str) or not _SHA256.match(network["sha256"]):
+            raise _damaged(where, f"networks[{index}].sha256 must be 64 hexadecimal digits")
+        keep = network.get("keep")
+        if not isinstance(keep, list) or not all(
+            isinstance(k, dict) and _int_list(k.get("heads")) and _int_list(k.get("units")) for k in keep
+        ):
+            raise _damaged(where, f"networks[{index}].keep must be a list of {{heads: [ints], units: [ints]}}")
+    if len(stages) != len(STAGE_NAMES):
+        raise _damaged(where, f"it lists {len(stages)} stages, {len(STAGE_NAMES)} expected")
+    try:
+        plan = Plan.from_dict(manifest["plan"])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise _damaged(where, f"its plan is not valid ({type(error).__name__})") from None
+    per_stage = manifest["prune"].get("allocation", "per-stage") == "per-stage"
+    for index, (name, stage) in enumerate(zip(STAGE_NAMES, stages)):
+        if not isinstance(stage, dict) or stage.get("name") != name:
+            raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
+        network = stage.get("network")
+        if network is not None and not (_is_int(network) and 0 <= network < len(networks)):
+            raise _damaged(where, f"stages[{index}].network must be null or a network index in [0, {len(networks) - 1}]")
+        expected = plan.bounds.ranges[index]
+        given = (stage.get("t_min"), stage.get("t_max"))
+        if given != ((None, None) if expected is None else tuple(expected)):
+            raise _damaged(where, f"stage '{name}' has timesteps {given}, its plan says {expected}")
+        heads, units = plan.allocation.heads_kept[index], plan.allocation.units_kept[index]
+        removes = plan.step_counts[index] > 0 and (heads < plan.shape.num_heads or units < plan.shape.mlp_hidden)
+        if network is None:
+            if removes:
+                raise _damaged(where, f"stage '{name}' uses the dense network, its plan prunes it")
+        elif per_stage:
+            kept = {(len(k["heads"]), len(k["units"])) for k in networks[network]["keep"]}
+            if kept != {(heads, units)}:
+                raise _damaged(where, f"stage '{name}' uses a network whose kept sizes differ from its plan ({heads} heads, {units} units)")
+    cx = manifest.get("cx", 0.0)
+    if isinstance(cx, bool) or not isinstance(cx, (int, float)):
+        raise _damaged(where, "the field 'cx' must be a number")
+    if "seconds" in manifest and not (
+        isinstance(manifest["seconds"], dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in manifest["seconds"].values())
+    ):
+        raise _damaged(where, "the field 'seconds' must map phases to finite numbers")
+    return manifest
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a checkpoint folder, or ValueError saying what is wrong with it."""
+    """The validated manifest of a checkpoint folder, or ValueError saying what is wrong with it."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ValueError(f"'{folder}' is not a pruned checkpoint: {MANIFEST} is missing")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"damaged manifest {path}: {error}") from error
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-            f"(found format={manifest.get('format')!r}, version={manifest.get('format_version')!r})"
-        )
-    return manifest
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"damaged manifest {path}: larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ValueError(f"damaged manifest {path}: not readable JSON ({type(error).__name__})") from None
+    return validate_manifest(manifest, path)
 
 
 def load_pruned(folder: str | Path, loaded):
-    """Rebuild the `StagedDiT` of a checkpoint on the loaded base model (checked first)."""
+    """Rebuild the `StagedDiT` of a checkpoint on the loaded base model (everything checked first)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -130,7 +259,7 @@ def load_pruned(folder: str | Path, loaded):
     manifest = read_manifest(folder)
     if manifest["base_model"] != loaded.spec.name or manifest["base_weights_hash"] != loaded.weights_hash:
         raise ValueError(
-            f"checkpoint {folder} was pruned from '{manifest['base_model']}' (weights {manifest['base_weights_hash']}), "
+            f"checkpoint {folder} was pruned from '{manifest['base_model'][:200]}' (weights {manifest['base_weights_hash'][:64]}), "
             f"not from the loaded '{loaded.spec.name}' (weights {loaded.weights_hash}): prune this model again"
         )
     networks = []
@@ -139,15 +268,15 @@ def load_pruned(folder: str | Path, loaded):
     num_blocks = len(adapter_for_model(loaded.transformer).block_paths(loaded.transformer))
     for network in manifest["networks"]:
         path = folder / network["file"]
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise ValueError(f"damaged checkpoint {folder}: {network['file']} is missing")
-        if _sha256(path) != network.get("sha256"):
+        if _sha256(path) != network["sha256"]:
             raise ValueError(f"damaged checkpoint {folder}: {network['file']} does not match its SHA-256 in the manifest")
         try:
             weights = load_file(str(path), device=str(loaded.device))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"damaged checkpoint {folder}: cannot read {network['file']}: {error}") from error
-        keeps = [BlockKeep.from_dict(k) for k in network["keep"]]
+            keeps = [BlockKeep.from_dict(k) for k in network["keep"]]
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"damaged checkpoint {folder}: cannot read {network['file']} ({type(error).__name__})") from None
         if len(keeps) != num_blocks:
             raise ValueError(f"checkpoint {folder} has {len(keeps)} blocks, the base model has {num_blocks}")
         networks.append((keeps, {k: v.to(loaded.dtype) for k, v in weights.items()}))
@@ -155,6 +284,5 @@ def load_pruned(folder: str | Path, loaded):
     plan = Plan.from_dict(manifest["plan"])
     try:
         return build_staged(loaded.transformer, plan, stage_networks)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:
         raise ValueError(f"checkpoint {folder} does not fit the base model: {error}") from error
-

@@ -12,6 +12,12 @@ that
 
 Keys are `cache.checkpoint_key` (base weights + plan + prune config), so a change of any
 of them is a miss.
+
+Memory is bounded: at most `memory_size` pruned models and `memory_bytes` of their own
+(non-shared) parameters are held (the newest is always kept); the Hessians are the
+`AnalysisStore`'s LRU (`cache.analysis_memory_bytes`), and one running job holds the
+analyses it needs only for its own length. The disk cache is capped by
+`cache.cache_max_bytes` after every checkpoint written.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import MutableMapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -104,16 +111,68 @@ def _weights_hash(folder: str, mtime_ns: int) -> str:
     return weights_hash(folder)
 
 
+class _JobAnalyses(MutableMapping):
+    """The analyses one prune job uses: held here while the job runs, written through to the store.
+
+    The store's memory is an LRU that may drop an entry between the job's check and its use
+    (and Hessians too large for the disk cache exist only in memory); this view keeps what
+    the job fetched or computed until the job ends.
+    """
+
+    def __init__(self, store) -> None:
+        self.store = store
+        self.local: dict[str, Any] = {}
+
+    def __getitem__(self, key: str):
+        if key not in self.local:
+            self.local[key] = self.store[key]
+        return self.local[key]
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    def __setitem__(self, key: str, analysis) -> None:
+        self.local[key] = analysis
+        self.store[key] = analysis
+
+    def __delitem__(self, key: str) -> None:
+        self.local.pop(key, None)
+        del self.store[key]
+
+    def __iter__(self):
+        return iter(set(self.local) | set(self.store))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def own_bytes(pruned: PrunedModel) -> int:
+    """Parameter bytes a pruned model holds beyond the dense model it shares."""
+    return max(0, int(pruned.ledger.staged_bytes) - int(pruned.ledger.dense_bytes))
+
+
 class PruneService:
     """Pruned staged models by settings: an in-memory LRU over a disk cache over pruning."""
 
-    def __init__(self, cache_root: str | Path, memory_size: int = 4) -> None:
-        if int(memory_size) < 1:
-            raise ValueError(f"memory_size must be >= 1, got {memory_size!r}")
+    def __init__(self, cache_root: str | Path, memory_size: int = 4, memory_bytes: int = 1 << 30) -> None:
+        from mosaic_core import limits
+        from mosaic_core.prune.cache import clean_cache_temps
+
+        self.memory_size = limits.check_int("memory_size", memory_size, 1, 1024)
+        self.memory_bytes = limits.check_int("memory_bytes", memory_bytes, 0, limits.MAX_CACHE_BYTES)
         self.cache_root = Path(cache_root)
-        self.memory_size = int(memory_size)
         self._memory: OrderedDict[str, PrunedModel] = OrderedDict()
         self._lock = threading.Lock()
+        clean_cache_temps(self.cache_root)
+
+    def memory_used(self) -> int:
+        """Own parameter bytes of the pruned models held in memory now."""
+        with self._lock:
+            return sum(own_bytes(p) for p in self._memory.values())
 
     @property
     def analyses(self):
@@ -159,7 +218,7 @@ class PruneService:
         Yields `stage_pruning.PruneEvent`s while pruning; returns a `PrunedModel`. Stopping
         (`should_stop`) raises `jobs.Cancelled` before the checkpoint is written.
         """
-        from mosaic_core.prune.cache import checkpoint_folder, load_cached_staged
+        from mosaic_core.prune.cache import checkpoint_folder, enforce_cache_cap, load_cached_staged
         from mosaic_core.prune.checkpoint import read_manifest, save_pruned
         from mosaic_core.prune.stage_pruning import prune_steps
 
@@ -173,14 +232,18 @@ class PruneService:
             manifest = read_manifest(folder)
             source, seconds, cx = "disk", dict(manifest.get("seconds", {})), float(manifest.get("cx", float("nan")))
         else:
-            result = yield from relay(prune_steps(loaded, plan, config, should_stop=should_stop, analyses=self.analyses), lambda e: e)
+            analyses = _JobAnalyses(self.analyses)
+            result = yield from relay(prune_steps(loaded, plan, config, should_stop=should_stop, analyses=analyses), lambda e: e)
             save_pruned(result, loaded, folder)
+            enforce_cache_cap(self.cache_root, self.analyses.max_disk_bytes, keep=[folder])
             source, seconds, cx, staged = "pruned", dict(result.seconds), float(result.cx), result.staged
         pruned = describe_pruned(loaded, folder, plan, config, staged, source, seconds, cx, time.perf_counter() - start)
         with self._lock:
             self._memory[pruned.key] = pruned
             self._memory.move_to_end(pruned.key)
-            while len(self._memory) > self.memory_size:
+            while len(self._memory) > 1 and (
+                len(self._memory) > self.memory_size or sum(own_bytes(p) for p in self._memory.values()) > self.memory_bytes
+            ):
                 self._memory.popitem(last=False)
         return pruned
 

@@ -32,6 +32,7 @@ from typing import Callable, Generator, Mapping
 
 import torch
 
+from mosaic_core import limits
 from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
 from mosaic_core.prune.hessian import hessian_steps, prunable_layers
 from mosaic_core.distributed import Processes
@@ -61,14 +62,15 @@ class PruneConfig:
     hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
 
     def __post_init__(self) -> None:
-        if self.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer '{self.scorer}': choose one of {', '.join(SCORERS)}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"unknown allocation '{self.allocation}': choose one of {', '.join(ALLOCATIONS)}")
+        if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {limits.shown(self.scorer)}: choose one of {', '.join(SCORERS)}")
+        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {limits.shown(self.allocation)}: choose one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "per-block" and self.scorer != "obs":
             raise ValueError("per-block allocation needs the OBS scorer (magnitudes are not comparable errors)")
-        if not 0.0 < float(self.damping) <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {self.damping!r}")
+        damping = self.damping
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
+            raise ValueError(f"damping must be a number in (0, 1], got {limits.shown(damping)}")
         if self.hessian_budget is not None and (isinstance(self.hessian_budget, bool) or int(self.hessian_budget) < 1):
             raise ValueError(f"hessian budget must be a positive number of bytes (or None), got {self.hessian_budget!r}")
 

@@ -1,0 +1,186 @@
+"""The CLI attacks of the hardening report, each reproduced first: data loss, huge counts,
+tracebacks, and messages that reveal which folders exist or what a file contains."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mosaic_core import limits
+from mosaic_core.cli import main
+from mosaic_core.models.registry import resolve_model
+
+PRUNE = ["--sparsity", "0.4", "--steps", "10", "--calib-size", "8", "--calib-source", "samples"]
+
+
+def run(argv: list[str]) -> int:
+    """`main(argv)` with argparse's exits turned into return codes."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return int(stop.code)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prune_never_deletes_files_it_did_not_write(tiny_pixel_folder, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "notes.txt").write_text("my thesis")
+    (victim / "sub" / "data.csv").write_text("1,2,3")
+    before = snapshot(victim)
+    assert run(["prune", "--model", str(tiny_pixel_folder), *PRUNE, "--out", str(victim)]) == 2
+    line = one_error_line(capsys)
+    assert str(victim) in line and "notes.txt" in line and "sub" in line
+    assert snapshot(victim) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim"]  # refused before any temp folder
+    # a new folder is written, and an earlier checkpoint may be replaced by a new one
+    out = tmp_path / "ckpt"
+    assert run(["prune", "--model", str(tiny_pixel_folder), *PRUNE, "--out", str(out)]) == 0
+    first = json.loads((out / "manifest.json").read_text())
+    assert run(["prune", "--model", str(tiny_pixel_folder), *PRUNE[:1], "0.2", *PRUNE[2:], "--out", str(out)]) == 0
+    second = json.loads((out / "manifest.json").read_text())
+    assert first["plan"]["requested_sparsity"] == pytest.approx(0.4)
+    assert second["plan"]["requested_sparsity"] == pytest.approx(0.2)
+    assert second["format_version"] == 2 and len(second["content_sha256"]) == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "victim"]  # no temporary leftovers
+
+
+def test_prune_refuses_bad_out_paths_before_any_work(tiny_pixel_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("x")
+    for out, words in (("", "must be a folder path"), ("a-file", "is not a folder"), ("a-file/inside", "is a file, not a folder")):
+        assert run(["prune", "--model", str(tiny_pixel_folder), *PRUNE, "--out", out]) == 2
+        assert words in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no stray ..<random>.tmp folder
+
+
+def test_train_refuses_a_folder_of_other_files_before_training(tmp_path, capsys):
+    from mosaic_core.models.training import TrainConfig, train_digits_dit
+
+    (tmp_path / "keep.me").write_text("precious")
+    assert run(["train", "--out", str(tmp_path), "--steps", "1"]) == 2
+    assert "keep.me" in one_error_line(capsys)
+    with pytest.raises(ValueError, match="already holds files"):
+        next(train_digits_dit(tmp_path, TrainConfig(steps=1)))  # refused at the first step, not after training
+    assert snapshot(tmp_path) == {"keep.me": b"precious"}
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["sample", "--n", "1000000000", "--out", "x.npz"], ["--n", f"[1, {limits.MAX_IMAGES}]", "1000000000"]),
+        (["sample", "--n", "-5", "--out", "x.npz"], ["--n", "[1,"]),
+        (["sample", "--steps", "99999999999999999999", "--out", "x.npz"], ["--steps", f"[1, {limits.MAX_STEPS}]"]),
+        (["sample", "--seed", "1e400", "--out", "x.npz"], ["--seed"]),
+        (["prune", "--calib-size", "100000000", "--out", "o"], ["--calib-size", f"[1, {limits.MAX_CALIBRATION_SIZE}]"]),
+        (["train", "--steps", "10000000000", "--out", "o"], ["--steps", f"[1, {limits.MAX_TRAIN_STEPS}]"]),
+        (["plan", "--model", "m" * 100_000], ["--model", "100000 characters", str(limits.MAX_NAME_LENGTH)]),
+        (["sample", "--out", "p" * 100_000 + ".npz"], ["--out", str(limits.MAX_PATH_LENGTH)]),
+    ],
+)
+def test_size_bearing_options_are_bounded_while_parsing(argv, words, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tracemalloc.start()
+    try:
+        code = run(argv)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and peak < 50 * 2**20
+    line = one_error_line(capsys)
+    assert all(word in line for word in words), line
+    assert len(line) < 1000
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_bad_outputs_and_metrics_before_sampling(tiny_pixel_folder, tmp_path, capsys):
+    (tmp_path / "dir.npz").mkdir()
+    model = ["--model", str(tiny_pixel_folder), "--steps", "2"]
+    assert run(["sample", *model, "--out", str(tmp_path / "dir.npz")]) == 2
+    assert "is a folder" in one_error_line(capsys)
+    assert run(["sample", *model, "--out", str(tmp_path / "ok.npz"), "--grid", str(tmp_path / "dir.npz")]) == 2
+    assert "--grid" in one_error_line(capsys)
+    assert run(["sample", *model, "--metrics", "--n", "1", "--out", str(tmp_path / "ok.npz")]) == 2
+    assert "--n of at least 2" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.npz"]  # nothing sampled, nothing written
+
+
+def test_a_malformed_manifest_is_one_error_line(tiny_pixel_folder, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "manifest.json").write_text(json.dumps({"format": "mosaicdiff-pruned", "format_version": 2}))
+    argv = ["sample", "--model", str(tiny_pixel_folder), "--pruned", str(checkpoint), "--out", str(tmp_path / "x.npz")]
+    assert run(argv) == 2
+    assert "'base_model' is missing" in one_error_line(capsys)
+    (checkpoint / "manifest.json").write_text("[1, 2")
+    assert run(argv) == 2
+    assert "damaged manifest" in one_error_line(capsys)
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_refused_folders_look_alike_and_config_contents_are_never_echoed(tiny_pixel_folder, tmp_path, capsys):
+    secret = "SECRET-7f3a9c"
+    (tmp_path / "plain-folder").mkdir()
+    (tmp_path / "a-file").write_text(secret)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "scheduler_config.json").write_text(f"{secret} not json")
+    as_list = tmp_path / "as-list"
+    as_list.mkdir()
+    (as_list / "scheduler_config.json").write_text(json.dumps([secret]))
+
+    def message(name: str, **kwargs) -> str:
+        with pytest.raises(ValueError) as error:
+            resolve_model(name, **kwargs)
+        return str(error.value).replace(name, "NAME")
+
+    refused = [tmp_path / "missing", tmp_path / "plain-folder", tmp_path / "a-file", garbage, as_list]
+    messages = {message(str(p)) for p in refused}
+    messages.add(message(str(tiny_pixel_folder), allowed_roots=[tmp_path]))  # a real model outside the roots
+    assert len(messages) == 1, messages
+    assert secret not in messages.pop()
+    # fields the engine reads are checked, by name only
+    bad_field = tmp_path / "bad-field"
+    bad_field.mkdir()
+    (bad_field / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": secret, "beta_schedule": "linear"}))
+    with pytest.raises(ValueError, match="num_train_timesteps") as error:
+        resolve_model(str(bad_field))
+    assert secret not in str(error.value)
+    (bad_field / "scheduler_config.json").write_text(json.dumps({"beta_schedule": secret}))
+    with pytest.raises(ValueError, match="beta_schedule") as error:
+        resolve_model(str(bad_field))
+    assert secret not in str(error.value)
+    (bad_field / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 10**9}))
+    with pytest.raises(ValueError, match=r"num_train_timesteps.*\[2, 100000\]"):
+        resolve_model(str(bad_field))  # refused before a 10^9-long schedule is built
+    # the same through the CLI: one line, no traceback, no secret
+    assert run(["plan", "--model", str(garbage)]) == 2
+    line = one_error_line(capsys)
+    assert secret not in line and "unknown model" in line
+
+
+def test_allowed_roots_admit_only_folders_inside_them(tiny_pixel_folder, tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    inside = root / "tiny"
+    inside.symlink_to(tiny_pixel_folder)  # a link inside a root that points outside it
+    assert resolve_model(str(tiny_pixel_folder)).path == str(tiny_pixel_folder)  # None: anything, as for the CLI
+    assert resolve_model(str(tiny_pixel_folder), allowed_roots=[tiny_pixel_folder.parent]).shape.num_heads == 4
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model(str(inside), allowed_roots=[root])
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_model(str(root / ".." / ".." / tiny_pixel_folder.name), allowed_roots=[root])
+    assert resolve_model("digits-dit", allowed_roots=[]).name == "digits-dit"  # registry names need no root
