@@ -12,7 +12,7 @@ from ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRunner
 
 @pytest.fixture
 def runner():
-    runner = JobRunner()
+    runner = JobRunner(max_per_owner=16)
     yield runner
     runner.shutdown()
 
@@ -144,7 +144,7 @@ def test_progress_reports_are_visible_and_never_go_back(runner):
 
 
 def test_results_are_kept_until_many_newer_jobs_finish():
-    runner = JobRunner(max_finished=3)
+    runner = JobRunner(max_finished=3, max_per_owner=16)
     try:
         ids = [runner.submit(lambda context, i=i: i) for i in range(5)]
         runner.wait(ids[-1], timeout=10)

@@ -55,8 +55,17 @@ SCORER_DEFAULT = "obs"
 CACHE_DIR_ENV = "MOSAIC_CACHE_DIR"  # pruned checkpoints and Hessians; default <project>/cache
 PRUNED_IN_MEMORY = 4  # pruned staged models kept loaded (the rest reload from the cache)
 
-# Background jobs: how often the progress bars poll the job runner.
+# Background jobs: how often the progress bars poll the job runner, and its limits (ui/jobs.py).
 JOB_POLL_SECONDS = 0.5
+JOB_QUEUE_MAX = 32  # jobs waiting behind the running one; one more is answered "busy, try again"
+JOBS_PER_SESSION = 4  # queued + running jobs of one browser tab / gradio_client session
+JOB_RESULTS_PER_SESSION = 16  # finished jobs kept per session (another session cannot push them out)
+JOB_SESSIONS_KEPT = 512  # sessions whose finished jobs are kept (least recently active forgotten first)
+TRAJECTORY_WAIT_SECONDS = 600  # the blocking `trajectory` endpoint waits this long for its job
+
+# Local model folders (a path typed as the model): allowed under these roots only.
+LOCAL_MODEL_ROOTS_ENV = "MOSAIC_LOCAL_MODEL_ROOTS"  # os.pathsep-separated folders; empty = none
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Compare (count, repeats: the studio's limits; cfg: the slider's range, the engine accepts [0, 20]).
 COMPARE_LABELS_DEFAULT = "0-9"
@@ -76,6 +85,7 @@ GALLERY_COLUMNS = 5
 TRAJECTORY_IMAGES = 4
 TRAJECTORY_SEED = 0
 TRAJECTORY_CACHE_SIZE = 16
+CURVE_CACHE_SIZE = 64  # importance-score curves (per schedule, λ, c_x)
 
 # Charts.
 SCHEDULE_HEIGHT = 430
@@ -90,3 +100,17 @@ VARIANT_COLORS = {"all stages": "#222222", "early only": "#4C78A8", "middle only
 def cache_dir() -> Path:
     """Where pruned checkpoints and Hessians are cached: $MOSAIC_CACHE_DIR, else <project>/cache."""
     return Path(os.environ.get(CACHE_DIR_ENV) or PROJECT_ROOT / "cache")
+
+
+def local_model_roots(server_name: str = SERVER_NAME) -> tuple[Path, ...]:
+    """Folders under which a local model folder may be opened.
+
+    $MOSAIC_LOCAL_MODEL_ROOTS when set (os.pathsep-separated; empty: none). Otherwise every
+    folder when the server binds to the loopback interface only (one user, their own
+    machine), and none when it is served to others: the built-in and registry models
+    always work.
+    """
+    configured = os.environ.get(LOCAL_MODEL_ROOTS_ENV)
+    if configured is not None:
+        return tuple(Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip())
+    return (Path("/"),) if server_name in LOCAL_HOSTS else ()
