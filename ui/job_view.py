@@ -162,10 +162,12 @@ class JobView:
         return progress_html(status, self.idle, self.elem_id)
 
     # ----- layout and events ---------------------------------------------------------------------
-    def layout(self, start_text: str, start_variant: str = "primary", size: str = "lg") -> None:
+    def layout(self, start_text: str, start_variant: str = "primary", size: str = "lg", interactive: bool = True) -> None:
         """Start and Cancel in a row, the progress bar under them (inside the current column)."""
         with gr.Row():
-            self.start_button = gr.Button(start_text, variant=start_variant, size=size, elem_id=f"mosaic-{self.label}-start")
+            self.start_button = gr.Button(
+                start_text, variant=start_variant, size=size, interactive=interactive, elem_id=f"mosaic-{self.label}-start"
+            )
             self.cancel_button = gr.Button("Cancel", variant="stop", size=size, elem_id=f"mosaic-{self.label}-cancel")
         self.progress = gr.HTML(self.bar(None), elem_id=f"mosaic-{self.label}-progress")
         self.job = gr.State(None)

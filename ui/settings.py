@@ -15,6 +15,7 @@ from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_STEPS
 from mosaic_core.divide.stages import DEFAULT_M, M_RANGE, M_STEP
 from mosaic_core.models.registry import DEFAULT_MODEL, PROJECT_ROOT
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.requests import ONLY_STAGE_CHOICES
 
 # Server (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are gradio's own variables too).
 SERVER_NAME = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
@@ -77,7 +78,7 @@ CFG_DEFAULT = 1.25  # digits-dit's measured best (registry default_cfg)
 CFG_STEP = 0.1
 REPEATS_RANGE = (1, 5)
 REPEATS_DEFAULT = 1  # interactive; the bench command takes the median of 3
-STAGE_ONLY_CHOICES = ("all stages", "early only", "middle only", "late only")
+STAGE_ONLY_CHOICES = ONLY_STAGE_CHOICES  # the request's own choices (mosaic_core.requests)
 GALLERY_PIXELS = 96  # small images are upscaled (nearest) to about this size
 GALLERY_COLUMNS = 5
 
