@@ -51,6 +51,7 @@ the early stage but 12.6 dB in the middle one (METHOD.md §7).
 """
 
 CX_INFO = "1.0 is the fallback"
+CONTROL_NAMES = ("model", "folder", "sampler", "steps", "M", "lam", "cx", "sparsity", "per_stage", "early", "middle", "late")
 
 
 def parse_dragged_M(text: str) -> float:
@@ -90,6 +91,7 @@ class DivideSection:
     trace_button: gr.Button
     teaching_note: gr.Markdown
     drag_box: gr.Textbox
+    demo: gr.Blocks  # the page: later sections add their own load events to it
 
     @property
     def controls(self) -> list:
@@ -300,7 +302,6 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
             )
             trace.layout("Trace the model's trajectory", start_variant="secondary", size="sm", interactive=False)
             trace_button = trace.start_button
-            trace_api_button = gr.Button(visible=False)  # carries the blocking `trajectory` endpoint
             teaching_note = gr.Markdown(elem_id="mosaic-teaching-note")
             gr.Markdown(TEACHING_TEXT, elem_classes="mosaic-teaching")
 
@@ -331,7 +332,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
         status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
         dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
-        teaching_note=teaching_note, drag_box=drag_box,
+        teaching_note=teaching_note, drag_box=drag_box, demo=demo,
     )
     controls, outputs = section.controls, section.plan_outputs
     quiet = dict(show_progress="minimal", trigger_mode="always_last")
@@ -339,8 +340,15 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     gr.on(
         [M.release, lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
          sampler.input, cx.submit, cx.blur],
-        handlers.divide, inputs=controls, outputs=outputs, api_name="divide", **quiet,
+        handlers.divide, inputs=controls, outputs=outputs, api_name="divide_controls", api_visibility="private", **quiet,
     )
+    # The API endpoints `divide` and `trajectory` take the same 12 values, but through hidden
+    # pass-through inputs: a slider or dropdown would refuse a bad value (a string, a dict, an
+    # unknown sampler) in gradio's own preprocessing, with a message that names no parameter.
+    # Here every value reaches `PlanRequest.from_controls`, whose error names it.
+    api_inputs = [gr.JSON(visible=False, label=name) for name in CONTROL_NAMES]
+    api_button = gr.Button(visible=False)
+    api_button.click(handlers.divide, inputs=api_inputs, outputs=outputs, api_name="divide", **quiet)
     drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, *outputs], api_visibility="private", **quiet)
     model_outputs = [status, cx, trace_button, *outputs]
     gr.on(
@@ -356,8 +364,6 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         handlers.submit_trace, start_inputs=controls, render=lambda status: status.result,
         render_outputs=[trajectory_plot, teaching_note],
     )
-    trace_api_button.click(
-        handlers.trace, inputs=controls, outputs=[trajectory_plot, teaching_note], api_name="trajectory",
-    )
+    api_button.click(handlers.trace, inputs=api_inputs, outputs=[trajectory_plot, teaching_note], api_name="trajectory")
     gr.api(handlers.plan_api, api_name="plan")
     return section

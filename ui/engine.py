@@ -94,14 +94,13 @@ class StudioEngine:
             return self._overrides[name]
         if name in known_models():
             return resolve_model(name)
-        refusal = (
-            f"unknown model {shorten(name)}: choose one of {', '.join(known_models())}"
-            + (
-                ", or give a local diffusers folder (with scheduler/scheduler_config.json) under the server's allowed "
-                f"model roots (${settings.LOCAL_MODEL_ROOTS_ENV})"
-                if self.local_model_roots
-                else f"; local model folders are off on this server (${settings.LOCAL_MODEL_ROOTS_ENV} allows them)"
-            )
+        # A path is not echoed back: "/root" and "/root/.ssh" get the very same answer.
+        shown = "" if any(mark in name for mark in ("/", "\\", "~")) or name.startswith(".") else f" {shorten(name)}"
+        refusal = f"unknown model{shown}: choose one of {', '.join(known_models())}" + (
+            ", or give a local diffusers folder (with scheduler/scheduler_config.json) under the server's allowed "
+            f"model roots (${settings.LOCAL_MODEL_ROOTS_ENV})"
+            if self.local_model_roots
+            else f"; local model folders are off on this server (${settings.LOCAL_MODEL_ROOTS_ENV} allows them)"
         )
         if not self.local_model_roots:
             raise ValueError(refusal)

@@ -48,7 +48,7 @@ def public_text(text: str, cache_root: Optional[Path] = None) -> str:
     if cache_root is not None:
         replacements.append((str(Path(cache_root).resolve()), "cache"))
         replacements.append((str(cache_root), "cache"))
-    replacements += [(str(PROJECT_ROOT) + "/", ""), (str(PROJECT_ROOT), "."), (str(Path.home()), "~")]
+    replacements += [(str(PROJECT_ROOT) + "/", ""), (str(PROJECT_ROOT), "."), (str(Path.home()) + "/", "~/")]
     for prefix, short in replacements:
         if prefix and prefix not in ("/", "."):
             text = text.replace(prefix, short)

@@ -298,7 +298,7 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 info="obs: Hessian-based, re-solves the kept weights · magnitude: ablation", elem_id="mosaic-scorer",
             )
             view.layout("Start pruning")
-            cache_note = gr.Markdown(lambda: cache_usage_text(engine.cache_root), elem_id="mosaic-cache-usage")
+            cache_note = gr.Markdown(elem_id="mosaic-cache-usage")
         with gr.Column(scale=3, min_width=420):
             result = gr.HTML(
                 '<div class="mosaic-panel mosaic-empty" id="mosaic-prune-result">The pruned stage networks, their '
@@ -308,6 +308,9 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     section = PruneSection(calibration, size, scorer, view, result, cache_note, handlers)
     view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
     view.register_api(user_errors(handlers.start_api), summary_of)
+    divide.demo.load(
+        lambda: cache_usage_text(engine.cache_root), outputs=[cache_note], api_visibility="private", show_progress="hidden"
+    )
     return section
 
 
