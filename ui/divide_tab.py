@@ -259,7 +259,7 @@ def _model_row(engine: StudioEngine):
             info="built-in digits-dit works offline; hub ids need local weights to sample, not to plan",
         )
         folder = gr.Textbox(
-            label="…or a local diffusers folder", placeholder="/path/to/model (press Enter)", scale=3,
+            label="…or a local diffusers folder", placeholder="/path/to/model (press Enter)", scale=3, elem_id="mosaic-folder",
             info="overrides the picker when filled",
         )
         sampler = gr.Dropdown(list(settings.SAMPLERS), value=settings.SAMPLER_DEFAULT, label="Sampler", scale=1)
