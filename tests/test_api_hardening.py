@@ -323,6 +323,14 @@ def test_a_full_queue_and_a_busy_session_are_told_to_try_again(studio):
     assert engine.jobs.wait(blocker, timeout=10, owner="blocker").state == "done"
 
 
+def test_model_status_names_no_server_path(studio):
+    engine = studio["engine"]
+    for name in (MODEL, NO_WEIGHTS):
+        message = engine.status(engine.resolve(name)).message
+        assert name in message
+        _no_server_paths(message, studio["cache"])
+
+
 def test_cache_usage_counts_every_file(tmp_path):
     sizes = {"pruned/a/network_0.safetensors": 1000, "pruned/a/manifest.json": 17, "analyses/k/traces.json": 5}
     for name, size in sizes.items():

@@ -107,7 +107,7 @@ def test_plan_endpoint_matches_build_plan(client, kwargs):
 
 
 def test_plan_endpoint_reference_stages(client):
-    """METHOD §1: linear schedule, M=0.55, λ=0.01 → middle τ∈[103, 568], DDIM-50 → 21/23/6 steps."""
+    """docs/method.md §1: linear schedule, M=0.55, λ=0.01 → middle τ∈[103, 568], DDIM-50 → 21/23/6 steps."""
     got = client.predict(model=MODEL, M=0.55, lam=0.01, sparsity=0.3, api_name="/plan")
     assert [(s["t_min"], s["t_max"], s["num_steps"]) for s in got["stages"]] == [(569, 999, 21), (103, 568, 23), (0, 102, 6)]
 

@@ -241,7 +241,7 @@ def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(cl
         ("/compare_start", dict(count=0), r"count \(images\) must be in \[1, 64\], got 0"),
         ("/compare_start", dict(repeats=9), r"repeats must be in \[1, 5\], got 9"),
         ("/compare_start", dict(seed=-1), r"seed must be in \[0, 2147483647\], got -1"),
-        ("/compare_start", dict(only_stage="first only"), r"got 'first only'"),
+        ("/compare_start", dict(only_stage="first only"), r"unknown only_stage choice 'first only': choose one of 'all stages'"),
         ("/compare_start", dict(sparsity=0.6), r"no pruned model for this plan and these prune settings yet"),
     ],
 )

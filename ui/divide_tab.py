@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,7 +48,7 @@ fast-learning middle levels, located by the Grad term on the left, are the fragi
 Early on, x̂₀ is still far from the final image (below) and later steps correct much of what
 a pruned network gets wrong, while in the middle stage the content is being committed and
 errors stay. On digits-dit, pruning one stage alone to sparsity 0.6 cost 0.4 dB of PSNR in
-the early stage but 12.6 dB in the middle one (METHOD.md §7).
+the early stage but 12.6 dB in the middle one (docs/method.md §7).
 """
 
 CX_INFO = "1.0 is the fallback"
@@ -221,8 +222,15 @@ class DivideHandlers:
         """The blocking `trajectory` endpoint: submit the trace job, follow its progress, return (figure, note)."""
         owner = None if request is None else request.session_hash
         job_id = self.submit_trace(owner, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        deadline = time.monotonic() + settings.TRAJECTORY_WAIT_SECONDS
         status = self.engine.jobs.wait(job_id, timeout=0, owner=owner)
         while not status.is_finished:
+            if time.monotonic() > deadline:
+                self.engine.jobs.cancel(job_id, owner)
+                raise ValueError(
+                    f"the trajectory trace did not finish within {settings.TRAJECTORY_WAIT_SECONDS} s ({status.summary}): "
+                    "it was cancelled; try again when the studio is less busy"
+                )
             progress(status.fraction, desc=status.message or status.summary)
             status = self.engine.jobs.wait(job_id, timeout=settings.JOB_POLL_SECONDS, owner=owner)
         if status.state != "done":

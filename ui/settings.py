@@ -36,7 +36,7 @@ M_DEFAULT = DEFAULT_M
 LAM_RANGE = (0.0, 0.05)
 LAM_STEP = 0.001
 LAM_DEFAULT = DEFAULT_LAM
-CX_DEFAULT = 1.0  # METHOD §1 fallback; the model's measured c_x is offered beside it
+CX_DEFAULT = 1.0  # docs/method.md §1 fallback; the model's measured c_x is offered beside it
 
 # Sparsity.
 SPARSITY_RANGE = (0.0, MAX_SPARSITY)
@@ -62,6 +62,7 @@ JOB_QUEUE_MAX = 32  # jobs waiting behind the running one; one more is answered 
 JOBS_PER_SESSION = 4  # queued + running jobs of one browser tab / gradio_client session
 JOB_RESULTS_PER_SESSION = 16  # finished jobs kept per session (another session cannot push them out)
 JOB_SESSIONS_KEPT = 512  # sessions whose finished jobs are kept (least recently active forgotten first)
+EVENT_QUEUE_MAX = 256  # gradio's own queue of events (clicks, API calls) waiting for a worker
 TRAJECTORY_WAIT_SECONDS = 600  # the blocking `trajectory` endpoint waits this long for its job
 
 # Local model folders (a path typed as the model): allowed under these roots only.
