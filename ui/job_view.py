@@ -168,7 +168,9 @@ class JobView:
             self.start_button = gr.Button(
                 start_text, variant=start_variant, size=size, interactive=interactive, elem_id=f"mosaic-{self.label}-start"
             )
-            self.cancel_button = gr.Button("Cancel", variant="stop", size=size, elem_id=f"mosaic-{self.label}-cancel")
+            self.cancel_button = gr.Button(  # a small (secondary) job gets a quiet Cancel
+                "Cancel", variant="stop" if size != "sm" else "secondary", size=size, elem_id=f"mosaic-{self.label}-cancel"
+            )
         self.progress = gr.HTML(self.bar(None), elem_id=f"mosaic-{self.label}-progress")
         self.job = gr.State(None)
         self.timer = gr.Timer(settings.JOB_POLL_SECONDS, active=False)
