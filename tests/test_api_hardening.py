@@ -54,7 +54,9 @@ def studio(tmp_path_factory, allowed_root):
     cache_root = tmp_path_factory.mktemp("hardening-cache")
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    saved_memory, settings.PRUNED_IN_MEMORY = settings.PRUNED_IN_MEMORY, 16  # no test's pruned model pushes out another's
     engine = StudioEngine(cache_root=cache_root, local_model_roots=[allowed_root])
+    settings.PRUNED_IN_MEMORY = saved_memory
     demo = build_studio(engine)
     port = free_port()
     demo.queue(default_concurrency_limit=8).launch(
