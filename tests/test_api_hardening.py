@@ -27,14 +27,12 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
 
-from mosaic_core import limits
 from mosaic_core.divide.plan import build_plan
 from mosaic_core.models.registry import PROJECT_ROOT
 from mosaic_core.requests import CompareRequest, PlanRequest, PruneRequest
 from ui import settings
 from ui.engine import StudioEngine
 from ui.job_view import cache_usage
-from ui.jobs import Busy
 from ui.studio import build_studio, launch_kwargs
 
 MODEL = "digits-dit"

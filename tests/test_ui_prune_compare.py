@@ -335,7 +335,8 @@ def _wait_state(page, selector: str, states: tuple[str, ...], timeout: float = 1
 
 @pytest.mark.browser
 @pytest.mark.slow
-def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
+def test_prune_progress_cancel_and_restart_in_the_browser(page, studio, small_pruned):
+    # (small_pruned: the SMALL settings are pruned by the fixture, never first by this test's restart)
     # A long enough job to watch: 512 clean calibration images (one analysis for all stages).
     page.locator("#mosaic-calibration").get_by_text("clean", exact=True).click()
     _set_number(page, "Calibration images per stage", 512)
@@ -367,7 +368,7 @@ def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
     # Nothing of the cancelled job reached the disk cache (its analysis was not finished).
     assert _analyses_complete(studio["cache"])
 
-    # A later Start still works: the small snr prune (pruned already by the API tests, or now).
+    # A later Start still works: the small snr prune (pruned already by the fixture: from the cache).
     page.locator("#mosaic-calibration").get_by_text("snr", exact=True).click()
     _set_number(page, "Calibration images per stage", 16)
     done = _click_and_wait(page, "#mosaic-prune-start", PRUNE_JOB, ("done", "failed", "cancelled"))

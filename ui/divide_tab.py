@@ -25,7 +25,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import gradio as gr
 from gradio.components.plot import PlotData
