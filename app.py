@@ -13,4 +13,4 @@ if __name__ == "__main__":
     engine = StudioEngine()
     engine.warm_up()  # diffusers import and the default model's caches: a quick first page
     demo = build_studio(engine)
-    demo.queue().launch(server_name=settings.SERVER_NAME, server_port=settings.SERVER_PORT, **launch_kwargs())
+    demo.queue(max_size=settings.EVENT_QUEUE_MAX).launch(server_name=settings.SERVER_NAME, server_port=settings.SERVER_PORT, **launch_kwargs())

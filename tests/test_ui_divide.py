@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -44,10 +45,16 @@ MODEL = "digits-dit"
 
 
 @pytest.fixture(scope="module")
-def studio_url():
+def studio_engine():
     engine = StudioEngine()
     engine.warm_up()
-    demo = build_studio(engine)
+    yield engine
+    engine.jobs.shutdown()
+
+
+@pytest.fixture(scope="module")
+def studio_url(studio_engine):
+    demo = build_studio(studio_engine)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
     try:
@@ -231,19 +238,28 @@ def _expected_middle(M: float) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def page(studio_url):
+def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(studio_url)
-            page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
-            page.wait_for_function(
-                f"() => document.querySelector('{PLOT}')?.getAttribute('data-mosaic-drag') === 'bound'", timeout=30_000
-            )
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(studio_url, browser):
+    """A fresh page (its own session, the default controls) with the threshold listener bound."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(studio_url)
+        page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
+        page.wait_for_function(
+            f"() => document.querySelector('{PLOT}')?.getAttribute('data-mosaic-drag') === 'bound'", timeout=30_000
+        )
+        yield page
+    finally:
+        page.close()
 
 
 def _threshold_handle(page):
@@ -274,6 +290,7 @@ def _wait_for_new_M(page, old: float) -> dict:
     return page.evaluate(READ_STATE)
 
 
+@pytest.mark.browser
 def test_page_loads_with_the_reference_stages_and_screenshot(page, tmp_path):
     state = page.evaluate(READ_STATE)
     assert state["M"] == pytest.approx(0.55)
@@ -298,6 +315,7 @@ def _drag_line(page, dy: float) -> dict:
     return box
 
 
+@pytest.mark.browser
 def test_dragging_the_threshold_line_sets_M_and_the_stages(page):
     before = page.evaluate(READ_STATE)
     box = _drag_line(page, -64)  # upwards: a higher threshold, a narrower middle stage
@@ -318,6 +336,7 @@ def test_dragging_the_threshold_line_sets_M_and_the_stages(page):
     assert _middle(again) == _expected_middle(again["M"])
 
 
+@pytest.mark.browser
 def test_moving_the_M_slider_moves_the_line(page):
     before = page.evaluate(READ_STATE)
     line_y = _threshold_handle(page).bounding_box()["y"]
@@ -329,3 +348,48 @@ def test_moving_the_M_slider_moves_the_line(page):
     assert after["lineM"] == pytest.approx(after["M"], abs=1e-6)
     assert _middle(after) == _expected_middle(after["M"])
     assert _threshold_handle(page).bounding_box()["y"] > line_y + 30  # a lower threshold is lower on screen
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_tracing_runs_as_a_job_with_a_bar_in_the_browser(page, tiny_latent_folder):
+    """The trace button queues a job: its bar ends 'done' at 100 % and the chart gets one point per step."""
+    folder = page.locator("#mosaic-folder textarea, #mosaic-folder input").first
+    folder.fill(str(tiny_latent_folder))
+    folder.press("Enter")
+    page.wait_for_function("() => !document.querySelector('#mosaic-trajectory-start').disabled", timeout=30_000)
+    page.click("#mosaic-trajectory-start")
+    page.wait_for_function(
+        "() => document.querySelector('#mosaic-trajectory-job')?.dataset.state === 'done'", timeout=120_000
+    )
+    bar = page.locator("#mosaic-trajectory-job")
+    assert bar.get_attribute("data-fraction") == "1.0000"
+    assert re.fullmatch(r"trajectory-[0-9a-f]{32}", bar.get_attribute("data-job"))
+    page.wait_for_function(
+        """() => {
+            const gd = document.querySelector('#mosaic-trajectory-plot .js-plotly-plot');
+            return gd && gd.data && gd.data.map((trace) => trace.name).slice(1).join() === 'early,middle,late';
+        }""",
+        timeout=30_000,
+    )
+    shares = re.findall(r"(early|middle|late) (\d+)%", page.locator("#mosaic-teaching-note").inner_text())
+    assert [name for name, _ in shares] == ["early", "middle", "late"]
+    assert sum(int(share) for _, share in shares) == pytest.approx(100, abs=2)
+
+
+def test_a_running_trace_is_cancelled_and_caches_nothing(studio_engine, tiny_latent_folder):
+    """Cancel reaches the sampler loop (should_stop between steps): the job ends 'cancelled', no trajectory cached."""
+    from ui.divide_tab import DivideHandlers
+
+    handlers = DivideHandlers(studio_engine)
+    controls = _controls(folder=str(tiny_latent_folder), steps=1000)
+    job_id = handlers.submit_trace("tester", *controls)
+    deadline = time.monotonic() + 60
+    while studio_engine.jobs.status(job_id, "tester").fraction <= 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # wait until the sampler has reported a step
+    assert studio_engine.jobs.cancel(job_id, "tester").state in ("running", "done")
+    status = studio_engine.jobs.wait(job_id, timeout=60, owner="tester")
+    assert status.state == "cancelled", status
+    assert 0 < status.fraction < 1
+    spec = studio_engine.resolve(str(tiny_latent_folder))
+    assert studio_engine.cached_trajectory(spec, "ddim", 1000) is None

@@ -7,12 +7,12 @@ import threading
 import pytest
 
 from mosaic_core.jobs import Cancelled
-from ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobRunner
+from ui.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, Busy, JobRunner
 
 
 @pytest.fixture
 def runner():
-    runner = JobRunner()
+    runner = JobRunner(max_per_owner=16)
     yield runner
     runner.shutdown()
 
@@ -144,7 +144,7 @@ def test_progress_reports_are_visible_and_never_go_back(runner):
 
 
 def test_results_are_kept_until_many_newer_jobs_finish():
-    runner = JobRunner(max_finished=3)
+    runner = JobRunner(max_finished=3, max_per_owner=16)
     try:
         ids = [runner.submit(lambda context, i=i: i) for i in range(5)]
         runner.wait(ids[-1], timeout=10)
@@ -168,3 +168,55 @@ def test_a_recorded_job_is_done_at_once_even_while_another_runs(runner):
     assert runner.status(busy).state == RUNNING
     release.set()
     assert runner.wait(busy, timeout=10).state == DONE
+
+
+def test_a_job_is_visible_to_its_owner_only():
+    runner = JobRunner()
+    try:
+        mine = runner.record("result", label="prune", owner="alice")
+        with pytest.raises(KeyError):
+            runner.status(mine, owner="bob")
+        with pytest.raises(KeyError):
+            runner.cancel(mine, owner="bob")
+        with pytest.raises(KeyError):
+            runner.status(mine)  # no owner is not any owner
+        assert runner.status(mine, owner="alice").result == "result"
+        assert mine.startswith("prune-") and len(mine) == len("prune-") + 32
+    finally:
+        runner.shutdown()
+
+
+def test_the_queue_and_each_owner_are_bounded(runner):
+    limited = JobRunner(max_queue=3, max_per_owner=2)
+    started, release, log = threading.Event(), threading.Event(), []
+    try:
+        limited.submit(_blocking_job(started, release, log, "running"), owner="a")
+        assert started.wait(5)
+        limited.submit(lambda context: 1, owner="a")
+        with pytest.raises(Busy, match=r"this session already has 2 jobs queued or running \(at most 2\)"):
+            limited.submit(lambda context: 2, owner="a")
+        limited.submit(lambda context: 3, owner="b")
+        last = limited.submit(lambda context: 4, owner="c")
+        with pytest.raises(Busy, match=r"the studio is busy: 3 jobs are waiting \(at most 3\); try again"):
+            limited.submit(lambda context: 5, owner="d")
+        assert limited.record("hit", owner="d")  # a cache hit never waits, so it is never refused
+        release.set()
+        assert limited.wait(last, timeout=10, owner="c").result == 4
+        assert limited.submit(lambda context: 6, owner="a")  # room again
+    finally:
+        release.set()
+        limited.shutdown()
+
+
+def test_one_owners_many_results_never_push_out_anothers():
+    runner = JobRunner(max_finished=3, max_owners=10)
+    try:
+        kept = runner.record("alice's", owner="alice")
+        flood = [runner.record(i, owner="mallory") for i in range(50)]
+        assert runner.status(kept, owner="alice").result == "alice's"
+        assert [runner.status(job_id, owner="mallory").result for job_id in flood[-3:]] == [47, 48, 49]
+        with pytest.raises(KeyError):
+            runner.status(flood[-4], owner="mallory")
+        assert runner.counts()["finished"] == 4
+    finally:
+        runner.shutdown()

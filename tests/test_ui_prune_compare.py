@@ -1,8 +1,10 @@
 """The studio's Prune and Compare sections end to end, on the real built-in digits-dit.
 
 One server for the module (in-process, free port, MOSAIC_CACHE_DIR pointing at a temporary
-folder), driven first through gradio_client (the `prune_*` / `compare_*` endpoints), then in
-headless Chromium (Debian's /usr/bin/chromium; never `playwright install`). Workloads are
+folder), driven through gradio_client (the `prune_*` / `compare_*` endpoints) and in
+headless Chromium (Debian's /usr/bin/chromium; never `playwright install`). Every test
+stands alone (any order, or alone): what it needs pruned first comes from the
+`small_pruned` fixture, and every browser test opens its own page. Workloads are
 tiny: 16 calibration images per stage, 10 DDIM steps, a few images, one timed run. torch
 runs on one thread here: the machine's two cores are shared, and two OpenMP threads
 competing with another process are many times slower than one.
@@ -32,7 +34,7 @@ from mosaic_core.prune.calibration import CALIBRATION_MODES
 from mosaic_core.divide.plan import build_plan
 from mosaic_core.prune.stage_pruning import SCORERS
 from ui import settings
-from ui.compare_tab import parse_labels
+from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.engine import StudioEngine
 from ui.studio import build_studio, launch_kwargs
 
@@ -58,7 +60,9 @@ def studio(tmp_path_factory):
     saved_env, saved_threads = os.environ.get(settings.CACHE_DIR_ENV), torch.get_num_threads()
     os.environ[settings.CACHE_DIR_ENV] = str(cache_root)
     torch.set_num_threads(1)
+    saved_memory, settings.PRUNED_IN_MEMORY = settings.PRUNED_IN_MEMORY, 16  # no test's model pushes out another's
     engine = StudioEngine()
+    settings.PRUNED_IN_MEMORY = saved_memory
     demo = build_studio(engine)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs())
@@ -79,6 +83,15 @@ def client(studio):
     return Client(studio["url"], verbose=False)
 
 
+@pytest.fixture(scope="module")
+def small_pruned(client):
+    """The SMALL settings pruned once through the API: (the start answer, the final status, the fractions seen)."""
+    started = client.predict(**SMALL, api_name="/prune_start")
+    status, fractions = _wait(client, "/prune_status", started["job_id"])
+    assert status["state"] == "done", status
+    return started, status, fractions
+
+
 def _wait(client: Client, api: str, job_id: str, timeout: float = 180) -> tuple[dict, list[float]]:
     """Poll a status endpoint until the job has finished; the final status and the fractions seen."""
     deadline, fractions = time.monotonic() + timeout, []
@@ -95,6 +108,13 @@ def _plan(**kwargs):
     return build_plan(MODEL, STEPS, 0.55, 0.01, **({"sparsity": 0.3} | kwargs))
 
 
+def _analyses_complete(cache: Path) -> bool:
+    """Every analysis in the cache is complete (a cancelled job wrote none; no folder yet is fine too)."""
+    analyses = cache / "analyses"
+    folders = list(analyses.iterdir()) if analyses.is_dir() else []
+    return all(json.loads((p / "traces.json").read_text())["t_range"] is not None for p in folders)
+
+
 def _kept(result: dict) -> tuple[list[int], list[int]]:
     return [s["heads_kept"] for s in result["stages"]], [s["units_kept"] for s in result["stages"]]
 
@@ -107,29 +127,13 @@ def test_the_studio_choices_are_the_engines():
     assert settings.SCORERS == tuple(SCORERS)
 
 
-def test_label_parsing():
-    assert parse_labels("0-9", 10, 4) == [0, 1, 2, 3]
-    assert parse_labels("7", 10, 3) == [7, 7, 7]
-    assert parse_labels("1,3, 5-6", 10, 6) == [1, 3, 5, 6, 1, 3]
-    with pytest.raises(ValueError, match=r"class id 12 is out of range: allowed 0\.\.9"):
-        parse_labels("3,12", 10, 2)
-    with pytest.raises(ValueError, match=r"got 'x'"):
-        parse_labels("1,x", 10, 2)
-    with pytest.raises(ValueError, match=r"must go up .* got '7-2'"):
-        parse_labels("7-2", 10, 2)
-    with pytest.raises(ValueError, match=r"class labels are empty"):
-        parse_labels(" , ", 10, 2)
-
-
 # ----- gradio_client ----------------------------------------------------------------------------
 
 
-def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, client):
+def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, client, small_pruned):
     assert studio["engine"].cache_root == studio["cache"]  # MOSAIC_CACHE_DIR was read
-    started = client.predict(**SMALL, api_name="/prune_start")
+    started, status, fractions = small_pruned
     assert started["state"] in ("queued", "running") and started["result"] is None
-    status, fractions = _wait(client, "/prune_status", started["job_id"])
-    assert status["state"] == "done", status
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     result = status["result"]
     plan = _plan()
@@ -142,7 +146,8 @@ def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, clie
     memory = result["memory"]
     assert memory["dense_bytes"] < memory["staged_bytes"] < memory["naive_bytes"] < 3 * memory["dense_bytes"]
     cache = studio["cache"]
-    assert (cache / "pruned" / result["key"] / "manifest.json").is_file()
+    assert result["folder"] == f"pruned/{result['key']}"  # relative: no server path in an answer
+    assert (cache / result["folder"] / "manifest.json").is_file()
     assert len(list((cache / "analyses").iterdir())) == 3  # one Hessian analysis per stage (snr)
 
     # The same settings again: done at once, from memory, without queueing a job.
@@ -155,13 +160,14 @@ def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, clie
     # After a restart (a new engine on the same cache root): from the disk cache.
     engine = StudioEngine(cache_root=cache)
     spec = engine.resolve(MODEL)
-    pruned = engine.prune(spec, plan, engine.prune_config(spec, "snr", 16, "obs"))
+    request = PruneRequest.from_values(PlanRequest.from_values(MODEL, "ddim", STEPS, 0.55, 0.01, 0.3), "snr", 16, "obs")
+    pruned = engine.prune(spec, plan, request.config(spec))
     assert pruned.source == "disk" and pruned.key == result["key"]
     assert [s.heads_kept for s in pruned.stages] == list(plan.allocation.heads_kept)
     assert pruned.seconds["solve"] == pytest.approx(result["seconds"]["solve"], abs=1e-3)  # the original run's
 
 
-def test_moving_only_the_sparsity_reuses_the_hessians(client, studio):
+def test_moving_only_the_sparsity_reuses_the_hessians(client, studio, small_pruned):
     started = client.predict(**(SMALL | dict(sparsity=0.45)), api_name="/prune_start")
     status, _ = _wait(client, "/prune_status", started["job_id"])
     assert status["state"] == "done", status
@@ -173,7 +179,7 @@ def test_moving_only_the_sparsity_reuses_the_hessians(client, studio):
     assert len(list((studio["cache"] / "analyses").iterdir())) == 3  # no new analysis
 
 
-def test_compare_endpoint_measures_dense_and_staged(client):
+def test_compare_endpoint_measures_dense_and_staged(client, small_pruned):
     started = client.predict(
         **SMALL, labels="0-3", seed=0, count=4, cfg=1.5, repeats=1, api_name="/compare_start"
     )
@@ -222,8 +228,7 @@ def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(cl
     assert failed["error"].startswith("the pruned model of this plan is not in the cache")
     assert failed["summary"] == f"failed: {failed['error']}"
     # The cache holds the three snr analyses only: nothing half-written from the cancelled job.
-    analyses = studio["cache"] / "analyses"
-    assert all(json.loads((p / "traces.json").read_text())["t_range"] is not None for p in analyses.iterdir())
+    assert _analyses_complete(studio["cache"])
 
 
 @pytest.mark.parametrize(
@@ -231,17 +236,18 @@ def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(cl
     [
         ("/prune_start", dict(sparsity=0.95), r"sparsity must be in \[0, 0\.9\], got 0\.95"),
         ("/prune_start", dict(model="no-such-model"), r"unknown model 'no-such-model'"),
+        ("/prune_start", dict(model="/no/such/folder"), r"^unknown model: choose one of digits-dit"),
         ("/prune_start", dict(model="facebook/DiT-XL-2-256"), r"weights not present: put a diffusers copy of 'facebook/DiT-XL-2-256'"),
-        ("/prune_start", dict(calibration_size=5000), r"calibration size must be a whole number in \[16, 1024\], got 5000"),
-        ("/prune_start", dict(calibration="noisy"), r"unknown calibration mode 'noisy'"),
-        ("/prune_start", dict(scorer="random"), r"unknown scorer 'random'"),
-        ("/compare_start", dict(labels="0-12"), r"class id 10 is out of range: allowed 0\.\.9"),
+        ("/prune_start", dict(calibration_size=5000), r"calibration_size \(images per stage\) must be in \[16, 1024\], got 5000"),
+        ("/prune_start", dict(calibration="noisy"), r"unknown calibration mode 'noisy': choose one of 'snr', 'random', 'clean'"),
+        ("/prune_start", dict(scorer="random"), r"unknown scorer 'random': choose one of 'obs', 'magnitude'"),
+        ("/compare_start", dict(labels="0-12"), r"class id 12 is out of range: allowed 0\.\.9"),
         ("/compare_start", dict(labels="two"), r"class labels must be ids or ranges like 0-9 or 1,3,5, got 'two'"),
-        ("/compare_start", dict(cfg=25.0), r"guidance scale \(cfg\) must be a finite number in \[0, 20\], got 25\.0"),
-        ("/compare_start", dict(count=0), r"count \(images\) must be a whole number in \[1, 64\], got 0"),
-        ("/compare_start", dict(repeats=9), r"repeats must be a whole number in \[1, 5\], got 9"),
-        ("/compare_start", dict(seed=-1), r"seed must be a whole number in \[0, 2\^31\), got -1"),
-        ("/compare_start", dict(only_stage="first only"), r"got 'first only'"),
+        ("/compare_start", dict(cfg=25.0), r"cfg \(guidance scale\) must be a finite number in \[0, 20\], got 25\.0"),
+        ("/compare_start", dict(count=0), r"count \(images\) must be in \[1, 64\], got 0"),
+        ("/compare_start", dict(repeats=9), r"repeats must be in \[1, 5\], got 9"),
+        ("/compare_start", dict(seed=-1), r"seed must be in \[0, 2147483647\], got -1"),
+        ("/compare_start", dict(only_stage="first only"), r"unknown only_stage choice 'first only': choose one of 'all stages'"),
         ("/compare_start", dict(sparsity=0.6), r"no pruned model for this plan and these prune settings yet"),
     ],
 )
@@ -251,7 +257,7 @@ def test_bad_values_are_errors_naming_the_value(client, api, kwargs, message):
     assert "Traceback" not in str(error.value)
 
 
-@pytest.mark.parametrize("api", ["/prune_status", "/prune_cancel", "/compare_status"])
+@pytest.mark.parametrize("api", ["/prune_status", "/prune_cancel", "/compare_status", "/compare_cancel"])
 def test_unknown_job_ids_are_errors(client, api):
     with pytest.raises(AppError, match=r"unknown job id 'no-such-job'"):
         client.predict("no-such-job", api_name=api)
@@ -264,21 +270,30 @@ COMPARE_JOB = "#mosaic-compare-job"
 
 
 @pytest.fixture(scope="module")
-def page(studio):
+def browser():
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(studio["url"])
-            page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
-            _set_number(page, "Steps", STEPS)
-            page.wait_for_function(
-                f"() => document.querySelector('#mosaic-stage-table caption')?.textContent.includes('ddim {STEPS} steps')",
-                timeout=30_000,
-            )
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(studio, browser):
+    """A fresh page (its own session) with the step count set to STEPS."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(studio["url"])
+        page.wait_for_selector("#mosaic-stage-table", state="attached", timeout=60_000)
+        _set_number(page, "Steps", STEPS)
+        page.wait_for_function(
+            f"() => document.querySelector('#mosaic-stage-table caption')?.textContent.includes('ddim {STEPS} steps')",
+            timeout=30_000,
+        )
+        yield page
+    finally:
+        page.close()
 
 
 def _set_number(page, label: str, value) -> None:
@@ -318,7 +333,10 @@ def _wait_state(page, selector: str, states: tuple[str, ...], timeout: float = 1
     return _job(page, selector)
 
 
-def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
+@pytest.mark.browser
+@pytest.mark.slow
+def test_prune_progress_cancel_and_restart_in_the_browser(page, studio, small_pruned):
+    # (small_pruned: the SMALL settings are pruned by the fixture, never first by this test's restart)
     # A long enough job to watch: 512 clean calibration images (one analysis for all stages).
     page.locator("#mosaic-calibration").get_by_text("clean", exact=True).click()
     _set_number(page, "Calibration images per stage", 512)
@@ -348,10 +366,9 @@ def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
     assert cancelled["state"] == "cancelled" and "cancelled" in cancelled["text"]
     page.wait_for_selector(".toast-body, [data-testid=toast-body]", state="attached", timeout=10_000)
     # Nothing of the cancelled job reached the disk cache (its analysis was not finished).
-    analyses = studio["cache"] / "analyses"
-    assert all(json.loads((p / "traces.json").read_text())["t_range"] is not None for p in analyses.iterdir())
+    assert _analyses_complete(studio["cache"])
 
-    # A later Start still works: the small snr prune (pruned already by the API tests, or now).
+    # A later Start still works: the small snr prune (pruned already by the fixture: from the cache).
     page.locator("#mosaic-calibration").get_by_text("snr", exact=True).click()
     _set_number(page, "Calibration images per stage", 16)
     done = _click_and_wait(page, "#mosaic-prune-start", PRUNE_JOB, ("done", "failed", "cancelled"))
@@ -363,9 +380,14 @@ def test_prune_progress_cancel_and_restart_in_the_browser(page, studio):
         units = page.locator(f"#mosaic-prune-result td[data-stage={name}][data-field=units]").inner_text()
         assert heads == f"{plan.allocation.heads_kept[index]}/6" and units == f"{plan.allocation.units_kept[index]}/768"
     assert "MiB" in page.locator("#mosaic-prune-result [data-field=mem-naive]").inner_text()
+    assert "cache/pruned/" in page.locator("#mosaic-prune-result").inner_text()
+    assert "MiB" in page.locator("#mosaic-cache-usage").inner_text()  # the disk cache's size, after the job
 
 
-def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_factory):
+@pytest.mark.browser
+@pytest.mark.slow
+def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_factory, small_pruned):
+    _set_number(page, "Calibration images per stage", 16)  # the SMALL settings (snr is the default)
     page.locator("#mosaic-compare-labels textarea, #mosaic-compare-labels input").first.fill("0-9")
     page.locator("#mosaic-compare-count input").fill("10")
     # First the middle stage pruned alone (its network is pruned inside the job, from cached Hessians).

@@ -13,19 +13,17 @@ job if needed, through the same cache (its Hessians are the plan's, so it costs 
 Every finished comparison adds a point to the session's history chart (PSNR to dense against
 measured speed-up or seconds), so the quality/time trade-off of the settings tried shows up.
 
-| trigger             | handler                   | api_name (gr.api, plain arguments) |
-|---------------------|---------------------------|------------------------------------|
-| Compare             | `CompareHandlers.start`   | `compare_start`                    |
-| timer tick          | `CompareHandlers.poll`    | `compare_status`                   |
-| Cancel              | `CompareHandlers.cancel`  | `compare_cancel`                   |
+| trigger             | handler                          | api_name (gr.api, plain arguments) |
+|---------------------|----------------------------------|------------------------------------|
+| Compare             | `CompareHandlers.start`          | `compare_start` (`start_api`)      |
+| timer tick          | `JobView` poll → `render`        | `compare_status`                   |
+| Cancel              | `JobView` cancel                 | `compare_cancel`                   |
 | history x-axis      | `history_figure`          | private                            |
 """
 
 from __future__ import annotations
 
 import html
-import math
-import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -38,22 +36,12 @@ from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
 from ui.charts import FONT, message_figure
-from ui.divide_tab import user_errors
-from mosaic_core.prune.service import PrunedModel
+from mosaic_core import limits
+from mosaic_core.requests import CompareRequest, PlanRequest
 from ui.engine import StudioEngine
-from ui.jobs import CANCELLED, DONE, JobStatus
-from ui.prune_tab import (
-    cancel_job,
-    PruneSection,
-    api_job_status,
-    describe_prune_event,
-    job_status,
-    plan_from_arguments,
-    plan_from_state,
-    progress_html,
-    prune_summary,
-    status_dict,
-)
+from ui.job_view import JobView, owner_of, status_dict, user_errors
+from ui.jobs import JobStatus
+from ui.prune_tab import PruneSection, describe_prune_event, prune_request, prune_summary
 
 COMPARE_TEXT = """
 ## 5 · Compare: dense vs staged, same seeds
@@ -65,73 +53,40 @@ the Fréchet distance (digit classifier features) apply to the digit model.
 
 IDLE_COMPARE = "No comparison yet: prune the plan in section 4, then press Compare."
 AXES = ("measured speed-up", "seconds")
-LABEL_TOKEN = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
-
-
-# ----- values from the controls -------------------------------------------------------------------
-
-
-def whole_number(value, name: str, low: int, high: int) -> int:
-    """`value` as an int in [low, high], or ValueError naming it and the range."""
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
-    return value
-
-
-def parse_labels(text: str, num_classes: int, count: int) -> list[int]:
-    """'0-9', '1,3,5', '0-4, 7' -> class ids, repeated in order to `count` images.
-
-    Raises ValueError naming a malformed token or an id outside 0..num_classes-1.
-    """
-    from mosaic_core.conquer.sampling import check_labels
-
-    tokens = [token.strip() for token in str(text or "").replace(";", ",").split(",") if token.strip()]
-    if not tokens:
-        raise ValueError(f"class labels are empty: give ids like 0-9 or 1,3,5 (allowed 0..{num_classes - 1})")
-    ids: list[int] = []
-    for token in tokens:
-        match = LABEL_TOKEN.match(token)
-        if match is None:
-            raise ValueError(f"class labels must be ids or ranges like 0-9 or 1,3,5, got {token!r}")
-        low, high = int(match.group(1)), int(match.group(2) or match.group(1))
-        if high < low:
-            raise ValueError(f"a label range must go up (like 2-7), got {token!r}")
-        if high - low >= 10_000:
-            raise ValueError(f"label range {token!r} is too long")
-        ids.extend(range(low, high + 1))
-    check_labels(ids, num_classes)  # "class id 12 is out of range: allowed 0..9"
-    return [ids[i % len(ids)] for i in range(count)]
-
-
-def stage_choice(only_stage: str) -> int:
-    """'all stages' -> -1, 'early only' -> 0, 'middle only' -> 1, 'late only' -> 2."""
-    choices = settings.STAGE_ONLY_CHOICES
-    if only_stage not in choices:
-        raise ValueError(f"prune one stage only must be one of {', '.join(repr(c) for c in choices)}, got {only_stage!r}")
-    return choices.index(only_stage) - 1
 
 
 @dataclass
-class CompareRequest:
-    """A validated comparison: what to prune (maybe), what to sample, how often."""
+class CompareJob:
+    """A checked comparison, resolved: the staged model's plan and prune config, what to sample, how often."""
 
-    spec: object
+    request: CompareRequest  # what was asked (labels repeated to the count, seed, cfg, one stage only)
+    spec: object  # ModelSpec
     plan: Plan  # the plan of the staged model (the stage-only variant when one is chosen)
     config: object  # PruneConfig
-    variant: str
-    labels: list[int]
     sample_config: object  # SampleConfig
-    repeats: int
+
+    @property
+    def variant(self) -> str:
+        """'all stages', 'early only', 'middle only' or 'late only'."""
+        return self.request.only_stage
+
+    @property
+    def labels(self) -> list[int]:
+        """One class id per image."""
+        return list(self.request.labels)
+
+    @property
+    def repeats(self) -> int:
+        """Timed runs (the median is reported)."""
+        return self.request.repeats
 
 
 @dataclass
 class CompareRun:
-    """The result of a comparison job."""
+    """The result of a comparison job: small values only (the pruned model's summary, not the model)."""
 
-    request: CompareRequest
-    pruned: PrunedModel
+    request: CompareJob
+    pruned: dict  # prune_summary of the staged model
     results: list  # compare.MethodResult, dense first
 
 
@@ -307,7 +262,7 @@ def compare_summary(run: CompareRun) -> dict:
         "num_images": len(run.request.labels),
         "image_shape": list(run.results[0].images.shape[1:]),
         "rows": [result.row() for result in run.results],
-        "pruned": {k: v for k, v in prune_summary(run.pruned).items() if k in ("key", "source", "stages", "overall_sparsity")},
+        "pruned": {k: v for k, v in run.pruned.items() if k in ("key", "source", "stages", "overall_sparsity")},
     }
 
 
@@ -315,28 +270,26 @@ def compare_summary(run: CompareRun) -> dict:
 
 
 class CompareHandlers:
-    """Validates a comparison, submits it as a job, polls and renders it."""
+    """Validates a comparison, submits it as a job (one `JobView`), renders it."""
 
-    ELEM_ID = "mosaic-compare-job"
-
-    def __init__(self, engine: StudioEngine, prune: PruneSection) -> None:
+    def __init__(self, engine: StudioEngine, prune: PruneSection, view: JobView) -> None:
         self.engine = engine
         self.prune = prune.handlers
+        self.view = view
 
-    def request(self, spec, plan: Plan, config, labels, seed, count, cfg, repeats, only_stage) -> CompareRequest:
+    def resolve(self, plan_request: PlanRequest, prune_values: tuple, compare_values: tuple) -> CompareJob:
         """Check every value (ValueError naming it) and decide which staged model to compare."""
-        from mosaic_core.conquer.sampling import SampleConfig
-
+        prune_request_ = prune_request(plan_request, *prune_values)
+        spec = self.engine.resolve(plan_request.model)
+        request = CompareRequest.from_values(  # every value checked before "no weights" can answer instead
+            prune_request_, spec.num_classes, *compare_values,
+            count_range=settings.COMPARE_COUNT_RANGE, repeats_range=settings.REPEATS_RANGE,
+        )
         self.engine.require_weights(spec)
-        count = whole_number(count, "count (images)", *settings.COMPARE_COUNT_RANGE)
-        ids = parse_labels(labels, spec.num_classes, count)
-        if isinstance(seed, float) and math.isfinite(seed) and seed.is_integer():
-            seed = int(seed)
-        sample_config = SampleConfig(plan.num_inference_steps, cfg, plan.scheduler, seed)
-        repeats = whole_number(repeats, "repeats", *settings.REPEATS_RANGE)
-        stage = stage_choice(only_stage)
-        if stage >= 0:
-            plan = self.engine.stage_only_plan(spec, plan, stage)
+        plan, config = prune_request_.build(spec)
+        sample_config = request.sample_config(plan)
+        if request.stage >= 0:
+            plan = request.staged_plan(spec, plan)
         elif not (
             self.engine.cached_pruned(spec, plan, config) is not None
             or self.engine.pruned_on_disk(spec, plan, config)
@@ -346,58 +299,37 @@ class CompareHandlers:
                 "no pruned model for this plan and these prune settings yet: press “Start pruning” in section 4 "
                 "first (or pick one stage only, which prunes inside the comparison)"
             )
-        return CompareRequest(spec, plan, config, only_stage, ids, sample_config, repeats)
+        return CompareJob(request, spec, plan, config, sample_config)
 
-    def submit(self, request: CompareRequest) -> str:
-        """Queue the comparison (after any prune job of the same plan, FIFO)."""
+    def submit(self, owner: Optional[str], job: CompareJob) -> str:
+        """Queue the comparison for `owner` (after any prune job of the same plan, FIFO)."""
         engine = self.engine
 
         def work(context) -> CompareRun:
-            spec, plan, config = request.spec, request.plan, request.config
+            spec, plan, config = job.spec, job.plan, job.config
             have = engine.cached_pruned(spec, plan, config) is not None or engine.pruned_on_disk(spec, plan, config)
-            if request.variant == settings.STAGE_ONLY_CHOICES[0] and not have:
+            if job.variant == settings.STAGE_ONLY_CHOICES[0] and not have:
                 raise ValueError("the pruned model of this plan is not in the cache (was its prune job cancelled?): prune it again")
             share = 0.0 if have else 0.4  # of the bar, for pruning the stage-only variant
-            context.report(0.0, "loading the pruned model" if have else f"pruning the {request.variant.replace(' only', '')} stage only")
+            context.report(0.0, "loading the pruned model" if have else f"pruning the {job.variant.replace(' only', '')} stage only")
             pruned = engine.prune(
                 spec, plan, config, should_stop=context.should_stop,
-                on_event=lambda event: context.report(share * event.fraction, f"prune {request.variant} · {describe_prune_event(event)}"),
+                on_event=lambda event: context.report(share * event.fraction, f"prune {job.variant} · {describe_prune_event(event)}"),
             )
             results = engine.compare(
-                pruned, request.labels, request.sample_config, request.repeats, should_stop=context.should_stop,
+                pruned, job.labels, job.sample_config, job.repeats, should_stop=context.should_stop,
                 on_event=lambda event: context.report(share + (1 - share) * event.fraction, describe_compare_event(event)),
             )
             context.report(1.0, "measured")
-            return CompareRun(request, pruned, results)
+            return CompareRun(job, prune_summary(pruned), results)
 
-        return engine.jobs.submit(work, label="compare")
+        return engine.jobs.submit(work, label="compare", owner=owner)
 
     # ----- UI events ----------------------------------------------------------------------------
-    @user_errors
-    def start(self, plan_state, model, folder, calibration, size, scorer, labels, seed, count, cfg, repeats, only_stage):
-        """Compare: validate, submit, return at once (job id, bar, timer on)."""
-        spec, plan = plan_from_state(self.engine, plan_state, model, folder)
-        config = self.engine.prune_config(spec, calibration, size, scorer)
-        request = self.request(spec, plan, config, labels, seed, count, cfg, repeats, only_stage)
-        job_id = self.submit(request)
-        return job_id, progress_html(self.engine.jobs.status(job_id), IDLE_COMPARE, self.ELEM_ID), gr.Timer(active=True)
-
-    def poll(self, job_id, history, axis):
-        """Timer tick: the bar; once done, galleries, table and a new history point (timer off)."""
-        status = job_status(self.engine, job_id)
-        bar = progress_html(status, IDLE_COMPARE, self.ELEM_ID)
-        unchanged = (gr.update(), gr.update(), gr.update(), gr.update(), gr.update())
-        if status is None:
-            return (bar, *unchanged, gr.Timer(active=False))
-        if not status.is_finished:
-            return (bar, *unchanged, gr.Timer(active=True))
-        if status.state != DONE:
-            if status.state == CANCELLED:
-                gr.Warning("Comparison cancelled: the galleries and the history keep the last run.")
-            else:
-                gr.Warning(f"Comparison failed: {status.error}")
-            return (bar, *unchanged, gr.Timer(active=False))
-        return (bar, *self.render(status, history, axis), gr.Timer(active=False))
+    def start(self, owner, *values):
+        """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (6) → a queued job."""
+        plan = PlanRequest.from_controls(*values[:12])
+        return self.submit(owner, self.resolve(plan, values[12:15], values[15:]))
 
     def render(self, status: JobStatus, history, axis):
         """Galleries, table, history (with this run added once) and the history chart."""
@@ -418,12 +350,7 @@ class CompareHandlers:
             history_figure(history, axis),
         )
 
-    def cancel(self, job_id):
-        """Cancel: ask the comparison to stop (the next tick shows 'cancelled')."""
-        return cancel_job(self.engine, job_id, IDLE_COMPARE, self.ELEM_ID, "No comparison is running.")
-
     # ----- API (plain arguments) -------------------------------------------------------------------
-    @user_errors
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
@@ -443,38 +370,29 @@ class CompareHandlers:
         cfg: float = settings.CFG_DEFAULT,
         repeats: int = settings.REPEATS_DEFAULT,
         only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+        request: gr.Request = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
         `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
         'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
         """
-        spec, plan = plan_from_arguments(self.engine, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
-        config = self.engine.prune_config(spec, calibration, calibration_size, scorer)
-        request = self.request(spec, plan, config, labels, seed, count, cfg, repeats, only_stage)
-        return status_dict(self.engine.jobs.status(self.submit(request)), compare_summary)
-
-    @user_errors
-    def status_api(self, job_id: str) -> dict:
-        """The state, progress and, when done, the measured rows of a comparison job."""
-        return status_dict(api_job_status(self.engine, job_id), compare_summary)
-
-    @user_errors
-    def cancel_api(self, job_id: str) -> dict:
-        """Cancel a comparison job."""
-        api_job_status(self.engine, job_id)
-        return status_dict(self.engine.jobs.cancel(job_id), compare_summary)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        job = self.resolve(plan, (calibration, calibration_size, scorer), (labels, seed, count, cfg, repeats, only_stage))
+        owner = owner_of(request)
+        return status_dict(self.engine.jobs.status(self.submit(owner, job), owner), compare_summary)
 
 
 def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> None:
-    """Lay out and wire the Compare section (it reads the Divide plan and the Prune controls)."""
-    handlers = CompareHandlers(engine, prune)
+    """Lay out and wire the Compare section (it reads the Divide controls and the Prune controls)."""
+    view = JobView(engine, "compare", IDLE_COMPARE, done_title="Comparison", nothing_running="No comparison is running.")
+    handlers = CompareHandlers(engine, prune, view)
     gr.Markdown(COMPARE_TEXT)
     with gr.Row():
         with gr.Column(scale=2, min_width=340):
             labels = gr.Textbox(
                 settings.COMPARE_LABELS_DEFAULT, label="Class labels", info="ids or ranges, e.g. 0-9 or 1,3,5 (repeated to the count)",
-                elem_id="mosaic-compare-labels",
+                elem_id="mosaic-compare-labels", max_length=limits.MAX_TEXT_LENGTH,
             )
             with gr.Row():
                 count = gr.Number(
@@ -491,10 +409,7 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
                 list(settings.STAGE_ONLY_CHOICES), value=settings.STAGE_ONLY_CHOICES[0], label="Prune one stage only",
                 info="the other stages stay dense: which stage hurts?", elem_id="mosaic-compare-stage",
             )
-            with gr.Row():
-                start = gr.Button("Compare", variant="primary", elem_id="mosaic-compare-start")
-                cancel = gr.Button("Cancel", variant="stop", elem_id="mosaic-compare-cancel")
-            progress = gr.HTML(progress_html(None, IDLE_COMPARE, CompareHandlers.ELEM_ID), elem_id="mosaic-compare-progress")
+            view.layout("Compare")
         with gr.Column(scale=3, min_width=420):
             history_plot = gr.Plot(history_figure([]), label="Run history", elem_id="mosaic-history-plot")
             axis = gr.Radio(list(AXES), value=AXES[0], label="History x-axis", elem_id="mosaic-history-axis")
@@ -506,25 +421,15 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
         '<div class="mosaic-panel mosaic-empty" id="mosaic-compare-table">Seconds per stage, speed-ups and quality will show here.</div>',
         elem_id="mosaic-compare-table-box",
     )
-    job = gr.State(None)
     history = gr.State([])
-    timer = gr.Timer(settings.JOB_POLL_SECONDS, active=False)
-
-    quick = dict(show_progress="hidden", api_visibility="private")
-    start.click(
+    view.wire(
         handlers.start,
-        inputs=[divide.plan_state, divide.model, divide.folder, *prune.controls, labels, seed, count, cfg, repeats, only_stage],
-        outputs=[job, progress, timer], **quick,
+        [*divide.controls, *prune.controls, labels, seed, count, cfg, repeats, only_stage],
+        handlers.render, render_inputs=[history, axis],
+        render_outputs=[dense_gallery, staged_gallery, table, history, history_plot],
     )
-    timer.tick(
-        handlers.poll, inputs=[job, history, axis],
-        outputs=[progress, dense_gallery, staged_gallery, table, history, history_plot, timer], **quick,
-    )
-    cancel.click(handlers.cancel, inputs=[job], outputs=[progress], **quick)
-    axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], **quick)
-    gr.api(handlers.start_api, api_name="compare_start")
-    gr.api(handlers.status_api, api_name="compare_status")
-    gr.api(handlers.cancel_api, api_name="compare_cancel")
+    axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], show_progress="hidden", api_visibility="private")
+    view.register_api(user_errors(handlers.start_api), compare_summary)
 
 
 COMPARE_CSS = """

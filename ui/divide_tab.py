@@ -11,7 +11,8 @@ Events (all of them go through `DivideHandlers`, which turns ValueError into gr.
 | slider release, sampler, c_x, checkbox    | `divide`         | `divide`     |
 | threshold dragged (hidden textbox change) | `drag`           | private      |
 | model picked / folder entered, page load  | `select_model`   | private      |
-| "Trace the model's trajectory" button     | `trace`          | `trajectory` |
+| "Trace the model's trajectory" (a job)    | `submit_trace`   | private      |
+| (API only) the trace, blocking            | `trace`          | `trajectory` |
 | (API only) plain arguments → plan dict    | `plan_api`       | `plan`       |
 
 Sliders update on *release* (pointer up, or leaving the number box), so typing "0.4" does
@@ -20,9 +21,9 @@ not plan for "0." on the way.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,9 @@ from ui import charts, settings
 from ui.engine import StudioEngine
 from mosaic_core.divide.stages import snap_M
 from ui.frontend import DRAG_ELEM_ID, PLOT_ELEM_ID
+from ui.job_view import JobView, user_errors
 from ui.panels import cost_panel_html, stage_table_html
+from mosaic_core.requests import PlanRequest
 
 TEACHING_TEXT = """
 **Why the middle stage is pruned lightly.** Pretraining does not learn every noise level at
@@ -45,24 +48,11 @@ fast-learning middle levels, located by the Grad term on the left, are the fragi
 Early on, x̂₀ is still far from the final image (below) and later steps correct much of what
 a pruned network gets wrong, while in the middle stage the content is being committed and
 errors stay. On digits-dit, pruning one stage alone to sparsity 0.6 cost 0.4 dB of PSNR in
-the early stage but 12.6 dB in the middle one (METHOD.md §7).
+the early stage but 12.6 dB in the middle one (docs/method.md §7).
 """
 
 CX_INFO = "1.0 is the fallback"
-
-
-def user_errors(fn):
-    """Engine ValueErrors, missing files and bad argument types sent through the API as a
-    gr.Error toast with the engine's message, no traceback (every section's handlers use it)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
-
-    return wrapper
+CONTROL_NAMES = ("model", "folder", "sampler", "steps", "M", "lam", "cx", "sparsity", "per_stage", "early", "middle", "late")
 
 
 def parse_dragged_M(text: str) -> float:
@@ -102,6 +92,7 @@ class DivideSection:
     trace_button: gr.Button
     teaching_note: gr.Markdown
     drag_box: gr.Textbox
+    demo: gr.Blocks  # the page: later sections add their own load events to it
 
     @property
     def controls(self) -> list:
@@ -128,13 +119,11 @@ class DivideHandlers:
         self._revision = itertools.count(1)
 
     # ----- plans ------------------------------------------------------------------------------
-    def _plan(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
-        spec = self.engine.resolve(model, folder)
-        if per_stage:
-            plan = self.engine.plan(spec, sampler, steps, M, lam, cx, stage_sparsity=(early, middle, late))
-        else:
-            plan = self.engine.plan(spec, sampler, steps, M, lam, cx, sparsity=sparsity)
-        return spec, plan
+    def _plan(self, *controls):
+        """(spec, plan) of the Divide controls, through the one `PlanRequest` the API and CLI use too."""
+        request = PlanRequest.from_controls(*controls)
+        spec = self.engine.resolve(request.model)
+        return spec, request.build(spec)
 
     def _render(self, spec, plan: Plan) -> tuple:
         curve = self.engine.curve(spec, plan.lam, plan.cx)
@@ -171,9 +160,9 @@ class DivideHandlers:
         return "\n\n".join(line for line in lines if line)
 
     @user_errors
-    def divide(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+    def divide(self, *controls):
         """Plan from the controls; returns the schedule chart, tables, plan dict and teaching charts."""
-        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        spec, plan = self._plan(*controls)
         return self._render(spec, plan)
 
     @user_errors
@@ -184,13 +173,12 @@ class DivideHandlers:
         return (new_M, *self._render(spec, plan))
 
     @user_errors
-    def select_model(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
+    def select_model(self, *controls):
         """A model was picked (or the page loaded): its status, c_x hint, trajectory button, and the plan."""
-        spec = self.engine.resolve(model, folder)
+        spec, plan = self._plan(*controls)
         status = self.engine.status(spec)
         measured = self.engine.measured_cx(spec)
         cx_info = CX_INFO if measured is None else f"{CX_INFO}; measured on its training images: {measured:.3f}"
-        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
         return (
             status.message,
             gr.update(info=cx_info),
@@ -203,19 +191,53 @@ class DivideHandlers:
         """Per-stage sliders on (they already hold the automatic allocation) or the target slider on."""
         return (gr.update(interactive=not per_stage), *(gr.update(interactive=bool(per_stage)) for _ in STAGE_NAMES))
 
-    @user_errors
-    def trace(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, progress=gr.Progress()):
-        """Sample a few images densely and chart ‖x̂₀(t) − x̂₀(final)‖ per step (cached)."""
-        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
-        progress(0, desc="loading the model")
+    def submit_trace(self, owner, *controls) -> str:
+        """Queue the trajectory trace of the controls' model, sampler and steps as a job (cached: done at once)."""
+        spec, plan = self._plan(*controls)
+        self.engine.require_weights(spec)
+        cached = self.engine.cached_trajectory(spec, plan.scheduler, plan.num_inference_steps)
+        if cached is not None:
+            return self.engine.jobs.record(self._trace_result(spec, plan, cached), label="trajectory", owner=owner)
 
-        def on_step(done: int, total: int) -> None:
-            progress((done, total), desc=f"sampling {settings.TRAJECTORY_IMAGES} images")
+        def work(context):
+            context.report(0.0, "loading the model")
+            trajectory = self.engine.trajectory(
+                spec, plan.scheduler, plan.num_inference_steps, should_stop=context.should_stop,
+                on_step=lambda done, total: context.report(
+                    done / total, f"sampling {settings.TRAJECTORY_IMAGES} images · step {done}/{total}"
+                ),
+            )
+            return self._trace_result(spec, plan, trajectory)
 
-        trajectory = self.engine.trajectory(spec, plan.scheduler, plan.num_inference_steps, on_step)
+        return self.engine.jobs.submit(work, label="trajectory", owner=owner)
+
+    def _trace_result(self, spec, plan: Plan, trajectory) -> tuple:
+        """(figure, note) of a trajectory: all a finished trace job keeps (no model, no arrays beyond the chart)."""
         note = self._teaching_note(self.engine.dynamics(spec), trajectory, plan)
         return charts.trajectory_figure(trajectory, plan), note
 
+    @user_errors
+    def trace(self, request: gr.Request, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late,
+              progress=gr.Progress()):
+        """The blocking `trajectory` endpoint: submit the trace job, follow its progress, return (figure, note)."""
+        owner = None if request is None else request.session_hash
+        job_id = self.submit_trace(owner, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        deadline = time.monotonic() + settings.TRAJECTORY_WAIT_SECONDS
+        status = self.engine.jobs.wait(job_id, timeout=0, owner=owner)
+        while not status.is_finished:
+            if time.monotonic() > deadline:
+                self.engine.jobs.cancel(job_id, owner)
+                raise ValueError(
+                    f"the trajectory trace did not finish within {settings.TRAJECTORY_WAIT_SECONDS} s ({status.summary}): "
+                    "it was cancelled; try again when the studio is less busy"
+                )
+            progress(status.fraction, desc=status.message or status.summary)
+            status = self.engine.jobs.wait(job_id, timeout=settings.JOB_POLL_SECONDS, owner=owner)
+        if status.state != "done":
+            raise ValueError(f"trajectory {status.summary}")
+        return status.result
+
+    @user_errors
     def plan_api(
         self,
         model: str = settings.MODEL_DEFAULT,
@@ -233,14 +255,8 @@ class DivideHandlers:
         is ignored), else `sparsity` is the overall target of the automatic allocation.
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
-        try:
-            spec = self.engine.resolve(model)
-            if stage_sparsity is not None:
-                plan = self.engine.plan(spec, sampler, steps, M, lam, cx, stage_sparsity=stage_sparsity)
-            else:
-                plan = self.engine.plan(spec, sampler, steps, M, lam, cx, sparsity=sparsity)
-        except (ValueError, TypeError) as error:
-            raise gr.Error(str(error), print_exception=False) from None
+        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        plan = request.build(self.engine.resolve(request.model))
         return plan.to_dict()
 
 
@@ -251,7 +267,7 @@ def _model_row(engine: StudioEngine):
             info="built-in digits-dit works offline; hub ids need local weights to sample, not to plan",
         )
         folder = gr.Textbox(
-            label="…or a local diffusers folder", placeholder="/path/to/model (press Enter)", scale=3,
+            label="…or a local diffusers folder", placeholder="/path/to/model (press Enter)", scale=3, elem_id="mosaic-folder",
             info="overrides the picker when filled",
         )
         sampler = gr.Dropdown(list(settings.SAMPLERS), value=settings.SAMPLER_DEFAULT, label="Sampler", scale=1)
@@ -288,7 +304,12 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         with gr.Column(scale=2, min_width=360):
             dynamics_plot = gr.Plot(label="Training dynamics: how fast each noise level was learned", elem_id="mosaic-dynamics-plot")
             trajectory_plot = gr.Plot(label="The model's trajectory: x̂₀ settling, step by step", elem_id="mosaic-trajectory-plot")
-            trace_button = gr.Button("Trace the model's trajectory", size="sm", variant="secondary", interactive=False)
+            trace = JobView(
+                engine, "trajectory", idle="Sample a few images densely to see x̂₀ settle (needs the weights).",
+                done_title="Tracing", nothing_running="No trajectory trace is running.",
+            )
+            trace.layout("Trace the model's trajectory", start_variant="secondary", size="sm", interactive=False)
+            trace_button = trace.start_button
             teaching_note = gr.Markdown(elem_id="mosaic-teaching-note")
             gr.Markdown(TEACHING_TEXT, elem_classes="mosaic-teaching")
 
@@ -319,7 +340,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
         status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
         dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
-        teaching_note=teaching_note, drag_box=drag_box,
+        teaching_note=teaching_note, drag_box=drag_box, demo=demo,
     )
     controls, outputs = section.controls, section.plan_outputs
     quiet = dict(show_progress="minimal", trigger_mode="always_last")
@@ -327,8 +348,15 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     gr.on(
         [M.release, lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
          sampler.input, cx.submit, cx.blur],
-        handlers.divide, inputs=controls, outputs=outputs, api_name="divide", **quiet,
+        handlers.divide, inputs=controls, outputs=outputs, api_name="divide_controls", api_visibility="private", **quiet,
     )
+    # The API endpoints `divide` and `trajectory` take the same 12 values, but through hidden
+    # pass-through inputs: a slider or dropdown would refuse a bad value (a string, a dict, an
+    # unknown sampler) in gradio's own preprocessing, with a message that names no parameter.
+    # Here every value reaches `PlanRequest.from_controls`, whose error names it.
+    api_inputs = [gr.JSON(visible=False, label=name) for name in CONTROL_NAMES]
+    api_button = gr.Button(visible=False)
+    api_button.click(handlers.divide, inputs=api_inputs, outputs=outputs, api_name="divide", **quiet)
     drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, *outputs], api_visibility="private", **quiet)
     model_outputs = [status, cx, trace_button, *outputs]
     gr.on(
@@ -340,9 +368,10 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         handlers.toggle_per_stage, inputs=[per_stage], outputs=[sparsity, *stage_sliders],
         api_visibility="private", show_progress="hidden",
     ).then(handlers.divide, inputs=controls, outputs=outputs, api_visibility="private", **quiet)
-    trace_button.click(
-        handlers.trace, inputs=controls, outputs=[trajectory_plot, teaching_note], api_name="trajectory",
-        concurrency_limit=1,
+    trace.wire(
+        handlers.submit_trace, start_inputs=controls, render=lambda status: status.result,
+        render_outputs=[trajectory_plot, teaching_note],
     )
+    api_button.click(handlers.trace, inputs=api_inputs, outputs=[trajectory_plot, teaching_note], api_name="trajectory")
     gr.api(handlers.plan_api, api_name="plan")
     return section

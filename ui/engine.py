@@ -16,7 +16,7 @@ the Hessians/removal orders under `cache_root/analyses/`.
 from __future__ import annotations
 
 import json
-import math
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,18 +27,18 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from mosaic_core.conquer.compare import compare_steps, dense_and_staged
 from mosaic_core.conquer.trajectory import Trajectory, trajectory_steps
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, importance_score
-from mosaic_core.divide.plan import Plan, build_plan, stage_only_plan
+from mosaic_core.divide.plan import Plan, stage_only_plan
 from mosaic_core.jobs import run_to_end
 from mosaic_core.models.dynamics import Dynamics, read_dynamics
 from mosaic_core.models.loading import load_model, missing_weights_hint, weights_folder
 from mosaic_core.models.parameters import ParameterSplit, parameter_split
 from mosaic_core.models.registry import ModelSpec, known_models, resolve_model
-from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
 from mosaic_core.prune.service import PrunedModel, PruneService
-from mosaic_core.prune.stage_pruning import PruneConfig
+from mosaic_core.requests import PlanRequest, model_name, shorten
 
 from ui import settings
 from ui.jobs import JobRunner
+from ui.job_view import public_text
 
 
 @dataclass(frozen=True)
@@ -56,18 +56,26 @@ class StudioEngine:
         self,
         model_overrides: Optional[Mapping[str, ModelSpec]] = None,
         cache_root: Optional[str | Path] = None,
+        local_model_roots: Optional[Sequence[str | Path]] = None,
     ) -> None:
         # `model_overrides` maps a registry name to another spec (tests, or a dev copy of
         # the weights); production code leaves it empty and uses the registry.
+        # `local_model_roots`: folders a typed path may be under (default: settings.local_model_roots()).
         self._overrides = dict(model_overrides or {})
         self.cache_root = Path(cache_root) if cache_root is not None else settings.cache_dir()
-        self.jobs = JobRunner()  # the studio's one worker thread for heavy work
+        self.jobs = JobRunner(  # the studio's one worker thread for heavy work, bounded and private per session
+            max_finished=settings.JOB_RESULTS_PER_SESSION, max_queue=settings.JOB_QUEUE_MAX,
+            max_per_owner=settings.JOBS_PER_SESSION, max_owners=settings.JOB_SESSIONS_KEPT,
+        )
         self.pruning = PruneService(self.cache_root, memory_size=settings.PRUNED_IN_MEMORY)
         self._cache_lock = threading.Lock()  # guards the trajectory cache (held briefly)
         self._compute_lock = threading.Lock()  # one model load / sampling run at a time
         self._loaded_key: Optional[tuple] = None
         self._loaded: Any = None
         self._trajectories: OrderedDict[tuple, Trajectory] = OrderedDict()
+        roots = settings.local_model_roots() if local_model_roots is None else local_model_roots
+        self.local_model_roots = tuple(Path(root) for root in roots)
+        self._real_roots = tuple(Path(os.path.realpath(root.expanduser())) for root in self.local_model_roots)
 
     # ----- models -------------------------------------------------------------------------
     @staticmethod
@@ -76,11 +84,33 @@ class StudioEngine:
         return known_models()
 
     def resolve(self, model: str, folder: str = "") -> ModelSpec:
-        """The spec of a local folder (when given) or of a registry name; ValueError otherwise."""
-        name = (folder or "").strip() or (model or "").strip()
+        """The spec of a registry name, or of a local folder under an allowed root; ValueError otherwise.
+
+        Every refusal of a path says the same thing whether or not the path exists, is a
+        folder, is readable or holds a config: nothing about the server's disk leaks out.
+        """
+        name = model_name(model, folder)
         if name in self._overrides:
             return self._overrides[name]
-        return resolve_model(name)
+        if name in known_models():
+            return resolve_model(name)
+        # A path is not echoed back: "/root" and "/root/.ssh" get the very same answer.
+        shown = "" if any(mark in name for mark in ("/", "\\", "~")) or name.startswith(".") else f" {shorten(name)}"
+        refusal = f"unknown model{shown}: choose one of {', '.join(known_models())}" + (
+            ", or give a local diffusers folder (with scheduler/scheduler_config.json) under the server's allowed "
+            f"model roots (${settings.LOCAL_MODEL_ROOTS_ENV})"
+            if self.local_model_roots
+            else f"; local model folders are off on this server (${settings.LOCAL_MODEL_ROOTS_ENV} allows them)"
+        )
+        if not self.local_model_roots:
+            raise ValueError(refusal)
+        try:
+            path = Path(os.path.realpath(Path(name).expanduser()))
+            if not any(path == root or root in path.parents for root in self._real_roots):
+                raise ValueError(refusal)
+            return resolve_model(str(path))
+        except (ValueError, OSError, RuntimeError):  # missing, not a folder, unreadable, no/garbled config
+            raise ValueError(refusal) from None
 
     @staticmethod
     def weights_folder(spec: ModelSpec) -> Optional[Path]:
@@ -91,8 +121,9 @@ class StudioEngine:
         """Weights present or not, with what to do about it; planning works either way."""
         folder = weights_folder(spec)
         if folder is not None:
-            return ModelStatus(True, f"**{spec.name}**: weights present in `{folder}`. {spec.description}")
-        return ModelStatus(False, f"**{spec.name}**: {missing_weights_hint(spec)}. The schedule, stages and costs below need no weights.")
+            return ModelStatus(True, f"**{spec.name}**: weights present in `{public_text(str(folder), self.cache_root)}`. {spec.description}")
+        hint = public_text(missing_weights_hint(spec), self.cache_root)
+        return ModelStatus(False, f"**{spec.name}**: {hint}. The schedule, stages and costs below need no weights.")
 
     def require_weights(self, spec: ModelSpec) -> None:
         """ValueError saying where to put the weights when they are not on disk (pruning, sampling)."""
@@ -102,7 +133,7 @@ class StudioEngine:
     def warm_up(self, model: str = settings.MODEL_DEFAULT) -> None:
         """Import diffusers and fill the caches for one model, so the first page load is quick."""
         spec = self.resolve(model)
-        self.plan(spec, settings.SAMPLER_DEFAULT, settings.STEPS_DEFAULT, settings.M_DEFAULT, settings.LAM_DEFAULT)
+        PlanRequest.from_values(model, settings.SAMPLER_DEFAULT, settings.STEPS_DEFAULT, settings.M_DEFAULT, settings.LAM_DEFAULT).build(spec)
         self.curve(spec, settings.LAM_DEFAULT, settings.CX_DEFAULT)
         self.parameter_split(spec)
 
@@ -110,31 +141,6 @@ class StudioEngine:
     def curve(self, spec: ModelSpec, lam: float, cx: float) -> ScoreCurve:
         """The importance score of a model's schedule (cached per schedule, λ, c_x)."""
         return _cached_curve(json.dumps(dict(spec.scheduler_config), sort_keys=True, default=str), float(lam), float(cx))
-
-    def plan(
-        self,
-        spec: ModelSpec,
-        sampler: str,
-        steps: int,
-        M: float,
-        lam: float,
-        cx: float = settings.CX_DEFAULT,
-        sparsity: Optional[float] = None,
-        stage_sparsity: Optional[Sequence[float]] = None,
-    ) -> Plan:
-        """`build_plan`, with the step count given as a whole number when it is one."""
-        if isinstance(steps, float) and math.isfinite(steps) and steps.is_integer():
-            steps = int(steps)
-        return build_plan(
-            spec,
-            num_inference_steps=steps,
-            M=M,
-            lam=lam,
-            sparsity=sparsity,
-            stage_sparsity=stage_sparsity,
-            scheduler=sampler,
-            cx=cx,
-        )
 
     # ----- teaching panel -----------------------------------------------------------------
     def dynamics(self, spec: ModelSpec) -> Optional[Dynamics]:
@@ -206,20 +212,6 @@ class StudioEngine:
         """The `AnalysisStore` (Hessians and removal orders) of this engine's cache root."""
         return self.pruning.analyses
 
-    @staticmethod
-    def prune_config(spec: ModelSpec, mode: str, size: int, scorer: str):
-        """The `PruneConfig` of the Prune controls, calibrated from the engine's default source.
-
-        `size` is checked against the studio's range here; the engine checks the rest.
-        """
-        low, high = settings.CALIBRATION_SIZE_RANGE
-        if isinstance(size, float) and math.isfinite(size) and size.is_integer():
-            size = int(size)
-        if isinstance(size, bool) or not isinstance(size, int) or not low <= size <= high:
-            raise ValueError(f"calibration size must be a whole number in [{low}, {high}], got {size!r}")
-        calibration = CalibrationConfig(mode=mode, size=size, source=default_calibration_source(spec))
-        return PruneConfig(calibration=calibration, scorer=scorer)
-
     def pruned_key(self, spec: ModelSpec, plan: Plan, config) -> Optional[str]:
         """The cache key of these settings (None when the model has no weights on disk)."""
         return self.pruning.key(spec, plan, config)
@@ -274,6 +266,6 @@ class StudioEngine:
             return run_to_end(generator, on_event)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=settings.CURVE_CACHE_SIZE)
 def _cached_curve(scheduler_json: str, lam: float, cx: float) -> ScoreCurve:
     return importance_score(alphas_cumprod(json.loads(scheduler_json)), lam, cx)

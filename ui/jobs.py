@@ -1,4 +1,4 @@
-"""Background jobs for the studio: one worker thread, a FIFO queue, status you can poll.
+"""Background jobs for the studio: one worker thread, a bounded FIFO queue, private status you can poll.
 
 Heavy work (pruning, sampling) must not run inside a gradio event handler: the page would
 wait on it and nothing else could happen. So a Start handler only `submit`s a job and
@@ -6,22 +6,33 @@ returns; a `gr.Timer` polls `status` about twice a second to draw a progress bar
 calls `cancel`. Nothing here imports gradio.
 
     runner = JobRunner()
-    job_id = runner.submit(work, label="prune")     # work(context) -> result
-    runner.status(job_id)   # JobStatus: queued (position k) | running | done | cancelled | failed
-    runner.cancel(job_id)   # queued: never runs; running: context.should_stop() turns True
+    job_id = runner.submit(work, label="prune", owner=session)   # work(context) -> result
+    runner.status(job_id, owner=session)  # JobStatus: queued (position k) | running | done | cancelled | failed
+    runner.cancel(job_id, owner=session)  # queued: never runs; running: context.should_stop() turns True
 
 One compute job at a time (torch already uses every core: two jobs would halve each other,
-METHOD §6), in submission order. A job reports progress with `context.report(fraction,
+docs/method.md §6), in submission order. A job reports progress with `context.report(fraction,
 message)` and stops cooperatively: engine loops poll `context.should_stop` and raise
 `mosaic_core.jobs.Cancelled`, which ends the job as *cancelled*. Any other exception ends
 it as *failed*, with the message kept for the UI (the traceback goes to the server log
-only). Finished jobs keep their result until `max_finished` newer jobs have finished.
+only).
+
+Jobs are private and bounded, because the studio may be served to several clients:
+
+- a job id is `<label>-<32 random hex digits>` (`secrets`), not a counter to guess;
+- a job belongs to the `owner` that submitted it (the studio passes the Gradio session
+  hash): `status` and `cancel` with another owner raise the same `KeyError` as an unknown id;
+- `submit` raises `Busy` when `max_queue` jobs are already waiting, or when the owner
+  already has `max_per_owner` jobs queued or running;
+- finished jobs are kept per owner (the newest `max_finished` of each owner, for the
+  `max_owners` owners seen most recently), so one owner's many jobs never push out
+  another owner's results.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import threading
 import time
 from collections import OrderedDict, deque
@@ -99,36 +110,54 @@ class JobContext:
         self._runner._report(self.job_id, fraction, message)
 
 
+class Busy(RuntimeError):
+    """The queue is full, or the owner has as many unfinished jobs as allowed: try again later."""
+
+
 @dataclass
 class _Job:
     status: JobStatus
     work: Callable[[JobContext], Any]
     context: JobContext
+    owner: Optional[str] = None
 
 
 class JobRunner:
-    """A FIFO queue of jobs run one at a time by a single daemon worker thread."""
+    """A bounded FIFO queue of private jobs run one at a time by a single daemon worker thread."""
 
-    def __init__(self, max_finished: int = 64) -> None:
-        self.max_finished = max_finished
+    def __init__(self, max_finished: int = 16, max_queue: int = 32, max_per_owner: int = 4, max_owners: int = 512) -> None:
+        self.max_finished = max_finished  # finished jobs kept per owner
+        self.max_queue = max_queue  # jobs waiting (not counting the running one)
+        self.max_per_owner = max_per_owner  # queued + running jobs of one owner
+        self.max_owners = max_owners  # owners whose finished jobs are kept
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._jobs: OrderedDict[str, _Job] = OrderedDict()
+        self._jobs: dict[str, _Job] = {}
+        self._finished: OrderedDict[Optional[str], OrderedDict[str, None]] = OrderedDict()  # owner -> ids, oldest first
         self._queue: deque[str] = deque()
         self._current: Optional[str] = None
-        self._ids = itertools.count(1)
         self._closed = False
         self._thread: Optional[threading.Thread] = None
 
     # ----- submitting and controlling ---------------------------------------------------------
-    def submit(self, work: Callable[[JobContext], Any], label: str = "job") -> str:
-        """Queue `work(context)`; returns the job id at once (the worker starts on first use)."""
+    def submit(self, work: Callable[[JobContext], Any], label: str = "job", owner: Optional[str] = None) -> str:
+        """Queue `work(context)` for `owner`; returns the job id at once. `Busy` when the limits are reached."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the job runner is shut down")
-            job_id = f"{label}-{next(self._ids)}"
+            if len(self._queue) >= self.max_queue:
+                raise Busy(
+                    f"the studio is busy: {len(self._queue)} jobs are waiting (at most {self.max_queue}); try again in a minute"
+                )
+            mine = sum(1 for job in self._jobs.values() if job.owner == owner and not job.status.is_finished)
+            if mine >= self.max_per_owner:
+                raise Busy(
+                    f"this session already has {mine} jobs queued or running (at most {self.max_per_owner}): "
+                    "wait for one to finish or cancel it, then try again"
+                )
+            job_id = self._new_id(label)
             status = JobStatus(job_id=job_id, label=label, state=QUEUED, submitted=time.monotonic())
-            self._jobs[job_id] = _Job(status, work, JobContext(self, job_id))
+            self._jobs[job_id] = _Job(status, work, JobContext(self, job_id), owner)
             self._queue.append(job_id)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work_loop, name="studio-jobs", daemon=True)
@@ -136,74 +165,125 @@ class JobRunner:
             self._wake.notify_all()
         return job_id
 
-    def record(self, result: Any, label: str = "job", message: str = "") -> str:
-        """A job that is already done (a cache hit): same id and status API, never queued."""
+    def record(self, result: Any, label: str = "job", message: str = "", owner: Optional[str] = None) -> str:
+        """A job that is already done (a cache hit): same id and status API, never queued, no limit."""
         with self._lock:
-            job_id = f"{label}-{next(self._ids)}"
+            job_id = self._new_id(label)
             now = time.monotonic()
             status = JobStatus(
                 job_id=job_id, label=label, state=DONE, fraction=1.0, message=message, result=result,
                 submitted=now, started=now, finished=now,
             )
-            self._jobs[job_id] = _Job(status, lambda context: result, JobContext(self, job_id))
-            self._forget_old()
+            self._jobs[job_id] = _Job(status, lambda context: result, JobContext(self, job_id), owner)
+            self._keep_finished(job_id)
             self._wake.notify_all()
         return job_id
 
-    def status(self, job_id: str) -> JobStatus:
-        """The job's current snapshot; KeyError for an id this runner never had (or forgot)."""
+    def status(self, job_id: str, owner: Optional[str] = None) -> JobStatus:
+        """The job's current snapshot; KeyError for an id this runner never had, forgot, or that is another owner's."""
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise KeyError(job_id)
-            if job.status.state == QUEUED:
-                return replace(job.status, position=self._queue.index(job_id) + 1)
-            return job.status
+            return self._snapshot(self._owned(job_id, owner))
 
-    def cancel(self, job_id: str) -> JobStatus:
+    def cancel(self, job_id: str, owner: Optional[str] = None) -> JobStatus:
         """Cancel a job: a queued one is dropped, a running one is asked to stop; finished ones stay."""
         with self._lock:
-            job = self._jobs.get(job_id)
-            if job is None:
-                raise KeyError(job_id)
+            job = self._owned(job_id, owner)
             if job.status.state == QUEUED:
                 self._queue.remove(job_id)
                 now = time.monotonic()
                 job.status = replace(job.status, state=CANCELLED, message="cancelled before it started", finished=now)
-                self._forget_old()
+                self._keep_finished(job_id)
+                self._wake.notify_all()
             elif job.status.state == RUNNING:
                 job.context._stop.set()
                 job.status = replace(job.status, message="stopping…")
-        return self.status(job_id) if job_id in self._jobs else job.status
+            return self._snapshot(job)
 
-    def wait(self, job_id: str, timeout: Optional[float] = None) -> JobStatus:
+    def unfinished(self, job_id: Optional[str]) -> bool:
+        """Whether a job (of any owner) is queued or running: for the studio's own bookkeeping, never shown."""
+        with self._lock:
+            job = self._jobs.get(job_id or "")
+            return job is not None and not job.status.is_finished
+
+    def wait(self, job_id: str, timeout: Optional[float] = None, owner: Optional[str] = None) -> JobStatus:
         """Block until the job has finished (or `timeout` seconds passed); returns its status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self._jobs[job_id].status.state not in FINISHED_STATES:
+            job = self._owned(job_id, owner)
+            while job.status.state not in FINISHED_STATES:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
                 self._wake.wait(remaining)
-        return self.status(job_id)
+            return self._snapshot(job)
 
     def running(self) -> Optional[str]:
         """The id of the running job, if any."""
         with self._lock:
             return self._current
 
+    def counts(self) -> dict:
+        """How many jobs are queued, running and kept finished (for limits and tests)."""
+        with self._lock:
+            return {
+                "queued": len(self._queue),
+                "running": int(self._current is not None),
+                "finished": sum(len(ids) for ids in self._finished.values()),
+                "owners": len(self._finished),
+            }
+
     def shutdown(self, cancel: bool = True, timeout: float = 10.0) -> None:
         """Stop taking jobs; cancel what is queued or running (by default) and join the worker."""
         with self._lock:
             self._closed = True
             ids = list(self._queue) + ([self._current] if self._current else [])
+            owners = {job_id: self._jobs[job_id].owner for job_id in ids}
             thread = self._thread
             self._wake.notify_all()
         if cancel:
             for job_id in ids:
-                self.cancel(job_id)
+                try:
+                    self.cancel(job_id, owners[job_id])
+                except KeyError:
+                    pass  # finished in the meantime
         if thread is not None:
             thread.join(timeout)
+
+    # ----- bookkeeping (caller holds the lock) -------------------------------------------------
+    def _new_id(self, label: str) -> str:
+        while True:
+            job_id = f"{label}-{secrets.token_hex(16)}"
+            if job_id not in self._jobs:
+                return job_id
+
+    def _owned(self, job_id: Any, owner: Optional[str]) -> _Job:
+        """The job, or KeyError when it is unknown or another owner's (the same error: ids reveal nothing)."""
+        job = self._jobs.get(job_id) if isinstance(job_id, str) else None
+        if job is None or job.owner != owner:
+            raise KeyError(job_id)
+        if owner in self._finished:
+            self._finished.move_to_end(owner)  # an active owner keeps its results longest
+        return job
+
+    def _snapshot(self, job: _Job) -> JobStatus:
+        if job.status.state == QUEUED:
+            return replace(job.status, position=self._queue.index(job.status.job_id) + 1)
+        return job.status
+
+    def _keep_finished(self, job_id: str) -> None:
+        """File a finished job under its owner; forget the owner's oldest beyond `max_finished`
+        and the least recently active owners beyond `max_owners`."""
+        owner = self._jobs[job_id].owner
+        kept = self._finished.setdefault(owner, OrderedDict())
+        kept[job_id] = None
+        self._finished.move_to_end(owner)
+        while len(kept) > self.max_finished:
+            old, _ = kept.popitem(last=False)
+            self._jobs.pop(old, None)
+        while len(self._finished) > self.max_owners:
+            _, ids = self._finished.popitem(last=False)
+            for old in ids:
+                self._jobs.pop(old, None)
 
     # ----- the worker -------------------------------------------------------------------------
     def _report(self, job_id: str, fraction: float, message: str) -> None:
@@ -241,14 +321,8 @@ class JobRunner:
                     fraction=1.0 if state == DONE else job.status.fraction, finished=time.monotonic(),
                 )
                 self._current = None
-                self._forget_old()
+                self._keep_finished(job_id)
                 self._wake.notify_all()
-
-    def _forget_old(self) -> None:
-        """Drop the oldest finished jobs beyond `max_finished` (caller holds the lock)."""
-        finished = [job_id for job_id, job in self._jobs.items() if job.status.state in FINISHED_STATES]
-        for job_id in finished[: max(0, len(finished) - self.max_finished)]:
-            del self._jobs[job_id]
 
 
 def _describe(error: BaseException) -> str:

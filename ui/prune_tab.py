@@ -14,11 +14,14 @@ Caching (see `StudioEngine.prune`): the same model + plan + prune settings come 
 memory at once (no job is queued), or from the checkpoint in the disk cache after a
 restart; moving only the sparsity reuses the cached Hessians and removal orders.
 
-| trigger        | handler           | api_name (gr.api, plain arguments) |
-|----------------|-------------------|------------------------------------|
-| Start          | `PruneHandlers.start`  | `prune_start`                 |
-| timer tick     | `PruneHandlers.poll`   | `prune_status`                |
-| Cancel         | `PruneHandlers.cancel` | `prune_cancel`                |
+Start, the progress bar, its timer and Cancel are one `JobView` (ui/job_view.py), shared
+with Compare and the trajectory trace; it also registers the API trio:
+
+| trigger        | handler                          | api_name (gr.api, plain arguments) |
+|----------------|----------------------------------|------------------------------------|
+| Start          | `PruneHandlers.start`            | `prune_start` (`start_api`)        |
+| timer tick     | `JobView` poll → `render`        | `prune_status`                     |
+| Cancel         | `JobView` cancel                 | `prune_cancel`                     |
 """
 
 from __future__ import annotations
@@ -27,17 +30,16 @@ import html
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import gradio as gr
 
-from mosaic_core.divide.plan import Plan
-
 from ui import settings
-from ui.divide_tab import user_errors
 from mosaic_core.prune.service import PrunedModel
+from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.engine import StudioEngine
-from ui.jobs import CANCELLED, DONE, FAILED, RUNNING, JobStatus
+from ui.job_view import JobView, cache_usage_text, owner_of, status_dict, user_errors
+from ui.jobs import JobStatus
 from ui.panels import _chip, format_count
 
 PRUNE_TEXT = """
@@ -52,80 +54,9 @@ kept weights. The job runs in the background: the page stays usable, and the res
 IDLE_PRUNE = "No pruning job yet: press Start to prune the plan above."
 
 
-# ----- shared by the Prune and Compare sections --------------------------------------------------
-
-
-def cancel_job(engine: StudioEngine, job_id, idle: str, elem_id: str, nothing_running: str) -> str:
-    """Ask a job to stop and redraw its bar (the next timer tick shows 'cancelled')."""
-    status = job_status(engine, job_id)
-    if status is None or status.is_finished:
-        gr.Info(nothing_running)
-        return progress_html(status, idle, elem_id)
-    return progress_html(engine.jobs.cancel(job_id), idle, elem_id)
-
-
-def plan_from_state(engine: StudioEngine, plan_state: Optional[dict], model: str, folder: str):
-    """(spec, plan) of the plan the Divide section shows; ValueError when it is missing or stale."""
-    if not plan_state:
-        raise ValueError("there is no plan yet: wait for section 2 to draw the stages, then press Start again")
-    spec = engine.resolve(model, folder)
-    plan = Plan.from_dict(plan_state)
-    if plan.model != spec.name:
-        raise ValueError(f"the plan is for '{plan.model}' but '{spec.name}' is selected: move a control in section 2 to re-plan")
-    return spec, plan
-
-
-def plan_from_arguments(engine: StudioEngine, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx):
-    """(spec, plan) from plain API arguments, through the same engine call as the `plan` endpoint."""
-    spec = engine.resolve(model)
-    if stage_sparsity is not None:
-        plan = engine.plan(spec, sampler, steps, M, lam, cx, stage_sparsity=stage_sparsity)
-    else:
-        plan = engine.plan(spec, sampler, steps, M, lam, cx, sparsity=sparsity)
-    return spec, plan
-
-
-def job_status(engine: StudioEngine, job_id: Optional[str]) -> Optional[JobStatus]:
-    """The status of a job id from a gr.State (None for no job or one the runner forgot)."""
-    if not job_id:
-        return None
-    try:
-        return engine.jobs.status(job_id)
-    except KeyError:
-        return None
-
-
-def api_job_status(engine: StudioEngine, job_id: str) -> JobStatus:
-    """The status of a job id given through the API; ValueError naming it when unknown."""
-    status = job_status(engine, str(job_id or ""))
-    if status is None:
-        raise ValueError(f"unknown job id {job_id!r}: start a job first (prune_start / compare_start)")
-    return status
-
-
 def describe_prune_event(event) -> str:
     """'hessian · middle', 'solve · middle · transformer_blocks.3.ff.net.2', 'calibrate · preparing 16 …'."""
     return " · ".join(part for part in (event.phase, event.stage, event.layer or event.message) if part)
-
-
-def progress_html(status: Optional[JobStatus], idle: str, elem_id: str) -> str:
-    """The progress bar of a job: a filled bar, its state and the latest message.
-
-    The outer div carries `data-job`, `data-state` and `data-fraction`: tests read values, not pixels.
-    """
-    if status is None:
-        state, fraction, text, job_id = "idle", 0.0, html.escape(idle), ""
-    else:
-        state, fraction, job_id = status.state, status.fraction, status.job_id
-        text = f"<b>{html.escape(status.summary)}</b>"
-        if status.state in (RUNNING, DONE, CANCELLED, FAILED) and status.started is not None:
-            text += f' <span class="mosaic-muted">· {status.elapsed:.1f} s</span>'
-    percent = 100.0 * min(max(fraction, 0.0), 1.0)
-    return (
-        f'<div class="mosaic-job" id="{elem_id}" data-job="{html.escape(job_id)}" data-state="{state}" data-fraction="{fraction:.4f}">'
-        f'<div class="mosaic-bar"><div class="mosaic-bar-fill" style="width:{percent:.1f}%"></div></div>'
-        f'<div class="mosaic-job-text">{text}</div></div>'
-    )
 
 
 def _seconds_line(seconds: dict) -> str:
@@ -137,12 +68,17 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.1f} MiB"
 
 
+def checkpoint_folder(pruned: PrunedModel) -> str:
+    """The checkpoint's folder as the cache names it ('pruned/<key>'), never an absolute server path."""
+    return f"pruned/{pruned.key}"
+
+
 def prune_summary(pruned: PrunedModel) -> dict:
     """What the API returns about a pruned model (JSON-ready)."""
     ledger = pruned.ledger
     return {
         "key": pruned.key,
-        "folder": str(pruned.folder),
+        "folder": checkpoint_folder(pruned),  # relative to the cache root: no server path
         "source": pruned.source,
         "from_cache": pruned.from_cache,
         "load_seconds": round(pruned.load_seconds, 3),
@@ -218,24 +154,9 @@ def prune_result_html(pruned: PrunedModel) -> str:
         "<tr><th>parameters per stage network</th><td>"
         + " · ".join(f"{name} {format_count(count)}" for name, count in zip(("early", "middle", "late"), ledger.stage_params))
         + "</td></tr>"
-        f'<tr><th>checkpoint</th><td><code>{html.escape(str(pruned.folder))}</code></td></tr>'
+        f'<tr><th>checkpoint</th><td><code>cache/{html.escape(checkpoint_folder(pruned))}</code></td></tr>'
         "</tbody></table></div>"
     )
-
-
-def status_dict(status: JobStatus, result: Optional[Callable[[Any], dict]] = None) -> dict:
-    """A job status as the API returns it; `result` turns a finished job's result into JSON."""
-    return {
-        "job_id": status.job_id,
-        "state": status.state,
-        "fraction": round(status.fraction, 4),
-        "message": status.message,
-        "summary": status.summary,
-        "position": status.position,
-        "error": status.error,
-        "seconds": round(status.elapsed, 3),
-        "result": result(status.result) if status.state == DONE and result is not None and status.result is not None else None,
-    }
 
 
 # ----- the section -------------------------------------------------------------------------------
@@ -248,36 +169,44 @@ class PruneSection:
     calibration: gr.Radio
     size: gr.Slider
     scorer: gr.Radio
-    start: gr.Button
-    cancel: gr.Button
-    progress: gr.HTML
+    view: JobView
     result: gr.HTML
-    job: gr.State
-    timer: gr.Timer
+    cache_note: gr.Markdown
     handlers: "PruneHandlers"
 
     @property
     def controls(self) -> list:
-        """calibration mode, calibration size, scorer: the arguments of `StudioEngine.prune_config`."""
+        """calibration mode, calibration size, scorer: the arguments of `prune_request`."""
         return [self.calibration, self.size, self.scorer]
 
 
+def prune_request(plan: PlanRequest, calibration, size, scorer) -> PruneRequest:
+    """The studio's `PruneRequest`: the engine's checks with the studio's calibration-size range."""
+    return PruneRequest.from_values(plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE)
+
+
 class PruneHandlers:
-    """Submits prune jobs, reports their progress, cancels them."""
+    """Submits prune jobs (one `JobView`), renders their results."""
 
-    ELEM_ID = "mosaic-prune-job"
-
-    def __init__(self, engine: StudioEngine) -> None:
+    def __init__(self, engine: StudioEngine, view: JobView) -> None:
         self.engine = engine
+        self.view = view
         self._pending: dict[str, str] = {}  # checkpoint key -> id of the job that prunes it
         self._pending_lock = threading.Lock()  # handlers of several sessions run in parallel
 
     # ----- engine-facing ------------------------------------------------------------------------
-    def submit(self, spec, plan: Plan, config) -> str:
-        """A job id whose result is the `PrunedModel`: finished at once on a memory hit, else queued."""
+    def submit(self, owner: Optional[str], request: PruneRequest) -> str:
+        """A job id (of `owner`) whose result is {summary, html}: finished at once on a memory hit, else queued.
+
+        A finished job keeps only that small summary, never the pruned model itself: the
+        engine's LRU alone decides which pruned models stay in memory.
+        """
+        spec = self.engine.resolve(request.plan.model)
+        self.engine.require_weights(spec)
+        plan, config = request.build(spec)
         hit = self.engine.cached_pruned(spec, plan, config)
         if hit is not None:
-            return self.engine.jobs.record(hit, label="prune", message="loaded from cache")
+            return self.engine.jobs.record(self.outcome(hit), label="prune", message="loaded from cache", owner=owner)
         key = self.engine.pruned_key(spec, plan, config)
 
         def work(context):
@@ -287,60 +216,37 @@ class PruneHandlers:
                 on_event=lambda event: context.report(event.fraction, describe_prune_event(event)),
             )
             context.report(1.0, "loaded from cache" if pruned.from_cache else f"pruned in {pruned.load_seconds:.1f} s")
-            return pruned
+            return self.outcome(pruned)
 
-        job_id = self.engine.jobs.submit(work, label="prune")
+        job_id = self.engine.jobs.submit(work, label="prune", owner=owner)
         with self._pending_lock:
-            self._pending = {k: v for k, v in self._pending.items() if self._unfinished(v)}  # forget finished ones
+            self._pending = {k: v for k, v in self._pending.items() if self.engine.jobs.unfinished(v)}  # forget finished ones
             if key is not None:
                 self._pending[key] = job_id
         return job_id
 
-    def _unfinished(self, job_id: Optional[str]) -> bool:
-        status = job_status(self.engine, job_id)
-        return status is not None and not status.is_finished
+    @staticmethod
+    def outcome(pruned: PrunedModel) -> dict:
+        """What a finished prune job keeps: the API summary and the result panel."""
+        return {"summary": prune_summary(pruned), "html": prune_result_html(pruned)}
 
     def pending_job(self, key: Optional[str]) -> Optional[str]:
-        """The id of a queued or running prune job for this checkpoint key, if any."""
+        """The id of a queued or running prune job (of any session) for this checkpoint key, if any."""
         with self._pending_lock:
             job_id = self._pending.get(key or "")
-        return job_id if self._unfinished(job_id) else None
+        return job_id if self.engine.jobs.unfinished(job_id) else None
 
     # ----- UI events ----------------------------------------------------------------------------
-    @user_errors
-    def start(self, plan_state, model, folder, calibration, size, scorer):
-        """Start: submit the job and return at once (job id, bar, result unchanged, timer on)."""
-        spec, plan = plan_from_state(self.engine, plan_state, model, folder)
-        self.engine.require_weights(spec)
-        config = self.engine.prune_config(spec, calibration, size, scorer)
-        job_id = self.submit(spec, plan, config)
-        status = self.engine.jobs.status(job_id)
-        if status.state == DONE:  # a memory hit: show it now, no polling needed
-            return job_id, progress_html(status, IDLE_PRUNE, self.ELEM_ID), prune_result_html(status.result), gr.Timer(active=False)
-        return job_id, progress_html(status, IDLE_PRUNE, self.ELEM_ID), gr.update(), gr.Timer(active=True)
+    def start(self, owner, *values):
+        """Start: the Divide controls and the calibration controls → a queued (or already done) job."""
+        plan = PlanRequest.from_controls(*values[:12])
+        return self.submit(owner, prune_request(plan, *values[12:]))
 
-    def poll(self, job_id):
-        """Timer tick: redraw the bar; when the job has finished, its result (or a warning), timer off."""
-        status = job_status(self.engine, job_id)
-        bar = progress_html(status, IDLE_PRUNE, self.ELEM_ID)
-        if status is None:
-            return bar, gr.update(), gr.Timer(active=False)
-        if not status.is_finished:
-            return bar, gr.update(), gr.Timer(active=True)
-        if status.state == DONE:
-            return bar, prune_result_html(status.result), gr.Timer(active=False)
-        if status.state == CANCELLED:
-            gr.Warning("Pruning cancelled: the cache and the last result are unchanged.")
-        else:
-            gr.Warning(f"Pruning failed: {status.error}")
-        return bar, gr.update(), gr.Timer(active=False)
-
-    def cancel(self, job_id):
-        """Cancel: ask the job to stop (the next tick shows 'cancelled')."""
-        return cancel_job(self.engine, job_id, IDLE_PRUNE, self.ELEM_ID, "No pruning job is running.")
+    def render(self, status: JobStatus) -> tuple:
+        """A finished job: its result panel and the disk cache's size."""
+        return status.result["html"], cache_usage_text(self.engine.cache_root)
 
     # ----- API (plain arguments) -------------------------------------------------------------------
-    @user_errors
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
@@ -354,32 +260,28 @@ class PruneHandlers:
         calibration: str = settings.CALIBRATION_MODE_DEFAULT,
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
+        request: gr.Request = None,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
 
         Poll `prune_status` with the returned `job_id`. The same settings as an earlier job
         come back at once, already `done`, with `result.source` = "memory" or "disk".
         """
-        spec, plan = plan_from_arguments(self.engine, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
-        self.engine.require_weights(spec)
-        config = self.engine.prune_config(spec, calibration, calibration_size, scorer)
-        return status_dict(self.engine.jobs.status(self.submit(spec, plan, config)), prune_summary)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        owner = owner_of(request)
+        job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer))
+        return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
 
-    @user_errors
-    def status_api(self, job_id: str) -> dict:
-        """The state (queued|running|done|cancelled|failed), progress and, when done, the result of a prune job."""
-        return status_dict(api_job_status(self.engine, job_id), prune_summary)
 
-    @user_errors
-    def cancel_api(self, job_id: str) -> dict:
-        """Cancel a prune job (queued: dropped; running: stops at the next batch or layer)."""
-        api_job_status(self.engine, job_id)
-        return status_dict(self.engine.jobs.cancel(job_id), prune_summary)
+def summary_of(outcome: dict) -> dict:
+    """The API's `result` of a finished prune job."""
+    return outcome["summary"]
 
 
 def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     """Lay out and wire the Prune section; returns its components for the Compare section."""
-    handlers = PruneHandlers(engine)
+    view = JobView(engine, "prune", IDLE_PRUNE, done_title="Pruning", nothing_running="No pruning job is running.")
+    handlers = PruneHandlers(engine, view)
     gr.Markdown(PRUNE_TEXT)
     with gr.Row():
         with gr.Column(scale=2, min_width=340):
@@ -395,30 +297,20 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 list(settings.SCORERS), value=settings.SCORER_DEFAULT, label="Scorer",
                 info="obs: Hessian-based, re-solves the kept weights · magnitude: ablation", elem_id="mosaic-scorer",
             )
-            with gr.Row():
-                start = gr.Button("Start pruning", variant="primary", elem_id="mosaic-prune-start")
-                cancel = gr.Button("Cancel", variant="stop", elem_id="mosaic-prune-cancel")
-            progress = gr.HTML(progress_html(None, IDLE_PRUNE, PruneHandlers.ELEM_ID), elem_id="mosaic-prune-progress")
+            view.layout("Start pruning")
+            cache_note = gr.Markdown(elem_id="mosaic-cache-usage")
         with gr.Column(scale=3, min_width=420):
             result = gr.HTML(
                 '<div class="mosaic-panel mosaic-empty" id="mosaic-prune-result">The pruned stage networks, their '
                 "cost in seconds and memory will show here.</div>",
                 elem_id="mosaic-prune-result-box",
             )
-    job = gr.State(None)
-    timer = gr.Timer(settings.JOB_POLL_SECONDS, active=False)
-    section = PruneSection(calibration, size, scorer, start, cancel, progress, result, job, timer, handlers)
-
-    quick = dict(show_progress="hidden", api_visibility="private")
-    start.click(
-        handlers.start, inputs=[divide.plan_state, divide.model, divide.folder, *section.controls],
-        outputs=[job, progress, result, timer], **quick,
+    section = PruneSection(calibration, size, scorer, view, result, cache_note, handlers)
+    view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
+    view.register_api(user_errors(handlers.start_api), summary_of)
+    divide.demo.load(
+        lambda: cache_usage_text(engine.cache_root), outputs=[cache_note], api_visibility="private", show_progress="hidden"
     )
-    timer.tick(handlers.poll, inputs=[job], outputs=[progress, result, timer], **quick)
-    cancel.click(handlers.cancel, inputs=[job], outputs=[progress], **quick)
-    gr.api(handlers.start_api, api_name="prune_start")
-    gr.api(handlers.status_api, api_name="prune_status")
-    gr.api(handlers.cancel_api, api_name="prune_cancel")
     return section
 
 

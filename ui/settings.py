@@ -15,6 +15,7 @@ from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_STEPS
 from mosaic_core.divide.stages import DEFAULT_M, M_RANGE, M_STEP
 from mosaic_core.models.registry import DEFAULT_MODEL, PROJECT_ROOT
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.requests import ONLY_STAGE_CHOICES
 
 # Server (GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are gradio's own variables too).
 SERVER_NAME = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
@@ -35,7 +36,7 @@ M_DEFAULT = DEFAULT_M
 LAM_RANGE = (0.0, 0.05)
 LAM_STEP = 0.001
 LAM_DEFAULT = DEFAULT_LAM
-CX_DEFAULT = 1.0  # METHOD §1 fallback; the model's measured c_x is offered beside it
+CX_DEFAULT = 1.0  # docs/method.md §1 fallback; the model's measured c_x is offered beside it
 
 # Sparsity.
 SPARSITY_RANGE = (0.0, MAX_SPARSITY)
@@ -55,8 +56,18 @@ SCORER_DEFAULT = "obs"
 CACHE_DIR_ENV = "MOSAIC_CACHE_DIR"  # pruned checkpoints and Hessians; default <project>/cache
 PRUNED_IN_MEMORY = 4  # pruned staged models kept loaded (the rest reload from the cache)
 
-# Background jobs: how often the progress bars poll the job runner.
+# Background jobs: how often the progress bars poll the job runner, and its limits (ui/jobs.py).
 JOB_POLL_SECONDS = 0.5
+JOB_QUEUE_MAX = 32  # jobs waiting behind the running one; one more is answered "busy, try again"
+JOBS_PER_SESSION = 4  # queued + running jobs of one browser tab / gradio_client session
+JOB_RESULTS_PER_SESSION = 16  # finished jobs kept per session (another session cannot push them out)
+JOB_SESSIONS_KEPT = 512  # sessions whose finished jobs are kept (least recently active forgotten first)
+EVENT_QUEUE_MAX = 256  # gradio's own queue of events (clicks, API calls) waiting for a worker
+TRAJECTORY_WAIT_SECONDS = 600  # the blocking `trajectory` endpoint waits this long for its job
+
+# Local model folders (a path typed as the model): allowed under these roots only.
+LOCAL_MODEL_ROOTS_ENV = "MOSAIC_LOCAL_MODEL_ROOTS"  # os.pathsep-separated folders; empty = none
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Compare (count, repeats: the studio's limits; cfg: the slider's range, the engine accepts [0, 20]).
 COMPARE_LABELS_DEFAULT = "0-9"
@@ -68,7 +79,7 @@ CFG_DEFAULT = 1.25  # digits-dit's measured best (registry default_cfg)
 CFG_STEP = 0.1
 REPEATS_RANGE = (1, 5)
 REPEATS_DEFAULT = 1  # interactive; the bench command takes the median of 3
-STAGE_ONLY_CHOICES = ("all stages", "early only", "middle only", "late only")
+STAGE_ONLY_CHOICES = ONLY_STAGE_CHOICES  # the request's own choices (mosaic_core.requests)
 GALLERY_PIXELS = 96  # small images are upscaled (nearest) to about this size
 GALLERY_COLUMNS = 5
 
@@ -76,6 +87,7 @@ GALLERY_COLUMNS = 5
 TRAJECTORY_IMAGES = 4
 TRAJECTORY_SEED = 0
 TRAJECTORY_CACHE_SIZE = 16
+CURVE_CACHE_SIZE = 64  # importance-score curves (per schedule, λ, c_x)
 
 # Charts.
 SCHEDULE_HEIGHT = 430
@@ -90,3 +102,17 @@ VARIANT_COLORS = {"all stages": "#222222", "early only": "#4C78A8", "middle only
 def cache_dir() -> Path:
     """Where pruned checkpoints and Hessians are cached: $MOSAIC_CACHE_DIR, else <project>/cache."""
     return Path(os.environ.get(CACHE_DIR_ENV) or PROJECT_ROOT / "cache")
+
+
+def local_model_roots(server_name: str = SERVER_NAME) -> tuple[Path, ...]:
+    """Folders under which a local model folder may be opened.
+
+    $MOSAIC_LOCAL_MODEL_ROOTS when set (os.pathsep-separated; empty: none). Otherwise every
+    folder when the server binds to the loopback interface only (one user, their own
+    machine), and none when it is served to others: the built-in and registry models
+    always work.
+    """
+    configured = os.environ.get(LOCAL_MODEL_ROOTS_ENV)
+    if configured is not None:
+        return tuple(Path(part).expanduser() for part in configured.split(os.pathsep) if part.strip())
+    return (Path("/"),) if server_name in LOCAL_HOSTS else ()

@@ -11,8 +11,9 @@ import json
 
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
-from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_M, Plan, build_plan
-from mosaic_core.models.registry import DEFAULT_MODEL, resolve_model
+from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_M, Plan
+from mosaic_core.models.registry import DEFAULT_MODEL
+from mosaic_core.requests import PlanRequest
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
 from mosaic_core.divide.stages import STAGE_NAMES
 
@@ -86,20 +87,23 @@ def format_plan(plan: Plan) -> str:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    """The `Plan` described by the plan arguments (shared by `plan`, `prune` and `bench`)."""
-    spec = resolve_model(args.model)
-    stage_sparsity = None if args.stage_sparsity is None else parse_stage_sparsity(args.stage_sparsity)
-    return build_plan(
-        spec,
-        num_inference_steps=spec.default_steps if args.steps is None else args.steps,
+    """The `Plan` described by the plan arguments (shared by `plan`, `prune` and `bench`).
+
+    The values go through `PlanRequest.from_values`, the same checks the studio and its API use.
+    """
+    stage_sparsity = getattr(args, "stage_sparsity", None)
+    request = PlanRequest.from_values(
+        model=args.model,
+        sampler=args.scheduler,
+        steps=args.steps,
         M=args.M,
         lam=args.lam,
-        sparsity=args.sparsity,
-        stage_sparsity=stage_sparsity,
-        uniform=args.uniform,
-        scheduler=args.scheduler,
+        sparsity=getattr(args, "sparsity", None),
+        stage_sparsity=None if stage_sparsity is None else parse_stage_sparsity(stage_sparsity),
         cx=args.cx,
+        uniform=bool(getattr(args, "uniform", False)),
     )
+    return request.plan()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,95 @@
+"""mosaic_core.requests: one checked value per action, shared by the studio, its API and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mosaic_core.commands.plan import add_plan_arguments, plan_from_args
+from mosaic_core.divide.plan import build_plan
+from mosaic_core.models.registry import resolve_model
+from mosaic_core.requests import CompareRequest, PlanRequest, PruneRequest
+
+MODEL = "digits-dit"
+
+
+def _same_plan(a, b) -> None:
+    assert a.to_dict() == b.to_dict()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    M=st.floats(min_value=0.01, max_value=0.99),
+    lam=st.floats(min_value=-0.05, max_value=0.05),
+    sparsity=st.floats(min_value=0.0, max_value=0.9),
+    steps=st.integers(min_value=1, max_value=100),
+    sampler=st.sampled_from(["ddim", "dpm", "euler", "ddpm"]),
+)
+def test_a_valid_request_plans_exactly_what_build_plan_plans(M, lam, sparsity, steps, sampler):
+    request = PlanRequest.from_values(MODEL, sampler, steps, M, lam, sparsity)
+    _same_plan(request.plan(), build_plan(MODEL, steps, M, lam, sparsity=sparsity, scheduler=sampler))
+
+
+def test_the_controls_pick_the_folder_and_the_per_stage_values():
+    auto = PlanRequest.from_controls(MODEL, "", "ddim", 20, 0.5, 0.01, 1.0, 0.3, False, 0.9, "ignored", None)
+    assert auto.sparsity == 0.3 and auto.stage_sparsity is None
+    manual = PlanRequest.from_controls(MODEL, "  ", "ddim", 20, 0.5, 0.01, 1.0, "ignored", True, 0.5, 0.1, 0.4)
+    assert manual.stage_sparsity == (0.5, 0.1, 0.4) and manual.sparsity is None
+    _same_plan(manual.plan(), build_plan(MODEL, 20, 0.5, 0.01, stage_sparsity=(0.5, 0.1, 0.4)))
+    assert PlanRequest.from_controls("x", " /some/folder ", "ddim", 20, 0.5, 0.01, 1.0, 0.3, False, 0, 0, 0).model == "/some/folder"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model=""), r"model must be a registry name .* got an empty string"),
+        (dict(model="m" * 600), r"model is 600 characters long: at most 512 allowed"),
+        (dict(model=3), r"model must be a string, got int"),
+        (dict(steps=2.5), r"steps must be a whole number in \[1, 1000\], got 2\.5"),
+        (dict(steps=True), r"steps must be a whole number"),
+        (dict(M="0.5"), r"M must be a number in \(0, 1\), got str '0\.5'"),
+        (dict(M=10**400), r"M must be a finite number in \(0, 1\), got an integer of 401 digits"),
+        (dict(lam=float("nan")), r"lam \(λ\) must be a finite number"),
+        (dict(cx=0.0), r"cx \(c_x\) must be a finite number in \(0, inf\)"),
+        (dict(sparsity=0.95), r"sparsity must be in \[0, 0\.9\], got 0\.95"),
+        (dict(stage_sparsity="0.1,0.1,0.1"), r"stage_sparsity must be 3 numbers"),
+        (dict(stage_sparsity=[0.1, 0.1, float("inf")]), r"late sparsity must be a finite number"),
+        (dict(sampler="heun"), r"unknown scheduler 'heun'"),
+        (dict(uniform="yes"), r"uniform must be true or false"),
+    ],
+)
+def test_bad_plan_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PlanRequest.from_values(**({"model": MODEL} | kwargs))
+
+
+def test_prune_and_compare_requests_check_their_own_values():
+    plan = PlanRequest.from_values(MODEL, steps=10, sparsity=0.3)
+    with pytest.raises(ValueError, match=r"calibration_size \(images per stage\) must be in \[16, 1024\], got 8"):
+        PruneRequest.from_values(plan, "snr", 8, "obs", size_range=(16, 1024))
+    prune = PruneRequest.from_values(plan, "clean", 32, "magnitude")
+    config = prune.config(resolve_model(MODEL))
+    assert (config.calibration.mode, config.calibration.size, config.scorer) == ("clean", 32, "magnitude")
+    request = CompareRequest.from_values(prune, 10, labels="1,3, 5-6", count=6, seed=7, cfg=2, repeats=2, only_stage="late only")
+    assert request.labels == (1, 3, 5, 6, 1, 3) and request.count == 6 and request.stage == 2 and request.cfg == 2.0
+    for kwargs, message in [
+        (dict(labels="3,12"), r"class id 12 is out of range: allowed 0\.\.9"),
+        (dict(labels=["0-9"]), r"class labels must be a string, got list"),
+        (dict(seed=-1), r"seed must be in \[0, 2147483647\], got -1"),
+        (dict(cfg=math.inf), r"cfg \(guidance scale\) must be a finite number in \[0, 20\], got inf"),
+        (dict(only_stage=2), r"only_stage must be one of 'all stages'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CompareRequest.from_values(prune, 10, **kwargs)
+
+
+def test_the_cli_builds_its_plan_through_the_same_request():
+    parser = argparse.ArgumentParser()
+    add_plan_arguments(parser)
+    args = parser.parse_args(["--model", MODEL, "--stage-sparsity", "0.5,0.1,0.4", "--steps", "20", "--M", "0.45"])
+    _same_plan(plan_from_args(args), build_plan(MODEL, 20, 0.45, stage_sparsity=(0.5, 0.1, 0.4)))
+    with pytest.raises(ValueError, match=r"lam \(λ\) must be a finite number"):
+        plan_from_args(parser.parse_args(["--model", MODEL, "--lam", "nan"]))
