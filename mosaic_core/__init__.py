@@ -42,6 +42,8 @@ _EXPORTS = {
     "save_pruned": "mosaic_core.prune.checkpoint",
     "load_pruned": "mosaic_core.prune.checkpoint",
     "StagedDiT": "mosaic_core.conquer.staged_denoiser",
+    "StagedDenoiser": "mosaic_core.conquer.staged_denoiser",
+    "load_pipeline": "mosaic_core.conquer.pipeline",
     "SampleConfig": "mosaic_core.conquer.sampling",
     "sample_steps": "mosaic_core.conquer.sampling",
     "compare": "mosaic_core.conquer.compare",

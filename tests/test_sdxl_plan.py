@@ -54,7 +54,7 @@ def test_sdxl_base_plan_json_roundtrips_and_reports_memory():
     assert data["hessian_block_bytes"] < data["hessian_bytes"]
     assert all(len(stage["layer_keeps"]) == 210 for stage in data["stages"])
     plan = Plan.from_dict(data)
-    assert plan.to_dict() == data
+    assert {**plan.to_dict(), **plan.memory_figures()} == data
     assert abs(plan.overall_sparsity - 0.3) < 1e-3
 
 

@@ -120,3 +120,22 @@ def test_cli_plan_prune_sample_on_a_tiny_sdxl_folder(tiny_sdxl_folder, tmp_path)
     assert not np.array_equal(archives["dense"]["images"], archives["staged"]["images"])
     no_prompt = _cli("sample", "--model", tiny_sdxl_folder, "--n", 1, "--out", tmp_path / "x.npz", "--device", "cpu")
     assert no_prompt.returncode == 2 and "give --prompt" in no_prompt.stderr
+
+
+def test_compare_runs_dense_and_staged_on_prompts(sdxl):
+    """The comparison API takes a family's condition (prompts) where it takes class labels."""
+    from mosaic_core.conquer.compare import compare, dense_and_staged
+    from mosaic_core.conquer.sampling import SampleConfig
+    from mosaic_core.conquer.staged_denoiser import StagedDiT
+    from mosaic_core.prune.surgery import BlockKeep, sliced_model
+
+    plan = build_plan(sdxl.spec, 3, stage_sparsity=(0.5, 0.5, 0.5), scheduler="euler")
+    dense = sdxl.transformer
+    keeps = [BlockKeep((0, 1), tuple(range(64)), (2, 3)) for _ in range(8)]
+    pruned = sliced_model(dense, keeps)
+    staged = StagedDiT(pruned, pruned, pruned, *plan.bounds.middle, 1000)
+    condition = sdxl.adapter.condition_for(sdxl, ["a red fox", "a koi pond"])
+    rows = compare(sdxl, dense_and_staged(dense, staged, plan), condition, SampleConfig(3, 5.0, "euler", 0), repeats=1, warmup=False)
+    assert [row.name for row in rows] == ["dense", "staged"]
+    assert rows[0].images.shape == rows[1].images.shape == (2, 32, 32, 3)
+    assert (rows[0].labels == -1).all() and not np.array_equal(rows[0].images, rows[1].images)

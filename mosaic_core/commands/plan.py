@@ -109,7 +109,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 def run(args: argparse.Namespace) -> int:
     """Build the plan from the parsed arguments and print it."""
     plan = plan_from_args(args)
-    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    print(json.dumps({**plan.to_dict(), **plan.memory_figures()}) if args.json else format_plan(plan))
     return 0
 
 

@@ -142,7 +142,7 @@ def compare_steps(
         raise ValueError("nothing to compare: give at least one contender")
     if isinstance(repeats, bool) or int(repeats) != repeats or not 1 <= repeats <= 20:
         raise ValueError(f"repeats must be a whole number in [1, 20], got {repeats!r}")
-    labels = np.asarray(labels)
+    labels = labels if hasattr(labels, "model_kwargs") else np.asarray(labels)  # class ids, or a family's condition (prompts)
     names = [c.name for c in contenders]
     if len(set(names)) != len(names):
         raise ValueError(f"contender names must be unique, got {names}")

@@ -87,7 +87,10 @@ class Plan:
 
     def memory_figures(self) -> dict[str, int]:
         """Parameters (dense, three stage networks side by side) and the float64 Hessian bytes
-        of a prune: every prunable layer at once, and the largest block (block by block)."""
+        of a prune: every prunable layer at once, and the largest block (block by block).
+
+        Derived figures, so not part of `to_dict` (whose content keys the checkpoint cache);
+        `plan --json` prints them next to it."""
         return {
             "parameters_dense": int(linear_parameter_count(self.shape)),
             "parameters_staged": int(staged_parameter_count(self.shape, self.allocation if self.allocation.layer_keeps else list(zip(self.allocation.heads_kept, self.allocation.units_kept)))),
@@ -143,7 +146,6 @@ class Plan:
             "step_stages": [STAGE_NAMES[s] for s in self.step_stages],
             "shape": self.shape.to_dict(),
             "scheduler_config": dict(self.scheduler_config),
-            **self.memory_figures(),
         }
 
     @classmethod
