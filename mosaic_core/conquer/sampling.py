@@ -50,7 +50,15 @@ class SampleConfig:
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
             raise ValueError(f"guidance scale (cfg) must be a finite number in [0, {MAX_GUIDANCE:g}], got {limits.shown(g)}")
-        object.__setattr__(self, "seed", limits.check_int("seed", self.seed, 0, limits.MAX_SEED))
+        seed = self.seed
+        if (
+            isinstance(seed, bool)
+            or not isinstance(seed, (int, float))
+            or (isinstance(seed, float) and not (math.isfinite(seed) and seed.is_integer()))
+            or not 0 <= seed < 2**31
+        ):
+            raise ValueError(f"seed must be a whole number in [0, 2^31), got {limits.shown(seed)}")
+        object.__setattr__(self, "seed", int(seed))
 
 
 @dataclass(frozen=True)
