@@ -104,11 +104,19 @@ def test_cli_plan_prune_sample_on_a_tiny_sdxl_folder(tiny_sdxl_folder, tmp_path)
     planned = _cli("plan", "--model", tiny_sdxl_folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5")
     assert planned.returncode == 0, planned.stderr
     assert "Hessians a prune gathers" in planned.stdout
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):  # a local image folder: calibration without sampling the dense model first
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
     pruned = _cli(
         "prune", "--model", tiny_sdxl_folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5",
-        "--calib-size", 4, "--out", tmp_path / "ckpt", "--device", "cpu",
+        "--calib-size", 4, "--calib-source", f"folder:{images}", "--hessian-budget", 0.2, "--out", tmp_path / "ckpt", "--device", "cpu",
     )
     assert pruned.returncode == 0, pruned.stderr
+    assert "Hessians held at once: peak" in pruned.stdout
     archives = {}
     for name, extra in (("dense", []), ("staged", ["--pruned", tmp_path / "ckpt"])):
         out = tmp_path / f"{name}.npz"
