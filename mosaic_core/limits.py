@@ -65,7 +65,7 @@ def check_int(name: str, value: Any, low: int, high: int) -> int:
         raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(value)}")
     number = int(value)
     if not low <= number <= high:
-        raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {shown(number)}")
+        raise ValueError(f"{name} must be in [{low}, {high}], got {shown(number)}")
     return number
 
 

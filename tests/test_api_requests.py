@@ -91,5 +91,9 @@ def test_the_cli_builds_its_plan_through_the_same_request():
     add_plan_arguments(parser)
     args = parser.parse_args(["--model", MODEL, "--stage-sparsity", "0.5,0.1,0.4", "--steps", "20", "--M", "0.45"])
     _same_plan(plan_from_args(args), build_plan(MODEL, 20, 0.45, stage_sparsity=(0.5, 0.1, 0.4)))
+    # the CLI's own parser refuses a non-finite λ before a request is built; a Namespace that
+    # skipped the parser (a script) still meets the request's check
+    bad = parser.parse_args(["--model", MODEL])
+    bad.lam = float("nan")
     with pytest.raises(ValueError, match=r"lam \(λ\) must be a finite number"):
-        plan_from_args(parser.parse_args(["--model", MODEL, "--lam", "nan"]))
+        plan_from_args(bad)

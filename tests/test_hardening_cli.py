@@ -81,7 +81,7 @@ def test_train_refuses_a_folder_of_other_files_before_training(tmp_path, capsys)
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["sample", "--n", "1000000000", "--out", "x.npz"], ["--n", f"[1, {limits.MAX_IMAGES}]", "1000000000"]),
+        (["sample", "--n", "1000000000", "--out", "x.npz"], ["--n", f"[1, {limits.MAX_SAMPLE_IMAGES}]", "1000000000"]),
         (["sample", "--n", "-5", "--out", "x.npz"], ["--n", "[1,"]),
         (["sample", "--steps", "99999999999999999999", "--out", "x.npz"], ["--steps", f"[1, {limits.MAX_STEPS}]"]),
         (["sample", "--seed", "1e400", "--out", "x.npz"], ["--seed"]),

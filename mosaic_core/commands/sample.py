@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
     images, seconds = sample_sharded(loaded, labels, config, transformer, args.batch_size, processes)
     if not processes.is_main:
         return 0
-    result_labels = np.asarray(labels)
-    save_samples(args.out, images, result_labels)
+    if loaded.adapter.conditioning == "text":  # labels -1 (no class); the prompts travel beside them
+        result_labels = np.full(len(images), -1, dtype=np.int64)
+        save_samples(args.out, images, result_labels, prompts=np.asarray(labels, dtype=str))
+    else:
+        result_labels = np.asarray(labels)
+        save_samples(args.out, images, result_labels)
     if args.grid:
         save_grid(args.grid, images, columns=min(spec.num_classes or len(images), 10))
     where = f" by {processes.count} processes" if processes.distributed else ""

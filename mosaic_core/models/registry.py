@@ -336,7 +336,9 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         )
     class_name = denoiser.get("_class_name")
     if not isinstance(class_name, str) or class_name not in supported_classes():
-        raise ValueError(f"{what}: its denoiser class is not supported: supported are {', '.join(supported_classes())}")
+        # a class name is shown only when it looks like one (nothing else of a file is echoed)
+        named = f" '{class_name}'" if isinstance(class_name, str) and class_name.isidentifier() and len(class_name) <= 80 else ""
+        raise ValueError(f"{what}: unsupported denoiser class{named}: supported are {', '.join(supported_classes())}")
     adapter = adapter_for_class(class_name)
     if adapter.name == "dit":
         _check_fields(denoiser, _TRANSFORMER_INTS, {}, f"{what} (transformer config)")

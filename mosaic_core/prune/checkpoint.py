@@ -218,7 +218,9 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
         if network is None:
             if removes:
                 raise _damaged(where, f"stage '{name}' uses the dense network, its plan prunes it")
-        elif per_stage:
+        elif per_stage and plan.layer_keep_counts(index) is None:
+            # homogeneous plans (DiT): every block keeps the plan's counts. Blockwise plans (a UNet's
+            # levels differ) keep per-layer counts; the v2 content digest covers those.
             kept = {(len(k["heads"]), len(k["units"])) for k in networks[network]["keep"]}
             if kept != {(heads, units)}:
                 raise _damaged(where, f"stage '{name}' uses a network whose kept sizes differ from its plan ({heads} heads, {units} units)")
