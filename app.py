@@ -8,9 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ui import settings  # noqa: E402
 from ui.engine import StudioEngine  # noqa: E402
 from ui.studio import build_studio, launch_kwargs  # noqa: E402
+from ui.zerogpu import gpu_bound  # noqa: E402
 
 if __name__ == "__main__":
     engine = StudioEngine()
+    # On a ZeroGPU Space the GPU-bound calls hold a GPU slice only while they run; elsewhere unchanged.
+    engine.prune = gpu_bound("prune")(engine.prune)
+    engine.compare = gpu_bound("compare")(engine.compare)
+    engine.trajectory = gpu_bound("trace")(engine.trajectory)
     engine.warm_up()  # diffusers import and the default model's caches: a quick first page
     demo = build_studio(engine)
     demo.queue(max_size=settings.EVENT_QUEUE_MAX).launch(server_name=settings.SERVER_NAME, server_port=settings.SERVER_PORT, **launch_kwargs())
