@@ -150,10 +150,8 @@ def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, clie
     assert (cache / result["folder"] / "manifest.json").is_file()
     assert len(list((cache / "analyses").iterdir())) == 3  # one Hessian analysis per stage (snr)
 
-    # The same settings again: done at once, from memory, without queueing a job.
-    start = time.perf_counter()
+    # The same settings again: answered done by the start call itself (no job queued), from memory.
     again = client.predict(**SMALL, api_name="/prune_start")
-    assert time.perf_counter() - start < 5
     assert again["state"] == "done" and again["result"]["source"] == "memory"
     assert again["result"]["key"] == result["key"] and _kept(again["result"]) == _kept(result)
 
