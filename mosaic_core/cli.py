@@ -20,6 +20,12 @@ from mosaic_core import limits
 COMMANDS = ("plan", "sample", "prune", "bench", "train", "eval")
 
 
+def one_line(message: object) -> str:
+    """An error message as one printable line: control characters (a value's CR, LF, ESC …) escaped."""
+    text = str(message)
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line (no usage dump) and exit status 2."""
 
@@ -28,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
         if len(message) > 500:  # argparse repeats the offending value: never echo a huge one
             message = message[:500] + "…"
         hint = f"python -m mosaic_core {command} --help".replace("  ", " ")
-        print(f"error: {message} (see `{hint}`)", file=sys.stderr)
+        print(f"error: {one_line(message)} (see `{hint}`)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -92,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a missing file, a full disk, a folder we may not write
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,7 +11,7 @@ import math
 import tracemalloc
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mosaic_core import limits
@@ -150,6 +150,8 @@ def test_resolve_model_resolves_or_refuses_by_name(name):
     option=st.sampled_from(["--steps", "--M", "--lam", "--sparsity", "--stage-sparsity", "--cx", "--scheduler", "--model"]),
     value=hostile.map(str),
 )
+@example(option="--model", value="0\r0")  # a carriage return in the echoed name once split the line
+@example(option="--scheduler", value="a\nb\x1b[31m")
 def test_plan_command_answers_in_one_line(option, value, capsys):
     from mosaic_core.cli import main
 
