@@ -20,6 +20,7 @@ before any work starts).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -195,3 +196,12 @@ def replace_folder(path: str | Path, owns: Optional[Owns] = None) -> Iterator[Pa
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read 1 MiB at a time: the one file digest of checkpoints and caches."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

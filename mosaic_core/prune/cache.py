@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from mosaic_core import limits
-from mosaic_core.atomic import clean_stale, replace_folder, write_json
+from mosaic_core.atomic import clean_stale, replace_folder, sha256_file, write_json
+from mosaic_core.prune.checkpoint import DIGEST_FIELD, content_digest
 from mosaic_core.models.registry import PROJECT_ROOT
 from mosaic_core.prune.obs import PruneTrace
 from mosaic_core.prune.stage_pruning import StageAnalysis
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = PROJECT_ROOT / "cache"
 KINDS = ("analyses", "pruned")
-DIGEST_FIELD = "content_sha256"
 MAX_TRACES_BYTES = 64 << 20  # traces.json of DiT-XL/2 is a few MB
 MAX_KEY_LENGTH = 64
 _EVICT_LOCK = threading.Lock()
@@ -64,19 +64,6 @@ def analysis_memory_bytes() -> int:
     """The in-memory Hessian budget: `$MOSAIC_ANALYSIS_MEMORY_BYTES`, default 512 MiB."""
     env = limits.ANALYSIS_MEMORY_BYTES_ENV
     return limits.check_bytes_setting(env, os.environ.get(env), limits.DEFAULT_ANALYSIS_MEMORY_BYTES)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _json_digest(value: dict) -> str:
-    body = {k: v for k, v in value.items() if k != DIGEST_FIELD}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _check_key(key: object) -> str:
@@ -294,7 +281,7 @@ class AnalysisStore(MutableMapping):
             hessian_sha256 = None
             if analysis.hessians:
                 save_file({k: v.contiguous() for k, v in analysis.hessians.items()}, str(tmp / "hessians.safetensors"))
-                hessian_sha256 = _sha256_file(tmp / "hessians.safetensors")
+                hessian_sha256 = sha256_file(tmp / "hessians.safetensors")
             meta = {
                 "key": analysis.key,
                 "t_range": analysis.t_range,
@@ -303,7 +290,7 @@ class AnalysisStore(MutableMapping):
                 "traces": {name: trace.to_dict() for name, trace in analysis.traces.items()},
                 "hessians_sha256": hessian_sha256,
             }
-            meta[DIGEST_FIELD] = _json_digest(meta)
+            meta[DIGEST_FIELD] = content_digest(meta)
             write_json(tmp / "traces.json", meta)
 
     def _read(self, key: str) -> StageAnalysis | None:
@@ -319,12 +306,12 @@ class AnalysisStore(MutableMapping):
             if meta_file.stat().st_size > MAX_TRACES_BYTES:
                 raise ValueError(f"traces.json is larger than {MAX_TRACES_BYTES} bytes")
             meta = json.loads(meta_file.read_bytes())
-            if not isinstance(meta, dict) or meta.get(DIGEST_FIELD) != _json_digest(meta):
+            if not isinstance(meta, dict) or meta.get(DIGEST_FIELD) != content_digest(meta):
                 raise ValueError("traces.json does not match its content digest")
             expected = meta.get("hessians_sha256")
             if (expected is None) != (not hessian_file.is_file()):
                 raise ValueError("hessians.safetensors is missing or unexpected")
-            if expected is not None and _sha256_file(hessian_file) != expected:
+            if expected is not None and sha256_file(hessian_file) != expected:
                 raise ValueError("hessians.safetensors does not match its SHA-256")
             hessians = load_file(str(hessian_file)) if expected is not None else {}
             traces = {name: PruneTrace.from_dict(value) for name, value in meta["traces"].items()}

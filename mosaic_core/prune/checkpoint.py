@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.atomic import check_output_folder, replace_folder, write_json
+from mosaic_core.atomic import check_output_folder, replace_folder, sha256_file, write_json
 
 FORMAT = "mosaicdiff-pruned"
 FORMAT_VERSION = 2  # v2: content_sha256 over the whole manifest (v1 had per-file hashes only)
@@ -72,14 +72,6 @@ def _versions() -> dict[str, str]:
     from mosaic_core import __version__
 
     return {"mosaic_core": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest_for(result, loaded, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
@@ -132,7 +124,7 @@ def save_pruned(result, loaded, folder: str | Path, extra: dict[str, Any] | None
         for network, weights in zip(manifest["networks"], tensors):
             path = tmp / network["file"]
             save_file(weights, str(path), metadata={"format": FORMAT})
-            network["sha256"] = _sha256(path)
+            network["sha256"] = sha256_file(path)
         manifest[DIGEST_FIELD] = content_digest(manifest)
         write_json(tmp / MANIFEST, manifest)
     return folder
@@ -272,7 +264,7 @@ def load_pruned(folder: str | Path, loaded):
         path = folder / network["file"]
         if path.is_symlink() or not path.is_file():
             raise ValueError(f"damaged checkpoint {folder}: {network['file']} is missing")
-        if _sha256(path) != network["sha256"]:
+        if sha256_file(path) != network["sha256"]:
             raise ValueError(f"damaged checkpoint {folder}: {network['file']} does not match its SHA-256 in the manifest")
         try:
             weights = load_file(str(path), device=str(loaded.device))
