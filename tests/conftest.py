@@ -103,6 +103,28 @@ def tiny_pixel_folder(tmp_path_factory):
     return folder
 
 
+def run_cli(*args: str):
+    """`python -m mosaic_core ARGS` in this process: (exit status, stdout, stderr).
+
+    The same `mosaic_core.cli.main` a subprocess runs, without re-importing torch and
+    diffusers for every case (about 2 s each on 2 cores); argparse's `sys.exit` is caught.
+    Tests that must prove the real `python -m` entry point still start a process.
+    """
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from mosaic_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for an in-process studio server."""
     import socket
@@ -115,7 +137,7 @@ def free_port() -> int:
 def pytest_configure(config):
     for marker in (
         "browser: drives the studio in headless Chromium (Debian's /usr/bin/chromium)",
-        "slow: takes more than about 10 s on 2 CPU cores: real multi-process launches, model-sized work (left out of the fast loop)",
+        "slow: more than a few seconds on 2 CPU cores: real servers and processes, model-sized work (left out of the fast loop)",
         "gpu: needs CUDA; collected only where torch.cuda.is_available()",
     ):
         config.addinivalue_line("markers", marker)

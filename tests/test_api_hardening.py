@@ -35,6 +35,10 @@ from ui.engine import StudioEngine
 from ui.job_view import cache_usage
 from ui.studio import build_studio, launch_kwargs
 
+# Each module starts a real studio server and prunes through its API (10–15 s of setup on 2
+# cores): part of the full suite, left out of the fast loop.
+pytestmark = pytest.mark.slow
+
 MODEL = "digits-dit"
 NO_WEIGHTS = "facebook/DiT-XL-2-256"  # plans, never prunes: a start call with valid values stops at "weights not present"
 STEPS = 10

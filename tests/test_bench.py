@@ -13,6 +13,7 @@ from mosaic_core.conquer.images import load_samples
 from mosaic_core.models.loading import load_model
 from mosaic_core.divide.plan import build_plan
 from mosaic_core.conquer.sampling import SampleConfig
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,8 +74,5 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
 
 
 def test_bench_rejects_bad_values_clearly(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "mosaic_core", "bench", "--sparsity", "0.95", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    done = run_cli("bench", "--sparsity", "0.95", "--out", str(tmp_path))
     assert done.returncode == 2 and "0.95" in done.stderr and "Traceback" not in done.stderr

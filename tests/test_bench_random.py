@@ -12,6 +12,7 @@ import torch
 from mosaic_core.conquer.bench import NetworkTiming, RandomBenchConfig, RandomPlanTiming, random_keeps, random_weights_model
 from mosaic_core.divide.plan import build_plan
 from mosaic_core.models.registry import resolve_model
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +63,7 @@ def test_config_rejects_bad_values():
         RandomBenchConfig(batch=0)
 
 
+@pytest.mark.slow  # a real `python -m mosaic_core bench` process
 def test_random_weights_bench_command(tiny_pixel_folder, tmp_path):
     out = tmp_path / "rb"
     command = [
@@ -98,9 +100,6 @@ def test_random_weights_bench_command(tiny_pixel_folder, tmp_path):
 def test_random_weights_bench_refuses_missing_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
-    done = subprocess.run(
-        [sys.executable, "-m", "mosaic_core", "bench", "--random-weights", "--device", "cuda", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
+    done = run_cli("bench", "--random-weights", "--device", "cuda", "--out", str(tmp_path))
     assert done.returncode == 2 and "CUDA is not available" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -5,7 +5,6 @@ result of the same tiny real model (fp32 within float tolerance, fp16/bf16 finit
 at their precision) and check that timings wait for the GPU (against CUDA events).
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import pytest
 import torch
 
 from mosaic_core.models.loading import load_model, resolve_device, resolve_dtype
+from conftest import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
@@ -60,11 +59,8 @@ def test_bad_device_or_dtype_stops_sample_before_loading(tmp_path):
     if not torch.cuda.is_available():
         bad.append(("--device", "cuda"))
     for option, value in bad:
-        done = subprocess.run(
-            [sys.executable, "-m", "mosaic_core", "sample", "--model", "digits-dit", "--n", "2", "--device", "cpu",
-             option, value, "--out", str(tmp_path / "x.npz")],
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )
+        done = run_cli("sample", "--model", "digits-dit", "--n", "2", "--device", "cpu", option, value,
+                       "--out", str(tmp_path / "x.npz"))
         assert done.returncode == 2, (option, value, done.stderr[-1000:])
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
         assert value in done.stderr

@@ -12,6 +12,7 @@ import pytest
 
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import STAGE_NAMES
+from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP_KEYS = {
@@ -21,7 +22,7 @@ TOP_KEYS = {
 STAGE_KEYS = {"name", "t_min", "t_max", "num_steps", "sparsity", "requested_sparsity", "heads_kept", "units_kept"}
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_plan_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mosaic_core", "plan", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -91,8 +92,10 @@ def test_from_dict_refuses_a_malformed_dict(digits_plan):
         Plan.from_dict(data)
 
 
+@pytest.mark.slow  # a real process: the `python -m mosaic_core` entry point itself
 def test_cli_json_prints_one_object_with_the_keys():
-    result = run_cli("--model", "digits-dit", "--sparsity", "0.3", "--json")
+    """The real `python -m mosaic_core` entry point, in its own process."""
+    result = run_plan_process("--model", "digits-dit", "--sparsity", "0.3", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # exactly one JSON document
     assert TOP_KEYS <= set(data)
@@ -130,7 +133,7 @@ def test_cli_table(capsys):
     ],
 )
 def test_cli_bad_input_is_one_clear_line(args, bad):
-    result = run_cli(*args)
+    result = run_cli("plan", *args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.models.registry import PROJECT_ROOT, resolve_model
@@ -43,10 +42,8 @@ def test_stages_follow_each_sdxl_scheduler_own_timesteps(name, cls):
 
 
 def test_sdxl_base_plan_json_roundtrips_and_reports_memory():
-    result = subprocess.run(
-        [sys.executable, "-m", "mosaic_core", "plan", "--model", "sdxl-base", "--sparsity", "0.3", "--scheduler", "euler", "--json"],
-        capture_output=True, text=True, check=True, cwd=PROJECT_ROOT,
-    )
+    result = run_cli("plan", "--model", "sdxl-base", "--sparsity", "0.3", "--scheduler", "euler", "--json")
+    assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["shape"]["num_layers"] == 70  # SDXL-base's transformer blocks: 4 + 20 down, 10 mid, 30 + 6 up
     assert data["shape"]["num_heads"] == 2 * 1300 and data["shape"]["mlp_hidden"] == 332800

@@ -38,6 +38,10 @@ from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.engine import StudioEngine
 from ui.studio import build_studio, launch_kwargs
 
+# Each module starts a real studio server and prunes through its API (10–15 s of setup on 2
+# cores): part of the full suite, left out of the fast loop.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # Refresh the README screenshot only on request (MOSAIC_SCREENSHOT=1); tests must not
 # rewrite tracked files.
