@@ -40,6 +40,23 @@ def rss_bytes() -> int:
     return -1
 
 
+def trimmed_rss_bytes() -> int:
+    """RSS after `gc.collect()` and glibc's `malloc_trim(0)`: memory still held, not allocator slack.
+
+    Freed tensors leave pages in glibc's heaps that RSS keeps counting until trimmed; the
+    difference from `rss_bytes()` tells fragmentation from a leak. -1 where there is no glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return -1
+    return rss_bytes()
+
+
 def settings_for(cycle: int) -> tuple[float, float]:
     """A distinct (M, sparsity) pair for each cycle: M walks a grid, sparsity cycles within it."""
     from mosaic_core.divide.stages import M_RANGE
@@ -72,20 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     from mosaic_core.conquer.sampling import SampleConfig
     from mosaic_core.divide.plan import build_plan
     from mosaic_core.prune.cache import cache_usage
+    from mosaic_core.requests import PruneRequest
     from ui.engine import StudioEngine
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     with tempfile.TemporaryDirectory(prefix="mosaic-soak-") as cache_root:
         engine = StudioEngine(cache_root=cache_root)
         spec = engine.resolve("digits-dit")
-        config = engine.prune_config(spec, "snr", args.calib_size, "obs")
+        config = PruneRequest(None, "snr", args.calib_size, "obs").config(spec)  # the plan varies per cycle
         sample_config = SampleConfig(num_inference_steps=args.steps, guidance_scale=spec.default_cfg, seed=0)
         labels = [i % spec.num_classes for i in range(args.images)]
         print(
             f"soak: {args.cycles} cycles, calibration {args.calib_size}, {args.images} images x {args.steps} steps, "
             f"cache cap {args.cache_max_bytes / 1e6:.0f} MB, Hessian memory {args.memory_bytes / 2**20:.0f} MiB"
         )
-        print(f"{'cycle':>5} {'M':>6} {'sparsity':>8} {'source':>7} {'RSS MiB':>8} {'Hessians MiB':>12} "
+        print(f"{'cycle':>5} {'M':>6} {'sparsity':>8} {'source':>7} {'RSS MiB':>8} {'trimmed':>8} {'Hessians MiB':>12} "
               f"{'cache MB':>8} {'entries':>7} {'s/cycle':>7}")
         start = last = time.perf_counter()
         seen = set()
@@ -100,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 now = time.perf_counter()
                 usage = cache_usage(cache_root)
                 print(
-                    f"{cycle:>5} {M:>6.3f} {sparsity:>8.2f} {pruned.source:>7} {rss_bytes() / 2**20:>8.0f} "
+                    f"{cycle:>5} {M:>6.3f} {sparsity:>8.2f} {pruned.source:>7} {rss_bytes() / 2**20:>8.0f} {trimmed_rss_bytes() / 2**20:>8.0f} "
                     f"{engine.analyses.memory_used / 2**20:>12.0f} {usage.bytes / 1e6:>8.0f} {usage.entries:>7} "
                     f"{(now - last) / (1 if cycle == 1 else args.every):>7.1f}",
                     flush=True,
