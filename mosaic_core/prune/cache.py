@@ -43,6 +43,7 @@ from mosaic_core.atomic import clean_stale, replace_folder, sha256_file, write_j
 from mosaic_core.prune.checkpoint import DIGEST_FIELD, content_digest
 from mosaic_core.models.registry import PROJECT_ROOT
 from mosaic_core.prune.obs import PruneTrace
+from mosaic_core.prune.spill import SpilledHessians, clean_stale_spills, stored_bytes
 from mosaic_core.prune.stage_pruning import StageAnalysis
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,31 @@ def enforce_cache_cap(root: str | Path, max_bytes: Optional[int] = None, keep: I
 
 
 def analysis_bytes(analysis: StageAnalysis) -> int:
-    """Memory an analysis takes: its Hessians (the removal orders are small)."""
+    """Bytes an analysis keeps alive: its Hessians, in memory or spilled to disk (prune/spill.py),
+    so the store's budget also bounds the spill files it keeps; the removal orders are small."""
     return hessians_bytes(analysis) + 1024 * (1 + len(analysis.traces))
+
+
+def _owned_by_analysis(entry: Path) -> bool:
+    """Files of the analysis format (replaced on a rewrite): traces, Hessians, spilled chunks."""
+    return entry.name in ("traces.json", "hessians.safetensors") or (
+        entry.name.startswith("hessians-") and entry.name.endswith(".safetensors")
+    )
+
+
+def _read_chunks(folder: Path, chunks: object) -> SpilledHessians:
+    """The verified chunk files of a spilled analysis, adopted (hard-linked) into a private spill."""
+    if not isinstance(chunks, dict) or not chunks:
+        raise ValueError("hessian_chunks_sha256 must name the chunk files")
+    hessians = SpilledHessians()
+    for name, expected in sorted(chunks.items()):
+        if not isinstance(name, str) or not _owned_by_analysis(Path(name)) or "/" in name or name.startswith("."):
+            raise ValueError(f"unexpected Hessian chunk name {name[:80]!r}")
+        path = folder / name
+        if not path.is_file() or sha256_file(path) != expected:
+            raise ValueError(f"{name} is missing or does not match its SHA-256")
+        hessians.adopt_file(path)
+    return hessians
 
 
 class AnalysisStore(MutableMapping):
@@ -207,6 +231,7 @@ class AnalysisStore(MutableMapping):
         self._memory_used = 0
         self._lock = threading.Lock()
         clean_cache_temps(self.root)
+        clean_stale_spills()  # Hessian spill folders a killed prune left in the temp folder
 
     @property
     def memory_used(self) -> int:
@@ -277,9 +302,15 @@ class AnalysisStore(MutableMapping):
     def _write(self, key: str, analysis: StageAnalysis) -> None:
         from safetensors.torch import save_file
 
-        with replace_folder(self._path(key), lambda entry: entry.name in ("traces.json", "hessians.safetensors")) as tmp:
-            hessian_sha256 = None
-            if analysis.hessians:
+        with replace_folder(self._path(key), _owned_by_analysis) as tmp:
+            hessian_sha256, chunk_files = None, None
+            if isinstance(analysis.hessians, SpilledHessians):
+                # Spilled Hessians stay in their chunk files: copied file by file, never all in memory.
+                chunk_files = {}
+                for source in analysis.hessians.files:
+                    shutil.copyfile(source, tmp / source.name)
+                    chunk_files[source.name] = sha256_file(tmp / source.name)
+            elif analysis.hessians:
                 save_file({k: v.contiguous() for k, v in analysis.hessians.items()}, str(tmp / "hessians.safetensors"))
                 hessian_sha256 = sha256_file(tmp / "hessians.safetensors")
             meta = {
@@ -290,6 +321,8 @@ class AnalysisStore(MutableMapping):
                 "traces": {name: trace.to_dict() for name, trace in analysis.traces.items()},
                 "hessians_sha256": hessian_sha256,
             }
+            if chunk_files is not None:
+                meta["hessian_chunks_sha256"] = chunk_files
             meta[DIGEST_FIELD] = content_digest(meta)
             write_json(tmp / "traces.json", meta)
 
@@ -313,7 +346,11 @@ class AnalysisStore(MutableMapping):
                 raise ValueError("hessians.safetensors is missing or unexpected")
             if expected is not None and sha256_file(hessian_file) != expected:
                 raise ValueError("hessians.safetensors does not match its SHA-256")
-            hessians = load_file(str(hessian_file)) if expected is not None else {}
+            chunks = meta.get("hessian_chunks_sha256")
+            if chunks is not None:
+                hessians = _read_chunks(folder, chunks)
+            else:
+                hessians = load_file(str(hessian_file)) if expected is not None else {}
             traces = {name: PruneTrace.from_dict(value) for name, value in meta["traces"].items()}
             t_range = None if meta["t_range"] is None else tuple(int(t) for t in meta["t_range"])
             if meta["key"] != key:
@@ -372,5 +409,5 @@ def load_cached_staged(root: str | Path, loaded, plan, prune_config):
 
 
 def hessians_bytes(analysis: StageAnalysis) -> int:
-    """Bytes of an analysis' Hessians (what the disk cache would hold)."""
-    return sum(h.numel() * h.element_size() for h in analysis.hessians.values())
+    """Bytes of an analysis' Hessians (what the disk cache would hold), in memory or spilled."""
+    return stored_bytes(analysis.hessians)

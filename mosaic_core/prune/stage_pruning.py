@@ -38,6 +38,7 @@ from mosaic_core.prune.hessian import hessian_steps, prunable_layers
 from mosaic_core.distributed import Processes
 from mosaic_core.jobs import Cancelled, relay
 from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
+from mosaic_core.prune.spill import SpilledHessians
 from mosaic_core.divide.cost import group_macs_per_token
 from mosaic_core.divide.plan import Plan
 from mosaic_core.models.samplers import sampler_alphas_cumprod
@@ -100,7 +101,7 @@ class StageAnalysis:
 
     key: str
     t_range: tuple[int, int] | None
-    hessians: dict[str, torch.Tensor]
+    hessians: Mapping[str, torch.Tensor]  # a dict, or `SpilledHessians` on disk under a memory budget
     traces: dict[str, PruneTrace]
     cx: float
     seconds: dict[str, float] = field(default_factory=dict)
@@ -179,7 +180,9 @@ def analyse_stage(
     # seeded calibration batches, so its Hessians are those of a single pass.
     chunks = hessian_chunks(layers, config.hessian_budget)
     timings = {"hessian": 0.0, "solve": 0.0}
-    hessians: dict[str, torch.Tensor] = {}
+    # With a budget the finished chunks go to disk (prune/spill.py): the analysis then never
+    # holds more than one chunk's Hessians, also after the gathering.
+    hessians: dict[str, torch.Tensor] | SpilledHessians = {} if config.hessian_budget is None else SpilledHessians()
     peak = 0
     for number, chunk in enumerate(chunks):
         offset, share = number / len(chunks), 1 / len(chunks)
@@ -212,7 +215,10 @@ def analyse_stage(
                 weight, chunk_hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
             )
             yield "solve", offset + share * (0.5 + 0.5 * (index + 1) / len(chunk)), layer.name
-        hessians.update({name: h.cpu() for name, h in chunk_hessians.items()})
+        if isinstance(hessians, SpilledHessians):
+            hessians.add_chunk(chunk_hessians)
+        else:
+            hessians.update({name: h.cpu() for name, h in chunk_hessians.items()})
         del chunk_hessians
         timings["solve"] += time.perf_counter() - start
     if not processes.is_main:
