@@ -104,6 +104,14 @@ def _check_parent(path: Path, what: str) -> None:
                 raise ValueError(f"{what} '{path}': '{ancestor}' is a file, not a folder: choose another path")
             if not os.access(ancestor, os.W_OK | os.X_OK):
                 raise ValueError(f"{what} '{path}': cannot write in '{ancestor}': choose a writable folder")
+            # Permission bits do not tell everything (root passes os.access everywhere, yet
+            # /proc, /sys and read-only mounts refuse): try a file, before any work starts.
+            try:
+                with tempfile.TemporaryFile(dir=ancestor, prefix=".mosaic-probe-"):
+                    pass
+            except OSError as error:
+                reason = error.strerror or type(error).__name__
+                raise ValueError(f"{what} '{path}': cannot write in '{ancestor}' ({reason}): choose a writable folder") from None
             return
 
 

@@ -67,6 +67,16 @@ def test_prune_refuses_bad_out_paths_before_any_work(tiny_pixel_folder, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no stray ..<random>.tmp folder
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody may write in")
+def test_an_unwritable_parent_is_refused_before_any_work_even_for_root(capsys):
+    """Permission bits let root write anywhere, yet /proc refuses every new file: the path check
+    tries a file, so `sample` (which would sample first) and `prune` stop at once, naming it."""
+    assert run(["sample", "--model", "digits-dit", "--n", "2", "--out", "/proc/mosaic-out/x.npz"]) == 2
+    assert "cannot write in '/proc'" in one_error_line(capsys)
+    assert run(["prune", "--model", "digits-dit", "--sparsity", "0.3", "--out", "/proc/mosaic-out"]) == 2
+    assert "cannot write in '/proc'" in one_error_line(capsys)
+
+
 def test_train_refuses_a_folder_of_other_files_before_training(tmp_path, capsys):
     from mosaic_core.models.training import TrainConfig, train_digits_dit
 
