@@ -108,8 +108,11 @@ class StagedDiT(nn.Module):
         self.stage_calls.clear()
 
     def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each timestep: 0 early, 1 middle, 2 late (same shape, long)."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy()
+        """Stage of each timestep as the denoiser receives it (scheduler t · the family's
+        `timestep_scale`, e.g. t/1000 for Flux): 0 early, 1 middle, 2 late (same shape, long)."""
+        from mosaic_core.models.samplers import denoiser_timestep_scale
+
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy() / denoiser_timestep_scale(self)
         return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
     def __getattr__(self, name: str):
