@@ -53,6 +53,15 @@ def param_bytes(*modules: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _call(network: nn.Module, hidden_states, timestep, args: tuple, **kwargs: Any):
+    """The network's forward with the timestep second when more positionals follow it (UNet-style
+    calls), else by keyword: SD3 and Flux take the text embeddings second, and every diffusers
+    denoiser names the argument `timestep`."""
+    if args:
+        return network(hidden_states, timestep, *args, **kwargs)
+    return network(hidden_states, timestep=timestep, **kwargs)
+
+
 class StagedDiT(nn.Module):
     """A denoiser that runs the early/middle/late sub-network of each timestep (any family).
 
@@ -144,7 +153,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return self.networks()[present[0]](hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict=return_dict, **kwargs)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -155,10 +164,11 @@ class StagedDiT(nn.Module):
                 continue
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
-            part = network(
+            part = _call(
+                network,
                 hidden_states.index_select(0, rows_dev),
                 select_rows(timestep, rows, batch),
-                *select_rows(tuple(args), rows, batch),
+                select_rows(tuple(args), rows, batch),
                 return_dict=True,
                 **select_rows(kwargs, rows, batch),
             )
