@@ -175,3 +175,32 @@ def test_timestep_scale_reaches_the_denoiser_and_the_staged_model_unscales_it():
     _run(staged, SD3, condition, "flow-euler", 4, 1.0)
     expected = ["early" if t > 700.5 else "late" if t < 299.5 else "middle" for t in timesteps.tolist()]
     assert staged.stage_calls == expected
+
+
+def test_flow_calibration_inputs_are_the_schedulers_own_noising():
+    """Calibration x_t for a flow model = diffusers' scale_noise at σ = t/T, t in the stage's bounds."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from mosaic_core.models.samplers import sampler_alphas_cumprod, sampler_noising
+    from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches
+
+    x0 = torch.randn(6, *SHAPE, generator=torch.Generator().manual_seed(5))
+    clean = CleanSet(x0, torch.zeros(6, dtype=torch.long))
+    config = CalibrationConfig(size=6, batch_size=3)
+    batches = list(calibration_batches(clean, sampler_noising(SD3), (139, 931), config, null_class=0))
+    # the same draws as calibration_batches makes (its generator, seeded by the config)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    t = torch.randint(139, 932, (6,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)  # unshifted: σ = t/T exactly
+    scheduler.set_timesteps(sigmas=np.arange(1000, 0, -1) / 1000.0)
+    # its timesteps are 1000, 999, …, 1: timestep t sits at index 1000 − t
+    reference = torch.cat([
+        scheduler.scale_noise(x0[i : i + 1], scheduler.timesteps[1000 - int(t[i])].reshape(1), noise[i : i + 1])
+        for i in range(6)
+    ])
+    x_t = torch.cat([batches[0][0], batches[2][0]])
+    torch.testing.assert_close(x_t, reference, atol=1e-6, rtol=1e-6)
+    assert torch.equal(torch.cat([batches[0][1], batches[2][1]]), t)
+    with pytest.raises(ValueError, match="noised by σ"):
+        sampler_alphas_cumprod(SD3)

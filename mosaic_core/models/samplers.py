@@ -20,6 +20,7 @@ With `use_dynamic_shifting` both need μ, from the image token count (`image_seq
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from mosaic_core.limits import shown
 
@@ -152,8 +153,49 @@ def sampler_alphas_cumprod(scheduler_config: Mapping[str, Any]):
     place that *noises data for the model* (training, calibration, x̂₀ of a sampler step) uses
     this float32 copy instead, so that the model sees exactly the inputs a diffusers sampler
     makes. The two agree to 1e-6 (tests/test_schedule.py).
+
+    A flow-matching config has no ᾱ: ValueError (use `sampler_noising`).
     """
+    from mosaic_core.divide.flow_schedule import is_flow_matching
+
+    if is_flow_matching(scheduler_config):
+        raise ValueError(
+            "a flow-matching model is noised by σ, not ᾱ (docs/method.md §8.1): "
+            "its calibration uses sampler_noising; training it is not supported"
+        )
     return make_scheduler("ddpm", scheduler_config).alphas_cumprod.float()
+
+
+@dataclass(frozen=True, eq=False)
+class Noising:
+    """x_t = signal[t]·x₀ + noise[t]·ε at the integer timesteps t = 0 … T−1 (float32, length T)."""
+
+    signal: Any  # torch.Tensor
+    noise: Any  # torch.Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T."""
+        return int(self.signal.shape[0])
+
+
+def sampler_noising(scheduler_config: Mapping[str, Any]) -> Noising:
+    """How data is noised for the model at each integer timestep t (calibration inputs).
+
+    DDPM family: (√ᾱ_t, √(1 − ᾱ_t)) from `sampler_alphas_cumprod`. Flow matching: (1 − σ, σ)
+    with σ = t/T, the scheduler's own units (docs/method.md eq. 8.1), so a stage's calibration
+    timesteps are the ones its bounds name.
+    """
+    import torch
+
+    from mosaic_core.divide.flow_schedule import check_flow_config, is_flow_matching
+
+    if is_flow_matching(scheduler_config):
+        num_train = int(check_flow_config(scheduler_config).get("num_train_timesteps", 1000))
+        sigma = torch.arange(num_train, dtype=torch.float64) / num_train
+        return Noising((1.0 - sigma).float(), sigma.float())
+    alphas = sampler_alphas_cumprod(scheduler_config)
+    return Noising(alphas.sqrt(), (1 - alphas).sqrt())
 
 
 def sampler_timesteps(
