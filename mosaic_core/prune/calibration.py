@@ -196,6 +196,7 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=
         index = index.repeat(-(-config.size // len(index)))[: config.size]
         return CleanSet(images[index], labels[index])
     from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_steps
+    from mosaic_core.models.samplers import default_sampler
 
     labels = torch.randint(0, loaded.spec.num_classes, (config.size,), generator=generator)
     xs = []
@@ -207,11 +208,15 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=
             loaded.transformer,
             loaded.scheduler_config,
             chunk,
-            SampleConfig(num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg, seed=config.seed),
+            SampleConfig(
+                num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg,
+                scheduler=default_sampler(loaded.scheduler_config), seed=config.seed,
+            ),
             num_classes=loaded.spec.num_classes,
             sample_shape=(loaded.spec.in_channels, loaded.spec.sample_size, loaded.spec.sample_size),
             noise=_noise_for(chunk, loaded, config.seed, start),
             should_stop=should_stop,
+            image_seq_len=getattr(loaded.spec, "image_seq_len", None),
         )
         last = None
         for event in steps:
