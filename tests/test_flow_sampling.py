@@ -149,22 +149,23 @@ def test_ddpm_sampler_on_a_flow_schedule_is_refused():
         _run(tiny_sd3(), SD3, _condition(1), "ddim", 3, 1.0)
 
 
-def test_timestep_scale_reaches_the_denoiser_and_the_staged_model_unscales_it():
+def test_timestep_scale_reaches_the_denoiser_and_the_staged_model_unscales_it(monkeypatch):
     """A family whose denoiser takes t/1000: the sampler passes it so, and StagedDiT picks stages on t."""
     from diffusers import SD3Transformer2DModel
 
     from mosaic_core.conquer.staged_denoiser import StagedDiT
-    from mosaic_core.models.adapters.base import FamilyAdapter, register_adapter
+    from mosaic_core.models.adapters import base
 
     class ThousandthTimestepTransformer(SD3Transformer2DModel):  # a test-only "family"
         pass
 
-    class ThousandthAdapter(FamilyAdapter):
+    class ThousandthAdapter(base.FamilyAdapter):
         name = "test-thousandth"
         model_classes = ("ThousandthTimestepTransformer",)
         timestep_scale = 1 / 1000
 
-    register_adapter(ThousandthAdapter())
+    base._ensure_registered()
+    monkeypatch.setitem(base._ADAPTERS, "ThousandthTimestepTransformer", ThousandthAdapter())  # removed after the test
     model, condition = tiny_sd3(2, ThousandthTimestepTransformer), _condition(1)
     events, _ = _run(model, SD3, condition, "flow-euler", 4, 2.0)
     noise = initial_noise(1, SHAPE, seed=3)
