@@ -179,6 +179,24 @@ def schedule_figure(curve: ScoreCurve, plan: Plan) -> go.Figure:
     return figure
 
 
+def mark_flow_schedule(figure: go.Figure, plan: Plan) -> go.Figure:
+    """For a flow-matching plan (docs/method.md §8): the x axis in scheduler t = σ·T (up to the
+    first step at t = T), and each sampler step's σ in its hover text. Other plans pass unchanged."""
+    from mosaic_core.divide.flow_schedule import is_flow_matching
+
+    if not is_flow_matching(plan.scheduler_config):
+        return figure
+    num_train = plan.bounds.num_train_timesteps
+    figure.update_xaxes(range=[num_train, 0], title_text="scheduler timestep t = σ·T   (sampling runs left → right, σ = 1 → 0)")
+    for trace in figure.data:
+        if trace.mode == "markers" and trace.x is not None:  # the sampler's steps
+            trace.customdata = np.asarray(trace.x, dtype=np.float64)[:, None] / num_train
+            trace.hovertemplate = "step at t=%{x:.1f}, σ=%{customdata[0]:.3f}<extra>" + trace.name.rsplit(" (", 1)[0] + "</extra>"
+        elif trace.name and trace.name.startswith("Grad term"):
+            trace.name = "Grad term (growth per sampler step, normalised)"
+    return figure
+
+
 def figure_json(figure: go.Figure, config: Optional[dict] = None) -> str:
     """The figure as plotly JSON with a `config` entry (gradio passes it to Plotly.react)."""
     payload = json.loads(figure.to_json())

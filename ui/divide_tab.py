@@ -21,6 +21,7 @@ not plan for "0." on the way.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -30,7 +31,9 @@ from typing import Optional
 import gradio as gr
 from gradio.components.plot import PlotData
 
+from mosaic_core.divide.flow_schedule import is_flow_matching
 from mosaic_core.divide.plan import Plan
+from mosaic_core.models.samplers import check_sampler_fits, default_sampler
 from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import charts, settings
@@ -48,8 +51,17 @@ fast-learning middle levels, located by the Grad term on the left, are the fragi
 Early on, x̂₀ is still far from the final image (below) and later steps correct much of what
 a pruned network gets wrong, while in the middle stage the content is being committed and
 errors stay. On digits-dit, pruning one stage alone to sparsity 0.6 cost 0.4 dB of PSNR in
-the early stage but 12.6 dB in the middle one (docs/method.md §7).
+the early stage but 12.6 dB in the middle one (docs/method.md §7). The slow–fast–slow premise
+was reported for DDPM-trained DiTs; it has **not** been measured for flow-matching models
+(SD3, Flux, docs/method.md §8.6).
 """
+
+FLOW_NOTE = (
+    "**Flow-matching model: an untested premise.** No one has measured slow–fast–slow learning for "
+    "flow-matching models. Here the Grad term's hump comes from the sampler's σ shift alone (how fast "
+    "x_σ leaves x₀ per step), not from this model's training (docs/method.md §8.6). Treat the stages as "
+    "a hypothesis: prune one stage at a time and compare before trusting them."
+)
 
 CX_INFO = "1.0 is the fallback"
 CONTROL_NAMES = ("model", "folder", "sampler", "steps", "M", "lam", "cx", "sparsity", "per_stage", "early", "middle", "late")
@@ -119,15 +131,23 @@ class DivideHandlers:
         self._revision = itertools.count(1)
 
     # ----- plans ------------------------------------------------------------------------------
-    def _plan(self, *controls):
-        """(spec, plan) of the Divide controls, through the one `PlanRequest` the API and CLI use too."""
+    def _plan(self, *controls, fit_sampler: bool = False):
+        """(spec, plan) of the Divide controls, through the one `PlanRequest` the API and CLI use too.
+
+        `fit_sampler` (a model was picked): a sampler that does not fit the model's schedule
+        (DDPM-family vs flow matching) is replaced by the schedule's default one."""
         request = PlanRequest.from_controls(*controls)
         spec = self.engine.resolve(request.model)
+        if fit_sampler:
+            try:
+                check_sampler_fits(request.sampler, spec.scheduler_config)
+            except ValueError:
+                request = dataclasses.replace(request, sampler=default_sampler(spec.scheduler_config))
         return spec, request.build(spec)
 
     def _render(self, spec, plan: Plan) -> tuple:
-        curve = self.engine.curve(spec, plan.lam, plan.cx)
-        figure = charts.schedule_figure(curve, plan)
+        curve = self.engine.curve(spec, plan.lam, plan.cx, plan.image_seq_len)
+        figure = charts.mark_flow_schedule(charts.schedule_figure(curve, plan), plan)
         # A fresh revision makes every answer a new figure, so the browser redraws even when
         # a drag lands on the M it already had (and puts the dropped line back in place).
         figure.layout.meta["revision"] = next(self._revision)
@@ -157,6 +177,8 @@ class DivideHandlers:
     def _teaching_note(dynamics, trajectory, plan: Plan) -> str:
         """The data-driven lines under the teaching charts (empty when there is no data)."""
         lines = [charts.dynamics_summary(dynamics, plan), charts.trajectory_summary(trajectory, plan)]
+        if is_flow_matching(plan.scheduler_config):
+            lines.insert(0, FLOW_NOTE)
         return "\n\n".join(line for line in lines if line)
 
     @user_errors
@@ -174,8 +196,9 @@ class DivideHandlers:
 
     @user_errors
     def select_model(self, *controls):
-        """A model was picked (or the page loaded): its status, c_x hint, trajectory button, and the plan."""
-        spec, plan = self._plan(*controls)
+        """A model was picked (or the page loaded): its status, c_x hint, trajectory button, the sampler
+        (switched to one that fits the model's schedule), and the plan."""
+        spec, plan = self._plan(*controls, fit_sampler=True)
         status = self.engine.status(spec)
         measured = self.engine.measured_cx(spec)
         cx_info = CX_INFO if measured is None else f"{CX_INFO}; measured on its training images: {measured:.3f}"
@@ -183,6 +206,7 @@ class DivideHandlers:
             status.message,
             gr.update(info=cx_info),
             gr.update(interactive=status.weights_present),
+            gr.update(value=plan.scheduler),
             *self._render(spec, plan),
         )
 
@@ -358,7 +382,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     api_button = gr.Button(visible=False)
     api_button.click(handlers.divide, inputs=api_inputs, outputs=outputs, api_name="divide", **quiet)
     drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, *outputs], api_visibility="private", **quiet)
-    model_outputs = [status, cx, trace_button, *outputs]
+    model_outputs = [status, cx, trace_button, sampler, *outputs]
     gr.on(
         [model.input, folder.submit], handlers.select_model, inputs=controls, outputs=model_outputs,
         api_visibility="private", **quiet,

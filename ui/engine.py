@@ -26,8 +26,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mosaic_core.conquer.compare import compare_steps, dense_and_staged
 from mosaic_core.conquer.trajectory import Trajectory, trajectory_steps
-from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, importance_score
-from mosaic_core.divide.plan import Plan, stage_only_plan
+from mosaic_core.divide.noise_schedule import ScoreCurve
+from mosaic_core.divide.plan import Plan, schedule_curve, stage_only_plan
 from mosaic_core.jobs import run_to_end
 from mosaic_core.models.dynamics import Dynamics, read_dynamics
 from mosaic_core.models.loading import load_model, missing_weights_hint, weights_folder
@@ -138,9 +138,12 @@ class StudioEngine:
         self.parameter_split(spec)
 
     # ----- divide -------------------------------------------------------------------------
-    def curve(self, spec: ModelSpec, lam: float, cx: float) -> ScoreCurve:
-        """The importance score of a model's schedule (cached per schedule, λ, c_x)."""
-        return _cached_curve(json.dumps(dict(spec.scheduler_config), sort_keys=True, default=str), float(lam), float(cx))
+    def curve(self, spec: ModelSpec, lam: float, cx: float, image_seq_len: Optional[int] = None) -> ScoreCurve:
+        """The importance score of a model's schedule (cached per schedule, λ, c_x, image tokens).
+
+        `image_seq_len` matters only for a dynamically shifted flow schedule (the spec's by default)."""
+        tokens = getattr(spec, "image_seq_len", None) if image_seq_len is None else image_seq_len
+        return _cached_curve(json.dumps(dict(spec.scheduler_config), sort_keys=True, default=str), float(lam), float(cx), tokens)
 
     # ----- teaching panel -----------------------------------------------------------------
     def dynamics(self, spec: ModelSpec) -> Optional[Dynamics]:
@@ -267,5 +270,5 @@ class StudioEngine:
 
 
 @lru_cache(maxsize=settings.CURVE_CACHE_SIZE)
-def _cached_curve(scheduler_json: str, lam: float, cx: float) -> ScoreCurve:
-    return importance_score(alphas_cumprod(json.loads(scheduler_json)), lam, cx)
+def _cached_curve(scheduler_json: str, lam: float, cx: float, image_seq_len: Optional[int] = None) -> ScoreCurve:
+    return schedule_curve(json.loads(scheduler_json), lam, cx, image_seq_len)

@@ -15,6 +15,11 @@ null label num_classes for class labels; the family adapter's null for other con
 e.g. zero prompt embeddings for SDXL):
     ε̂ = ε(x, ∅) + g · (ε(x, c) − ε(x, ∅))
 g = 1 runs only the conditional branch; otherwise each call doubles the batch [x, x].
+
+Flow-matching samplers (`flow-euler`, `flow-euler-1/n`; docs/method.md §8.7) drive
+diffusers' `FlowMatchEulerDiscreteScheduler`: the model predicts the velocity
+v = ε − x₀, guided the same way, and x̂₀ = x_σ − σ v. The denoiser receives the scheduler's
+t = σ·T times its family adapter's `timestep_scale` (1 for SD3, 1/1000 for Flux).
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ import torch
 
 from mosaic_core import limits
 from mosaic_core.jobs import run_to_end  # noqa: F401  (re-exported: callers import it from here)
-from mosaic_core.models.samplers import DEFAULT_SCHEDULER, check_num_steps, check_scheduler_name, make_scheduler
+from mosaic_core.models.samplers import (
+    DEFAULT_SCHEDULER,
+    FLOW_SAMPLERS,
+    check_num_steps,
+    check_sampler_fits,
+    check_scheduler_name,
+    denoiser_timestep_scale,
+    make_scheduler,
+    set_sampler_timesteps,
+)
 
 MAX_GUIDANCE = 20.0
 MAX_BATCH = 4096
@@ -149,6 +163,11 @@ def _pred_original(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Ten
     return x0 if clip is None else x0.clamp(-clip, clip)
 
 
+def _flow_pred_original(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x̂₀ = x_σ − σ v: from x_σ = (1 − σ) x₀ + σ ε and v = ε − x₀ (docs/method.md eq. 8.9)."""
+    return x_t.float() - sigma.to(device=x_t.device, dtype=torch.float32) * velocity.float()
+
+
 def decode_images(latents: torch.Tensor, vae=None) -> np.ndarray:
     """Model-space samples -> uint8 N×H×W×C images. Pixels in [-1, 1], or latents via the VAE."""
     with torch.no_grad():
@@ -170,6 +189,7 @@ def sample_steps(
     noise: torch.Tensor | None = None,
     should_stop: Callable[[], bool] | None = None,
     index_offset: int = 0,
+    image_seq_len: int | None = None,
 ) -> Generator[StepEvent, None, SampleResult]:
     """Sample images for `labels`, yielding a `StepEvent` per step; returns a `SampleResult`.
 
@@ -182,11 +202,13 @@ def sample_steps(
     `mosaic_core.jobs.Cancelled`. `index_offset` is the global index of the first image:
     image j of this call draws its noise as image `index_offset + j` of the whole run, so a
     run split into batches (or over processes) gives the images of one call.
+    `image_seq_len` (image tokens per sample) sets μ of a dynamically shifted flow schedule.
 
     Every event carries x̂₀, the step's prediction of the clean sample: the scheduler's own
     `pred_original_sample` when it gives one (DDIM, DDPM, Euler); otherwise (DPM-Solver)
     x̂₀ = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (Ho et al. 2020, eq. 15) from the guided ε̂, with ᾱ at the
-    rounded timestep, clipped like DDIM/DDPM clip theirs when the schedule clips samples.
+    rounded timestep, clipped like DDIM/DDPM clip theirs when the schedule clips samples;
+    for the flow samplers x̂₀ = x_σ − σ v (docs/method.md eq. 8.9).
     """
     from mosaic_core.jobs import Cancelled
     from mosaic_core.models.adapters import ClassCondition, move_condition
@@ -199,13 +221,18 @@ def sample_steps(
     else:
         y = check_labels(labels, num_classes)
         condition = ClassCondition(y.to(device), num_classes)
+    check_sampler_fits(config.scheduler, scheduler_config)
+    flow = config.scheduler in FLOW_SAMPLERS
     scheduler = make_scheduler(config.scheduler, scheduler_config)
-    scheduler.set_timesteps(config.num_inference_steps)
+    set_sampler_timesteps(scheduler, config.scheduler, scheduler_config, config.num_inference_steps, image_seq_len)
+    if flow:
+        scheduler.set_begin_index(0)  # step k uses σ_k, σ_{k+1} (as diffusers' flow pipelines do)
+    timestep_scale = denoiser_timestep_scale(model)  # the denoiser's t: scheduler t · scale (Flux: 1/1000)
     if noise is None:
         noise = initial_noise(len(y), sample_shape, config.seed, index_offset)
     elif tuple(noise.shape) != (len(y),) + tuple(sample_shape):
         raise ValueError(f"noise must have shape {(len(y),) + tuple(sample_shape)}, got {tuple(noise.shape)}")
-    x = (noise * scheduler.init_noise_sigma).to(device=device, dtype=dtype)
+    x = (noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(device=device, dtype=dtype)  # flow: x at σ = 1 is ε
     null = condition.null()
     # DDPM's per-step noise: one generator per image too, so images stay batch-independent.
     step_generators = [
@@ -220,10 +247,12 @@ def sample_steps(
                 raise Cancelled("sampling cancelled")
             _synchronize(device)
             start = time.perf_counter()
-            # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM).
-            model_input = scheduler.scale_model_input(x, t)
-            # 2. Guided ε prediction at this timestep.
-            eps = _denoise(model, model_input, t.to(device), condition, null, config.guidance_scale)
+            # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM; flow schedulers have none).
+            model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            # 2. Guided ε (flow: v) prediction at this timestep, in the denoiser's units of t.
+            t_model = t if timestep_scale == 1.0 else t * timestep_scale
+            eps = _denoise(model, model_input, t_model.to(device), condition, null, config.guidance_scale)
+            sigma = scheduler.sigmas[i] if flow else None  # σ of this step, before the update
             # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
             kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}
             out = scheduler.step(eps, t, x, **kwargs)
@@ -231,7 +260,9 @@ def sample_steps(
             _synchronize(device)
             seconds.append(time.perf_counter() - start)
             pred_original = getattr(out, "pred_original_sample", None)
-            if pred_original is None:
+            if pred_original is None and flow:
+                pred_original = _flow_pred_original(model_input, eps, sigma)
+            elif pred_original is None:
                 pred_original = _pred_original(scheduler, model_input, eps, t, clip)
             yield StepEvent(i, len(timesteps), float(t), seconds[-1], x, pred_original)
     _synchronize(device)
@@ -263,5 +294,5 @@ def sample_loaded(loaded, labels, config: SampleConfig = SampleConfig(), transfo
         num_classes=spec.num_classes,
         sample_shape=(spec.in_channels, spec.sample_size, spec.sample_size),
         vae=loaded.vae,
-        **kwargs,
+        **{"image_seq_len": getattr(spec, "image_seq_len", None), **kwargs},
     )

@@ -53,6 +53,15 @@ def param_bytes(*modules: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _call(network: nn.Module, hidden_states, timestep, args: tuple, **kwargs: Any):
+    """The network's forward with the timestep second when more positionals follow it (UNet-style
+    calls), else by keyword: SD3 and Flux take the text embeddings second, and every diffusers
+    denoiser names the argument `timestep`."""
+    if args:
+        return network(hidden_states, timestep, *args, **kwargs)
+    return network(hidden_states, timestep=timestep, **kwargs)
+
+
 class StagedDiT(nn.Module):
     """A denoiser that runs the early/middle/late sub-network of each timestep (any family).
 
@@ -108,8 +117,11 @@ class StagedDiT(nn.Module):
         self.stage_calls.clear()
 
     def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each timestep: 0 early, 1 middle, 2 late (same shape, long)."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy()
+        """Stage of each timestep as the denoiser receives it (scheduler t · the family's
+        `timestep_scale`, e.g. t/1000 for Flux): 0 early, 1 middle, 2 late (same shape, long)."""
+        from mosaic_core.models.samplers import denoiser_timestep_scale
+
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy() / denoiser_timestep_scale(self)
         return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
     def __getattr__(self, name: str):
@@ -141,7 +153,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return self.networks()[present[0]](hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict=return_dict, **kwargs)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -152,10 +164,11 @@ class StagedDiT(nn.Module):
                 continue
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
-            part = network(
+            part = _call(
+                network,
                 hidden_states.index_select(0, rows_dev),
                 select_rows(timestep, rows, batch),
-                *select_rows(tuple(args), rows, batch),
+                select_rows(tuple(args), rows, batch),
                 return_dict=True,
                 **select_rows(kwargs, rows, batch),
             )

@@ -59,6 +59,7 @@ def trajectory_steps(
         sample_shape=(spec.in_channels, spec.sample_size, spec.sample_size),
         vae=None,  # distances are measured in model space; nothing is decoded
         should_stop=should_stop,
+        image_seq_len=getattr(spec, "image_seq_len", None),  # μ of a dynamically shifted flow schedule
     )
     for event in generator:
         x0 = event.pred_original.float()

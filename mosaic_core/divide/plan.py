@@ -26,11 +26,25 @@ from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape, shape_fr
 from mosaic_core.limits import shown
 from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
-from mosaic_core.models.samplers import check_num_steps, check_scheduler_name, sampler_timesteps
+from mosaic_core.divide.flow_schedule import flow_importance_score, flow_schedule, is_flow_matching
+from mosaic_core.models.samplers import check_num_steps, check_sampler_fits, check_scheduler_name, sampler_timesteps
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, StageBounds, check_M, divide_stages
 
 DEFAULT_LAM = 0.01
 DEFAULT_STEPS = 50
+
+
+def schedule_curve(
+    scheduler_config: Mapping[str, Any], lam: float, cx: float, image_seq_len: Optional[int] = None
+) -> ScoreCurve:
+    """The importance score of a model's schedule: ᾱ-based (method §1) or flow matching (§8).
+
+    `image_seq_len` (image tokens per sample) matters only for a dynamically shifted flow
+    schedule, whose σ depends on it.
+    """
+    if is_flow_matching(scheduler_config):
+        return flow_importance_score(flow_schedule(scheduler_config, image_seq_len), lam, cx)
+    return importance_score(alphas_cumprod(scheduler_config), lam, cx)
 
 
 def _json_number(value: float) -> int | float:
@@ -62,6 +76,7 @@ class Plan:
     step_stages: tuple[int, ...]
     macs_dense: int
     macs_staged: int
+    image_seq_len: Optional[int] = None  # image tokens per sample; set only when it shifted σ (§8.1)
 
     @property
     def step_counts(self) -> tuple[int, int, int]:
@@ -104,7 +119,7 @@ class Plan:
 
     def curve(self) -> ScoreCurve:
         """The importance score curve this plan was divided on (recomputed, cheap)."""
-        return importance_score(alphas_cumprod(self.scheduler_config), self.lam, self.cx)
+        return schedule_curve(self.scheduler_config, self.lam, self.cx, self.image_seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (see `from_dict` for the way back)."""
@@ -126,7 +141,7 @@ class Plan:
             )
             if allocation.layer_keeps is not None:
                 stages[-1]["layer_keeps"] = [int(k) for k in allocation.layer_keeps[index]]
-        return {
+        data = {
             "model": self.model,
             "scheduler": self.scheduler,
             "num_inference_steps": int(self.num_inference_steps),
@@ -147,6 +162,9 @@ class Plan:
             "shape": self.shape.to_dict(),
             "scheduler_config": dict(self.scheduler_config),
         }
+        if self.image_seq_len is not None:  # only dynamically shifted schedules: other plans' dicts are unchanged
+            data["image_seq_len"] = int(self.image_seq_len)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -192,6 +210,7 @@ class Plan:
                 step_stages=tuple(STAGE_NAMES.index(name) for name in data["step_stages"]),
                 macs_dense=int(data["macs_dense"]),
                 macs_staged=int(data["macs_staged"]),
+                image_seq_len=None if data.get("image_seq_len") is None else int(data["image_seq_len"]),
             )
         except KeyError as error:
             raise ValueError(f"plan dict is missing the key {error}") from None
@@ -209,6 +228,7 @@ def build_plan(
     uniform: bool = False,
     scheduler: str = "ddim",
     cx: float = 1.0,
+    image_seq_len: Optional[int] = None,
 ) -> Plan:
     """Divide a model's sampling trajectory and allocate per-stage sparsity (docs/method.md §1-2).
 
@@ -216,6 +236,10 @@ def build_plan(
     all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);
     neither means sparsity 0. Every argument is checked before any work, and a bad one
     raises ValueError naming the value and the allowed range.
+
+    A flow-matching model (method §8) takes a `flow-*` sampler; its stage bounds and
+    timesteps are in the scheduler's units t = σ·T. `image_seq_len` (image tokens per
+    sample; default the spec's) sets μ when its schedule uses dynamic shifting.
     """
     # 1. Validate everything at the edge (cheap; diffusers is imported only in step 4).
     if isinstance(spec, str):
@@ -240,14 +264,24 @@ def build_plan(
     else:
         target = 0.0 if sparsity is None else check_sparsity(sparsity)
         mode = "uniform" if uniform else "auto"
-    # 2. Schedule and importance score (eq. 1.1-1.3).
-    alpha_bar = alphas_cumprod(spec.scheduler_config)
-    steps = check_num_steps(num_inference_steps, alpha_bar.size)
-    curve = importance_score(alpha_bar, lam, cx)
+    check_sampler_fits(scheduler, spec.scheduler_config)
+    # 2. Schedule and importance score (eq. 1.1-1.3; flow matching: eq. 8.4-8.8).
+    if is_flow_matching(spec.scheduler_config):
+        if image_seq_len is None:
+            image_seq_len = getattr(spec, "image_seq_len", None)
+        schedule = flow_schedule(spec.scheduler_config, image_seq_len)
+        image_seq_len = schedule.image_seq_len  # kept only when it shifted σ
+        steps = check_num_steps(num_inference_steps, schedule.num_train_timesteps)
+        curve = flow_importance_score(schedule, lam, cx)
+    else:
+        image_seq_len = None
+        alpha_bar = alphas_cumprod(spec.scheduler_config)
+        steps = check_num_steps(num_inference_steps, alpha_bar.size)
+        curve = importance_score(alpha_bar, lam, cx)
     # 3. Stages.
     bounds = divide_stages(curve, M)
     # 4. Which stage each sampler step lands in.
-    timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps)
+    timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps, image_seq_len)
     step_stages = bounds.stage_of(timesteps)
     counts = bounds.count_steps(timesteps)
     # 5. Per-stage sparsity, rounded to whole heads and units.
@@ -274,6 +308,7 @@ def build_plan(
         step_stages=tuple(int(s) for s in step_stages),
         macs_dense=sampling_macs(spec.shape, None, counts),
         macs_staged=sampling_macs(spec.shape, allocation, counts),
+        image_seq_len=image_seq_len,
     )
 
 
@@ -293,5 +328,6 @@ def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
         raise ValueError(f"the {name} stage is not pruned in this plan (sparsity 0): raise its sparsity first")
     values = tuple(sparsity if index == stage else 0.0 for index in range(3))
     return build_plan(
-        spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx
+        spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx,
+        image_seq_len=plan.image_seq_len,
     )

@@ -66,6 +66,7 @@ class ModelSpec:
     family: str = "dit"  # the adapter (mosaic_core.models.adapters) that knows this denoiser
     hub_id: str | None = None  # where the weights are looked for, when it differs from `name`
     config_path: str | None = None  # the denoiser's shipped config.json, for entries planned without weights
+    image_seq_len: int | None = None  # image tokens per sample at the default size: μ of a dynamically shifted flow schedule
 
     @property
     def null_class(self) -> int:
@@ -227,9 +228,16 @@ def _check_fields(config: Mapping[str, Any], ints: Mapping[str, tuple], floats: 
 
 def _check_scheduler_config(config: Mapping[str, Any], what: str) -> None:
     """The scheduler fields the engine reads must be sane, and give a schedule (checked now, not at use)."""
+    from mosaic_core.divide.flow_schedule import check_flow_config, is_flow_matching
     from mosaic_core.divide.noise_schedule import BETA_SCHEDULES, alphas_cumprod
 
     _check_fields(config, _SCHEDULER_INTS, _SCHEDULER_FLOATS, what)
+    if is_flow_matching(config):  # σ schedule (docs/method.md §8): no β to check
+        try:
+            check_flow_config(config)
+        except ValueError:
+            raise ValueError(f"{what}: its flow-matching fields do not give a σ schedule (docs/method.md §8.1)") from None
+        return
     kind = config.get("beta_schedule")
     if kind is not None and kind not in BETA_SCHEDULES:
         raise ValueError(f"{what}: 'beta_schedule' must be one of {', '.join(BETA_SCHEDULES)}")

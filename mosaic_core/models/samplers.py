@@ -3,11 +3,24 @@
 The Divide engine needs only the timesteps (which stage each step lands in); the sampler
 needs the scheduler object. Both come from the model's scheduler config, so that a
 `DDIMScheduler` built here sees exactly the noise schedule the model was trained with.
+
+Flow-matching models (a `FlowMatchEulerDiscreteScheduler` config) take the `flow-*`
+samplers, DDPM-family models the others (`check_sampler_fits`). Both flow samplers step
+σ with diffusers' `FlowMatchEulerDiscreteScheduler` and differ only in where the
+unshifted σ grid ends (docs/method.md §8.7):
+
+| name             | σ before the shift                     | as in diffusers'         |
+|------------------|----------------------------------------|--------------------------|
+| `flow-euler`     | `set_timesteps(N)`: σ_max … σ_min       | StableDiffusion3Pipeline |
+| `flow-euler-1/n` | `sigmas = linspace(1, 1/N, N)`          | FluxPipeline             |
+
+With `use_dynamic_shifting` both need μ, from the image token count (`image_seq_len`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from mosaic_core.limits import shown
 
@@ -21,7 +34,11 @@ SCHEDULERS: Mapping[str, str] = {
     "ddpm": "DDPMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+    "flow-euler-1/n": "FlowMatchEulerDiscreteScheduler",
 }
+FLOW_SAMPLERS = ("flow-euler", "flow-euler-1/n")
+DEFAULT_FLOW_SCHEDULER = "flow-euler"
 DEFAULT_SCHEDULER = "ddim"
 MAX_STEPS = 1000
 
@@ -66,6 +83,67 @@ def make_scheduler(name: str, scheduler_config: Mapping[str, Any]):
     return cls.from_config(config)
 
 
+def is_flow_sampler(name: str) -> bool:
+    """True for the flow-matching samplers (`FLOW_SAMPLERS`)."""
+    return check_scheduler_name(name) in FLOW_SAMPLERS
+
+
+def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
+    """The sampler a model's schedule takes by default: `flow-euler` for flow matching, else `ddim`."""
+    from mosaic_core.divide.flow_schedule import is_flow_matching
+
+    return DEFAULT_FLOW_SCHEDULER if is_flow_matching(scheduler_config) else DEFAULT_SCHEDULER
+
+
+def check_sampler_fits(name: str, scheduler_config: Mapping[str, Any]) -> str:
+    """The sampler name, or ValueError when it does not fit the model's schedule (flow vs ᾱ)."""
+    from mosaic_core.divide.flow_schedule import is_flow_matching
+
+    key = check_scheduler_name(name)
+    flow = is_flow_matching(scheduler_config)
+    if flow and key not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler '{key}' does not fit a flow-matching model: choose one of {', '.join(FLOW_SAMPLERS)}")
+    if not flow and key in FLOW_SAMPLERS:
+        allowed = [n for n in SCHEDULERS if n not in FLOW_SAMPLERS]
+        raise ValueError(f"sampler '{key}' needs a flow-matching model (FlowMatchEulerDiscreteScheduler config): choose one of {', '.join(allowed)}")
+    return key
+
+
+def set_sampler_timesteps(scheduler, name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int, image_seq_len: int | None = None):
+    """`scheduler.set_timesteps` for N steps, the one rule the plan and the sampler share.
+
+    Flow samplers pass σ and μ as the diffusers pipelines do (table above); μ comes from
+    `image_seq_len` when the config uses dynamic shifting (docs/method.md eq. 8.3).
+    """
+    key = check_sampler_fits(name, scheduler_config)
+    if key not in FLOW_SAMPLERS:
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+    from mosaic_core.divide.flow_schedule import effective_shift
+
+    _, mu = effective_shift(scheduler_config, image_seq_len)
+    kwargs = {} if mu is None else {"mu": mu}
+    if key == "flow-euler-1/n":
+        kwargs["sigmas"] = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
+    scheduler.set_timesteps(num_inference_steps, **kwargs)
+    return scheduler
+
+
+def denoiser_timestep_scale(model) -> float:
+    """The factor between the scheduler's t and the denoiser's `timestep` input (1 for most families).
+
+    Read from the family adapter's `timestep_scale` (Flux: 1/1000); a staged model answers for
+    its stage networks (their dense class); a class without an adapter gets 1.
+    """
+    from mosaic_core.models.adapters import adapter_for_class, supported_classes
+
+    network = model.networks()[1] if hasattr(type(model), "networks") else model
+    name = type(network).__name__
+    if name not in supported_classes():
+        return 1.0
+    return float(getattr(adapter_for_class(name), "timestep_scale", 1.0))
+
+
 def sampler_alphas_cumprod(scheduler_config: Mapping[str, Any]):
     """ᾱ_t as the diffusers samplers compute it: a float32 torch tensor of length T.
 
@@ -75,17 +153,62 @@ def sampler_alphas_cumprod(scheduler_config: Mapping[str, Any]):
     place that *noises data for the model* (training, calibration, x̂₀ of a sampler step) uses
     this float32 copy instead, so that the model sees exactly the inputs a diffusers sampler
     makes. The two agree to 1e-6 (tests/test_schedule.py).
+
+    A flow-matching config has no ᾱ: ValueError (use `sampler_noising`).
     """
+    from mosaic_core.divide.flow_schedule import is_flow_matching
+
+    if is_flow_matching(scheduler_config):
+        raise ValueError(
+            "a flow-matching model is noised by σ, not ᾱ (docs/method.md §8.1): "
+            "its calibration uses sampler_noising; training it is not supported"
+        )
     return make_scheduler("ddpm", scheduler_config).alphas_cumprod.float()
 
 
-def sampler_timesteps(name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int) -> np.ndarray:
+@dataclass(frozen=True, eq=False)
+class Noising:
+    """x_t = signal[t]·x₀ + noise[t]·ε at the integer timesteps t = 0 … T−1 (float32, length T)."""
+
+    signal: Any  # torch.Tensor
+    noise: Any  # torch.Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T."""
+        return int(self.signal.shape[0])
+
+
+def sampler_noising(scheduler_config: Mapping[str, Any]) -> Noising:
+    """How data is noised for the model at each integer timestep t (calibration inputs).
+
+    DDPM family: (√ᾱ_t, √(1 − ᾱ_t)) from `sampler_alphas_cumprod`. Flow matching: (1 − σ, σ)
+    with σ = t/T, the scheduler's own units (docs/method.md eq. 8.1), so a stage's calibration
+    timesteps are the ones its bounds name.
+    """
+    import torch
+
+    from mosaic_core.divide.flow_schedule import check_flow_config, is_flow_matching
+
+    if is_flow_matching(scheduler_config):
+        num_train = int(check_flow_config(scheduler_config).get("num_train_timesteps", 1000))
+        sigma = torch.arange(num_train, dtype=torch.float64) / num_train
+        return Noising((1.0 - sigma).float(), sigma.float())
+    alphas = sampler_alphas_cumprod(scheduler_config)
+    return Noising(alphas.sqrt(), (1 - alphas).sqrt())
+
+
+def sampler_timesteps(
+    name: str, scheduler_config: Mapping[str, Any], num_inference_steps: int, image_seq_len: int | None = None
+) -> np.ndarray:
     """The model timesteps (float64, one per model call) the sampler visits for N steps.
 
-    DPM-Solver and Euler may return fractional timesteps; stage membership rounds them.
+    DPM-Solver, Euler and the flow samplers may return fractional timesteps; stage
+    membership rounds them. Flow timesteps are the scheduler's t = σ·T (docs/method.md §8.7);
+    `image_seq_len` sets μ for a dynamically shifted schedule.
     """
     num_train = int(scheduler_config.get("num_train_timesteps", 1000))
     steps = check_num_steps(num_inference_steps, num_train)
     scheduler = make_scheduler(name, scheduler_config)
-    scheduler.set_timesteps(steps)
+    set_sampler_timesteps(scheduler, name, scheduler_config, steps, image_seq_len)
     return np.asarray(scheduler.timesteps, dtype=np.float64)

@@ -109,6 +109,7 @@ def _text_clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> C
     """Clean latents of a text-to-image model with their prompts' conditions (samples or a folder)."""
     from mosaic_core.conquer.sampling import SampleConfig, sample_steps
     from mosaic_core.models.adapters import concat_conditions, move_condition
+    from mosaic_core.models.samplers import default_sampler
 
     prompts = calibration_prompts(config.size, config.seed)
     images = _folder_latents(loaded, config) if config.source.startswith("folder:") else None
@@ -121,9 +122,13 @@ def _text_clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> C
         else:
             steps = sample_steps(
                 loaded.transformer, loaded.scheduler_config, condition,
-                SampleConfig(num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg, seed=config.seed),
+                SampleConfig(
+                    num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg,
+                    scheduler=default_sampler(loaded.scheduler_config), seed=config.seed,
+                ),
                 num_classes=0, sample_shape=(loaded.spec.in_channels, loaded.spec.sample_size, loaded.spec.sample_size),
                 noise=_noise_for(chunk, loaded, config.seed, start), should_stop=should_stop,
+                image_seq_len=getattr(loaded.spec, "image_seq_len", None),
             )
             last = None
             for event in steps:
@@ -191,6 +196,7 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=
         index = index.repeat(-(-config.size // len(index)))[: config.size]
         return CleanSet(images[index], labels[index])
     from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_steps
+    from mosaic_core.models.samplers import default_sampler
 
     labels = torch.randint(0, loaded.spec.num_classes, (config.size,), generator=generator)
     xs = []
@@ -202,11 +208,15 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=
             loaded.transformer,
             loaded.scheduler_config,
             chunk,
-            SampleConfig(num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg, seed=config.seed),
+            SampleConfig(
+                num_inference_steps=config.sample_steps, guidance_scale=loaded.spec.default_cfg,
+                scheduler=default_sampler(loaded.scheduler_config), seed=config.seed,
+            ),
             num_classes=loaded.spec.num_classes,
             sample_shape=(loaded.spec.in_channels, loaded.spec.sample_size, loaded.spec.sample_size),
             noise=_noise_for(chunk, loaded, config.seed, start),
             should_stop=should_stop,
+            image_seq_len=getattr(loaded.spec, "image_seq_len", None),
         )
         last = None
         for event in steps:
@@ -228,7 +238,7 @@ def _noise_for(chunk, loaded, seed, offset):
 
 def calibration_batches(
     clean: CleanSet,
-    alphas_cumprod: torch.Tensor,
+    alphas_cumprod,
     t_range: tuple[int, int] | None,
     config: CalibrationConfig,
     null_class: int,
@@ -242,8 +252,10 @@ def calibration_batches(
 
     `t_range` is the stage's inclusive (t_min, t_max); None means all timesteps. The draws
     depend only on `config.seed`, so every run (and every scorer) sees the same data.
+    `alphas_cumprod` is ᾱ (x_τ = √ᾱ x₀ + √(1−ᾱ) ε), or a `samplers.Noising` that gives the
+    two factors itself (flow matching: 1 − σ and σ, docs/method.md eq. 8.1).
     """
-    num_train = alphas_cumprod.shape[0]
+    num_train = alphas_cumprod.shape[0] if torch.is_tensor(alphas_cumprod) else alphas_cumprod.num_train_timesteps
     low, high = (0, num_train - 1) if t_range is None or config.mode == "random" else t_range
     if not 0 <= low <= high < num_train:
         raise ValueError(f"stage range must satisfy 0 <= t_min <= t_max < {num_train}, got ({low}, {high})")
@@ -259,8 +271,14 @@ def calibration_batches(
             tb, x_t = torch.zeros(len(x0), dtype=torch.long), x0
         else:
             tb = t[start : start + config.batch_size]
-            a = alphas_cumprod[tb].view(-1, 1, 1, 1).to(x0.dtype)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise[start : start + config.batch_size]
+            if torch.is_tensor(alphas_cumprod):
+                a = alphas_cumprod[tb].view(-1, 1, 1, 1).to(x0.dtype)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise[start : start + config.batch_size]
+            else:
+                shape = (-1,) + (1,) * (x0.ndim - 1)
+                signal = alphas_cumprod.signal[tb].view(shape).to(x0.dtype)
+                scale = alphas_cumprod.noise[tb].view(shape).to(x0.dtype)
+                x_t = signal * x0 + scale * noise[start : start + config.batch_size]
         x_t, tb = x_t.to(device=device, dtype=dtype), tb.to(device)
         if torch.is_tensor(y):
             y = y.to(device)

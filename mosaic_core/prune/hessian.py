@@ -226,11 +226,16 @@ class HessianCollector:
 
     def run(self, x_t: torch.Tensor, timestep: torch.Tensor, condition) -> None:
         """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and the
-        condition (class labels (N,), or a family's condition object; `adapters.as_condition`)."""
+        condition (class labels (N,), or a family's condition object; `adapters.as_condition`).
+        Timesteps are the scheduler's; the model receives them times its family's `timestep_scale`."""
         from mosaic_core.models.adapters import as_condition
+        from mosaic_core.models.samplers import denoiser_timestep_scale
 
         if not self._handles:
             raise RuntimeError("HessianCollector.run must be called inside its `with` block")
+        scale = denoiser_timestep_scale(self.model)
+        if scale != 1.0:
+            timestep = timestep * scale
         with torch.no_grad():
             self.model(x_t, timestep=timestep, **as_condition(condition).model_kwargs())
         self.batches += 1

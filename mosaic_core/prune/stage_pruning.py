@@ -41,7 +41,8 @@ from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_o
 from mosaic_core.prune.spill import SpilledHessians
 from mosaic_core.divide.cost import group_macs_per_token
 from mosaic_core.divide.plan import Plan
-from mosaic_core.models.samplers import sampler_alphas_cumprod
+from mosaic_core.divide.flow_schedule import is_flow_matching
+from mosaic_core.models.samplers import sampler_alphas_cumprod, sampler_noising
 from mosaic_core.divide.stages import STAGE_NAMES
 from mosaic_core.conquer.staged_denoiser import StagedDiT
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
@@ -126,6 +127,13 @@ class PruneResult:
     calibration_images: list[int] = field(default_factory=list)
 
 
+def _noising(scheduler_config):
+    """ᾱ for a DDPM-family schedule (calibration as before, bit for bit); (1 − σ, σ) for flow matching (method §8.1)."""
+    if is_flow_matching(scheduler_config):
+        return sampler_noising(scheduler_config)
+    return sampler_alphas_cumprod(scheduler_config)
+
+
 def stage_t_ranges(plan: Plan, config: PruneConfig) -> list[tuple[int, int] | None]:
     """The calibration τ range of each stage (None = all T), as this plan and config need."""
     if plan.mode == "uniform" or config.calibration.mode != "snr":
@@ -189,7 +197,7 @@ def analyse_stage(
         # 1. H = XᵀX/n at the input of every layer of the chunk, one calibration batch at a time.
         start = time.perf_counter()
         batches = calibration_batches(
-            clean, sampler_alphas_cumprod(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
+            clean, _noising(loaded.scheduler_config), t_range, config.calibration, loaded.spec.null_class,
             device=loaded.device, dtype=loaded.dtype,
         )
         total = num_calibration_batches(clean, config.calibration)

@@ -146,6 +146,7 @@ class FamilyAdapter:
     denoiser_folder: ClassVar[str] = "transformer"  # sub-folder of a diffusers pipeline folder
     block_classes: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
+    timestep_scale: ClassVar[float] = 1.0  # the denoiser receives t · timestep_scale (Flux: 1/1000)
 
     # -- the model side ---------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> list[str]:
