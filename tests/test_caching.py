@@ -116,3 +116,14 @@ def test_parse_cache_and_bad_values():
         parse_cache("x")
     with pytest.raises(ValueError, match=r"cache interval must be a whole number in \[1, 1000\], got 0"):
         CacheConfig(interval=0)
+
+
+def test_match_cache_to_macs_picks_the_closest_setting():
+    from mosaic_core.conquer.caching import match_cache_to_macs
+
+    # 6 blocks, 50 steps of 60 MACs, target 2100 (70 %). A step with c of 6 blocks cached
+    # costs 60·(6 − c)/6; interval i has ⌈50/i⌉ full steps. Closest by hand:
+    # i=3, c=3: 17·60 + 33·30 = 2010 (gap 90); i=2, c=4: 25·60 + 25·20 = 2000 (gap 100);
+    # i=5, c=2: 10·60 + 40·40 = 2200 (gap 100); i=4, c=3: 13·60 + 37·30 = 1890.
+    config, macs = match_cache_to_macs(6, [60] * 50, 2100)
+    assert macs == 2010 and config == CacheConfig(3, 1, 2)

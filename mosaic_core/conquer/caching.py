@@ -195,3 +195,36 @@ class BlockReuse(nn.Module):
         self.history.append(self._full)
         self._calls += 1
         return out
+
+
+def centred_config(num_blocks: int, cached: int, interval: int) -> CacheConfig:
+    """`cached` consecutive middle blocks reuse their residuals (the deep ones), every `interval` steps full."""
+    if not 0 <= cached <= num_blocks:
+        raise ValueError(f"cached blocks must be in [0, {num_blocks}], got {cached}")
+    keep_first = (num_blocks - cached) // 2
+    return CacheConfig(interval, keep_first, num_blocks - cached - keep_first)
+
+
+def match_cache_to_macs(
+    num_blocks: int, step_macs: Sequence[int], target_macs: float, step_networks: Sequence[Hashable] | None = None
+) -> tuple[CacheConfig, int]:
+    """The centred reuse setting (interval 2..5, 1..L−2 cached blocks) whose MACs come closest to `target_macs`.
+
+    Intervals stay in DeepCache's usual 2..5: longer ones match a budget by skipping few
+    blocks for many steps, which drifts further from the trajectory. Ties go to the
+    shorter interval.
+
+    Returns the setting and its MACs (`cached_sampling_macs`, computed fraction = blocks
+    run / all blocks: exact for a homogeneous stack such as DiT's).
+    """
+    best: tuple[float, CacheConfig, int] | None = None
+    for interval in range(2, 6):
+        full = cache_schedule(len(step_macs), interval, step_networks)
+        for cached in range(1, max(2, num_blocks - 1)):
+            config = centred_config(num_blocks, min(cached, num_blocks), interval)
+            macs = cached_sampling_macs(step_macs, full, 1 - len(config.cached_blocks(num_blocks)) / num_blocks)
+            gap = abs(macs - target_macs)
+            if best is None or gap < best[0]:
+                best = (gap, config, macs)
+    assert best is not None
+    return best[1], best[2]
