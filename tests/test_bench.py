@@ -151,3 +151,26 @@ def test_parse_methods_rejects_unknown_names():
     assert parse_methods("mosaic-12-steps") == ("mosaic-12-steps",)
     with pytest.raises(ValueError, match="unknown bench method 'mosiac': choose from dense, fewer-steps"):
         parse_methods("mosiac")
+
+
+def test_readme_table_is_spliced_from_a_bench_md_with_its_command():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bench_md = "**m**, header line.\n\ncommand: `python -m mosaic_core bench --n 4`\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nstages note\n"
+    block = module.results_block(bench_md, "out/bench.md")
+    assert "Made by `python -m mosaic_core bench --n 4` (out/bench.md):" in block
+    assert "| 1 | 2 |" in block and "**m**, header line." in block and block.endswith("stages note\n<!-- /results-table -->")
+    readme = "intro\n<!-- results-table: old -->\nstale | table\n<!-- /results-table -->\noutro\n"
+    spliced = module.replace_block(readme, block)
+    assert spliced.startswith("intro\n<!-- results-table: out/bench.md -->") and spliced.endswith("-->\noutro\n")
+    assert "stale" not in spliced
+    with pytest.raises(ValueError, match="records no command line"):
+        module.results_block("| a |\n", "x.md")
+    # the committed README's block is what the script makes of the file it names
+    text = (ROOT / "README.md").read_text()
+    source = text.split("<!-- results-table: ", 1)[1].split(" -->", 1)[0]
+    command = text.split("Made by `", 1)[1].split("`", 1)[0]
+    assert module.results_block((ROOT / source).read_text(), source, command) in text
