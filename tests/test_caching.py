@@ -127,3 +127,34 @@ def test_match_cache_to_macs_picks_the_closest_setting():
     # i=5, c=2: 10·60 + 40·40 = 2200 (gap 100); i=4, c=3: 13·60 + 37·30 = 1890.
     config, macs = match_cache_to_macs(6, [60] * 50, 2100)
     assert macs == 2010 and config == CacheConfig(3, 1, 2)
+
+
+@pytest.mark.slow
+def test_sample_command_with_cache_equals_block_reuse_in_process(tiny_pixel_folder, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from mosaic_core.conquer.images import load_samples
+    from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_loaded
+    from mosaic_core.models.loading import load_model
+
+    out = tmp_path / "cached.npz"
+    command = [
+        sys.executable, "-m", "mosaic_core", "sample", "--model", str(tiny_pixel_folder), "--n", "2", "--steps", "4",
+        "--cache", "2,0,1", "--device", "cpu", "--out", str(out),
+    ]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    images, _ = load_samples(out)
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = SampleConfig(4, loaded.spec.default_cfg)
+    cached = run_to_end(sample_loaded(loaded, [0, 1], config, transformer=BlockReuse(loaded.transformer, CacheConfig(2, 0, 1))))
+    dense = run_to_end(sample_loaded(loaded, [0, 1], config))
+    np.testing.assert_array_equal(images, cached.images)
+    assert not np.array_equal(cached.images, dense.images)
+    bad_command = [sys.executable, "-m", "mosaic_core", "sample", "--model", str(tiny_pixel_folder), "--cache", "x", "--out", str(tmp_path / "b.npz")]
+    bad = subprocess.run(bad_command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--cache must be INTERVAL" in bad.stderr
