@@ -477,6 +477,12 @@ class RandomPlanTiming:
         staged = sum(n * getattr(self.stage_timing(i), statistic) for i, n in enumerate(steps))
         return dense / staged
 
+    def flags(self, statistic: str) -> tuple[str, ...]:
+        """`timing_flags` of this plan: measured/ideal, the widest stage-network spread, the dense spread."""
+        spread = lambda t: timing_statistics(t.seconds).spread  # noqa: E731
+        stages = [spread(self.stage_timing(i)) for i in range(3) if self.plan.step_counts[i] > 0]
+        return timing_flags(self.speedup(statistic) / self.plan.ideal_speedup, max(stages, default=0.0), spread(self.dense))
+
     def stage_ideal(self, index: int) -> float:
         """MACs per step of the dense blocks over those of stage `index`'s blocks."""
         from mosaic_core.divide.cost import block_macs_per_step
@@ -531,6 +537,7 @@ class RandomBenchResult:
                     "measured_speedup_min": round(t.speedup("min"), 4),
                     "measured_speedup_median": round(t.speedup("median"), 4),
                     "measured_over_ideal": round(t.speedup(self.statistic) / t.plan.ideal_speedup, 4),
+                    "flags": list(t.flags(self.statistic)),
                     "dense": network(t.dense),
                     "stages": [
                         {"stage": STAGE_NAMES[i], "ideal_speedup": round(t.stage_ideal(i), 4), **network(t.stage_timing(i))}
@@ -705,14 +712,16 @@ def random_markdown_table(result: RandomBenchResult) -> str:
         "",
         "Quality columns are left out: the weights are random, so accuracy, FD, PSNR and SSIM would measure nothing.",
         "",
-        "| sparsity | steps E/M/L | stage sparsity | ideal speed-up | measured (min) | measured (median) | measured/ideal |",
-        "|---|---|---|---|---|---|---|",
+        "| sparsity | steps E/M/L | stage sparsity | ideal speed-up | measured (min) | measured (median) | measured/ideal | flags |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in result.timings:
+        flags = t.flags(statistic)
         lines.append(
             f"| {t.sparsity:g} | {'/'.join(map(str, t.plan.step_counts))} | "
             f"{'/'.join(f'{a:.2f}' for a in t.plan.allocation.achieved)} | {t.plan.ideal_speedup:.3f}× | "
-            f"{t.speedup('min'):.3f}× | {t.speedup('median'):.3f}× | {t.speedup(statistic) / t.plan.ideal_speedup:.3f} |"
+            f"{t.speedup('min'):.3f}× | {t.speedup('median'):.3f}× | {t.speedup(statistic) / t.plan.ideal_speedup:.3f} | "
+            f"{'flagged: ' + '; '.join(flags) if flags else '—'} |"
         )
     memory = lambda b: "— (CPU)" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     lines += [
