@@ -38,6 +38,7 @@ import torch
 from mosaic_core.prune.calibration import CalibrationConfig
 from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps
 from mosaic_core.jobs import relay
+from mosaic_core.limits import shown
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
@@ -60,7 +61,7 @@ def parse_methods(text: str | None) -> tuple[str, ...] | None:
     names = tuple(part.strip() for part in str(text).split(",") if part.strip())
     for name in names:
         if method_key(name) not in METHODS:
-            raise ValueError(f"unknown bench method '{name}': choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown bench method {shown(name)}: choose from {', '.join(METHODS)}")
     return names
 
 

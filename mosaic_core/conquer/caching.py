@@ -32,6 +32,8 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
+from mosaic_core.limits import shown
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -45,7 +47,7 @@ class CacheConfig:
         for name, low in (("interval", 1), ("keep_first", 0), ("keep_last", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1000:
-                raise ValueError(f"cache {name} must be a whole number in [{low}, 1000], got {value!r}")
+                raise ValueError(f"cache {name} must be a whole number in [{low}, 1000], got {shown(value)}")
 
     def cached_blocks(self, num_blocks: int) -> range:
         """Indices of the blocks that reuse their residual on cached steps (may be empty)."""
@@ -64,9 +66,9 @@ def parse_cache(text: str | None) -> CacheConfig | None:
     try:
         values = [int(part) for part in parts]
     except ValueError:
-        raise ValueError(f"--cache must be INTERVAL or INTERVAL,KEEP_FIRST,KEEP_LAST (whole numbers), got '{text}'") from None
+        raise ValueError(f"--cache must be INTERVAL or INTERVAL,KEEP_FIRST,KEEP_LAST (whole numbers), got {shown(text)}") from None
     if len(values) not in (1, 3):
-        raise ValueError(f"--cache must be INTERVAL or INTERVAL,KEEP_FIRST,KEEP_LAST, got '{text}'")
+        raise ValueError(f"--cache must be INTERVAL or INTERVAL,KEEP_FIRST,KEEP_LAST, got {shown(text)}")
     return CacheConfig(*values)
 
 
