@@ -47,18 +47,22 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     out = tmp_path / "bench"
     command = [
         sys.executable, "-m", "mosaic_core", "bench", "--model", str(tiny_pixel_folder), "--sparsity", "0.4",
-        "--steps", "6", "--n", "4", "--repeats", "1", "--reduced-steps", "3", "--calib-size", "8",
+        "--steps", "6", "--n", "4", "--time-n", "2", "--repeats", "1", "--reduced-steps", "3", "--calib-size", "8",
         "--calib-source", "samples", "--out", str(out),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "bench.json").read_text())
     names = [row["name"] for row in report["methods"]]
-    assert names == ["dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude", "mosaic-per-block", "mosaic-3-steps"]
+    assert names == [
+        "dense", "fewer-steps", "cache", "uniform", "mosaic", "mosaic+cache", "mosaic-random-calib", "mosaic-clean-calib",
+        "mosaic-magnitude", "mosaic-per-block", "mosaic-3-steps",
+    ]
     for row in report["methods"]:
         for key in ("name", "macs", "params", "seconds", "speedup", "ideal_speedup", "accuracy", "fd", "psnr"):
             assert key in row, key
         assert row["seconds"] > 0 and row["macs"] > 0 and row["params"] > 0
+        assert row["timing"]["images"] == 2 and row["timing"]["runs"] == 1
         images, labels = load_samples(out / f"{row['name']}.npz")
         assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 1)
         assert labels.tolist() == [0, 1, 2, 3]
@@ -70,9 +74,101 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     per_step = rows["dense"]["macs"] / 6
     assert abs(rows["fewer-steps"]["macs"] - rows["mosaic"]["macs"]) <= per_step / 2
     table = (out / "bench.md").read_text()
-    assert "| mosaic |" in table and "Ranked by PSNR" in table
+    assert "| mosaic |" in table and "Ranked by PSNR" in table and "command: `python -m mosaic_core bench" in table
 
 
 def test_bench_rejects_bad_values_clearly(tmp_path):
     done = run_cli("bench", "--sparsity", "0.95", "--out", str(tmp_path))
     assert done.returncode == 2 and "0.95" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_methods_runs_only_the_named_rows_and_dense(tiny_pixel_folder):
+    from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
+    from mosaic_core.conquer.caching import CacheConfig
+    from mosaic_core.conquer.sampling import run_to_end
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = BenchConfig(
+        sparsity=0.4, num_inference_steps=6, num_images=3, time_images=1, repeats=2, reduced_steps=None,
+        methods=("fewer-steps", "cache"), threads=1, cache=CacheConfig(2, 0, 1),
+    )
+    result = run_to_end(bench_steps(loaded, config))
+    rows = {r.name: r for r in result.results}
+    assert list(rows) == ["dense", "fewer-steps", "cache"]  # nothing pruned, nothing else sampled
+    dense_macs = build_plan(loaded.spec, 6, sparsity=0.4).macs_dense
+    # tiny DiT: 2 blocks, cache keeps the last: a cached step runs 1 of 2 blocks;
+    # steps 0, 2, 4 full, 1, 3, 5 cached -> 3 + 3/2 of 6 dense steps
+    assert rows["cache"].macs == dense_macs // 6 * 3 + dense_macs // 6 * 3 // 2
+    assert rows["cache"].images.shape[0] == 3 and not np.array_equal(rows["cache"].images, rows["dense"].images)
+    assert all(len(r.seconds_all) == 2 for r in result.results)
+    assert rows["fewer-steps"].seconds == min(rows["fewer-steps"].seconds_all)  # CPU: the min
+    table = markdown_table(result, loaded)
+    assert "| 1.00 | ref | dense |" in table and "DeepCache-style" in table
+
+
+def test_timing_statistics_and_flags_on_injected_timings():
+    from mosaic_core.conquer.bench import timing_flags, timing_statistics
+
+    stats = timing_statistics([3.0, 1.0, 2.0, 4.0])
+    assert (stats.min, stats.median, stats.max, stats.runs) == (1.0, 2.5, 4.0, 4)
+    assert stats.spread == pytest.approx(3.0)  # (4 − 1) / 1
+    assert timing_statistics([2.0]).spread == 0.0
+    with pytest.raises(ValueError, match="positive finite"):
+        timing_statistics([])
+    assert timing_flags(0.95, 0.05) == ()
+    assert timing_flags(2.13, 0.05) == ("measured/ideal 2.13 outside [0.5, 1.1]",)  # the old fewer-steps row
+    assert timing_flags(0.45, 0.0)[0].startswith("measured/ideal 0.45")
+    assert timing_flags(1.0, 0.25) == ("spread 25% > 20%",)
+    assert timing_flags(1.0, 0.1, reference_spread=0.3) == ("dense spread 30% > 20%",)
+
+
+def test_summarise_timing_uses_the_min_and_flags_implausible_rows():
+    from mosaic_core.conquer.bench import BenchConfig, summarise_timing
+    from mosaic_core.conquer.compare import MethodResult
+
+    def row(name, macs, seconds):
+        return MethodResult(name, 10, np.zeros((1, 2, 2, 1), np.uint8), np.zeros(1), float(np.median(seconds)), list(seconds),
+                            np.zeros(10), {}, macs, 1, ideal_speedup=100 / macs)
+
+    plan = build_plan(load_model("digits-dit", device="cpu").spec, 10, sparsity=0.3)
+    quality = [row("dense", 100, [9.0]), row("good", 70, [9.0]), row("odd", 70, [9.0])]
+    timed = [row("dense", 100, [1.0, 1.1, 1.05]), row("good", 70, [0.75, 0.8, 0.78]), row("odd", 70, [0.3, 0.31, 0.3])]
+    result = summarise_timing(plan, BenchConfig(), quality, timed, cpu=True)
+    by = {r.name: r for r in result.results}
+    assert by["good"].speedup == pytest.approx(1.0 / 0.75) and by["good"].seconds == 0.75
+    assert result.flags["good"] == ()  # 1.33 / 1.43 = 0.93
+    assert result.flags["odd"] == ("measured/ideal 2.33 outside [0.5, 1.1]",)  # 3.33× against 1.43×
+    median = summarise_timing(plan, BenchConfig(), quality, timed, cpu=False)
+    assert {r.name: r for r in median.results}["good"].speedup == pytest.approx(1.05 / 0.78)
+
+
+def test_parse_methods_rejects_unknown_names():
+    from mosaic_core.conquer.bench import parse_methods
+
+    assert parse_methods("mosaic, cache") == ("mosaic", "cache") and parse_methods("") is None
+    assert parse_methods("mosaic-12-steps") == ("mosaic-12-steps",)
+    with pytest.raises(ValueError, match="unknown bench method 'mosiac': choose from dense, fewer-steps"):
+        parse_methods("mosiac")
+
+
+def test_readme_table_is_spliced_from_a_bench_md_with_its_command():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bench_md = "**m**, header line.\n\ncommand: `python -m mosaic_core bench --n 4`\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\nstages note\n"
+    block = module.results_block(bench_md, "out/bench.md")
+    assert "Made by `python -m mosaic_core bench --n 4` (out/bench.md):" in block
+    assert "| 1 | 2 |" in block and "**m**, header line." in block and block.endswith("stages note\n<!-- /results-table -->")
+    readme = "intro\n<!-- results-table: old -->\nstale | table\n<!-- /results-table -->\noutro\n"
+    spliced = module.replace_block(readme, block)
+    assert spliced.startswith("intro\n<!-- results-table: out/bench.md -->") and spliced.endswith("-->\noutro\n")
+    assert "stale" not in spliced
+    with pytest.raises(ValueError, match="records no command line"):
+        module.results_block("| a |\n", "x.md")
+    # the committed README's block is what the script makes of the file it names
+    text = (ROOT / "README.md").read_text()
+    source = text.split("<!-- results-table: ", 1)[1].split(" -->", 1)[0]
+    command = text.split("Made by `", 1)[1].split("`", 1)[0]
+    assert module.results_block((ROOT / source).read_text(), source, command) in text

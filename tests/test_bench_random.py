@@ -103,3 +103,15 @@ def test_random_weights_bench_refuses_missing_cuda(tmp_path):
     done = run_cli("bench", "--random-weights", "--device", "cuda", "--out", str(tmp_path))
     assert done.returncode == 2 and "CUDA is not available" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_plan_flags_fire_on_implausible_timings():
+    plan = build_plan(resolve_model("facebook/DiT-XL-2-256"), 50, sparsity=0.3)
+    timing = lambda s: NetworkTiming("n", 1, 1, 1, tuple(s), 0.0, None)  # noqa: E731
+    steady = RandomPlanTiming(0.3, plan, timing([1.0, 1.05]), (timing([0.7, 0.72]),) * 3)
+    # every stage at 0.7 of dense: measured 1/0.7 = 1.43 against the plan's ideal
+    ratio = (1 / 0.7) / plan.ideal_speedup
+    assert 0.9 < ratio < 1.1 and steady.flags("min") == ()
+    noisy = RandomPlanTiming(0.3, plan, timing([1.0, 1.5]), (timing([0.2, 0.21]),) * 3)
+    flags = noisy.flags("min")
+    assert flags[0].startswith("measured/ideal") and "dense spread 50% > 20%" in flags

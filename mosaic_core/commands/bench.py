@@ -1,6 +1,8 @@
 """`python -m mosaic_core bench`: MosaicDiff vs. baselines and ablations -> bench.json, bench.md, <method>.npz.
 
     python -m mosaic_core bench --sparsity 0.3 --out out/bench
+    python -m mosaic_core bench --methods mosaic,cache,mosaic+cache --n 50 --time-n 8 --threads 2 --out out/b
+    python -m mosaic_core bench --random-weights --model digits-dit --profile-stages --out out/profile
     python -m mosaic_core bench --random-weights --model facebook/DiT-XL-2-256 --batch 2 --out out/xl   # no weights needed
 
 A benchmark times one device: under `accelerate launch` rank 0 runs it and the others exit.
@@ -20,15 +22,19 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="benchmark mosaic against dense, fewer-steps, uniform and the ablations",
-        description="Prune every method, sample all on the same labels and seeds, time them "
-        "(median of interleaved repeats) and score them; write DIR/bench.json, DIR/bench.md "
-        "and DIR/<method>.npz.",
+        description="Prune every method, sample all on the same labels and seeds, score them on --n images, "
+        "time them on --time-n images (interleaved repeats; min on CPU, median on GPU; implausible rows flagged); "
+        "write DIR/bench.json, DIR/bench.md and DIR/<method>.npz.",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--sparsity", type=float, default=0.3, help="overall sparsity S in [0, 0.9] (default 0.3)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps N (default 50)")
-    parser.add_argument("--n", type=int, default=200, help="images per method (default 200, 20 per class)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per method, median reported (default 3); with --random-weights, timed rounds per network")
+    parser.add_argument("--n", type=int, default=200, help="images per method for quality (default 200, 20 per class); timing uses --time-n")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method, interleaved (default 5); with --random-weights, timed rounds per network")
+    parser.add_argument("--time-n", type=int, default=8, help="images per timed run (default 8; quality uses --n)")
+    parser.add_argument("--methods", default=None, metavar="A,B,...", help="run only these rows (dense, the reference, always runs)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, pinned before timing (default: torch's current count, pinned and reported)")
+    parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default="ddim")
@@ -51,6 +57,7 @@ def register(subparsers) -> None:
     random.add_argument("--batch", type=int, default=2, help="rows per model call (default 2 = one image with guidance)")
     random.add_argument("--calls", type=int, default=2, help="timed calls per network per round (default 2)")
     random.add_argument("--compile", action="store_true", help="torch.compile every network (the warm-up call compiles)")
+    random.add_argument("--profile-stages", action="store_true", help="also time attention, MLP and the unprunable rest of every network (seconds per call)")
     parser.set_defaults(func=run)
 
 
@@ -60,6 +67,25 @@ def parse_sparsities(text: str) -> tuple[float, ...]:
         return tuple(float(part) for part in str(text).split(",") if part.strip())
     except ValueError:
         raise ValueError(f"--sparsities must be comma-separated numbers in [0, 0.9], e.g. 0.3,0.5; got '{text}'") from None
+
+
+def pin_threads(threads: int | None) -> int:
+    """torch.set_num_threads(threads or the current count): pinned explicitly, and returned for the report."""
+    import torch
+
+    count = torch.get_num_threads() if threads is None else int(threads)
+    if not 1 <= count <= 1024:
+        raise ValueError(f"--threads must be in [1, 1024], got {threads}")
+    torch.set_num_threads(count)
+    return count
+
+
+def command_line() -> str:
+    """The command as typed (for bench.md and the README table)."""
+    import shlex
+    import sys
+
+    return "python -m mosaic_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def run_random(args: argparse.Namespace) -> int:
@@ -83,6 +109,7 @@ def run_random(args: argparse.Namespace) -> int:
     )
     if not current_processes(device).is_main:
         return 0  # timing is one device's business: under `accelerate launch` only rank 0 benchmarks
+    pin_threads(args.threads)
     with tqdm(total=1000, desc="bench (random weights)", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 
         def show(event) -> None:
@@ -95,9 +122,15 @@ def run_random(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", result.to_dict())
     table = random_markdown_table(result)
+    if args.profile_stages:
+        from mosaic_core.conquer.bench import profile_random_networks, profile_markdown
+
+        profiles = profile_random_networks(spec, config, device, dtype)
+        write_json(out / "profile.json", [p.to_dict() for p in profiles])
+        table += "\n" + profile_markdown(profiles)
     write_bytes(out / "bench.md", table.encode())
     print(table)
-    print(f"wrote {out}/bench.json and bench.md")
+    print(f"wrote {out}/bench.json and bench.md" + (" and profile.json" if args.profile_stages else ""))
     return 0
 
 
@@ -107,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         return run_random(args)
     if args.compile:
         raise ValueError("--compile is supported with --random-weights (timing only) for now; drop it or add --random-weights")
+    if args.profile_stages:
+        raise ValueError("--profile-stages works with --random-weights (shapes, not weights, set the time); add --random-weights")
     from mosaic_core.distributed import current_processes
 
     if not current_processes(args.device).is_main:
@@ -123,7 +158,11 @@ def run(args: argparse.Namespace) -> int:
 
     from mosaic_core.models.registry import resolve_model
 
-    build_plan(resolve_model(args.model), args.steps, args.M, args.lam, sparsity=args.sparsity)  # validate first
+    from mosaic_core.conquer.bench import parse_methods
+    from mosaic_core.conquer.caching import parse_cache
+
+    methods, cache = parse_methods(args.methods), parse_cache(args.cache)  # validate first
+    build_plan(resolve_model(args.model), args.steps, args.M, args.lam, sparsity=args.sparsity)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     source = args.calib_source or default_calibration_source(loaded.spec)
     config = BenchConfig(
@@ -138,6 +177,10 @@ def run(args: argparse.Namespace) -> int:
         M=args.M,
         lam=args.lam,
         calibration=CalibrationConfig(size=args.calib_size, source=source, seed=args.seed),
+        methods=methods,
+        time_images=args.time_n,
+        threads=pin_threads(args.threads),
+        cache=cache,
     )
     with tqdm(total=1000, desc="bench", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 
@@ -147,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
             bar.refresh()
 
         result = run_to_end(bench_steps(loaded, config), show)
+    result.command = command_line()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for method in result.results:

@@ -59,6 +59,11 @@ def register(subparsers) -> None:
         "--grid", default=None, metavar="FILE.png", type=text_of("--grid", limits.MAX_PATH_LENGTH), help="also write an image grid"
     )
     parser.add_argument("--metrics", action="store_true", help="also print class accuracy and Fréchet distance (digit models)")
+    parser.add_argument(
+        "--cache", default=None, metavar="INTERVAL[,FIRST,LAST]",
+        help="DeepCache-style block-output reuse: a full step every INTERVAL, the first/last blocks always run "
+        "(default 1,1); stacks with --pruned (docs/method.md §8)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -86,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.prune.checkpoint import read_manifest
 
         read_manifest(args.pruned)
+    from mosaic_core.conquer.caching import parse_cache
+
+    cache = parse_cache(args.cache)
     config = SampleConfig(
         num_inference_steps=args.steps if args.steps is not None else spec.default_steps,
         guidance_scale=args.cfg if args.cfg is not None else spec.default_cfg,
@@ -101,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.prune.checkpoint import load_pruned
 
         transformer = load_pruned(args.pruned, loaded)
+    if cache is not None:
+        from mosaic_core.conquer.caching import BlockReuse
+
+        transformer = BlockReuse(transformer if transformer is not None else loaded.transformer, cache)
     if loaded.adapter.conditioning == "text":
         if not args.prompt:
             raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" (repeat it for several prompts)")

@@ -11,6 +11,14 @@
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
 | `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
+| `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
+| `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
+| `cache-dit`           | not a row yet: cache-dit cannot drive diffusers' DiT (docs/method.md §9) |
+
+`--methods a,b` runs only the named rows (and `dense`, the reference, always).
+Quality is judged on `n` images; time on `time_n` (fewer) images, `repeats` interleaved
+runs; speed-ups use the min on a CPU, the median on a GPU, and a row whose timing is not
+plausible is flagged instead of reported (`timing_statistics`, `timing_flags`).
 
 All methods share labels, seeds and initial noise; PSNR/SSIM compare each image with the
 dense image of the same seed. The Hessians of one calibration setting are computed once
@@ -21,8 +29,8 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, replace
-from typing import Callable, Generator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Generator, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +38,72 @@ import torch
 from mosaic_core.prune.calibration import CalibrationConfig
 from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps
 from mosaic_core.jobs import relay
+from mosaic_core.limits import shown
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
 from mosaic_core.conquer.sampling import SampleConfig, labels_for
 from mosaic_core.conquer.staged_denoiser import param_count
 
-METHODS = ("dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude")
+METHODS = (
+    "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
+    "mosaic-per-block", "mosaic-K-steps", "cache", "mosaic+cache",
+)
+# Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or a spread over 20 %.
+PLAUSIBLE_RATIO = (0.5, 1.1)
+MAX_SPREAD = 0.20
+
+
+def parse_methods(text: str | None) -> tuple[str, ...] | None:
+    """'mosaic,cache' -> ('mosaic', 'cache'); None/'' -> None (all). `mosaic-K-steps` matches mosaic-<K>-steps."""
+    if text is None or not str(text).strip():
+        return None
+    names = tuple(part.strip() for part in str(text).split(",") if part.strip())
+    for name in names:
+        if method_key(name) not in METHODS:
+            raise ValueError(f"unknown bench method {shown(name)}: choose from {', '.join(METHODS)}")
+    return names
+
+
+def method_key(name: str) -> str:
+    """The METHODS entry of a row name (mosaic-20-steps -> mosaic-K-steps)."""
+    parts = name.split("-")
+    if len(parts) == 3 and parts[0] == "mosaic" and parts[2] == "steps" and parts[1].isdigit():
+        return "mosaic-K-steps"
+    return name
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Seconds of the timed runs of one row: min, median, max, and spread = (max − min) / min."""
+
+    min: float
+    median: float
+    max: float
+    spread: float
+    runs: int
+
+
+def timing_statistics(seconds: Sequence[float]) -> TimingStats:
+    """Min, median, max and relative spread of a row's timed runs (ValueError when none)."""
+    values = np.asarray(list(seconds), dtype=np.float64)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"timed runs must be positive finite seconds, at least one; got {list(seconds)}")
+    low, high = float(values.min()), float(values.max())
+    return TimingStats(low, float(np.median(values)), high, (high - low) / low, int(values.size))
+
+
+def timing_flags(measured_over_ideal: float, spread: float, reference_spread: float = 0.0) -> tuple[str, ...]:
+    """Why a row's speed-up is not a result: ratio outside PLAUSIBLE_RATIO, or a spread (its or dense's) > MAX_SPREAD."""
+    flags = []
+    low, high = PLAUSIBLE_RATIO
+    if not low <= measured_over_ideal <= high:
+        flags.append(f"measured/ideal {measured_over_ideal:.2f} outside [{low}, {high}]")
+    if spread > MAX_SPREAD:
+        flags.append(f"spread {spread:.0%} > {MAX_SPREAD:.0%}")
+    if reference_spread > MAX_SPREAD:
+        flags.append(f"dense spread {reference_spread:.0%} > {MAX_SPREAD:.0%}")
+    return tuple(flags)
 
 
 @dataclass(frozen=True)
@@ -54,10 +121,24 @@ class BenchConfig:
     M: float = DEFAULT_M
     lam: float = 0.01
     calibration: CalibrationConfig = CalibrationConfig()
+    methods: tuple[str, ...] | None = None  # None: every method; dense always runs
+    time_images: int = 8  # images per timed run (quality uses num_images)
+    threads: int | None = None  # torch.set_num_threads before timing (None: leave as is)
+    cache: "CacheConfig | None" = None  # None: matched to mosaic's MACs
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.num_images) <= 4096:
             raise ValueError(f"--n must be in [1, 4096], got {self.num_images}")
+        if not 1 <= int(self.time_images) <= 4096:
+            raise ValueError(f"--time-n must be in [1, 4096], got {self.time_images}")
+        if self.threads is not None and not 1 <= int(self.threads) <= 1024:
+            raise ValueError(f"--threads must be in [1, 1024], got {self.threads}")
+        if self.methods is not None:
+            parse_methods(",".join(self.methods))
+
+    def wants(self, name: str) -> bool:
+        """Whether row `name` runs (dense always does)."""
+        return name == "dense" or self.methods is None or method_key(name) in {method_key(m) for m in self.methods}
         if self.reduced_steps is not None and not 1 <= self.reduced_steps < self.num_inference_steps:
             raise ValueError(f"reduced steps must be in [1, {self.num_inference_steps - 1}], got {self.reduced_steps}")
 
@@ -76,37 +157,68 @@ class BenchResult:
     plan: Plan
     config: BenchConfig
     results: list[MethodResult]
+    timing: dict[str, TimingStats] = field(default_factory=dict)
+    statistic: str = "min"  # which timing statistic the speed-ups use: min on CPU, median on GPU
+    flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    command: str | None = None
 
     def to_dict(self, loaded) -> dict:
         """bench.json: the setup, the machine, and one row per method."""
+        rows = []
+        for r in self.results:
+            row = r.row()
+            stats = self.timing.get(r.name)
+            if stats is not None:
+                row["timing"] = {
+                    "images": self.config.time_images, "runs": stats.runs, "min": round(stats.min, 4),
+                    "median": round(stats.median, 4), "max": round(stats.max, 4), "spread": round(stats.spread, 4),
+                    "statistic": self.statistic,
+                }
+            row["budget"] = round(r.macs / self.plan.macs_dense, 4)
+            row["flags"] = list(self.flags.get(r.name, ()))
+            rows.append(row)
         return {
             "model": loaded.spec.name,
+            "command": self.command,
             "sparsity": self.config.sparsity,
             "steps": self.config.num_inference_steps,
             "n": self.config.num_images,
+            "time_n": self.config.time_images,
             "repeats": self.config.repeats,
             "cfg": self.config.guidance_scale,
             "scheduler": self.config.scheduler,
             "seed": self.config.seed,
             "calibration": self.config.calibration.to_dict(),
             "plan": self.plan.to_dict(),
-            "machine": {
-                "device": str(loaded.device),
-                "dtype": str(loaded.dtype).replace("torch.", ""),
-                "cpu_count": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "gpu": torch.cuda.get_device_name(0) if loaded.device.type == "cuda" else None,
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-            },
-            "methods": [r.row() for r in self.results],
+            "speedup_statistic": self.statistic,
+            "machine": machine_info(str(loaded.device), str(loaded.dtype).replace("torch.", "")),
+            "methods": rows,
         }
+
+
+def _stage_step_macs(plan: Plan) -> list[int]:
+    """MACs of each step of `plan`'s staged sampler (its stage network's block-linear MACs)."""
+    from mosaic_core.divide.cost import sampling_macs
+
+    per_stage = [sampling_macs(plan.shape, plan.allocation, [int(i == s) for i in range(3)]) for s in range(3)]
+    return [per_stage[s] for s in plan.step_stages]
 
 
 def bench_steps(
     loaded, config: BenchConfig, should_stop: Callable[[], bool] | None = None
 ) -> Generator[BenchEvent, None, BenchResult]:
-    """Prune every method, then sample and time them all together; returns a `BenchResult`."""
+    """Prune the chosen methods, sample them for quality and time them apart; returns a `BenchResult`.
+
+    Quality: one run of every method on `num_images` images. Timing: a warm-up and
+    `repeats` runs on `time_images` images, interleaved round-robin across methods (a slow
+    phase of a shared machine hits all alike). Speed-up = t_dense / t_method with t the min
+    of the runs on a CPU (other processes only ever add time), the median on a GPU.
+    """
+    from mosaic_core.conquer.caching import BlockReuse, cache_schedule, cached_sampling_macs, match_cache_to_macs
+    from mosaic_core.models.adapters import adapter_for_model
+
+    if config.threads is not None:
+        torch.set_num_threads(int(config.threads))
     spec = loaded.spec
     cfg = spec.default_cfg if config.guidance_scale is None else config.guidance_scale
     config = replace(config, guidance_scale=cfg)
@@ -118,6 +230,7 @@ def bench_steps(
     mosaic_plan = plan_for(n_steps)
     dense_macs_per_step = mosaic_plan.macs_dense // n_steps
     calibration = config.calibration
+    want_cache = config.wants("cache") or config.wants("mosaic+cache")
     variants = [
         ("uniform", plan_for(n_steps, uniform=True), PruneConfig(calibration)),
         ("mosaic", mosaic_plan, PruneConfig(calibration)),
@@ -128,71 +241,151 @@ def bench_steps(
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))
+    variants = [v for v in variants if config.wants(v[0]) or (v[0] == "mosaic" and config.wants("mosaic+cache"))]
 
     dense = loaded.transformer
     fewer = max(1, round(n_steps * mosaic_plan.macs_staged / mosaic_plan.macs_dense))
-    contenders = [
-        Contender("dense", dense, n_steps, mosaic_plan.macs_dense, param_count(dense)),
-        Contender("fewer-steps", dense, fewer, dense_macs_per_step * fewer, param_count(dense), info={"note": f"{fewer} steps"}),
-    ]
+    contenders = [Contender("dense", dense, n_steps, mosaic_plan.macs_dense, param_count(dense))]
+    if config.wants("fewer-steps"):
+        contenders.append(
+            Contender("fewer-steps", dense, fewer, dense_macs_per_step * fewer, param_count(dense), info={"note": f"{fewer} steps"})
+        )
+    num_blocks = len(adapter_for_model(dense).block_paths(dense))
+    cache_config = config.cache
+    if want_cache and cache_config is None:  # matched to mosaic's MACs with the dense network
+        cache_config, _ = match_cache_to_macs(num_blocks, [dense_macs_per_step] * n_steps, mosaic_plan.macs_staged)
+    computed = None if cache_config is None else 1 - len(cache_config.cached_blocks(num_blocks)) / num_blocks
+    if config.wants("cache"):
+        macs = cached_sampling_macs([dense_macs_per_step] * n_steps, cache_schedule(n_steps, cache_config.interval), computed)
+        contenders.append(
+            Contender("cache", BlockReuse(dense, cache_config), n_steps, macs, param_count(dense), info={"note": cache_config.label()})
+        )
     analyses: dict = {}
     for index, (name, plan, prune_config) in enumerate(variants):
         result = yield from relay(
             prune_steps(loaded, plan, prune_config, should_stop=should_stop, analyses=analyses),
             lambda event, name=name, index=index: BenchEvent("prune", name, (index + event.fraction) / len(variants)),
         )
-        contenders.append(
-            Contender(
-                name,
-                result.staged,
-                plan.num_inference_steps,
-                plan.macs_staged,
-                param_count(result.staged),
-                step_stages=plan.step_stages,
-                info={
-                    "stage_sparsity": [round(a, 4) for a in plan.allocation.achieved],
-                    "overall_sparsity": round(plan.overall_sparsity, 4),
-                    "prune_seconds": round(sum(result.seconds.values()), 2),
-                    "prune_seconds_by_phase": {k: round(v, 2) for k, v in result.seconds.items()},
-                },
+        info = {
+            "stage_sparsity": [round(a, 4) for a in plan.allocation.achieved],
+            "overall_sparsity": round(plan.overall_sparsity, 4),
+            "prune_seconds": round(sum(result.seconds.values()), 2),
+            "prune_seconds_by_phase": {k: round(v, 2) for k, v in result.seconds.items()},
+        }
+        staged_params = param_count(result.staged)
+        if config.wants(name):
+            contenders.append(
+                Contender(name, result.staged, plan.num_inference_steps, plan.macs_staged, staged_params, step_stages=plan.step_stages, info=info)
             )
-        )
+        if name == "mosaic" and config.wants("mosaic+cache"):
+            networks = [id(result.staged.networks()[s]) for s in plan.step_stages]
+            full = cache_schedule(plan.num_inference_steps, cache_config.interval, networks)
+            macs = cached_sampling_macs(_stage_step_macs(plan), full, computed)
+            contenders.append(
+                Contender(
+                    "mosaic+cache", BlockReuse(result.staged, cache_config), plan.num_inference_steps, macs, staged_params,
+                    step_stages=plan.step_stages, info={**info, "note": cache_config.label()},
+                )
+            )
     labels = labels_for(config.num_images, spec.num_classes)
     sample_config = SampleConfig(n_steps, cfg, config.scheduler, config.seed)
+    # 1. Quality: one untimed run of each method on all images.
     results = yield from relay(
-        compare_steps(loaded, contenders, labels, sample_config, repeats=config.repeats, should_stop=should_stop),
-        lambda event: BenchEvent("sample", event.contender, event.fraction),
+        compare_steps(loaded, contenders, labels, sample_config, repeats=1, warmup=False, should_stop=should_stop),
+        lambda event: BenchEvent("sample", event.contender, 0.5 * event.fraction),
     )
-    return BenchResult(mosaic_plan, config, results)
+    # 2. Timing: warm-up + `repeats` interleaved runs on a few images.
+    timed = yield from relay(
+        compare_steps(
+            loaded, contenders, labels_for(config.time_images, spec.num_classes), sample_config,
+            repeats=config.repeats, should_stop=should_stop,
+        ),
+        lambda event: BenchEvent("time", event.contender, 0.5 + 0.5 * event.fraction),
+    )
+    return summarise_timing(mosaic_plan, config, results, timed, loaded.device.type != "cuda")
+
+
+def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult], timed: list[MethodResult], cpu: bool) -> BenchResult:
+    """Put the timed runs' statistics and flags on the quality results (speed-up from min on CPU, median on GPU)."""
+    statistic = "min" if cpu else "median"
+    timing = {r.name: timing_statistics(r.seconds_all) for r in timed}
+    by_name = {r.name: r for r in timed}
+    reference = timing["dense"]
+    flags = {}
+    for r in results:
+        stats = timing[r.name]
+        r.seconds_all = list(by_name[r.name].seconds_all)
+        r.step_seconds = by_name[r.name].step_seconds
+        r.stage_seconds = by_name[r.name].stage_seconds
+        r.seconds = getattr(stats, statistic)
+        r.speedup = getattr(reference, statistic) / getattr(stats, statistic)
+        if r.name != "dense":
+            flags[r.name] = timing_flags(r.speedup / r.ideal_speedup, stats.spread, reference.spread)
+        else:
+            flags[r.name] = timing_flags(1.0, stats.spread)
+    return BenchResult(plan, config, results, timing, statistic, flags)
+
+
+def rank_by_budget(rows: Sequence[MethodResult], macs_dense: int) -> list[tuple[float, list[MethodResult]]]:
+    """Rows grouped by MACs budget (fraction of dense, to the nearest 0.05), largest first; within one, best PSNR first.
+
+    Whole steps and whole cache intervals only approximate a budget (35 of 50 steps is
+    0.70, a matched cache 0.67), so rows within 0.025 of one twentieth compete together.
+    """
+    groups: dict[float, list[MethodResult]] = {}
+    for r in rows:
+        groups.setdefault(round(20 * r.macs / macs_dense) / 20, []).append(r)
+    ordered = []
+    for budget in sorted(groups, reverse=True):
+        ordered.append((budget, sorted(groups[budget], key=lambda r: (r.name != "dense", -(r.psnr if r.psnr is not None else -1e9)))))
+    return ordered
 
 
 def markdown_table(result: BenchResult, loaded) -> str:
-    """bench.md: methods ranked by PSNR to dense (dense first), with speed and all three qualities."""
-    rows = sorted(result.results, key=lambda r: (r.name != "dense", -(r.psnr or 0)))
+    """bench.md: every method ranked by PSNR to dense within its MACs budget, with timing statistics and flags."""
     cfg = result.config
     lines = [
         f"**{loaded.spec.name}**, {cfg.scheduler.upper()}-{cfg.num_inference_steps}, cfg {cfg.guidance_scale}, "
-        f"S = {cfg.sparsity}, {cfg.num_images} images, seed {cfg.seed}; seconds = median of {cfg.repeats} "
-        f"(interleaved), {loaded.device} ({torch.get_num_threads()} threads). Ranked by PSNR to dense.",
+        f"S = {cfg.sparsity}, quality on {cfg.num_images} images, seed {cfg.seed}; time on {cfg.time_images} images, "
+        f"{cfg.repeats} interleaved runs, speed-up from the {result.statistic}; {loaded.device} "
+        f"({torch.get_num_threads()} threads, pinned). Ranked by PSNR to dense within each MACs budget.",
         "",
-        "| method | steps | MACs | params | seconds | speed-up (ideal) | measured/ideal | accuracy | FD | PSNR (dB) | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if result.command:
+        lines += [f"command: `{result.command}`", ""]
+    lines += [
+        "| budget | rank | method | steps | MACs (of dense) | params | s min / median (spread) | speed-up (ideal) | measured/ideal | accuracy | FD | PSNR (dB) | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-    for r in rows:
-        macs = f"{r.macs / 1e12:.3f} T" if r.macs >= 1e12 else f"{r.macs / 1e9:.1f} G"
-        psnr = "ref" if r.name == "dense" else fmt(r.psnr, ".1f")
-        lines.append(
-            f"| {r.name} | {r.num_inference_steps} | {macs} | {r.params / 1e6:.2f} M | {r.seconds:.1f} | "
-            f"{r.speedup:.2f}× ({r.ideal_speedup:.2f}×) | {r.speedup / r.ideal_speedup:.2f} | {fmt(r.accuracy, '.3f')} | "
-            f"{fmt(r.fd, '.1f')} | {psnr} | {fmt(r.ssim, '.3f')} |"
-        )
+    for budget, rows in rank_by_budget(result.results, result.plan.macs_dense):
+        for rank, r in enumerate(rows, 1):
+            macs = f"{r.macs / 1e12:.3f} T" if r.macs >= 1e12 else f"{r.macs / 1e9:.1f} G"
+            macs += f" ({r.macs / result.plan.macs_dense:.2f})"
+            psnr = "ref" if r.name == "dense" else fmt(r.psnr, ".1f")
+            stats = result.timing.get(r.name)
+            seconds = "—" if stats is None else f"{stats.min:.2f} / {stats.median:.2f} ({stats.spread:.0%})"
+            flags = result.flags.get(r.name, ())
+            if flags:
+                speed = f"flagged: {'; '.join(flags)}"
+                ratio = "—"
+            else:
+                speed = f"{r.speedup:.2f}× ({r.ideal_speedup:.2f}×)"
+                ratio = f"{r.speedup / r.ideal_speedup:.2f}"
+            lines.append(
+                f"| {budget:.2f} | {'ref' if r.name == 'dense' else rank} | {r.name} | {r.num_inference_steps} | {macs} | "
+                f"{r.params / 1e6:.2f} M | {seconds} | {speed} | {ratio} | {fmt(r.accuracy, '.3f')} | "
+                f"{fmt(r.fd, '.1f')} | {psnr} | {fmt(r.ssim, '.3f')} |"
+            )
     allocation = result.plan.allocation
     lines += [
         "",
         f"mosaic stages: steps {'/'.join(map(str, allocation.step_counts))}, sparsity "
         f"{'/'.join(f'{a:.2f}' for a in allocation.achieved)} (early/middle/late).",
     ]
+    notes = sorted({r.info["note"] for r in result.results if "cache" in r.name and "note" in r.info})
+    if notes:
+        lines.append(f"cache rows: {'; '.join(notes)} (written here; cache-dit cannot drive this family yet).")
     return "\n".join(lines) + "\n"
 
 
@@ -285,6 +478,12 @@ class RandomPlanTiming:
         staged = sum(n * getattr(self.stage_timing(i), statistic) for i, n in enumerate(steps))
         return dense / staged
 
+    def flags(self, statistic: str) -> tuple[str, ...]:
+        """`timing_flags` of this plan: measured/ideal, the widest stage-network spread, the dense spread."""
+        spread = lambda t: timing_statistics(t.seconds).spread  # noqa: E731
+        stages = [spread(self.stage_timing(i)) for i in range(3) if self.plan.step_counts[i] > 0]
+        return timing_flags(self.speedup(statistic) / self.plan.ideal_speedup, max(stages, default=0.0), spread(self.dense))
+
     def stage_ideal(self, index: int) -> float:
         """MACs per step of the dense blocks over those of stage `index`'s blocks."""
         from mosaic_core.divide.cost import block_macs_per_step
@@ -339,6 +538,7 @@ class RandomBenchResult:
                     "measured_speedup_min": round(t.speedup("min"), 4),
                     "measured_speedup_median": round(t.speedup("median"), 4),
                     "measured_over_ideal": round(t.speedup(self.statistic) / t.plan.ideal_speedup, 4),
+                    "flags": list(t.flags(self.statistic)),
                     "dense": network(t.dense),
                     "stages": [
                         {"stage": STAGE_NAMES[i], "ideal_speedup": round(t.stage_ideal(i), 4), **network(t.stage_timing(i))}
@@ -513,14 +713,16 @@ def random_markdown_table(result: RandomBenchResult) -> str:
         "",
         "Quality columns are left out: the weights are random, so accuracy, FD, PSNR and SSIM would measure nothing.",
         "",
-        "| sparsity | steps E/M/L | stage sparsity | ideal speed-up | measured (min) | measured (median) | measured/ideal |",
-        "|---|---|---|---|---|---|---|",
+        "| sparsity | steps E/M/L | stage sparsity | ideal speed-up | measured (min) | measured (median) | measured/ideal | flags |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in result.timings:
+        flags = t.flags(statistic)
         lines.append(
             f"| {t.sparsity:g} | {'/'.join(map(str, t.plan.step_counts))} | "
             f"{'/'.join(f'{a:.2f}' for a in t.plan.allocation.achieved)} | {t.plan.ideal_speedup:.3f}× | "
-            f"{t.speedup('min'):.3f}× | {t.speedup('median'):.3f}× | {t.speedup(statistic) / t.plan.ideal_speedup:.3f} |"
+            f"{t.speedup('min'):.3f}× | {t.speedup('median'):.3f}× | {t.speedup(statistic) / t.plan.ideal_speedup:.3f} | "
+            f"{'flagged: ' + '; '.join(flags) if flags else '—'} |"
         )
     memory = lambda b: "— (CPU)" if b is None else f"{b / 2**30:.2f} GiB"  # noqa: E731
     lines += [
@@ -538,4 +740,138 @@ def random_markdown_table(result: RandomBenchResult) -> str:
                 f"{timing.min:.4f} | {timing.median:.4f} | {ideal:.3f}× | {t.dense.min / timing.min:.3f}× | "
                 f"{timing.warmup_seconds:.2f} | {memory(timing.peak_memory)} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Where a step's time goes (`bench --random-weights --profile-stages`)
+# ---------------------------------------------------------------------------------------
+#
+# Pruning shrinks only the attention modules (heads) and the MLPs (units); the patch and
+# timestep/class embeddings, adaLN modulation, norms, residual adds and the final layer run
+# at full size in every network. Timing those modules apart says how much of a step pruning
+# can touch at all: with a fraction p of a dense call in the prunable modules, a network
+# that shrinks them by the MAC ratio r runs at best in (1 − p) + p / r of the dense time.
+# Each module is timed by a pre-hook and a hook around its call (with a device
+# synchronisation on CUDA); the rest is the call's time minus both. Hooks cost a little
+# time themselves, so the split is for reading, and the s/call of `bench` is the figure.
+
+
+@dataclass(frozen=True)
+class NetworkProfile:
+    """Seconds per call of one network (min over rounds), split into attention, MLP and the rest."""
+
+    sparsity: float
+    name: str
+    heads_kept: int
+    units_kept: int
+    total: float
+    attention: float
+    mlp: float
+
+    @property
+    def unprunable(self) -> float:
+        """Seconds outside the attention and MLP modules (embeddings, adaLN, norms, residuals, final layer)."""
+        return max(0.0, self.total - self.attention - self.mlp)
+
+    def to_dict(self) -> dict:
+        """profile.json row."""
+        return {
+            "sparsity": self.sparsity, "network": self.name, "heads_kept": self.heads_kept, "units_kept": self.units_kept,
+            "seconds_per_call": round(self.total, 6), "attention": round(self.attention, 6), "mlp": round(self.mlp, 6),
+            "unprunable": round(self.unprunable, 6), "unprunable_fraction": round(self.unprunable / self.total, 4),
+        }
+
+
+def prunable_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Paths of the attention and feed-forward modules that pruning shrinks, from the family adapter."""
+    from mosaic_core.models.adapters import adapter_for_model
+
+    found: dict[str, list[str]] = {"attention": [], "mlp": []}
+    for layer in adapter_for_model(model).prunable_layers(model):
+        # the output projection's module path ends in to_out.0 (Attention) or net.2 (FeedForward)
+        parts = layer.name.split(".")
+        path = ".".join(parts[:-2])
+        found["mlp" if layer.kind == "mlp" else "attention"].append(path)
+    return {kind: sorted(set(paths)) for kind, paths in found.items()}
+
+
+def profile_network(model: torch.nn.Module, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], calls: int, repeats: int) -> tuple[float, float, float]:
+    """(total, attention, MLP) seconds per call, each the min over `repeats` rounds of `calls` calls."""
+    import time
+
+    device = inputs[0].device
+    modules = dict(model.named_modules())
+    spent = {"attention": 0.0, "mlp": 0.0}
+    starts: dict[int, float] = {}
+    handles = []
+    for kind, paths in prunable_modules(model).items():
+        for path in paths:
+            module = modules[path]
+
+            def before(m, args, kind=kind):
+                synchronize(device)
+                starts[id(m)] = time.perf_counter()
+
+            def after(m, args, out, kind=kind):
+                synchronize(device)
+                spent[kind] += time.perf_counter() - starts.pop(id(m))
+
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    best = None
+    try:
+        time_calls(model, inputs, 1)  # warm-up
+        for _ in range(repeats):
+            spent.update(attention=0.0, mlp=0.0)
+            total = time_calls(model, inputs, calls)
+            row = (total, spent["attention"] / calls, spent["mlp"] / calls)
+            best = row if best is None or row[0] < best[0] else best
+    finally:
+        for handle in handles:
+            handle.remove()
+    return best
+
+
+def profile_random_networks(spec, config: RandomBenchConfig, device, dtype) -> list[NetworkProfile]:
+    """Profile the dense network and each plan's stage networks (random weights, random keeps of the plan's sizes)."""
+    from mosaic_core.prune.surgery import sliced_model
+
+    device = torch.device(device)
+    dense, _ = random_weights_model(spec, device, dtype, config.seed)
+    shape = spec.shape
+    generator = torch.Generator().manual_seed(config.seed)
+    x = torch.randn((config.batch, spec.in_channels, spec.sample_size, spec.sample_size), generator=generator).to(device, dtype)
+    t = torch.full((config.batch,), 500, device=device, dtype=torch.long)
+    y = torch.randint(0, spec.num_classes, (config.batch,), generator=generator).to(device)
+    total, attention, mlp = profile_network(dense, (x, t, y), config.calls, config.repeats)
+    profiles = [NetworkProfile(0.0, "dense", shape.num_heads, shape.mlp_hidden, total, attention, mlp)]
+    for sparsity in config.sparsities:
+        plan = build_plan(spec, config.num_inference_steps, config.M, config.lam, sparsity=sparsity, scheduler=config.scheduler)
+        done = set()
+        for i in range(3):
+            key = (plan.allocation.heads_kept[i], plan.allocation.units_kept[i])
+            if plan.step_counts[i] == 0 or key in done or key == (shape.num_heads, shape.mlp_hidden):
+                continue
+            done.add(key)
+            network = sliced_model(dense, random_keeps(shape.num_layers, shape.num_heads, shape.mlp_hidden, key[0], key[1], generator))
+            total, attention, mlp = profile_network(network, (x, t, y), config.calls, config.repeats)
+            profiles.append(NetworkProfile(sparsity, STAGE_NAMES[i], key[0], key[1], total, attention, mlp))
+    return profiles
+
+
+def profile_markdown(profiles: Sequence[NetworkProfile]) -> str:
+    """The per-network time split as a markdown table, with the best speed-up pruning could give."""
+    dense = profiles[0]
+    lines = [
+        "Where a call's time goes (min over rounds; hooks add a little time): attention and MLP shrink with pruning, "
+        "the rest (embeddings, adaLN, norms, residuals, final layer) does not.",
+        "",
+        "| sparsity | network | heads/units | s/call | attention | MLP | unprunable (share) | speed-up vs dense |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in profiles:
+        lines.append(
+            f"| {p.sparsity:g} | {p.name} | {p.heads_kept}/{p.units_kept} | {p.total:.4f} | {p.attention:.4f} | "
+            f"{p.mlp:.4f} | {p.unprunable:.4f} ({p.unprunable / p.total:.0%}) | {dense.total / p.total:.2f}× |"
+        )
     return "\n".join(lines) + "\n"
