@@ -33,7 +33,8 @@ from mosaic_core.jobs import relay
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
-from mosaic_core.conquer.sampling import SampleConfig, labels_for
+from mosaic_core.conquer.conditions import conditions_for, default_values
+from mosaic_core.conquer.sampling import SampleConfig
 from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = ("dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude")
@@ -157,7 +158,7 @@ def bench_steps(
                 },
             )
         )
-    labels = labels_for(config.num_images, spec.num_classes)
+    labels = conditions_for(loaded, default_values(spec, config.num_images))  # class i mod classes, or prompt i mod assets/prompts.txt
     sample_config = SampleConfig(n_steps, cfg, config.scheduler, config.seed)
     results = yield from relay(
         compare_steps(loaded, contenders, labels, sample_config, repeats=config.repeats, should_stop=should_stop),
