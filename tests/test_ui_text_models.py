@@ -31,6 +31,8 @@ from ui import settings
 from ui.engine import StudioEngine
 from ui.studio import build_studio, launch_kwargs
 
+pytestmark = pytest.mark.slow  # one studio server and a tiny SDXL for the module (tens of seconds on 2 cores)
+
 STEPS = 4
 PROMPTS = ["a red fox at sunrise", "a koi pond in winter"]
 
@@ -116,7 +118,6 @@ def test_the_picker_lists_the_models_directory_and_they_resolve(studio):
         engine.resolve(str(Path(studio["sdxl"]).parent.parent))
 
 
-@pytest.mark.slow
 def test_compare_endpoint_takes_prompts_and_a_negative_prompt(client, studio, sdxl_pruned):
     started = client.predict(
         **_settings(studio["sdxl"]), seed=0, count=3, cfg=5.0, repeats=1,
@@ -136,7 +137,6 @@ def test_compare_endpoint_takes_prompts_and_a_negative_prompt(client, studio, sd
     assert dense["accuracy"] is None and dense["fd"] is None  # no classes to score
 
 
-@pytest.mark.slow
 def test_the_old_positional_compare_call_still_works(client, studio):
     _pruned(client, studio["dit"])
     started = client.predict(  # the 17 positional values of the original endpoint, nothing more
@@ -147,6 +147,21 @@ def test_the_old_positional_compare_call_still_works(client, studio):
     assert status["state"] == "done", status
     assert status["result"]["labels"] == [0, 1, 2, 3] and status["result"]["prompts"] == []
     assert status["result"]["image_shape"] == [8, 8, 1]
+    # A plain HTTP caller sends a bare list of the old length (no client fills the new defaults).
+    import json
+    import re
+
+    import httpx
+
+    old = [studio["dit"], "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "1,2", 0, 2, 1.5, 1, "all stages"]
+    with httpx.Client(base_url=studio["url"], timeout=60) as http:
+        answer = http.post("gradio_api/call/compare_start", json={"data": old, "session_hash": client.session_hash})
+        answer.raise_for_status()
+        stream = http.get(f"gradio_api/call/compare_start/{answer.json()['event_id']}").text
+    name, payload = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, flags=re.MULTILINE)[-1]
+    assert name == "complete", stream
+    status = _wait(client, "/compare_status", json.loads(payload)[0]["job_id"])
+    assert status["state"] == "done" and status["result"]["labels"] == [1, 2], status
 
 
 @pytest.mark.parametrize(
@@ -177,7 +192,15 @@ def test_sdxl_base_plans_without_weights_and_says_where_they_go_to_prune(client)
 def test_the_trajectory_trace_of_a_text_model(client, studio):
     controls = [studio["sdxl"], "", "ddim", STEPS, 0.55, 0.01, 1.0, 0.3, False, 0.0, 0.0, 0.0]
     figure, note = client.predict(*controls, api_name="/trajectory")
-    assert figure is not None
+    import base64
+    import json
+
+    import numpy as np
+
+    line = json.loads(figure["plot"])["data"][0]  # the distance of x̂₀ to the final one, per step
+    distance = np.frombuffer(base64.b64decode(line["y"]["bdata"]), dtype="<f8")
+    assert len(distance) == STEPS and distance[-1] == 0 and distance[0] > 0
+    assert note.startswith("**Trajectory:**")  # prompts from assets/prompts.txt: no class labels needed
 
 
 # ----- headless Chromium ------------------------------------------------------------------------
@@ -195,7 +218,6 @@ def _set_number(page, label: str, value) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.slow
 def test_pick_the_sdxl_type_a_prompt_and_compare_in_the_browser(studio, sdxl_pruned):
     from playwright.sync_api import sync_playwright
 
