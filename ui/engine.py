@@ -85,7 +85,10 @@ class StudioEngine:
         return known_models() + [(f"{folder.name} (local)", str(folder)) for folder in local_model_folders()]
 
     def resolve(self, model: str, folder: str = "") -> ModelSpec:
-        """The spec of a registry name, or of a local folder under an allowed root; ValueError otherwise.
+        """The spec of a registry name, a folder of the models directory, or a local folder under an allowed root.
+
+        The models directory's folders (`model_choices`) were put there by the server's owner,
+        so they resolve even where typed paths are off; anything else is a ValueError.
 
         Every refusal of a path says the same thing whether or not the path exists, is a
         folder, is readable or holds a config: nothing about the server's disk leaks out.
