@@ -280,9 +280,10 @@ def local_model_folders() -> list[Path]:
     (`facebook--DiT-XL-2-256`) is that entry, listed under its registry name instead.
     """
     registered = set()
-    for name in _REGISTRY:
-        registered.update({name, name.replace("/", "--")})
-    registered.update({SDXL_BASE_HUB_ID, SDXL_BASE_HUB_ID.replace("/", "--"), *_LAZY_REGISTRY})
+    for name in known_models():
+        spec = _REGISTRY[name] if name in _REGISTRY else _LAZY_REGISTRY[name]()
+        for model_id in {name, spec.hub_id or name}:
+            registered.update({model_id, model_id.replace("/", "--")})
     found: list[Path] = []
     for root in models_dirs():
         try:
