@@ -21,6 +21,8 @@ MAX_SEED = 2**31 - 1
 MAX_NAME_LENGTH = 512  # a model name or folder path
 MAX_TEXT_LENGTH = 4096  # a label list, a prompt, any other free text
 MAX_LABEL_TOKENS = 4096
+MAX_PROMPTS = 256  # prompts in one list (a comparison repeats them to its image count)
+MAX_PROMPT_LENGTH = 1000  # characters of one prompt or negative prompt (CLIP reads 77 tokens, the rest is cut)
 MAX_TRAIN_STEPS = 1_000_000  # optimizer steps of `train`
 MAX_PATH_LENGTH = 4096  # an output file or folder path
 MAX_TRAIN_TIMESTEPS = 100_000  # T of a local model's scheduler config (the schedule arrays are T long)
@@ -140,3 +142,30 @@ def parse_label_list(text: Any, num_classes: int, max_ids: int = MAX_IMAGES) -> 
             raise ValueError(f"class labels name more than {max_ids} images: at most {max_ids} allowed")
         ids.extend(range(low, high + 1))
     return ids
+
+
+def parse_prompt_list(value: Any, max_prompts: int = MAX_PROMPTS) -> list[str]:
+    """Prompts from text (one per line) or a list of strings, bounded while parsing.
+
+    Blank lines are dropped and each prompt is stripped. At most `max_prompts` prompts of at
+    most `MAX_PROMPT_LENGTH` characters each; the first one that breaks a rule is named.
+    """
+    if isinstance(value, str):
+        check_text("prompts", value, max_prompts * (MAX_PROMPT_LENGTH + 1))
+        items: list[Any] = value.splitlines()
+    elif isinstance(value, (list, tuple)):
+        if len(value) > max_prompts:
+            raise ValueError(f"prompts has {len(value)} entries: at most {max_prompts} allowed")
+        items = list(value)
+    else:
+        raise ValueError(f"prompts must be text (one prompt per line) or a list of strings, got {type(value).__name__}")
+    prompts = []
+    for index, item in enumerate(items):
+        text = check_text(f"prompt {index + 1}", item, MAX_PROMPT_LENGTH).strip()
+        if text:
+            prompts.append(text)
+    if not prompts:
+        raise ValueError("prompts are empty: give one prompt per line (a text-to-image model needs at least one)")
+    if len(prompts) > max_prompts:
+        raise ValueError(f"prompts has {len(prompts)} lines: at most {max_prompts} allowed")
+    return prompts

@@ -5,7 +5,7 @@ numbers, JSON from a client, argparse strings already converted) into one of the
 
     PlanRequest     model, sampler, steps, M, λ, c_x, sparsity | stage sparsity   -> Plan
     PruneRequest    PlanRequest + calibration mode, calibration size, scorer   -> (Plan, PruneConfig)
-    CompareRequest  PruneRequest + labels, seed, count, cfg, repeats, one stage only
+    CompareRequest  PruneRequest + labels | prompts (+ negative prompt), seed, count, cfg, repeats, one stage only
 
 `from_values` checks every value's *type and range* before anything is built, and raises
 ValueError naming the parameter, what was given (shortened) and what is allowed: a string
@@ -210,14 +210,21 @@ class PruneRequest:
 
 @dataclass(frozen=True)
 class CompareRequest:
-    """A pruned model to compare with dense: which images (labels, seed, count), how (cfg), how often."""
+    """A pruned model to compare with dense: which images (labels or prompts, seed, count), how (cfg), how often.
+
+    A class-conditional model samples `labels` (one class id per image); a text-to-image model
+    samples `prompts` (one per image) with `negative_prompt` as CFG's unconditional branch
+    ("" = the family's own null, e.g. zero embeddings), and `labels` is empty.
+    """
 
     prune: PruneRequest
-    labels: tuple[int, ...]  # one class id per image (the parsed list repeated to `count`)
+    labels: tuple[int, ...]  # one class id per image (the parsed list repeated to `count`); () for text models
     seed: int = 0
     cfg: float = 1.5
     repeats: int = 1
     only_stage: str = ONLY_STAGE_CHOICES[0]
+    prompts: tuple[str, ...] = ()  # one prompt per image (the list repeated to `count`); () for class models
+    negative_prompt: str = ""
 
     @classmethod
     def from_values(
@@ -230,22 +237,53 @@ class CompareRequest:
         cfg: Any = 1.5,
         repeats: Any = 1,
         only_stage: Any = ONLY_STAGE_CHOICES[0],
+        prompts: Any = None,
+        negative_prompt: Any = "",
+        *,
+        conditioning: str = "class",
         count_range: tuple[int, int] = (1, limits.MAX_IMAGES),
         repeats_range: tuple[int, int] = (1, limits.MAX_REPEATS),
     ) -> "CompareRequest":
-        """A checked request; `labels` ('0-9', '1,3,5') is parsed with its size bounded while parsing."""
+        """A checked request; `labels` ('0-9', '1,3,5') or `prompts` (one per line, or a list) are parsed bounded.
+
+        `conditioning` is the model's (`ModelSpec.conditioning`): "class" reads `labels` and
+        refuses prompts; "text" reads `prompts` and `negative_prompt` and ignores `labels`.
+        """
         count = limits.check_int("count (images)", count, *count_range)
-        ids = limits.parse_label_list(labels, num_classes, max_ids=limits.MAX_IMAGES)
+        negative = limits.check_text("negative_prompt", "" if negative_prompt is None else negative_prompt, limits.MAX_PROMPT_LENGTH).strip()
+        if conditioning == "text":
+            if prompts is None or (isinstance(prompts, str) and not prompts.strip()):
+                raise ValueError("this model is text-to-image: give prompts (one per line, repeated to the image count)")
+            texts = limits.parse_prompt_list(prompts)
+            ids: list[int] = []
+        else:
+            if prompts is not None and not (isinstance(prompts, str) and not prompts.strip()):
+                raise ValueError("prompts are for text-to-image models; this model is class-conditional: give class labels instead")
+            if negative:
+                raise ValueError("negative_prompt is for text-to-image models; this model is class-conditional: leave it empty")
+            texts = []
+            ids = limits.parse_label_list(labels, num_classes, max_ids=limits.MAX_IMAGES)
         seed = limits.check_int("seed", seed, 0, limits.MAX_SEED)
         cfg = limits.check_float("cfg (guidance scale)", real_number("cfg (guidance scale)", cfg, f"in [0, {MAX_GUIDANCE:g}]"), 0.0, MAX_GUIDANCE)
         repeats = limits.check_int("repeats", repeats, *repeats_range)
         only_stage = choice("only_stage", only_stage, ONLY_STAGE_CHOICES, "only_stage choice")
-        return cls(prune, tuple(ids[i % len(ids)] for i in range(count)), seed, cfg, repeats, only_stage)
+        return cls(
+            prune,
+            tuple(ids[i % len(ids)] for i in range(count)) if ids else (),
+            seed, cfg, repeats, only_stage,
+            tuple(texts[i % len(texts)] for i in range(count)) if texts else (),
+            negative,
+        )
 
     @property
     def count(self) -> int:
         """Images per contender."""
-        return len(self.labels)
+        return len(self.prompts) or len(self.labels)
+
+    @property
+    def conditions(self) -> list:
+        """What each image is conditioned on: its prompt (text models) or its class id."""
+        return list(self.prompts) if self.prompts else list(self.labels)
 
     @property
     def stage(self) -> int:

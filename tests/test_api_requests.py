@@ -86,6 +86,32 @@ def test_prune_and_compare_requests_check_their_own_values():
             CompareRequest.from_values(prune, 10, **kwargs)
 
 
+def test_a_text_model_compares_prompts_repeated_to_the_count_with_a_negative_prompt():
+    prune = PruneRequest.from_values(PlanRequest.from_values("sdxl-base", steps=10, sparsity=0.3))
+    text = dict(conditioning="text")
+    request = CompareRequest.from_values(prune, 0, "0-9", 0, 5, 5.0, 1, "all stages", "a cat\n\n  a dog  \n", " blurry ", **text)
+    assert request.prompts == ("a cat", "a dog", "a cat", "a dog", "a cat") and request.labels == ()  # labels ignored
+    assert request.count == 5 and request.conditions == list(request.prompts) and request.negative_prompt == "blurry"
+    one = CompareRequest.from_values(prune, 0, count=3, prompts=["a lighthouse"], **text)  # one prompt for every image
+    assert one.prompts == ("a lighthouse",) * 3 and one.negative_prompt == ""
+    old = CompareRequest.from_values(PruneRequest.from_values(PlanRequest.from_values(MODEL)), 10, "0-2", 0, 3)
+    assert old.labels == (0, 1, 2) and old.prompts == () and old.conditions == [0, 1, 2]  # class models as before
+    for conditioning, kwargs, message in [
+        ("text", dict(), r"this model is text-to-image: give prompts"),
+        ("text", dict(prompts=" \n \n"), r"this model is text-to-image: give prompts"),
+        ("text", dict(prompts=3), r"prompts must be text \(one prompt per line\) or a list of strings, got int"),
+        ("text", dict(prompts=["ok", 7]), r"prompt 2 must be a string, got int"),
+        ("text", dict(prompts=["x"] * 257), r"prompts has 257 entries: at most 256 allowed"),
+        ("text", dict(prompts="x\n" * 257), r"prompts has 257 lines: at most 256 allowed"),
+        ("text", dict(prompts="x" * 300_000), r"prompts is 300000 characters long"),
+        ("text", dict(prompts="a cat", negative_prompt="y" * 1001), r"negative_prompt is 1001 characters long: at most 1000"),
+        ("class", dict(prompts="a cat"), r"prompts are for text-to-image models; this model is class-conditional"),
+        ("class", dict(negative_prompt="blurry"), r"negative_prompt is for text-to-image models"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CompareRequest.from_values(prune, 10, count=2, conditioning=conditioning, **kwargs)
+
+
 def test_the_cli_builds_its_plan_through_the_same_request():
     parser = argparse.ArgumentParser()
     add_plan_arguments(parser)

@@ -1,4 +1,4 @@
-"""The Compare section: dense vs staged on the same labels and seeds, timed and scored, as a job.
+"""The Compare section: dense vs staged on the same labels (or prompts) and seeds, timed and scored, as a job.
 
 `build_compare_section(engine, divide, prune)` lays out the sampling controls, the two
 galleries, the timing/quality table and the run history, wired like the Prune section: the
@@ -10,6 +10,12 @@ button says so). "Prune one stage only" compares against a plan that prunes only
 at its sparsity in the plan, and 0 in the others; that model is pruned inside the comparison
 job if needed, through the same cache (its Hessians are the plan's, so it costs seconds).
 
+What is sampled follows the model's family (`ModelSpec.conditioning`): a class-conditional
+model shows the class-label box; a text-to-image model shows a prompt box (one prompt per
+line, repeated to the image count) and a negative-prompt box (empty: the family's own
+unconditional branch) instead. Both contenders get the same prompts and seeds; the image
+size is the model's (its config's sample size through the VAE).
+
 Every finished comparison adds a point to the session's history chart (PSNR to dense against
 measured speed-up or seconds), so the quality/time trade-off of the settings tried shows up.
 
@@ -19,13 +25,18 @@ measured speed-up or seconds), so the quality/time trade-off of the settings tri
 | timer tick          | `JobView` poll → `render`        | `compare_status`                   |
 | Cancel              | `JobView` cancel                 | `compare_cancel`                   |
 | history x-axis      | `history_figure`          | private                            |
+| model picked        | `CompareHandlers.select_model`   | private (label or prompt boxes)    |
+
+`compare_start` takes the plan and prune settings, then `labels, seed, count, cfg, repeats,
+only_stage` (the original positional order, unchanged) and, for text-to-image models,
+`prompts` (text, one per line, or a list) and `negative_prompt`.
 """
 
 from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import gradio as gr
 import numpy as np
@@ -45,12 +56,13 @@ from ui.prune_tab import PruneSection, describe_prune_event, prune_request, prun
 
 COMPARE_TEXT = """
 ## 5 · Compare: dense vs staged, same seeds
-Both models sample the same class labels from the same initial noise. Seconds are the median
+Both models sample the same class labels (or prompts, for a text-to-image model) from the same initial noise. Seconds are the median
 of the timed runs after a short warm-up, split by stage; the ideal speed-up is the MACs ratio.
 PSNR and SSIM compare each staged image with the dense image of the same seed; accuracy and
 the Fréchet distance (digit classifier features) apply to the digit model.
 """
 
+PROMPT_CAPTION = 60  # characters of a prompt shown under an image
 IDLE_COMPARE = "No comparison yet: prune the plan in section 4, then press Compare."
 AXES = ("measured speed-up", "seconds")
 
@@ -59,7 +71,7 @@ AXES = ("measured speed-up", "seconds")
 class CompareJob:
     """A checked comparison, resolved: the staged model's plan and prune config, what to sample, how often."""
 
-    request: CompareRequest  # what was asked (labels repeated to the count, seed, cfg, one stage only)
+    request: CompareRequest  # what was asked (labels or prompts repeated to the count, seed, cfg, one stage only)
     spec: object  # ModelSpec
     plan: Plan  # the plan of the staged model (the stage-only variant when one is chosen)
     config: object  # PruneConfig
@@ -71,9 +83,14 @@ class CompareJob:
         return self.request.only_stage
 
     @property
-    def labels(self) -> list[int]:
-        """One class id per image."""
-        return list(self.request.labels)
+    def labels(self) -> list:
+        """One condition per image: a class id, or a prompt for a text-to-image model."""
+        return self.request.conditions
+
+    @property
+    def negative_prompt(self) -> str:
+        """The unconditional branch's prompt of a text-to-image model ("" = the family's null)."""
+        return self.request.negative_prompt
 
     @property
     def repeats(self) -> int:
@@ -100,8 +117,15 @@ def describe_compare_event(event) -> str:
 # ----- rendering ----------------------------------------------------------------------------------
 
 
-def gallery_items(images: np.ndarray, labels: Sequence[int], spec) -> list[tuple[np.ndarray, str]]:
-    """(image, class name) pairs; small images upscaled (nearest) to about GALLERY_PIXELS."""
+def _caption(label, names: Sequence[str]) -> str:
+    """A class id's name (or the id), or a prompt cut to PROMPT_CAPTION characters."""
+    if isinstance(label, str):
+        return label if len(label) <= PROMPT_CAPTION else label[: PROMPT_CAPTION - 1] + "…"
+    return names[label] if 0 <= label < len(names) else str(label)
+
+
+def gallery_items(images: np.ndarray, labels: Sequence, spec) -> list[tuple[np.ndarray, str]]:
+    """(image, caption) pairs, the caption a class name or a prompt; small images upscaled (nearest) to about GALLERY_PIXELS."""
     scale = max(1, settings.GALLERY_PIXELS // max(images.shape[1], 1))
     names = getattr(spec, "class_names", ()) or ()
     items = []
@@ -109,8 +133,19 @@ def gallery_items(images: np.ndarray, labels: Sequence[int], spec) -> list[tuple
         big = image.repeat(scale, axis=0).repeat(scale, axis=1)
         if big.shape[-1] == 1:
             big = np.repeat(big, 3, axis=-1)
-        items.append((big, names[label] if label < len(names) else str(label)))
+        items.append((big, _caption(label, names)))
     return items
+
+
+def conditions_text(request: CompareRequest) -> str:
+    """'classes 0, 1, 2 …' or 'prompts “a cat”, “a dog” · negative “blurry”' for captions (not escaped)."""
+    if not request.prompts:
+        labels = request.labels
+        return "classes " + ", ".join(map(str, labels[:12])) + (" …" if len(labels) > 12 else "")
+    distinct = list(dict.fromkeys(request.prompts))
+    text = "prompts " + ", ".join(f"“{_caption(p, ())}”" for p in distinct[:3]) + (" …" if len(distinct) > 3 else "")
+    negative = request.negative_prompt
+    return text + (f" · negative “{_caption(negative, ())}”" if negative else " · no negative prompt")
 
 
 def _fmt(value, spec: str, none: str = "—") -> str:
@@ -148,10 +183,9 @@ def compare_table_html(run: CompareRun) -> str:
         )
     plan = request.plan
     labels = request.labels
-    label_text = ", ".join(map(str, labels[:12])) + (" …" if len(labels) > 12 else "")
     caption = (
         f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · cfg {sample.guidance_scale:g} · "
-        f"{len(labels)} images (classes {label_text}) · seed {sample.seed} · seconds: median of {request.repeats} "
+        f"{len(labels)} images ({html.escape(conditions_text(request.request))}) · seed {sample.seed} · seconds: median of {request.repeats} "
         f"timed run{'s' if request.repeats > 1 else ''} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
         f" ({request.config.calibration.mode}, {request.config.calibration.size} images, {request.config.scorer})"
     )
@@ -258,7 +292,9 @@ def compare_summary(run: CompareRun) -> dict:
     """What the API returns about a comparison (no images: their shape and labels)."""
     return {
         "variant": run.request.variant,
-        "labels": list(run.request.labels),
+        "labels": list(run.request.request.labels),  # class ids ([] for a text-to-image model)
+        "prompts": list(run.request.request.prompts),  # one per image ([] for a class model)
+        "negative_prompt": run.request.negative_prompt,
         "num_images": len(run.request.labels),
         "image_shape": list(run.results[0].images.shape[1:]),
         "rows": [result.row() for result in run.results],
@@ -277,12 +313,20 @@ class CompareHandlers:
         self.prune = prune.handlers
         self.view = view
 
-    def resolve(self, plan_request: PlanRequest, prune_values: tuple, compare_values: tuple) -> CompareJob:
-        """Check every value (ValueError naming it) and decide which staged model to compare."""
+    def resolve(self, plan_request: PlanRequest, prune_values: tuple, compare_values: tuple, hidden_ignored: bool = False) -> CompareJob:
+        """Check every value (ValueError naming it) and decide which staged model to compare.
+
+        `compare_values`: labels, seed, count, cfg, repeats, only_stage[, prompts, negative_prompt].
+        With `hidden_ignored` (the page: a class model's prompt boxes are hidden, not empty),
+        the prompt boxes of a class model are not read.
+        """
         prune_request_ = prune_request(plan_request, *prune_values)
         spec = self.engine.resolve(plan_request.model)
+        values = list(compare_values)
+        if hidden_ignored and spec.conditioning != "text":
+            values = values[:6]
         request = CompareRequest.from_values(  # every value checked before "no weights" can answer instead
-            prune_request_, spec.num_classes, *compare_values,
+            prune_request_, spec.num_classes, *values, conditioning=spec.conditioning,
             count_range=settings.COMPARE_COUNT_RANGE, repeats_range=settings.REPEATS_RANGE,
         )
         self.engine.require_weights(spec)
@@ -319,6 +363,7 @@ class CompareHandlers:
             results = engine.compare(
                 pruned, job.labels, job.sample_config, job.repeats, should_stop=context.should_stop,
                 on_event=lambda event: context.report(share + (1 - share) * event.fraction, describe_compare_event(event)),
+                negative_prompt=job.negative_prompt,
             )
             context.report(1.0, "measured")
             return CompareRun(job, prune_summary(pruned), results)
@@ -327,9 +372,18 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (6) → a queued job."""
+        """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (8) → a queued job."""
         plan = PlanRequest.from_controls(*values[:12])
-        return self.submit(owner, self.resolve(plan, values[12:15], values[15:]))
+        return self.submit(owner, self.resolve(plan, values[12:15], values[15:], hidden_ignored=True))
+
+    def select_model(self, model, folder):
+        """A model was picked: the label box for a class model, the prompt boxes for a text model; its CFG."""
+        try:
+            spec = self.engine.resolve(model, folder)
+        except ValueError:  # the Divide section reports it; leave these controls as they are
+            return gr.update(), gr.update(), gr.update(), gr.update()
+        text = spec.conditioning == "text"
+        return gr.update(visible=not text), gr.update(visible=text), gr.update(visible=text), gr.update(value=spec.default_cfg)
 
     def render(self, status: JobStatus, history, axis):
         """Galleries, table, history (with this run added once) and the history chart."""
@@ -370,15 +424,22 @@ class CompareHandlers:
         cfg: float = settings.CFG_DEFAULT,
         repeats: int = settings.REPEATS_DEFAULT,
         only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+        prompts: Optional[Union[str, list[str]]] = None,
+        negative_prompt: str = "",
         request: gr.Request = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
         `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
-        'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
+        'all stages', 'early only', 'middle only', 'late only'. A text-to-image model takes
+        `prompts` instead of labels (text, one prompt per line, or a list; repeated to `count`)
+        and an optional `negative_prompt`. Poll `compare_status`.
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
-        job = self.resolve(plan, (calibration, calibration_size, scorer), (labels, seed, count, cfg, repeats, only_stage))
+        job = self.resolve(
+            plan, (calibration, calibration_size, scorer),
+            (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt),
+        )
         owner = owner_of(request)
         return status_dict(self.engine.jobs.status(self.submit(owner, job), owner), compare_summary)
 
@@ -393,6 +454,16 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
             labels = gr.Textbox(
                 settings.COMPARE_LABELS_DEFAULT, label="Class labels", info="ids or ranges, e.g. 0-9 or 1,3,5 (repeated to the count)",
                 elem_id="mosaic-compare-labels", max_length=limits.MAX_TEXT_LENGTH,
+            )
+            prompts = gr.Textbox(  # text-to-image models (shown instead of the labels)
+                settings.COMPARE_PROMPTS_DEFAULT, label="Prompts", lines=settings.COMPARE_PROMPT_LINES, visible=False,
+                info="one prompt per line, repeated to the count (one line: the same prompt for every image)",
+                elem_id="mosaic-compare-prompts", max_length=limits.MAX_PROMPTS * (limits.MAX_PROMPT_LENGTH + 1),
+            )
+            negative_prompt = gr.Textbox(
+                "", label="Negative prompt", visible=False, placeholder="empty: the model's own unconditional branch",
+                info="guidance steers away from it (both models get the same)", elem_id="mosaic-compare-negative",
+                max_length=limits.MAX_PROMPT_LENGTH,
             )
             with gr.Row():
                 count = gr.Number(
@@ -424,11 +495,14 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
     history = gr.State([])
     view.wire(
         handlers.start,
-        [*divide.controls, *prune.controls, labels, seed, count, cfg, repeats, only_stage],
+        [*divide.controls, *prune.controls, labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt],
         handlers.render, render_inputs=[history, axis],
         render_outputs=[dense_gallery, staged_gallery, table, history, history_plot],
     )
     axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], show_progress="hidden", api_visibility="private")
+    model_boxes = dict(inputs=[divide.model, divide.folder], outputs=[labels, prompts, negative_prompt, cfg], api_visibility="private")
+    gr.on([divide.model.input, divide.folder.submit], handlers.select_model, show_progress="hidden", **model_boxes)
+    divide.demo.load(handlers.select_model, **model_boxes)
     view.register_api(user_errors(handlers.start_api), compare_summary)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mosaic_core.conquer.compare import compare_steps, dense_and_staged
+from mosaic_core.conquer.conditions import conditions_for
 from mosaic_core.conquer.trajectory import Trajectory, trajectory_steps
 from mosaic_core.divide.noise_schedule import ScoreCurve
 from mosaic_core.divide.plan import Plan, schedule_curve, stage_only_plan
@@ -32,7 +33,7 @@ from mosaic_core.jobs import run_to_end
 from mosaic_core.models.dynamics import Dynamics, read_dynamics
 from mosaic_core.models.loading import load_model, missing_weights_hint, weights_folder
 from mosaic_core.models.parameters import ParameterSplit, parameter_split
-from mosaic_core.models.registry import ModelSpec, known_models, resolve_model
+from mosaic_core.models.registry import ModelSpec, known_models, local_model_folders, resolve_model
 from mosaic_core.prune.service import PrunedModel, PruneService
 from mosaic_core.requests import PlanRequest, model_name, shorten
 
@@ -79,12 +80,15 @@ class StudioEngine:
 
     # ----- models -------------------------------------------------------------------------
     @staticmethod
-    def model_choices() -> list[str]:
-        """Names for the model picker: the registry's entries."""
-        return known_models()
+    def model_choices() -> list:
+        """The model picker: the registry's names, then (folder name, path) of each model in the models directories."""
+        return known_models() + [(f"{folder.name} (local)", str(folder)) for folder in local_model_folders()]
 
     def resolve(self, model: str, folder: str = "") -> ModelSpec:
-        """The spec of a registry name, or of a local folder under an allowed root; ValueError otherwise.
+        """The spec of a registry name, a folder of the models directory, or a local folder under an allowed root.
+
+        The models directory's folders (`model_choices`) were put there by the server's owner,
+        so they resolve even where typed paths are off; anything else is a ValueError.
 
         Every refusal of a path says the same thing whether or not the path exists, is a
         folder, is readable or holds a config: nothing about the server's disk leaks out.
@@ -93,6 +97,8 @@ class StudioEngine:
         if name in self._overrides:
             return self._overrides[name]
         if name in known_models():
+            return resolve_model(name)
+        if name in {str(folder) for folder in local_model_folders()}:  # put in the models directory by the server's owner
             return resolve_model(name)
         # A path is not echoed back: "/root" and "/root/.ssh" get the very same answer.
         shown = "" if any(mark in name for mark in ("/", "\\", "~")) or name.startswith(".") else f" {shorten(name)}"
@@ -255,17 +261,23 @@ class StudioEngine:
     def compare(
         self,
         pruned: PrunedModel,
-        labels: Sequence[int],
+        labels: Sequence,
         sample_config,
         repeats: int,
         should_stop: Optional[Callable[[], bool]] = None,
         on_event: Optional[Callable[[Any], None]] = None,
+        negative_prompt: str = "",
     ) -> list:
-        """Dense vs `pruned` on the same labels and seeds: `compare.MethodResult`s, dense first."""
+        """Dense vs `pruned` on the same conditions and seeds: `compare.MethodResult`s, dense first.
+
+        `labels` are class ids, or prompts for a text-to-image model (embedded once, with
+        `negative_prompt` as the unconditional branch, and shared by both contenders).
+        """
         with self._compute_lock:
             loaded = self._load(pruned.spec)
+            conditions = conditions_for(loaded, labels, negative_prompt)
             contenders = dense_and_staged(loaded.transformer, pruned.staged, pruned.plan)
-            generator = compare_steps(loaded, contenders, labels, sample_config, repeats=repeats, should_stop=should_stop)
+            generator = compare_steps(loaded, contenders, conditions, sample_config, repeats=repeats, should_stop=should_stop)
             return run_to_end(generator, on_event)
 
 

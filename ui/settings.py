@@ -71,6 +71,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # Compare (count, repeats: the studio's limits; cfg: the slider's range, the engine accepts [0, 20]).
 COMPARE_LABELS_DEFAULT = "0-9"
+COMPARE_PROMPTS_DEFAULT = "an old lighthouse at sunrise, watercolor painting"  # text-to-image models (one per line)
+COMPARE_PROMPT_LINES = 3  # rows of the prompt box
 COMPARE_COUNT_RANGE = (1, 64)
 COMPARE_COUNT_DEFAULT = 10
 COMPARE_SEED_DEFAULT = 0

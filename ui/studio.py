@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import gradio as gr
+from gradio.components.api_component import Api
+from gradio.utils import get_function_params
 
 from ui import settings
 from ui.compare_tab import COMPARE_CSS, build_compare_section
@@ -40,9 +42,30 @@ def build_prune_and_compare(engine: StudioEngine, divide: DivideSection) -> None
 DEFAULT_SECTIONS: tuple[SectionBuilder, ...] = (build_prune_and_compare,)
 
 
+class StudioBlocks(gr.Blocks):
+    """`gr.Blocks` whose `gr.api` endpoints accept a call that leaves out trailing parameters with defaults.
+
+    gradio_client fills an omitted parameter's default on the client side, but a plain HTTP
+    caller of `/gradio_api/call/<name>` sends a bare list, and gradio refuses one shorter than
+    the function's parameters. Endpoints are extended by appending optional parameters
+    (`compare_start`'s `prompts`, `negative_prompt`), so a list of the old length is completed
+    with those defaults here: old callers keep working, whatever client they use.
+    """
+
+    def validate_inputs(self, block_fn, inputs: list) -> None:
+        """Complete `inputs` in place with the defaults of missing trailing `gr.api` parameters, then check it."""
+        missing = len(block_fn.inputs) - len(inputs)
+        if missing > 0 and block_fn.fn is not None and all(isinstance(block, Api) for block in block_fn.inputs):
+            params = get_function_params(block_fn.fn)  # how gr.api built its inputs (gr.Request left out)
+            tail = params[len(inputs):]
+            if len(params) == len(block_fn.inputs) and all(has_default for _, has_default, _, _ in tail):
+                inputs.extend(default for _, _, default, _ in tail)
+        super().validate_inputs(block_fn, inputs)
+
+
 def build_studio(engine: StudioEngine, sections: Sequence[SectionBuilder] = DEFAULT_SECTIONS) -> gr.Blocks:
     """The whole studio: header, Divide section, then `sections` in order."""
-    with gr.Blocks(title=settings.TITLE) as demo:
+    with StudioBlocks(title=settings.TITLE) as demo:
         gr.Markdown(HEADER)
         divide = build_divide_section(demo, engine)
         for build in sections:

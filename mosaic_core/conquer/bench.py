@@ -42,7 +42,8 @@ from mosaic_core.limits import shown
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
-from mosaic_core.conquer.sampling import SampleConfig, labels_for
+from mosaic_core.conquer.conditions import conditions_for, default_values
+from mosaic_core.conquer.sampling import SampleConfig
 from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = (
@@ -287,7 +288,7 @@ def bench_steps(
                     step_stages=plan.step_stages, info={**info, "note": cache_config.label()},
                 )
             )
-    labels = labels_for(config.num_images, spec.num_classes)
+    labels = conditions_for(loaded, default_values(spec, config.num_images))  # class i mod classes, or prompt i mod assets/prompts.txt
     sample_config = SampleConfig(n_steps, cfg, config.scheduler, config.seed)
     # 1. Quality: one untimed run of each method on all images.
     results = yield from relay(
@@ -297,7 +298,7 @@ def bench_steps(
     # 2. Timing: warm-up + `repeats` interleaved runs on a few images.
     timed = yield from relay(
         compare_steps(
-            loaded, contenders, labels_for(config.time_images, spec.num_classes), sample_config,
+            loaded, contenders, conditions_for(loaded, default_values(spec, config.time_images)), sample_config,
             repeats=config.repeats, should_stop=should_stop,
         ),
         lambda event: BenchEvent("time", event.contender, 0.5 + 0.5 * event.fraction),

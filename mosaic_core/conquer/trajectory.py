@@ -21,7 +21,8 @@ from typing import Callable, Generator
 import numpy as np
 import torch
 
-from mosaic_core.conquer.sampling import SampleConfig, StepEvent, labels_for, sample_steps
+from mosaic_core.conquer.conditions import conditions_for, default_values
+from mosaic_core.conquer.sampling import SampleConfig, StepEvent, sample_steps
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,14 @@ def trajectory_steps(
     seed: int,
     should_stop: Callable[[], bool] | None = None,
 ) -> Generator[StepEvent, None, Trajectory]:
-    """Sample `num_images` images densely, yielding each `StepEvent`; returns the `Trajectory`."""
+    """Sample `num_images` images densely, yielding each `StepEvent`; returns the `Trajectory`.
+
+    Image i is conditioned on class i mod the classes, or prompt i mod assets/prompts.txt
+    for a text-to-image model (`conditions.default_values`).
+    """
     spec = loaded.spec
     config = SampleConfig(num_inference_steps=steps, guidance_scale=spec.default_cfg, scheduler=sampler, seed=seed)
-    labels = labels_for(num_images, spec.num_classes)
+    labels = conditions_for(loaded, default_values(spec, num_images))
     schedule = dict(loaded.scheduler_config)
     clip = float(schedule.get("clip_sample_range", 1.0)) if schedule.get("clip_sample") else None
     predictions, timesteps = [], []
@@ -73,6 +78,6 @@ def trajectory_steps(
     return Trajectory(
         timesteps=np.asarray(timesteps, dtype=np.float64),
         distance=rms.mean(dim=1).double().numpy(),
-        num_images=len(labels),
+        num_images=int(num_images),
         seconds=time.perf_counter() - start,
     )

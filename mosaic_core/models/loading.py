@@ -148,7 +148,7 @@ def missing_weights_hint(spec: ModelSpec) -> str:
     if spec.source == "builtin":
         return f"weights not present yet in {spec.path}: run `python -m mosaic_core train`"
     if spec.source == "hub" and not spec.path:
-        return f"weights not present: {where_to_put(spec.name)}"
+        return f"weights not present: {where_to_put(spec.hub_id or spec.name)}"
     from mosaic_core.models.adapters import adapter_named
 
     sub = adapter_named(spec.family).denoiser_folder

@@ -69,6 +69,13 @@ class ModelSpec:
     image_seq_len: int | None = None  # image tokens per sample at the default size: μ of a dynamically shifted flow schedule
 
     @property
+    def conditioning(self) -> str:
+        """What the family conditions on: "class" (labels) or "text" (prompts), from its adapter."""
+        from mosaic_core.models.adapters import adapter_named
+
+        return adapter_named(self.family).conditioning
+
+    @property
     def null_class(self) -> int:
         """The label of the unconditional branch of classifier-free guidance."""
         return self.num_classes
@@ -123,6 +130,9 @@ _REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+SDXL_BASE_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # where sdxl-base's weights are looked for
+
+
 def _sdxl_base() -> ModelSpec:
     """SDXL-base-1.0 from its shipped public configs (no weights needed to plan)."""
     from mosaic_core.models.adapters import adapter_for_class
@@ -138,7 +148,7 @@ def _sdxl_base() -> ModelSpec:
         default_steps=50,
         default_cfg=5.0,
         family=adapter.name,
-        hub_id="stabilityai/stable-diffusion-xl-base-1.0",
+        hub_id=SDXL_BASE_HUB_ID,
         config_path=str(folder / "unet_config.json"),
         **adapter.spec_fields(unet, folder),
     )
@@ -256,15 +266,54 @@ def _check_scheduler_config(config: Mapping[str, Any], what: str) -> None:
         ) from None
 
 
+def models_dirs() -> list[Path]:
+    """Where local model copies live: `$MOSAIC_MODELS_DIR` (when set), then `<project>/cache/models`."""
+    roots = [Path(os.environ[MODELS_DIR_ENV]).expanduser()] if os.environ.get(MODELS_DIR_ENV) else []
+    return roots + [PROJECT_ROOT / "cache" / "models"]
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A scheduler config and a denoiser config: what `resolve_model` needs of a local folder."""
+    try:
+        return folder.is_dir() and _scheduler_config_in(folder) is not None and _denoiser_config_in(folder) is not None
+    except (_Unusable, OSError):
+        return False
+
+
+def local_model_folders() -> list[Path]:
+    """Model folders in the models directories that are not a registry entry's weights, sorted.
+
+    A folder counts when it holds a diffusers scheduler config and a denoiser config
+    (`<dir>/<name>` or `<dir>/<owner>/<name>`); a copy of a registry entry's hub id
+    (`facebook--DiT-XL-2-256`) is that entry, listed under its registry name instead.
+    """
+    registered = set()
+    for name in known_models():
+        spec = _REGISTRY[name] if name in _REGISTRY else _LAZY_REGISTRY[name]()
+        for model_id in {name, spec.hub_id or name}:
+            registered.update({model_id, model_id.replace("/", "--")})
+    found: list[Path] = []
+    for root in models_dirs():
+        try:
+            children = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        except OSError:
+            continue
+        for child in children:
+            candidates = [child] if _is_model_folder(child) else sorted(p for p in child.iterdir() if p.is_dir())
+            for folder in candidates:
+                name = str(folder.relative_to(root))
+                if name not in registered and _is_model_folder(folder) and folder not in found:
+                    found.append(folder)
+    return found
+
+
 def hub_folder(model_id: str) -> Path | None:
     """A local folder holding the diffusers files of a hub id, if any is present.
 
     Looked for in `$MOSAIC_MODELS_DIR/<id>` and `cache/models/<id>` (with `/` or `--`
     between owner and name), then in the Hugging Face cache (offline, never downloads).
     """
-    roots = [Path(os.environ[MODELS_DIR_ENV])] if os.environ.get(MODELS_DIR_ENV) else []
-    roots.append(PROJECT_ROOT / "cache" / "models")
-    for root in roots:
+    for root in models_dirs():
         for name in (model_id, model_id.replace("/", "--")):
             if any((root / name / sub).is_dir() for sub in DENOISER_FOLDERS):
                 return root / name

@@ -85,6 +85,8 @@ def concat_conditions(first: Any, second: Any) -> Any:
             if not f.init:
                 continue
             a, b = getattr(first, f.name), getattr(second, f.name)
+            if (a is None) != (b is None):  # an optional tensor (e.g. a negative prompt) set on one side only
+                raise ValueError(f"cannot concatenate conditions: '{f.name}' is set in one and not in the other")
             values[f.name] = concat_conditions(a, b) if torch.is_tensor(a) or dataclasses.is_dataclass(a) else a
         return dataclasses.replace(first, **values)
     raise ValueError(f"cannot concatenate conditions of type {type(first).__name__}")
@@ -185,10 +187,19 @@ class FamilyAdapter:
                 layers.append(PrunableLayer(index, kind, name, size, groups))
         return layers
 
-    def condition_for(self, loaded, values: Any) -> Any:
-        """The condition of N samples for this family: class labels (ids) or prompts (text)."""
+    def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> Any:
+        """The condition of N samples for this family: class labels (ids) or prompts (text).
+
+        `negative_prompt` replaces CFG's null branch for text families; a class family has no
+        text to negate, so a non-empty one is refused.
+        """
         from mosaic_core.conquer.sampling import check_labels
 
+        if negative_prompt is not None and str(negative_prompt).strip():
+            raise ValueError(
+                f"a negative prompt needs a text-to-image model; '{loaded.spec.name}' is class-conditional "
+                "(its unconditional branch is the null class): leave negative_prompt empty"
+            )
         labels = check_labels(values, loaded.spec.num_classes).to(loaded.device)
         return ClassCondition(labels, loaded.spec.num_classes)
 

@@ -18,11 +18,15 @@ penultimate hidden states concatenated), the pooled embedding of the second enco
 (N×1280) and `time_ids` (N×6: original size, crop corner, target size), passed as
 `encoder_hidden_states` and `added_cond_kwargs={text_embeds, time_ids}`. The null branch of
 classifier-free guidance is all-zero embeddings with the same time_ids — what
-StableDiffusionXLPipeline uses for an empty negative prompt (`force_zeros_for_empty_prompt`).
+StableDiffusionXLPipeline uses when no negative prompt is given (`force_zeros_for_empty_prompt`).
+With a negative prompt (`condition_for(loaded, prompts, negative_prompt="blurry")`) the null
+branch is that prompt embedded like any other — the pipeline's `negative_prompt` — carried in
+the condition's `negative_*` fields so that it travels with the rows (docs/method.md §10.5).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -43,6 +47,9 @@ class TextCondition:
     prompt_embeds: torch.Tensor  # N × M × C
     pooled_prompt_embeds: torch.Tensor  # N × P
     time_ids: torch.Tensor  # N × 6
+    # The unconditional branch's prompt, embedded (N × M × C, N × P); None: zeros (no negative prompt).
+    negative_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -57,10 +64,17 @@ class TextCondition:
         }
 
     def null(self) -> "TextCondition":
-        """The unconditional branch: zero embeddings, same time ids (SDXL's empty negative prompt)."""
-        return TextCondition(
-            torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled_prompt_embeds), self.time_ids
-        )
+        """The unconditional branch: the negative prompt's embeddings, or zeros without one; same time ids.
+
+        The null of a negative-prompt condition keeps its negative fields (the null of the
+        null is itself), so `concat_conditions(condition, condition.null())` is well formed.
+        """
+        if self.negative_prompt_embeds is None:
+            return TextCondition(
+                torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled_prompt_embeds), self.time_ids
+            )
+        negative, pooled = self.negative_prompt_embeds, self.negative_pooled_prompt_embeds
+        return TextCondition(negative, pooled, self.time_ids, negative, pooled)
 
 
 def _per_level(value: Any, levels: int, name: str) -> list:
@@ -167,11 +181,21 @@ class SDXLAdapter(FamilyAdapter):
     denoiser_folder = "unet"
     conditioning = "text"
 
-    def condition_for(self, loaded, values: Any) -> TextCondition:
-        """The text condition of `values` (a prompt or a list of prompts) at the model's image size."""
+    def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> TextCondition:
+        """The text condition of `values` (a prompt or a list of prompts) at the model's image size.
+
+        `negative_prompt` (one text for every image) becomes the unconditional branch, as the
+        pipeline's `negative_prompt`; None or an empty/blank text keeps the zero null branch.
+        """
         prompts = [values] if isinstance(values, str) else list(values)
         size = loaded.pixel_size
-        return encode_prompts(loaded.extras, prompts, size, size, loaded.device, loaded.dtype)
+        condition = encode_prompts(loaded.extras, prompts, size, size, loaded.device, loaded.dtype)
+        if negative_prompt is None or not str(negative_prompt).strip():
+            return condition
+        negative = encode_prompts(loaded.extras, [str(negative_prompt)] * len(prompts), size, size, loaded.device, loaded.dtype)
+        return dataclasses.replace(
+            condition, negative_prompt_embeds=negative.prompt_embeds, negative_pooled_prompt_embeds=negative.pooled_prompt_embeds
+        )
 
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> BlockwiseShape:
         """Per-layer costs of the UNet's transformer blocks (`unet_layer_shapes`)."""
