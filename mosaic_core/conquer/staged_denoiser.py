@@ -6,6 +6,10 @@ bounds [t_min, t_max] in model timesteps:
 
     τ > t_max → early (noisiest),   t_min ≤ τ ≤ t_max → middle,   τ < t_min → late.
 
+A family whose network receives the timestep scaled (`FamilyAdapter.timestep_scale`; a
+flow-matching model fed σ = t/1000 instead of t = σ·1000) gives that scale: the received
+value is divided by it before the stage is chosen, so bounds stay in t units.
+
 Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer
 first, by the one rule of `divide.stages.stage_of_timesteps`. It forwards every argument
 of the call to the stage's network and returns what that network returns, and reads
@@ -71,6 +75,7 @@ class StagedDiT(nn.Module):
         t_min: int,
         t_max: int,
         num_train_timesteps: int | None = None,
+        timestep_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if int(t_min) != t_min or int(t_max) != t_max or not 0 <= t_min <= t_max:
@@ -81,6 +86,9 @@ class StagedDiT(nn.Module):
         self.t_min = int(t_min)
         self.t_max = int(t_max)
         self.num_train_timesteps = None if num_train_timesteps is None else int(num_train_timesteps)
+        if not (isinstance(timestep_scale, (int, float)) and timestep_scale > 0):
+            raise ValueError(f"timestep_scale must be a positive number, got {timestep_scale!r}")
+        self.timestep_scale = float(timestep_scale)  # the network receives t · scale; stages are in t
         self.stage_calls: list[str] = []
 
     # --- what a diffusers pipeline reads from a transformer -------------------------------
@@ -108,8 +116,8 @@ class StagedDiT(nn.Module):
         self.stage_calls.clear()
 
     def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each timestep: 0 early, 1 middle, 2 late (same shape, long)."""
-        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy()
+        """Stage of each timestep the network receives (t · timestep_scale): 0 early, 1 middle, 2 late."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy() / self.timestep_scale  # back to t units
         return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
     def __getattr__(self, name: str):
@@ -141,7 +149,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return self.networks()[present[0]](hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict, kwargs)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -152,12 +160,9 @@ class StagedDiT(nn.Module):
                 continue
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
-            part = network(
-                hidden_states.index_select(0, rows_dev),
-                select_rows(timestep, rows, batch),
-                *select_rows(tuple(args), rows, batch),
-                return_dict=True,
-                **select_rows(kwargs, rows, batch),
+            part = _call(
+                network, hidden_states.index_select(0, rows_dev), select_rows(timestep, rows, batch),
+                select_rows(tuple(args), rows, batch), True, select_rows(kwargs, rows, batch),
             )
             output_type = type(part)
             sample = part.sample
@@ -167,6 +172,14 @@ class StagedDiT(nn.Module):
         if not return_dict:
             return (output,)
         return output_type(sample=output)
+
+
+def _call(network: nn.Module, hidden_states, timestep, args: tuple, return_dict: bool, kwargs: dict):
+    """network(hidden_states, timestep, …): the timestep by keyword unless more positional
+    arguments follow it (a transformer whose forward has `timestep` after the text inputs)."""
+    if args:
+        return network(hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+    return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
 
 
 StagedDenoiser = StagedDiT  # the family-neutral name; StagedDiT stays for existing callers

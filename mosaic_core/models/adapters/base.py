@@ -39,9 +39,12 @@ import torch
 from torch import nn
 
 # Kinds of prunable layer: the group they remove and how their cost is counted.
-LAYER_KINDS = ("attn", "cross_attn", "mlp")
-# Which BlockKeep field holds the kept groups of each kind.
-KEEP_FIELDS = {"attn": "heads", "cross_attn": "cross_heads", "mlp": "units"}
+LAYER_KINDS = ("attn", "cross_attn", "mlp", "joint_attn", "context_mlp", "dual_attn")
+# Which BlockKeep field holds the kept groups of each kind (a block has "attn" or "joint_attn", not both).
+KEEP_FIELDS = {
+    "attn": "heads", "cross_attn": "cross_heads", "mlp": "units",
+    "joint_attn": "heads", "context_mlp": "context_units", "dual_attn": "dual_heads",
+}
 
 
 # --- conditions -------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class FamilyAdapter:
     denoiser_folder: ClassVar[str] = "transformer"  # sub-folder of a diffusers pipeline folder
     block_classes: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
+    timestep_scale: ClassVar[float] = 1.0  # the denoiser receives t · timestep_scale (Flux: 1/1000)
 
     # -- the model side ---------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> list[str]:
@@ -155,10 +159,11 @@ class FamilyAdapter:
             raise ValueError(f"{type(model).__name__} has no prunable blocks ({', '.join(self.block_classes)})")
         return paths
 
-    def block_layers(self, path: str, block: nn.Module) -> list[tuple[str, str, int, int]]:
-        """(kind, output projection path, group size, groups) of one block's prunable layers.
+    def block_layers(self, path: str, block: nn.Module) -> list[tuple]:
+        """(kind, output projection path, group size, groups[, parts]) of one block's prunable layers.
 
-        Read from the modules (not the config), so it also works on sliced blocks.
+        Read from the modules (not the config), so it also works on sliced blocks. The
+        optional fifth entry is the layer's `hessian.LayerPart`s (joint or fused projections).
         """
         layers = []
         for attr in ("attn1", "attn2"):
@@ -180,9 +185,23 @@ class FamilyAdapter:
         modules = dict(model.named_modules())
         layers = []
         for index, path in enumerate(self.block_paths(model)):
-            for kind, name, size, groups in self.block_layers(path, modules[path]):
-                layers.append(PrunableLayer(index, kind, name, size, groups))
+            for kind, name, size, groups, *parts in self.block_layers(path, modules[path]):
+                layers.append(PrunableLayer(index, kind, name, size, groups, *parts))
         return layers
+
+    def slice_block(self, block: nn.Module, keep, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A new block keeping `keep` (`surgery.BlockKeep`); `weights` by their path in the block."""
+        from mosaic_core.prune.surgery import slice_basic_block
+
+        return slice_basic_block(block, keep, weights)
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input from N×C×H×W latents (identity; a family may pack them into tokens)."""
+        return latents
+
+    def unpack_latents(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output as N×C×H×W like `latents` (identity; inverse of `pack_latents`)."""
+        return output
 
     def condition_for(self, loaded, values: Any) -> Any:
         """The condition of N samples for this family: class labels (ids) or prompts (text)."""
