@@ -242,7 +242,7 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-FAMILY_MODULES = ("dit", "sdxl", "sd3")  # one module per family; each registers its adapter on import
+FAMILY_MODULES = ("dit", "sdxl", "sd3", "flux")  # one module per family; each registers its adapter on import
 
 
 def _ensure_registered() -> None:
