@@ -126,16 +126,23 @@ def _synchronize(device: torch.device) -> None:
 def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float) -> torch.Tensor:
     """One guided ε prediction. x: N×C×H×W; condition, null: N samples each (adapters' conditions)."""
     from mosaic_core.models.adapters import concat_conditions
+    from mosaic_core.models.adapters.base import denoiser_adapter
+
+    adapter = denoiser_adapter(model)  # the family's input form: packed tokens, timestep units
+
+    def call(inputs: torch.Tensor, timestep: torch.Tensor, **kwargs):  # N×C×H×W in and out
+        out = model(adapter.pack_latents(inputs), timestep=adapter.model_timestep(timestep), **kwargs)
+        return type(out)(sample=adapter.unpack_latents(out.sample, inputs))
 
     channels = x.shape[1]
     if g == 1.0:
-        out = model(x, timestep=t.expand(x.shape[0]), **condition.model_kwargs()).sample
+        out = call(x, timestep=t.expand(x.shape[0]), **condition.model_kwargs()).sample
         return out[:, :channels]  # learned-σ models output 2C channels: keep ε
     if g == 0.0:
-        out = model(x, timestep=t.expand(x.shape[0]), **null.model_kwargs()).sample
+        out = call(x, timestep=t.expand(x.shape[0]), **null.model_kwargs()).sample
         return out[:, :channels]
     both = torch.cat([x, x])  # 2N×C×H×W
-    out = model(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
+    out = call(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
     eps_cond, eps_uncond = out[:, :channels].chunk(2)
     return eps_uncond + g * (eps_cond - eps_uncond)
 

@@ -401,6 +401,5 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         source="folder",
         path=str(folder),
         family=adapter.name,
-        default_cfg=5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg,
-        **fields,
+        **{"default_cfg": 5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg, **fields},  # a family may set its own
     )

@@ -326,7 +326,7 @@ class HessianCollector:
             raise RuntimeError("HessianCollector.run must be called inside its `with` block")
         adapter = adapter_for_model(self.model)
         with torch.no_grad():  # the family's own input form: packed tokens, timestep units
-            self.model(adapter.pack_latents(x_t), timestep=timestep * adapter.timestep_scale, **as_condition(condition).model_kwargs())
+            self.model(adapter.pack_latents(x_t), timestep=adapter.model_timestep(timestep), **as_condition(condition).model_kwargs())
         self.batches += 1
 
     def hessians(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -195,6 +195,10 @@ class FamilyAdapter:
 
         return slice_basic_block(block, keep, weights)
 
+    def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """What the denoiser receives for engine timesteps t: t · timestep_scale (t itself when 1)."""
+        return timestep if self.timestep_scale == 1.0 else timestep * self.timestep_scale
+
     def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The denoiser's input from N×C×H×W latents (identity; a family may pack them into tokens)."""
         return latents
@@ -276,6 +280,12 @@ def adapter_named(name: str) -> FamilyAdapter:
             return adapter
     names = sorted({adapter.name for adapter in _ADAPTERS.values()})
     raise ValueError(f"unknown model family '{name}': choose one of {', '.join(names)}")
+
+
+def denoiser_adapter(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a denoiser, or of the networks of a staged denoiser (which has `networks()`)."""
+    networks = getattr(model, "networks", None)
+    return adapter_for_model(networks()[1] if callable(networks) else model)
 
 
 def adapter_for_model(model: nn.Module) -> FamilyAdapter:

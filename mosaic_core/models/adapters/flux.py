@@ -208,12 +208,24 @@ class FluxAdapter(FamilyAdapter):
         return flux_layer_shapes(config, int(context.get("latent_size", 128)), int(context.get("context_tokens", T5_TOKENS)))
 
     def spec_fields(self, config: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-        """Shape, latent channels (in_channels / 4: packing) and a 128² latent; no CFG (guidance is distilled)."""
+        """Shape, latent channels (in_channels / 4: packing) and latent size; no CFG (guidance is distilled).
+
+        The transformer config has no image size: the latent side is the VAE's sample_size
+        over its downsampling factor 2^(levels − 1) when a vae/ config is there, else 128
+        (1024² pixels, FluxPipeline's default).
+        """
+        latent_size = 128
+        vae_config = folder / "vae" / "config.json"
+        if vae_config.is_file():
+            import json
+
+            vae = json.loads(vae_config.read_text())
+            latent_size = int(vae.get("sample_size", 1024)) // 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
         return {
-            "shape": self.shape_from_config(config),
+            "shape": self.shape_from_config(config, latent_size=latent_size),
             "num_classes": 0,
             "in_channels": int(config.get("in_channels", 64)) // 4,
-            "sample_size": 128,
+            "sample_size": latent_size,
             "latent": True,
             "default_cfg": 1.0,
         }
