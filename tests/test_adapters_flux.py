@@ -184,6 +184,7 @@ def test_cost_model_agrees_with_torch_flop_counter(parts):
     assert flops == 2 * shape.macs(tuple(counts[layer.name] for layer in shape.layers))
 
 
+@pytest.mark.slow
 def test_the_real_pipeline_runs_each_step_on_its_stage(parts):
     from diffusers import FluxPipeline
 
@@ -199,3 +200,19 @@ def test_the_real_pipeline_runs_each_step_on_its_stage(parts):
     expected = stage_of_timesteps(np.asarray(pipe.scheduler.timesteps, dtype=np.float64), bounds, 1000)
     assert staged.stage_calls == [STAGE_NAMES[s] for s in expected]
     assert set(staged.stage_calls) == {"early", "middle", "late"}
+
+
+def test_flux_entries_plan_from_their_shipped_configs():
+    """Dense block-linear MACs of one call counted by hand: D = 3072 (24 heads of 128), N = 4096
+    packed image tokens (1024² px), M = 512 T5 tokens; 19 double blocks, 38 single blocks over N + M."""
+    from mosaic_core.models.registry import resolve_model
+
+    D, N, M = 3072, 4096, 512
+    double = 4 * (N + M) * D * D + 2 * (N + M) * D * 4 * D
+    single = 4 * (N + M) * D * D + 2 * (N + M) * D * 4 * D
+    for name, cfg in (("flux-dev", 1.0), ("flux-schnell", 1.0)):
+        spec = resolve_model(name)
+        assert (spec.family, spec.in_channels, spec.sample_size, spec.default_cfg) == ("flux", 16, 128, cfg)
+        assert spec.shape.macs() == 19 * double + 38 * single
+        assert spec.shape.num_heads == 57 * 24 and spec.shape.mlp_hidden == (19 * 2 + 38) * 4 * D
+    assert resolve_model("flux-schnell").default_steps == 4

@@ -200,6 +200,7 @@ def test_condition_is_the_pipelines_own_encoding(parts):
     assert embeds.shape == (1, 77 + 256, 64) and negative.abs().sum() > 0  # "" is encoded, not zeros
 
 
+@pytest.mark.slow
 def test_the_real_pipeline_runs_each_step_on_its_stage(parts):
     from diffusers import StableDiffusion3Pipeline
 
@@ -215,3 +216,22 @@ def test_the_real_pipeline_runs_each_step_on_its_stage(parts):
     expected = stage_of_timesteps(np.asarray(pipe.scheduler.timesteps, dtype=np.float64), bounds, 1000)
     assert staged.stage_calls == [STAGE_NAMES[s] for s in expected]
     assert set(staged.stage_calls) == {"early", "middle", "late"}
+
+
+def test_sd3_medium_plans_from_its_shipped_config():
+    """Dense block-linear MACs of one call, counted by hand from the published architecture:
+    24 joint blocks, D = 1536 (24 heads of 64), N = (128/2)² = 4096 image tokens, M = 77 + 256
+    text tokens; the last block's context stream stops after its q/k/v."""
+    from mosaic_core.divide.cost import sampling_macs
+    from mosaic_core.models.registry import resolve_model
+
+    spec = resolve_model("sd3-medium")
+    D, N, M = 1536, 4096, 333
+    per_block = 4 * N * D * D + 4 * M * D * D + 2 * N * D * 4 * D + 2 * M * D * 4 * D  # attention both streams + two FFs
+    last = 4 * N * D * D + 3 * M * D * D + 2 * N * D * 4 * D
+    assert spec.family == "sd3" and spec.in_channels == 16 and spec.sample_size == 128
+    assert spec.shape.macs() == 23 * per_block + last
+    assert sampling_macs(spec.shape, None, (1, 0, 0)) == 23 * per_block + last
+    assert spec.shape.num_heads == 24 * 24 and spec.shape.mlp_hidden == (24 + 23) * 4 * D
+    # float64 Hessians: a joint layer is 2·D wide (image + context columns), the last one D
+    assert spec.shape.hessian_bytes() == 8 * (23 * (2 * D) ** 2 + D**2 + 24 * (4 * D) ** 2 + 23 * (4 * D) ** 2)

@@ -71,3 +71,33 @@ def test_prune_save_load_and_the_real_pipeline(family, tmp_path_factory, tmp_pat
     assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
     timesteps = np.asarray(pipeline.scheduler.timesteps, dtype=np.float64)
     assert pipeline.transformer.stage_calls == [STAGE_NAMES[s] for s in plan.bounds.stage_of(timesteps)]
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    from mosaic_core.models.registry import PROJECT_ROOT
+
+    return subprocess.run([sys.executable, "-m", "mosaic_core", *map(str, args)], capture_output=True, text=True, cwd=PROJECT_ROOT)
+
+
+@pytest.mark.slow
+def test_cli_plan_prune_sample_on_a_tiny_flux_folder(tmp_path_factory, tmp_path):
+    """Flux (packed latents, σ timesteps, fused projections) through the public commands."""
+    folder = _folder(tmp_path_factory, "flux")
+    planned = _cli("plan", "--model", folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5")
+    assert planned.returncode == 0, planned.stderr
+    assert "ideal speed-up" in planned.stdout and "Hessians a prune gathers" in planned.stdout
+    pruned = _cli("prune", "--model", folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5",
+                  "--calib-size", 2, "--out", tmp_path / "ckpt", "--device", "cpu")
+    assert pruned.returncode == 0, pruned.stderr
+    archives = {}
+    for name, extra in (("dense", []), ("staged", ["--pruned", tmp_path / "ckpt"])):
+        out = tmp_path / f"{name}.npz"
+        sampled = _cli("sample", "--model", folder, "--prompt", "a red fox", "--n", 1, "--steps", 3,
+                       "--scheduler", "euler", "--device", "cpu", "--out", out, *extra)
+        assert sampled.returncode == 0, sampled.stderr
+        archives[name] = np.load(out)["images"]
+        assert archives[name].shape == (1, 16, 16, 3)
+    assert not np.array_equal(archives["dense"], archives["staged"])
