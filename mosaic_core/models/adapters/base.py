@@ -13,6 +13,8 @@ name (`adapter_for_model`, `adapter_for_class`). An adapter says:
 | per-block cost, before any weight| `shape_from_config`             | homogeneous shape        | one `LayerShape` per prunable layer |
 | the conditioned call, CFG's null | `Condition.model_kwargs/null`   | class labels, ∅ = classes| prompt embeds, pooled, time_ids; ∅ = zeros |
 | loading a local diffusers folder | `load_denoiser`, `load_extras`  | transformer/             | unet/, text_encoder(_2), tokenizer(_2) |
+| slicing one block                | `slice_block`                   | surgery.slice_basic_block| same (SD3/Flux: slice_joint_block, slice_parallel_block) |
+| the denoiser's input form        | `pack_latents`, `timestep_scale`| identity, t              | identity, t (Flux: 2×2 tokens, σ = t/1000) |
 
 A prunable group is a set of input columns of one *output projection* (the Hessian site,
 H = XᵀX/n of that layer's input; docs/method.md §3): an attention head h is columns
@@ -24,8 +26,13 @@ Conditions are small dataclasses whose tensor fields all have the batch first. T
 only concatenates them (classifier-free guidance doubles the batch), selects rows (a staged
 model splits a mixed batch by stage), moves them to a device and asks `model_kwargs()` for
 the keyword arguments of the denoiser's forward call and `null()` for the unconditional
-branch. Future families (PixArt, SD3, Flux) add a Condition with their own fields, and a
-"joint_attn" layer kind whose context projections are sliced with the image ones.
+branch. SD3 and Flux (`sd3.py`, `flux.py`) add the "joint_attn" kind (a head spans the
+image and context streams: two output projections, two Hessian parts), "context_mlp" (the
+context stream's feed-forward), "dual_attn" (SD3.5's second attention) and Flux's fused
+proj_out, whose attention and MLP columns are two layers of one module
+(`hessian.LayerPart`, docs/method.md §9). A family whose denoiser takes packed tokens or
+a scaled timestep says so with `pack_latents`/`unpack_latents` and `timestep_scale`; the
+engine keeps N×C×H×W latents and t = σ·1000 (flow matching) or the DDPM index.
 """
 
 from __future__ import annotations
