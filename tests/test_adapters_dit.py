@@ -41,14 +41,14 @@ def test_class_condition_call_is_the_dit_call():
 
 def test_unknown_denoiser_classes_are_refused_with_the_supported_list(tmp_path):
     assert {"DiTTransformer2DModel", "UNet2DConditionModel"} <= set(supported_classes())
-    with pytest.raises(ValueError, match=r"unsupported denoiser class 'FluxTransformer2DModel': supported are .*DiTTransformer2DModel"):
-        adapter_for_class("FluxTransformer2DModel")
-    folder = tmp_path / "flux"
+    with pytest.raises(ValueError, match=r"unsupported denoiser class 'HunyuanDiT2DModel': supported are .*DiTTransformer2DModel"):
+        adapter_for_class("HunyuanDiT2DModel")
+    folder = tmp_path / "hunyuan"
     (folder / "transformer").mkdir(parents=True)
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
-    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(ValueError, match=r"unsupported denoiser class 'FluxTransformer2DModel'.*UNet2DConditionModel"):
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "HunyuanDiT2DModel"}))
+    with pytest.raises(ValueError, match=r"unsupported denoiser class 'HunyuanDiT2DModel'.*UNet2DConditionModel"):
         resolve_model(str(folder))
     (folder / "transformer" / "config.json").unlink()
     with pytest.raises(ValueError, match=r"has no denoiser config: expected transformer/config.json or unet/config.json"):

@@ -40,7 +40,6 @@ from mosaic_core.models.samplers import (
     check_num_steps,
     check_sampler_fits,
     check_scheduler_name,
-    denoiser_timestep_scale,
     make_scheduler,
     set_sampler_timesteps,
 )
@@ -140,16 +139,23 @@ def _synchronize(device: torch.device) -> None:
 def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float) -> torch.Tensor:
     """One guided ε prediction. x: N×C×H×W; condition, null: N samples each (adapters' conditions)."""
     from mosaic_core.models.adapters import concat_conditions
+    from mosaic_core.models.adapters.base import denoiser_adapter
+
+    adapter = denoiser_adapter(model)  # the family's input form: packed tokens, timestep units
+
+    def call(inputs: torch.Tensor, timestep: torch.Tensor, **kwargs):  # N×C×H×W in and out
+        out = model(adapter.pack_latents(inputs), timestep=adapter.model_timestep(timestep), **kwargs)
+        return type(out)(sample=adapter.unpack_latents(out.sample, inputs))
 
     channels = x.shape[1]
     if g == 1.0:
-        out = model(x, timestep=t.expand(x.shape[0]), **condition.model_kwargs()).sample
+        out = call(x, timestep=t.expand(x.shape[0]), **condition.model_kwargs()).sample
         return out[:, :channels]  # learned-σ models output 2C channels: keep ε
     if g == 0.0:
-        out = model(x, timestep=t.expand(x.shape[0]), **null.model_kwargs()).sample
+        out = call(x, timestep=t.expand(x.shape[0]), **null.model_kwargs()).sample
         return out[:, :channels]
     both = torch.cat([x, x])  # 2N×C×H×W
-    out = model(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
+    out = call(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
     eps_cond, eps_uncond = out[:, :channels].chunk(2)
     return eps_uncond + g * (eps_cond - eps_uncond)
 
@@ -227,7 +233,6 @@ def sample_steps(
     set_sampler_timesteps(scheduler, config.scheduler, scheduler_config, config.num_inference_steps, image_seq_len)
     if flow:
         scheduler.set_begin_index(0)  # step k uses σ_k, σ_{k+1} (as diffusers' flow pipelines do)
-    timestep_scale = denoiser_timestep_scale(model)  # the denoiser's t: scheduler t · scale (Flux: 1/1000)
     if noise is None:
         noise = initial_noise(len(y), sample_shape, config.seed, index_offset)
     elif tuple(noise.shape) != (len(y),) + tuple(sample_shape):
@@ -249,9 +254,9 @@ def sample_steps(
             start = time.perf_counter()
             # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM; flow schedulers have none).
             model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
-            # 2. Guided ε (flow: v) prediction at this timestep, in the denoiser's units of t.
-            t_model = t if timestep_scale == 1.0 else t * timestep_scale
-            eps = _denoise(model, model_input, t_model.to(device), condition, null, config.guidance_scale)
+            # 2. Guided ε (flow: v) prediction at this timestep (`_denoise` hands the denoiser t in its
+            #    family's units, t · timestep_scale, and its packed input form).
+            eps = _denoise(model, model_input, t.to(device), condition, null, config.guidance_scale)
             sigma = scheduler.sigmas[i] if flow else None  # σ of this step, before the update
             # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
             kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}

@@ -6,6 +6,10 @@ bounds [t_min, t_max] in model timesteps:
 
     τ > t_max → early (noisiest),   t_min ≤ τ ≤ t_max → middle,   τ < t_min → late.
 
+A family whose network receives the timestep scaled (`FamilyAdapter.timestep_scale`; a
+flow-matching model fed σ = t/1000 instead of t = σ·1000) gives that scale: the received
+value is divided by it before the stage is chosen, so bounds stay in t units.
+
 Fractional timesteps (DPM-Solver, Euler) are rounded half up to the nearest integer
 first, by the one rule of `divide.stages.stage_of_timesteps`. It forwards every argument
 of the call to the stage's network and returns what that network returns, and reads
@@ -53,15 +57,6 @@ def param_bytes(*modules: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _call(network: nn.Module, hidden_states, timestep, args: tuple, **kwargs: Any):
-    """The network's forward with the timestep second when more positionals follow it (UNet-style
-    calls), else by keyword: SD3 and Flux take the text embeddings second, and every diffusers
-    denoiser names the argument `timestep`."""
-    if args:
-        return network(hidden_states, timestep, *args, **kwargs)
-    return network(hidden_states, timestep=timestep, **kwargs)
-
-
 class StagedDiT(nn.Module):
     """A denoiser that runs the early/middle/late sub-network of each timestep (any family).
 
@@ -80,6 +75,7 @@ class StagedDiT(nn.Module):
         t_min: int,
         t_max: int,
         num_train_timesteps: int | None = None,
+        timestep_scale: float | None = None,
     ) -> None:
         super().__init__()
         if int(t_min) != t_min or int(t_max) != t_max or not 0 <= t_min <= t_max:
@@ -90,6 +86,13 @@ class StagedDiT(nn.Module):
         self.t_min = int(t_min)
         self.t_max = int(t_max)
         self.num_train_timesteps = None if num_train_timesteps is None else int(num_train_timesteps)
+        if timestep_scale is None:  # the family's own (Flux: 1/1000), read from the networks' class
+            from mosaic_core.models.samplers import denoiser_timestep_scale
+
+            timestep_scale = denoiser_timestep_scale(middle)
+        if isinstance(timestep_scale, bool) or not (isinstance(timestep_scale, (int, float)) and timestep_scale > 0):
+            raise ValueError(f"timestep_scale must be a positive number, got {timestep_scale!r}")
+        self.timestep_scale = float(timestep_scale)  # the network receives t · scale; stages are in t
         self.stage_calls: list[str] = []
 
     # --- what a diffusers pipeline reads from a transformer -------------------------------
@@ -117,11 +120,8 @@ class StagedDiT(nn.Module):
         self.stage_calls.clear()
 
     def stage_index(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
-        """Stage of each timestep as the denoiser receives it (scheduler t · the family's
-        `timestep_scale`, e.g. t/1000 for Flux): 0 early, 1 middle, 2 late (same shape, long)."""
-        from mosaic_core.models.samplers import denoiser_timestep_scale
-
-        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy() / denoiser_timestep_scale(self)
+        """Stage of each timestep the network receives (t · timestep_scale): 0 early, 1 middle, 2 late."""
+        t = torch.as_tensor(timestep, dtype=torch.float64).cpu().numpy() / self.timestep_scale  # back to t units
         return torch.from_numpy(stage_of_timesteps(t, (self.t_min, self.t_max), self.num_train_timesteps))
 
     def __getattr__(self, name: str):
@@ -153,7 +153,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict=return_dict, **kwargs)
+            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict, kwargs)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -165,12 +165,8 @@ class StagedDiT(nn.Module):
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
             part = _call(
-                network,
-                hidden_states.index_select(0, rows_dev),
-                select_rows(timestep, rows, batch),
-                select_rows(tuple(args), rows, batch),
-                return_dict=True,
-                **select_rows(kwargs, rows, batch),
+                network, hidden_states.index_select(0, rows_dev), select_rows(timestep, rows, batch),
+                select_rows(tuple(args), rows, batch), True, select_rows(kwargs, rows, batch),
             )
             output_type = type(part)
             sample = part.sample
@@ -180,6 +176,14 @@ class StagedDiT(nn.Module):
         if not return_dict:
             return (output,)
         return output_type(sample=output)
+
+
+def _call(network: nn.Module, hidden_states, timestep, args: tuple, return_dict: bool, kwargs: dict):
+    """network(hidden_states, timestep, …): the timestep by keyword unless more positional
+    arguments follow it (a transformer whose forward has `timestep` after the text inputs)."""
+    if args:
+        return network(hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+    return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
 
 
 StagedDenoiser = StagedDiT  # the family-neutral name; StagedDiT stays for existing callers

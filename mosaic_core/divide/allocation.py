@@ -65,7 +65,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mosaic_core.divide.cost import block_macs_per_step, head_macs_per_step, unit_macs_per_step
-from mosaic_core.divide.shapes import BlockwiseShape, TransformerShape
+from mosaic_core.divide.shapes import MLP_KINDS, BlockwiseShape, TransformerShape
 from mosaic_core.divide.noise_schedule import ScoreCurve
 from mosaic_core.divide.stages import EARLY, LATE, MIDDLE, STAGE_NAMES, StageBounds
 
@@ -139,21 +139,21 @@ def _round_blockwise(sparsity: float, shape: BlockwiseShape) -> StageKeep:
     keeps = []
     removed_attention = 0
     for layer in shape.layers:
-        if layer.kind == "mlp":
+        if layer.kind in MLP_KINDS:
             keeps.append(layer.num_groups)
             continue
         removed = int(np.clip(math.floor(sparsity * layer.num_groups + 0.5), 0, layer.num_groups - 1))
         removed_attention += removed * layer.macs_per_group
         keeps.append(layer.num_groups - removed)
-    ff_dense = sum(layer.num_groups * layer.macs_per_group for layer in shape.layers if layer.kind == "mlp")
+    ff_dense = sum(layer.num_groups * layer.macs_per_group for layer in shape.layers if layer.kind in MLP_KINDS)
     fraction = float(np.clip((sparsity * dense - removed_attention) / ff_dense, 0.0, 1.0)) if ff_dense else 0.0
     for index, layer in enumerate(shape.layers):
-        if layer.kind == "mlp":
+        if layer.kind in MLP_KINDS:
             removed = int(np.clip(math.floor(fraction * layer.num_groups + 0.5), 0, layer.num_groups - 1))
             keeps[index] = layer.num_groups - removed
     keeps = tuple(keeps)
-    heads = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind != "mlp")
-    units = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind == "mlp")
+    heads = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind not in MLP_KINDS)
+    units = sum(k for k, layer in zip(keeps, shape.layers) if layer.kind in MLP_KINDS)
     return StageKeep(heads, units, 1.0 - shape.macs(keeps) / dense, keeps)
 
 

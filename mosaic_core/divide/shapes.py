@@ -68,7 +68,8 @@ class TransformerShape:
         }
 
 
-LAYER_KINDS = ("attn", "cross_attn", "mlp")
+LAYER_KINDS = ("attn", "cross_attn", "mlp", "joint_attn", "context_mlp", "dual_attn")
+MLP_KINDS = ("mlp", "context_mlp")  # kinds whose groups are feed-forward units (the rest are heads)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class LayerShape:
     | `attn`       | heads  | q,k,v,out over N tokens: 4·N·D·hd      | 4·D·hd                     |
     | `cross_attn` | heads  | q,out over N; k,v over M context tokens of width C: (2·N·D + 2·M·C)·hd | (2·D + 2·C)·hd |
     | `mlp`        | units  | in rows (g per unit: 1, or 2 when gated) and out: (g+1)·N·D | (g+1)·D     |
+    | `joint_attn` | heads  | q,k,v,out over N image tokens, add q,k,v(,out) over M context tokens: (4·N + 4·M)·D·hd | 8·D·hd |
+    | `context_mlp`| units  | as `mlp` over the M context tokens     | 2·D                        |
+    | `dual_attn`  | heads  | as `attn`                              | 4·D·hd                     |
 
     plus the biases of the rows that go with a group (`params_per_group` counts them).
     `fixed_params` are the parameters of the layers that never shrink (the output bias).
@@ -140,23 +144,23 @@ class BlockwiseShape:
     @property
     def num_heads(self) -> int:
         """Attention heads over every attention layer (self and cross)."""
-        return sum(layer.num_groups for layer in self.layers if layer.kind != "mlp")
+        return sum(layer.num_groups for layer in self.layers if layer.kind not in MLP_KINDS)
 
     @property
     def mlp_hidden(self) -> int:
         """Feed-forward units over every block."""
-        return sum(layer.num_groups for layer in self.layers if layer.kind == "mlp")
+        return sum(layer.num_groups for layer in self.layers if layer.kind in MLP_KINDS)
 
     @property
     def head_dim(self) -> int:
         """The head width when every attention layer shares it, else 0."""
-        sizes = {layer.group_size for layer in self.layers if layer.kind != "mlp"}
+        sizes = {layer.group_size for layer in self.layers if layer.kind not in MLP_KINDS}
         return sizes.pop() if len(sizes) == 1 else 0
 
     @property
     def hidden_size(self) -> int:
         """The widest attention layer's inner width (display only)."""
-        return max((layer.in_features for layer in self.layers if layer.kind != "mlp"), default=0)
+        return max((layer.in_features for layer in self.layers if layer.kind not in MLP_KINDS), default=0)
 
     def dense_keeps(self) -> tuple[int, ...]:
         """Every group kept, layer by layer."""

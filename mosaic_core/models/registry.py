@@ -9,7 +9,8 @@ weights are absent.
 Names resolve in this order:
 1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`,
    `sdxl-base`: SDXL-base-1.0's public UNet and scheduler configs ship in
-   `assets/configs/sdxl-base/`);
+   `assets/configs/sdxl-base/`; `sd3-medium`, `flux-dev`, `flux-schnell`: their transformer
+   and scheduler configs ship in `assets/configs/<name>/`);
 2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and the denoiser's
    `transformer/config.json` or `unet/config.json`), or a folder holding a bare
    `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
@@ -154,8 +155,55 @@ def _sdxl_base() -> ModelSpec:
     )
 
 
+def _transformer_entry(name: str, description: str, hub_id: str, default_steps: int, default_cfg: float | None) -> ModelSpec:
+    """A text-to-image transformer from its shipped public configs in assets/configs/<name>/ (no weights needed to plan)."""
+    from mosaic_core.models.adapters import adapter_for_class
+
+    folder = ASSETS_DIR / "configs" / name
+    config = _read_json(folder / "transformer_config.json")
+    adapter = adapter_for_class(config["_class_name"])
+    fields = adapter.spec_fields(config, folder)
+    if default_cfg is not None:
+        fields["default_cfg"] = default_cfg
+    return ModelSpec(
+        name=name,
+        description=description,
+        scheduler_config=MappingProxyType(_read_json(folder / "scheduler_config.json")),
+        source="hub",
+        default_steps=default_steps,
+        family=adapter.name,
+        hub_id=hub_id,
+        config_path=str(folder / "transformer_config.json"),
+        **fields,
+    )
+
+
+def _sd3_medium() -> ModelSpec:
+    """Stable Diffusion 3 medium (joint-attention transformer, flow matching), 1024x1024."""
+    return _transformer_entry(
+        "sd3-medium", "Stable Diffusion 3 medium: text-to-image joint-attention transformer (2 B parameters), 1024x1024.",
+        "stabilityai/stable-diffusion-3-medium-diffusers", 28, 7.0,
+    )
+
+
+def _flux_dev() -> ModelSpec:
+    """FLUX.1-dev (guidance-distilled: no unconditional branch), 1024x1024."""
+    return _transformer_entry(
+        "flux-dev", "FLUX.1-dev: guidance-distilled text-to-image transformer (12 B parameters), 1024x1024.",
+        "black-forest-labs/FLUX.1-dev", 28, None,
+    )
+
+
+def _flux_schnell() -> ModelSpec:
+    """FLUX.1-schnell (timestep-distilled, 4 steps), 1024x1024."""
+    return _transformer_entry(
+        "flux-schnell", "FLUX.1-schnell: 4-step distilled text-to-image transformer (12 B parameters), 1024x1024.",
+        "black-forest-labs/FLUX.1-schnell", 4, None,
+    )
+
+
 # Entries built on first use (they read config files and import the family adapters).
-_LAZY_REGISTRY = {"sdxl-base": _sdxl_base}
+_LAZY_REGISTRY = {"sdxl-base": _sdxl_base, "sd3-medium": _sd3_medium, "flux-dev": _flux_dev, "flux-schnell": _flux_schnell}
 
 
 def known_models() -> list[str]:
@@ -410,6 +458,5 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         source="folder",
         path=str(folder),
         family=adapter.name,
-        default_cfg=5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg,
-        **fields,
+        **{"default_cfg": 5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg, **fields},  # a family may set its own
     )

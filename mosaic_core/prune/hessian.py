@@ -44,8 +44,23 @@ import torch
 
 from mosaic_core.jobs import Cancelled
 
-LayerKind = Literal["attn", "cross_attn", "mlp"]
-LAYER_KINDS = ("attn", "cross_attn", "mlp")
+from mosaic_core.divide.shapes import LAYER_KINDS
+
+LayerKind = Literal["attn", "cross_attn", "mlp", "joint_attn", "context_mlp", "dual_attn"]
+
+
+@dataclass(frozen=True)
+class LayerPart:
+    """One output projection's share of a prunable layer (docs/method.md §11).
+
+    Group g of the layer owns input columns [offset + g·width, offset + (g+1)·width) of
+    the linear layer at `module`; `key` names this part's kept weight (checkpoint, surgery).
+    """
+
+    module: str
+    offset: int
+    width: int
+    key: str
 
 
 @dataclass(frozen=True)
@@ -54,7 +69,15 @@ class PrunableLayer:
 
     `group_size` input columns form one prunable group (head_dim for attention heads, 1
     for feed-forward units); the layer has `num_groups` groups and `num_groups * group_size`
-    inputs. `kind` is "attn" (self-attention), "cross_attn" or "mlp".
+    inputs. `kind` is "attn" (self-attention), "cross_attn", "mlp", "joint_attn" (image
+    and context streams attending together), "context_mlp" (the context stream's
+    feed-forward) or "dual_attn" (a second self-attention of the same block).
+
+    `parts` say where the groups' columns live when the layer is not simply all inputs of
+    the module `name`: a joint attention head owns hd columns of `to_out.0` and hd of
+    `to_add_out` (two parts, group_size 2·hd); a fused projection's attention part starts
+    at column 0 and its MLP part at column inner_dim of the same module. The layer's
+    weight and Hessian are then the parts' side by side (`layer_weight`, `layer_hessian`).
     """
 
     block: int
@@ -62,6 +85,7 @@ class PrunableLayer:
     name: str
     group_size: int
     num_groups: int
+    parts: tuple[LayerPart, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in LAYER_KINDS:
@@ -70,11 +94,73 @@ class PrunableLayer:
             raise ValueError(
                 f"group_size and num_groups must be >= 1, got {self.group_size} and {self.num_groups}"
             )
+        if not self.parts:
+            object.__setattr__(self, "parts", (LayerPart(self.name, 0, self.group_size, self.name),))
+        object.__setattr__(self, "parts", tuple(self.parts))
+        if sum(part.width for part in self.parts) != self.group_size:
+            raise ValueError(f"layer {self.name}: part widths {[p.width for p in self.parts]} must add up to group_size {self.group_size}")
 
     @property
     def in_features(self) -> int:
         """Input width of the layer (= num_groups * group_size)."""
         return self.num_groups * self.group_size
+
+
+def _part_positions(layer: PrunableLayer, num_groups: int) -> list[torch.Tensor]:
+    """Per part, the positions of its columns in the layer's interleaved order over `num_groups` groups.
+
+    Group g occupies positions [g·group_size, (g+1)·group_size): first part 0's `width`
+    columns of group g, then part 1's, and so on.
+    """
+    positions, start = [], 0
+    for part in layer.parts:
+        base = torch.arange(num_groups).unsqueeze(1) * layer.group_size + start  # (G, 1)
+        positions.append((base + torch.arange(part.width)).reshape(-1))  # (G·width,)
+        start += part.width
+    return positions
+
+
+def layer_weight(modules: dict[str, torch.nn.Module], layer: PrunableLayer) -> torch.Tensor:
+    """The layer's weight (Σ outᵢ) × (groups·group_size): the parts block-diagonal, columns interleaved by group.
+
+    One part: the module's weight columns [offset, offset + groups·width). Several parts
+    (joint attention): part i's rows are its module's outputs, and the weight is zero where
+    a part's rows meet another part's columns, so tr(ΔW H ΔWᵀ) with the block-diagonal
+    `layer_hessian` is the sum of the parts' errors (docs/method.md §11).
+    """
+    blocks = [modules[p.module].weight.detach()[:, p.offset : p.offset + layer.num_groups * p.width] for p in layer.parts]
+    if len(blocks) == 1:
+        return blocks[0]
+    out = blocks[0].new_zeros(sum(b.shape[0] for b in blocks), layer.in_features)
+    row = 0
+    for block, positions in zip(blocks, _part_positions(layer, layer.num_groups)):
+        out[row : row + block.shape[0], positions.to(out.device)] = block
+        row += block.shape[0]
+    return out
+
+
+def layer_hessian(layer: PrunableLayer, part_hessians: list[torch.Tensor]) -> torch.Tensor:
+    """The layer's H from its parts' Hessians: block-diagonal, interleaved like `layer_weight`."""
+    if len(part_hessians) == 1:
+        return part_hessians[0]
+    first = part_hessians[0]
+    h = first.new_zeros(layer.in_features, layer.in_features)
+    for part_h, positions in zip(part_hessians, _part_positions(layer, layer.num_groups)):
+        positions = positions.to(h.device)
+        h[positions.unsqueeze(1), positions.unsqueeze(0)] = part_h
+    return h
+
+
+def split_solved_weight(modules: dict[str, torch.nn.Module], layer: PrunableLayer, kept_weight: torch.Tensor, num_kept: int) -> dict[str, torch.Tensor]:
+    """`split_layer_weight` with each part's output count read from its module."""
+    if len(layer.parts) == 1:
+        return {layer.parts[0].key: kept_weight}
+    weights, row = {}, 0
+    for part, positions in zip(layer.parts, _part_positions(layer, num_kept)):
+        rows = modules[part.module].weight.shape[0]
+        weights[part.key] = kept_weight[row : row + rows][:, positions.to(kept_weight.device)].contiguous()
+        row += rows
+    return weights
 
 
 def prunable_layers(model: torch.nn.Module) -> list[PrunableLayer]:
@@ -204,15 +290,22 @@ class HessianCollector:
         self.model = model
         self.layers = _resolve_layers(model, layers)
         self.sum_device = hessian_device(model, self.layers, memory_budget)
-        self.accumulators = {layer.name: HessianAccumulator(layer.in_features, self.sum_device) for layer in self.layers}
+        # one running sum per site: a module's input columns [offset, offset + groups·width)
+        self.sites = {
+            (part.module, part.offset, layer.num_groups * part.width): None for layer in self.layers for part in layer.parts
+        }
+        self.accumulators = {site: HessianAccumulator(site[2], self.sum_device) for site in self.sites}
         self.batches = 0
         self._handles: list = []
         self._was_training = model.training
 
     def __enter__(self) -> "HessianCollector":
         modules = dict(self.model.named_modules())
-        for name, accumulator in self.accumulators.items():
-            hook = lambda module, args, acc=accumulator: acc.add_batch(args[0])  # noqa: E731
+        for (name, offset, width), accumulator in self.accumulators.items():
+            if offset == 0 and width == modules[name].in_features:
+                hook = lambda module, args, acc=accumulator: acc.add_batch(args[0])  # noqa: E731
+            else:  # a share of the input columns (a fused projection's attention or MLP part)
+                hook = lambda module, args, acc=accumulator, a=offset, b=offset + width: acc.add_batch(args[0][..., a:b])  # noqa: E731
             self._handles.append(modules[name].register_forward_pre_hook(hook))
         self._was_training = self.model.training
         self.model.eval()
@@ -226,18 +319,14 @@ class HessianCollector:
 
     def run(self, x_t: torch.Tensor, timestep: torch.Tensor, condition) -> None:
         """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and the
-        condition (class labels (N,), or a family's condition object; `adapters.as_condition`).
-        Timesteps are the scheduler's; the model receives them times its family's `timestep_scale`."""
-        from mosaic_core.models.adapters import as_condition
-        from mosaic_core.models.samplers import denoiser_timestep_scale
+        condition (class labels (N,), or a family's condition object; `adapters.as_condition`)."""
+        from mosaic_core.models.adapters import adapter_for_model, as_condition
 
         if not self._handles:
             raise RuntimeError("HessianCollector.run must be called inside its `with` block")
-        scale = denoiser_timestep_scale(self.model)
-        if scale != 1.0:
-            timestep = timestep * scale
-        with torch.no_grad():
-            self.model(x_t, timestep=timestep, **as_condition(condition).model_kwargs())
+        adapter = adapter_for_model(self.model)
+        with torch.no_grad():  # the family's own input form: packed tokens, timestep units
+            self.model(adapter.pack_latents(x_t), timestep=adapter.model_timestep(timestep), **as_condition(condition).model_kwargs())
         self.batches += 1
 
     def hessians(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -252,7 +341,14 @@ class HessianCollector:
                 raise ValueError("batches was empty in every process; calibration needs at least one batch")
         elif self.batches == 0:
             raise ValueError("batches was empty; calibration needs at least one batch")
-        hessians = {name: acc.hessian() for name, acc in self.accumulators.items()}
+        site_hessians = {site: acc.hessian() for site, acc in self.accumulators.items()}
+        hessians = {
+            layer.name: layer_hessian(
+                layer, [site_hessians[(p.module, p.offset, layer.num_groups * p.width)] for p in layer.parts]
+            )
+            for layer in self.layers
+        }
+        del site_hessians
         for acc in self.accumulators.values():
             acc.free()
         return hessians

@@ -251,13 +251,14 @@ class PruneService:
 def stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
     """Heads and feed-forward units of each stage network, read from its layers: per block
     when every block is alike (a DiT), else totals over the network (a UNet)."""
+    from mosaic_core.divide.shapes import MLP_KINDS
     from mosaic_core.prune.hessian import prunable_layers
 
     def per_block(network) -> dict[int, tuple[int, int]]:
         sizes: dict[int, tuple[int, int]] = {}
         for layer in prunable_layers(network):
             heads, units = sizes.get(layer.block, (0, 0))
-            sizes[layer.block] = (heads + layer.num_groups, units) if layer.kind != "mlp" else (heads, units + layer.num_groups)
+            sizes[layer.block] = (heads + layer.num_groups, units) if layer.kind not in MLP_KINDS else (heads, units + layer.num_groups)
         return sizes
 
     networks = staged.networks()

@@ -34,7 +34,8 @@ import torch
 
 from mosaic_core import limits
 from mosaic_core.prune.calibration import CalibrationConfig, CleanSet, calibration_batches, clean_inputs, num_calibration_batches
-from mosaic_core.prune.hessian import hessian_steps, prunable_layers
+from mosaic_core.prune.hessian import hessian_steps, layer_weight, prunable_layers, split_solved_weight
+from mosaic_core.divide.shapes import MLP_KINDS
 from mosaic_core.distributed import Processes
 from mosaic_core.jobs import Cancelled, relay
 from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
@@ -179,7 +180,7 @@ def analyse_stage(
         for index, layer in enumerate(layers):
             if should_stop is not None and should_stop():
                 raise Cancelled("pruning cancelled")
-            traces[layer.name] = magnitude_prune_order(modules[layer.name].weight.detach(), layer.group_size, layer.num_groups - 1)
+            traces[layer.name] = magnitude_prune_order(layer_weight(modules, layer), layer.group_size, layer.num_groups - 1)
             yield "solve", (index + 1) / len(layers), layer.name
         timings["solve"] = time.perf_counter() - start
         return StageAnalysis(key, t_range, {}, traces, clean.cx, timings)
@@ -218,7 +219,7 @@ def analyse_stage(
         for index, layer in enumerate(chunk):
             if should_stop is not None and should_stop():
                 raise Cancelled("pruning cancelled")
-            weight = modules[layer.name].weight.detach()
+            weight = layer_weight(modules, layer)
             traces[layer.name] = obs_prune_order(
                 weight, chunk_hessians[layer.name], layer.group_size, layer.num_groups - 1, config.damping
             )
@@ -262,16 +263,12 @@ def _kept_count(layer, heads_kept: int, units_kept: int, layer_keeps: Mapping[st
     """Groups `layer` keeps: its own count (blockwise plans) or the plan's heads/units per block."""
     if layer_keeps is not None:
         return int(layer_keeps[layer.name])
-    return units_kept if layer.kind == "mlp" else heads_kept
+    return units_kept if layer.kind in MLP_KINDS else heads_kept
 
 
 def _block_keep(block_layers: Mapping[str, object], kept: Mapping[str, tuple[int, ...]]) -> BlockKeep:
-    """A `BlockKeep` from the kept groups of one block's layers (by kind)."""
-    return BlockKeep(
-        heads=kept[block_layers["attn"].name],
-        units=kept[block_layers["mlp"].name],
-        cross_heads=kept[block_layers["cross_attn"].name] if "cross_attn" in block_layers else None,
-    )
+    """A `BlockKeep` from the kept groups of one block's layers (each kind fills its KEEP_FIELDS field)."""
+    return BlockKeep(**{KEEP_FIELDS[kind]: kept[layer.name] for kind, layer in block_layers.items()})
 
 
 def stage_keeps(
@@ -373,9 +370,9 @@ def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config
             kept = getattr(keep, KEEP_FIELDS[kind])
             if kept is None or len(kept) == layer.num_groups:
                 continue  # nothing removed: keep the original weights bit for bit
-            weight = modules[layer.name].weight
-            solved = reconstruct_weights(weight.detach(), analysis.hessians[layer.name].to(weight.device), kept, layer.group_size, config.damping)
-            weights[layer.name] = solved.to(weight.dtype)
+            weight = layer_weight(modules, layer)
+            solved = reconstruct_weights(weight, analysis.hessians[layer.name].to(weight.device), kept, layer.group_size, config.damping)
+            weights.update(split_solved_weight(modules, layer, solved.to(weight.dtype), len(kept)))
     return weights
 
 
@@ -396,8 +393,11 @@ def build_staged(
         if key not in built:
             built[key] = sliced_model(dense, keeps, weights)
         networks.append(built[key])
+    from mosaic_core.models.adapters import adapter_for_model
+
     t_min, t_max = plan.bounds.middle
-    return StagedDiT(networks[0], networks[1], networks[2], t_min, t_max, plan.bounds.num_train_timesteps)
+    scale = adapter_for_model(dense).timestep_scale
+    return StagedDiT(networks[0], networks[1], networks[2], t_min, t_max, plan.bounds.num_train_timesteps, scale)
 
 
 def _network_key(keeps: list[BlockKeep], weights: Mapping[str, torch.Tensor]) -> str:

@@ -44,7 +44,7 @@ from mosaic_core.prune.obs import group_columns
 
 __all__ = [
     "BlockKeep", "slice_attention", "slice_feed_forward", "slice_block", "mask_block_", "sliced_model",
-    "block_sizes", "replace_modules",
+    "block_sizes", "replace_modules", "slice_basic_block", "slice_joint_block", "slice_parallel_block",
 ]
 
 # The per-instance containers of torch.nn.Module (_parameters, _buffers, _modules, hook
@@ -79,12 +79,15 @@ class BlockKeep:
     heads: tuple[int, ...]
     units: tuple[int, ...]
     cross_heads: tuple[int, ...] | None = None
+    context_units: tuple[int, ...] | None = None  # the context stream's feed-forward (joint blocks)
+    dual_heads: tuple[int, ...] | None = None  # a joint block's second, image-only self-attention
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _check_indices("heads", self.heads))
         object.__setattr__(self, "units", _check_indices("units", self.units))
-        if self.cross_heads is not None:
-            object.__setattr__(self, "cross_heads", _check_indices("cross_heads", self.cross_heads))
+        for name in _OPTIONAL_FIELDS:
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _check_indices(name, getattr(self, name)))
 
     @classmethod
     def full(cls, num_heads: int, num_units: int, num_cross_heads: int | None = None) -> "BlockKeep":
@@ -95,15 +98,19 @@ class BlockKeep:
     @classmethod
     def from_dict(cls, value: Mapping[str, Sequence[int]]) -> "BlockKeep":
         """Inverse of `to_dict` (for JSON manifests)."""
-        cross = value.get("cross_heads")
-        return cls(tuple(value["heads"]), tuple(value["units"]), None if cross is None else tuple(cross))
+        optional = {name: tuple(value[name]) for name in _OPTIONAL_FIELDS if value.get(name) is not None}
+        return cls(tuple(value["heads"]), tuple(value["units"]), **optional)
 
     def to_dict(self) -> dict[str, list[int]]:
-        """{"heads": [...], "units": [...]} (+ "cross_heads" when set): JSON-serialisable."""
+        """{"heads": [...], "units": [...]} (+ "cross_heads", "context_units", "dual_heads" when set)."""
         value = {"heads": list(self.heads), "units": list(self.units)}
-        if self.cross_heads is not None:
-            value["cross_heads"] = list(self.cross_heads)
+        for name in _OPTIONAL_FIELDS:
+            if getattr(self, name) is not None:
+                value[name] = list(getattr(self, name))
         return value
+
+
+_OPTIONAL_FIELDS = ("cross_heads", "context_units", "dual_heads")
 
 
 def block_sizes(block: nn.Module) -> tuple[int, int, int]:
@@ -139,9 +146,10 @@ def _check_attention(attn: nn.Module) -> int:
     """Head width of a sliceable diffusers Attention, or ValueError naming what is unsupported."""
     if getattr(attn, "fused_projections", False):
         raise ValueError("attention with fused projections (to_qkv) is not supported; unfuse it first")
-    if attn.inner_kv_dim != attn.inner_dim:
+    inner_kv_dim = getattr(attn, "inner_kv_dim", attn.inner_dim)
+    if inner_kv_dim != attn.inner_dim:
         raise ValueError(
-            f"grouped-query attention (inner_kv_dim {attn.inner_kv_dim} != inner_dim {attn.inner_dim}) is not supported"
+            f"grouped-query attention (inner_kv_dim {inner_kv_dim} != inner_dim {attn.inner_dim}) is not supported"
         )
     head_dim = attn.inner_dim // attn.heads
     for norm in (getattr(attn, "norm_q", None), getattr(attn, "norm_k", None)):
@@ -201,13 +209,21 @@ def _slice_columns(linear: nn.Linear, columns: torch.Tensor, weight: torch.Tenso
     return new
 
 
-def slice_attention(attn: nn.Module, heads: Sequence[int], out_weight: torch.Tensor | None = None, name: str = "out_weight") -> nn.Module:
-    """A copy of a diffusers `Attention` keeping `heads`; the original is untouched.
+def slice_attention(
+    attn: nn.Module,
+    heads: Sequence[int],
+    out_weight: torch.Tensor | None = None,
+    name: str = "out_weight",
+    add_out_weight: torch.Tensor | None = None,
+) -> nn.Module:
+    """A copy of a diffusers `Attention` (or a joint attention module alike) keeping `heads`.
 
     Rows of to_q/to_k/to_v (and add_q/k/v_proj) and input columns of to_out.0 (and
     to_add_out) for each kept head; `out_weight` (D × kept·hd) replaces to_out.0's kept
-    columns. `heads`, `inner_dim`, `inner_kv_dim` and `sliceable_head_dim` are set to the
-    kept count, since the processors read them instead of the weights.
+    columns and `add_out_weight` to_add_out's. `heads`, `inner_dim`, `inner_kv_dim` and
+    `sliceable_head_dim` are set to the kept count, since the processors read them instead
+    of the weights. An attention without to_out (its output projection fused into the
+    block's, `pre_only`) keeps only its q/k/v rows. The original is untouched.
     """
     head_dim = _check_attention(attn)
     heads = _check_indices("heads", heads)
@@ -224,13 +240,21 @@ def slice_attention(attn: nn.Module, heads: Sequence[int], out_weight: torch.Ten
         module = getattr(attn, projection, None)
         if module is not None:
             setattr(new, projection, _slice_rows(module, cols))
-    new.to_out = nn.ModuleList([_slice_columns(attn.to_out[0], cols, out_weight, name), *attn.to_out[1:]])  # dropout shared
+    to_out = getattr(attn, "to_out", None)
+    if to_out is not None and len(to_out) > 0:
+        new.to_out = nn.ModuleList([_slice_columns(to_out[0], cols, out_weight, name), *to_out[1:]])  # dropout shared
+    elif out_weight is not None:
+        raise ValueError(f"{name} was given for an attention without an output projection")
     if getattr(attn, "to_add_out", None) is not None:
-        new.to_add_out = _slice_columns(attn.to_add_out, cols, None, "to_add_out")
+        new.to_add_out = _slice_columns(attn.to_add_out, cols, add_out_weight, "add_out_weight")
+    elif add_out_weight is not None:
+        raise ValueError("add_out_weight was given for an attention without to_add_out")
     new.heads = len(heads)
     new.inner_dim = len(heads) * head_dim
-    new.inner_kv_dim = len(heads) * head_dim
-    new.sliceable_head_dim = len(heads)
+    if hasattr(attn, "inner_kv_dim"):
+        new.inner_kv_dim = len(heads) * head_dim
+    if hasattr(attn, "sliceable_head_dim"):
+        new.sliceable_head_dim = len(heads)
     return new
 
 
@@ -276,6 +300,93 @@ def slice_block(
         new_block.attn2 = slice_attention(cross, heads, cross_out_weight, "cross_out_weight")
     if hasattr(new_block, "num_attention_heads"):
         new_block.num_attention_heads = len(keep.heads)  # informational in diffusers; kept consistent
+    return new_block
+
+
+def _optional(block: nn.Module, name: str) -> nn.Module | None:
+    return getattr(block, name, None)
+
+
+def slice_joint_block(block: nn.Module, keep: BlockKeep, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A new joint-attention block (image and context streams attend together) keeping `keep`.
+
+    The block has `attn` (a joint attention: to_q/k/v over the image tokens, add_q/k/v_proj
+    over the context tokens, to_out.0 and, unless the context stream ends here, to_add_out),
+    optionally `attn2` (a second, image-only self-attention), `ff` (image feed-forward) and
+    optionally `ff_context` (context feed-forward). A head of `attn` is removed from both
+    streams at once (`keep.heads`); `keep.dual_heads`, `keep.units` and
+    `keep.context_units` slice attn2, ff and ff_context (None: keep all). `weights` maps
+    "attn.to_out.0", "attn.to_add_out", "attn2.to_out.0", "ff.net.2", "ff_context.net.2" to
+    kept-column weights (docs/method.md §11). The input block is not modified.
+    """
+    weights = dict(weights or {})
+    allowed = {"attn.to_out.0", "attn.to_add_out", "attn2.to_out.0", "ff.net.2", "ff_context.net.2"}
+    if set(weights) - allowed:
+        raise ValueError(f"unknown weights {sorted(set(weights) - allowed)} for a joint block: allowed are {sorted(allowed)}")
+    attn = block.attn
+    _check_groups("heads", keep.heads, attn.heads)
+    new_block = _shallow_copy(block)
+    new_block.attn = slice_attention(attn, keep.heads, weights.get("attn.to_out.0"), "attn.to_out.0", weights.get("attn.to_add_out"))
+    dual = _optional(block, "attn2")
+    if keep.dual_heads is not None or "attn2.to_out.0" in weights:
+        if dual is None:
+            raise ValueError("dual_heads were given for a joint block without attn2")
+        heads = keep.dual_heads if keep.dual_heads is not None else tuple(range(dual.heads))
+        new_block.attn2 = slice_attention(dual, heads, weights.get("attn2.to_out.0"), "attn2.to_out.0")
+    units = keep.units
+    if units and units[-1] >= block.ff.net[2].in_features:
+        raise ValueError(f"units must be in [0, {block.ff.net[2].in_features}), got max {units[-1]}")
+    new_block.ff = slice_feed_forward(block.ff, units, weights.get("ff.net.2"), "ff.net.2")
+    context_ff = _optional(block, "ff_context")
+    if keep.context_units is not None or "ff_context.net.2" in weights:
+        if context_ff is None:
+            raise ValueError("context_units were given for a joint block without ff_context")
+        context_units = keep.context_units if keep.context_units is not None else tuple(range(context_ff.net[2].in_features))
+        new_block.ff_context = slice_feed_forward(context_ff, context_units, weights.get("ff_context.net.2"), "ff_context.net.2")
+    return new_block
+
+
+def slice_parallel_block(block: nn.Module, keep: BlockKeep, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A new parallel block (attention and MLP side by side, one fused output projection) keeping `keep`.
+
+    The block computes proj_out([attn(x); act(proj_mlp(x))]): `attn` has q/k/v but no
+    output projection, and `proj_out` (D × (inner + F)) reads the attention output in
+    columns [0, inner) and the MLP in [inner, inner + F). Head h is rows h·hd… of
+    to_q/k/v plus proj_out columns h·hd…(h+1)·hd; MLP unit j is row j of proj_mlp plus
+    proj_out column inner + j. `weights` maps "proj_out[attn]" (D × kept·hd) and
+    "proj_out[mlp]" (D × kept units) to kept-column weights; the bias is shared.
+    """
+    weights = dict(weights or {})
+    allowed = {"proj_out[attn]", "proj_out[mlp]"}
+    if set(weights) - allowed:
+        raise ValueError(f"unknown weights {sorted(set(weights) - allowed)} for a parallel block: allowed are {sorted(allowed)}")
+    attn = block.attn
+    head_dim = _check_attention(attn)
+    inner = attn.inner_dim
+    width = block.proj_mlp.out_features  # F
+    if block.proj_out.in_features != inner + width:
+        raise ValueError(f"proj_out reads {block.proj_out.in_features} inputs, expected attention {inner} + MLP {width}")
+    if keep.units and keep.units[-1] >= width:
+        raise ValueError(f"units must be in [0, {width}), got max {keep.units[-1]}")
+    device = block.proj_out.weight.device
+    head_cols = _columns(keep.heads, head_dim, device)  # (kept·hd,)
+    unit_cols = _columns(keep.units, 1, device)  # (kept units,)
+    new_block = _shallow_copy(block)
+    new_block.attn = slice_attention(attn, keep.heads)
+    new_block.proj_mlp = _slice_rows(block.proj_mlp, unit_cols)
+    parts = []
+    for key, cols, count in (("proj_out[attn]", head_cols, head_cols.numel()), ("proj_out[mlp]", unit_cols + inner, unit_cols.numel())):
+        given = weights.get(key)
+        if given is None:
+            parts.append(block.proj_out.weight.detach().index_select(1, cols))  # out × kept columns
+        elif tuple(given.shape) != (block.proj_out.out_features, count):
+            raise ValueError(f"{key} must have shape {(block.proj_out.out_features, count)}, got {tuple(given.shape)}")
+        else:
+            parts.append(given.detach())
+    new_block.proj_out = _slice_columns(block.proj_out, torch.cat([head_cols, unit_cols + inner]), torch.cat(parts, dim=1), "proj_out")
+    if hasattr(block.proj_out, "_tp_packed_row_blocks"):
+        new_block.proj_out._tp_packed_row_blocks = [int(head_cols.numel()), int(unit_cols.numel())]
+    new_block.mlp_hidden_dim = int(unit_cols.numel())
     return new_block
 
 
@@ -356,21 +467,30 @@ def sliced_model(
     """
     from mosaic_core.models.adapters.base import adapter_for_model
 
-    paths = adapter_for_model(dense_model).block_paths(dense_model)
+    adapter = adapter_for_model(dense_model)
+    paths = adapter.block_paths(dense_model)
     if len(keeps) != len(paths):
         raise ValueError(f"need one BlockKeep per block: the model has {len(paths)} blocks, got {len(keeps)}")
     weights = dict(weights or {})
     modules = dict(dense_model.named_modules())
-    names = {
-        f"{path}.{suffix}" for path in paths for suffix in _WEIGHT_SUFFIXES
-        if suffix != "attn2.to_out.0" or _cross_attention(modules[path]) is not None
-    }
-    unknown = sorted(set(weights) - names)
+    layers = adapter.prunable_layers(dense_model)
+    names = {part.key: layer.block for layer in layers for part in layer.parts}
+    unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"unknown layer names in weights: {unknown}; expected names like {sorted(names)[:2]}")
     replacements = {}
-    for path, keep in zip(paths, keeps):
-        replacements[path] = slice_block(
-            modules[path], keep, **{arg: weights.get(f"{path}.{suffix}") for suffix, arg in _WEIGHT_SUFFIXES.items()}
-        )
+    for index, (path, keep) in enumerate(zip(paths, keeps)):
+        block_weights = {name[len(path) + 1 :]: value for name, value in weights.items() if names[name] == index}
+        replacements[path] = adapter.slice_block(modules[path], keep, block_weights)
     return replace_modules(dense_model, replacements)
+
+
+def slice_basic_block(block: nn.Module, keep: BlockKeep, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """`slice_block` with the weights named by their path in the block ("attn1.to_out.0", "ff.net.2", "attn2.to_out.0")."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(_WEIGHT_SUFFIXES))
+    if unknown:
+        raise ValueError(f"unknown weights {unknown} for a transformer block: allowed are {sorted(_WEIGHT_SUFFIXES)}")
+    if "attn2.to_out.0" in weights and _cross_attention(block) is None:
+        raise ValueError("attn2.to_out.0 weights were given for a block without cross-attention")
+    return slice_block(block, keep, **{arg: weights.get(suffix) for suffix, arg in _WEIGHT_SUFFIXES.items()})

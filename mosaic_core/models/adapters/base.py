@@ -13,6 +13,8 @@ name (`adapter_for_model`, `adapter_for_class`). An adapter says:
 | per-block cost, before any weight| `shape_from_config`             | homogeneous shape        | one `LayerShape` per prunable layer |
 | the conditioned call, CFG's null | `Condition.model_kwargs/null`   | class labels, ∅ = classes| prompt embeds, pooled, time_ids; ∅ = zeros |
 | loading a local diffusers folder | `load_denoiser`, `load_extras`  | transformer/             | unet/, text_encoder(_2), tokenizer(_2) |
+| slicing one block                | `slice_block`                   | surgery.slice_basic_block| same (SD3/Flux: slice_joint_block, slice_parallel_block) |
+| the denoiser's input form        | `pack_latents`, `timestep_scale`| identity, t              | identity, t (Flux: 2×2 tokens, σ = t/1000) |
 
 A prunable group is a set of input columns of one *output projection* (the Hessian site,
 H = XᵀX/n of that layer's input; docs/method.md §3): an attention head h is columns
@@ -24,8 +26,13 @@ Conditions are small dataclasses whose tensor fields all have the batch first. T
 only concatenates them (classifier-free guidance doubles the batch), selects rows (a staged
 model splits a mixed batch by stage), moves them to a device and asks `model_kwargs()` for
 the keyword arguments of the denoiser's forward call and `null()` for the unconditional
-branch. Future families (PixArt, SD3, Flux) add a Condition with their own fields, and a
-"joint_attn" layer kind whose context projections are sliced with the image ones.
+branch. SD3 and Flux (`sd3.py`, `flux.py`) add the "joint_attn" kind (a head spans the
+image and context streams: two output projections, two Hessian parts), "context_mlp" (the
+context stream's feed-forward), "dual_attn" (SD3.5's second attention) and Flux's fused
+proj_out, whose attention and MLP columns are two layers of one module
+(`hessian.LayerPart`, docs/method.md §11). A family whose denoiser takes packed tokens or
+a scaled timestep says so with `pack_latents`/`unpack_latents` and `timestep_scale`; the
+engine keeps N×C×H×W latents and t = σ·1000 (flow matching) or the DDPM index.
 """
 
 from __future__ import annotations
@@ -39,9 +46,12 @@ import torch
 from torch import nn
 
 # Kinds of prunable layer: the group they remove and how their cost is counted.
-LAYER_KINDS = ("attn", "cross_attn", "mlp")
-# Which BlockKeep field holds the kept groups of each kind.
-KEEP_FIELDS = {"attn": "heads", "cross_attn": "cross_heads", "mlp": "units"}
+LAYER_KINDS = ("attn", "cross_attn", "mlp", "joint_attn", "context_mlp", "dual_attn")
+# Which BlockKeep field holds the kept groups of each kind (a block has "attn" or "joint_attn", not both).
+KEEP_FIELDS = {
+    "attn": "heads", "cross_attn": "cross_heads", "mlp": "units",
+    "joint_attn": "heads", "context_mlp": "context_units", "dual_attn": "dual_heads",
+}
 
 
 # --- conditions -------------------------------------------------------------------------
@@ -158,10 +168,11 @@ class FamilyAdapter:
             raise ValueError(f"{type(model).__name__} has no prunable blocks ({', '.join(self.block_classes)})")
         return paths
 
-    def block_layers(self, path: str, block: nn.Module) -> list[tuple[str, str, int, int]]:
-        """(kind, output projection path, group size, groups) of one block's prunable layers.
+    def block_layers(self, path: str, block: nn.Module) -> list[tuple]:
+        """(kind, output projection path, group size, groups[, parts]) of one block's prunable layers.
 
-        Read from the modules (not the config), so it also works on sliced blocks.
+        Read from the modules (not the config), so it also works on sliced blocks. The
+        optional fifth entry is the layer's `hessian.LayerPart`s (joint or fused projections).
         """
         layers = []
         for attr in ("attn1", "attn2"):
@@ -183,9 +194,27 @@ class FamilyAdapter:
         modules = dict(model.named_modules())
         layers = []
         for index, path in enumerate(self.block_paths(model)):
-            for kind, name, size, groups in self.block_layers(path, modules[path]):
-                layers.append(PrunableLayer(index, kind, name, size, groups))
+            for kind, name, size, groups, *parts in self.block_layers(path, modules[path]):
+                layers.append(PrunableLayer(index, kind, name, size, groups, *parts))
         return layers
+
+    def slice_block(self, block: nn.Module, keep, weights: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A new block keeping `keep` (`surgery.BlockKeep`); `weights` by their path in the block."""
+        from mosaic_core.prune.surgery import slice_basic_block
+
+        return slice_basic_block(block, keep, weights)
+
+    def model_timestep(self, timestep: torch.Tensor) -> torch.Tensor:
+        """What the denoiser receives for engine timesteps t: t · timestep_scale (t itself when 1)."""
+        return timestep if self.timestep_scale == 1.0 else timestep * self.timestep_scale
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's input from N×C×H×W latents (identity; a family may pack them into tokens)."""
+        return latents
+
+    def unpack_latents(self, output: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output as N×C×H×W like `latents` (identity; inverse of `pack_latents`)."""
+        return output
 
     def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> Any:
         """The condition of N samples for this family: class labels (ids) or prompts (text).
@@ -235,7 +264,7 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-FAMILY_MODULES = ("dit", "sdxl")  # one module per family; each registers its adapter on import
+FAMILY_MODULES = ("dit", "sdxl", "sd3", "flux")  # one module per family; each registers its adapter on import
 
 
 def _ensure_registered() -> None:
@@ -269,6 +298,12 @@ def adapter_named(name: str) -> FamilyAdapter:
             return adapter
     names = sorted({adapter.name for adapter in _ADAPTERS.values()})
     raise ValueError(f"unknown model family '{name}': choose one of {', '.join(names)}")
+
+
+def denoiser_adapter(model: nn.Module) -> FamilyAdapter:
+    """The adapter of a denoiser, or of the networks of a staged denoiser (which has `networks()`)."""
+    networks = getattr(model, "networks", None)
+    return adapter_for_model(networks()[1] if callable(networks) else model)
 
 
 def adapter_for_model(model: nn.Module) -> FamilyAdapter:
