@@ -132,16 +132,15 @@ def set_sampler_timesteps(scheduler, name: str, scheduler_config: Mapping[str, A
 def denoiser_timestep_scale(model) -> float:
     """The factor between the scheduler's t and the denoiser's `timestep` input (1 for most families).
 
-    Read from the family adapter's `timestep_scale` (Flux: 1/1000); a staged model answers for
-    its stage networks (their dense class); a class without an adapter gets 1.
+    The family adapter's `timestep_scale` (Flux: 1/1000), found through staged and wrapped
+    denoisers (`adapters.denoiser_adapter`); a class without an adapter gets 1.
     """
-    from mosaic_core.models.adapters import adapter_for_class, supported_classes
+    from mosaic_core.models.adapters.base import denoiser_adapter
 
-    network = model.networks()[1] if hasattr(type(model), "networks") else model
-    name = type(network).__name__
-    if name not in supported_classes():
+    try:
+        return float(denoiser_adapter(model).timestep_scale)
+    except ValueError:  # no adapter for this class
         return 1.0
-    return float(getattr(adapter_for_class(name), "timestep_scale", 1.0))
 
 
 def sampler_alphas_cumprod(scheduler_config: Mapping[str, Any]):

@@ -301,7 +301,13 @@ def adapter_named(name: str) -> FamilyAdapter:
 
 
 def denoiser_adapter(model: nn.Module) -> FamilyAdapter:
-    """The adapter of a denoiser, or of the networks of a staged denoiser (which has `networks()`)."""
+    """The adapter of a denoiser, of the networks of a staged denoiser (which has `networks()`),
+    or of the denoiser a wrapper holds as its submodule `denoiser` (block reuse, conquer/caching.py)."""
+    for _ in range(8):  # unwrap wrappers of wrappers, boundedly
+        wrapped = model.__dict__.get("_modules", {}).get("denoiser")
+        if wrapped is None:
+            break
+        model = wrapped
     networks = getattr(model, "networks", None)
     return adapter_for_model(networks()[1] if callable(networks) else model)
 
