@@ -53,6 +53,15 @@ def param_bytes(*modules: nn.Module) -> int:
     return sum(storages.values())
 
 
+def _call(network: nn.Module, hidden_states: torch.Tensor, timestep, args: tuple, kwargs: dict, return_dict: bool):
+    """network(hidden_states, timestep, …): the timestep by keyword unless more positional
+    arguments follow it, since not every denoiser takes the timestep second (some take the
+    text embeddings there); a caller passing more positionals relies on their order anyway."""
+    if args:
+        return network(hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+    return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
+
+
 class StagedDiT(nn.Module):
     """A denoiser that runs the early/middle/late sub-network of each timestep (any family).
 
@@ -141,7 +150,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return self.networks()[present[0]](hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
+            return _call(self.networks()[present[0]], hidden_states, timestep, args, kwargs, return_dict)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -152,12 +161,13 @@ class StagedDiT(nn.Module):
                 continue
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
-            part = network(
+            part = _call(
+                network,
                 hidden_states.index_select(0, rows_dev),
                 select_rows(timestep, rows, batch),
-                *select_rows(tuple(args), rows, batch),
-                return_dict=True,
-                **select_rows(kwargs, rows, batch),
+                select_rows(tuple(args), rows, batch),
+                select_rows(kwargs, rows, batch),
+                True,
             )
             output_type = type(part)
             sample = part.sample

@@ -8,8 +8,8 @@ weights are absent.
 
 Names resolve in this order:
 1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`,
-   `sdxl-base`: SDXL-base-1.0's public UNet and scheduler configs ship in
-   `assets/configs/sdxl-base/`);
+   `sdxl-base`, `pixart-sigma`: the public denoiser and scheduler configs of SDXL-base-1.0
+   and PixArt-Σ-XL-2-1024-MS ship in `assets/configs/<name>/`);
 2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and the denoiser's
    `transformer/config.json` or `unet/config.json`), or a folder holding a bare
    `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
@@ -143,8 +143,30 @@ def _sdxl_base() -> ModelSpec:
     )
 
 
+def _pixart_sigma() -> ModelSpec:
+    """PixArt-Σ-XL-2 1024 from its shipped public configs (no weights needed to plan)."""
+    from mosaic_core.models.adapters import adapter_for_class
+
+    folder = ASSETS_DIR / "configs" / "pixart-sigma"
+    transformer = _read_json(folder / "transformer_config.json")
+    adapter = adapter_for_class(transformer["_class_name"])
+    fields = adapter.spec_fields(transformer, folder)  # no model_index.json here: M = 300, PixArtSigmaPipeline's
+    return ModelSpec(
+        name="pixart-sigma",
+        description="PixArt-Σ-XL-2 1024-MS: text-to-image latent DiT with T5 text (0.6 B parameters), 1024x1024.",
+        scheduler_config=MappingProxyType(_read_json(folder / "scheduler_config.json")),
+        source="hub",
+        default_steps=20,
+        default_cfg=4.5,
+        family=adapter.name,
+        hub_id="PixArt-alpha/PixArt-Sigma-XL-2-1024-MS",
+        config_path=str(folder / "transformer_config.json"),
+        **fields,
+    )
+
+
 # Entries built on first use (they read config files and import the family adapters).
-_LAZY_REGISTRY = {"sdxl-base": _sdxl_base}
+_LAZY_REGISTRY = {"sdxl-base": _sdxl_base, "pixart-sigma": _pixart_sigma}
 
 
 def known_models() -> list[str]:

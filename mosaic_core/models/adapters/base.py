@@ -4,15 +4,15 @@ The engine (Hessians, surgery, staged sampling, calibration, cost) never names a
 family; it asks the family's `FamilyAdapter`, found by the denoiser's diffusers class
 name (`adapter_for_model`, `adapter_for_class`). An adapter says:
 
-| question                         | method                          | DiT                      | SDXL (UNet)                         |
-|----------------------------------|---------------------------------|--------------------------|-------------------------------------|
-| which blocks are prunable        | `block_paths`                   | transformer_blocks.i     | */attentions.j/transformer_blocks.k |
-| their prunable groups            | `prunable_layers`               | self-attn heads, FF units| + cross-attn heads (GEGLU FF)        |
-| the Hessian site of each group   | `PrunableLayer.name`            | input of to_out.0/net.2  | same, per attention and FF          |
-| slicing                          | `mosaic_core.prune.surgery`     | generic diffusers Attention + FeedForward            |
-| per-block cost, before any weight| `shape_from_config`             | homogeneous shape        | one `LayerShape` per prunable layer |
-| the conditioned call, CFG's null | `Condition.model_kwargs/null`   | class labels, ∅ = classes| prompt embeds, pooled, time_ids; ∅ = zeros |
-| loading a local diffusers folder | `load_denoiser`, `load_extras`  | transformer/             | unet/, text_encoder(_2), tokenizer(_2) |
+| question                         | method                          | DiT                      | SDXL (UNet)                         | PixArt-α/Σ                    |
+|----------------------------------|---------------------------------|--------------------------|-------------------------------------|-------------------------------|
+| which blocks are prunable        | `block_paths`                   | transformer_blocks.i     | */attentions.j/transformer_blocks.k | transformer_blocks.i          |
+| their prunable groups            | `prunable_layers`               | self-attn heads, FF units| + cross-attn heads (GEGLU FF)        | + cross-attn heads (GELU FF)  |
+| the Hessian site of each group   | `PrunableLayer.name`            | input of to_out.0/net.2  | same, per attention and FF          | same                          |
+| slicing                          | `mosaic_core.prune.surgery`     | generic diffusers Attention + FeedForward            |                                     |                               |
+| per-block cost, before any weight| `shape_from_config`             | homogeneous shape        | one `LayerShape` per prunable layer | same (M = 120 or 300 T5 tokens)|
+| the conditioned call, CFG's null | `Condition.model_kwargs/null`   | class labels, ∅ = classes| prompt embeds, pooled, time_ids; ∅ = zeros | T5 embeds + mask; ∅ = T5("") |
+| loading a local diffusers folder | `load_denoiser`, `load_extras`  | transformer/             | unet/, text_encoder(_2), tokenizer(_2) | transformer/, text_encoder, tokenizer |
 
 A prunable group is a set of input columns of one *output projection* (the Hessian site,
 H = XᵀX/n of that layer's input; docs/method.md §3): an attention head h is columns
@@ -24,8 +24,10 @@ Conditions are small dataclasses whose tensor fields all have the batch first. T
 only concatenates them (classifier-free guidance doubles the batch), selects rows (a staged
 model splits a mixed batch by stage), moves them to a device and asks `model_kwargs()` for
 the keyword arguments of the denoiser's forward call and `null()` for the unconditional
-branch. Future families (PixArt, SD3, Flux) add a Condition with their own fields, and a
-"joint_attn" layer kind whose context projections are sliced with the image ones.
+branch. A field that is neither a tensor nor a dataclass passes through all of that unchanged
+(PixArt's empty-prompt embedding: one value shared by every sample). Future families (SD3,
+Flux) add a Condition with their own fields, and a "joint_attn" layer kind whose context
+projections are sliced with the image ones.
 """
 
 from __future__ import annotations
@@ -223,7 +225,7 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-FAMILY_MODULES = ("dit", "sdxl")  # one module per family; each registers its adapter on import
+FAMILY_MODULES = ("dit", "sdxl", "pixart")  # one module per family; each registers its adapter on import
 
 
 def _ensure_registered() -> None:
