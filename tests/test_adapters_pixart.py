@@ -272,3 +272,25 @@ def test_alpha_folder_reads_120_tokens_and_the_size_conditions(tmp_path):
     other = PixArtCondition(condition.prompt_embeds, condition.prompt_attention_mask, condition.empty_prompt,
                             torch.tensor([[32.0, 16.0]]), torch.tensor([[2.0]]))
     assert not torch.allclose(_run(loaded.transformer, x, t, condition), _run(loaded.transformer, x, t, other))
+
+
+def test_a_legacy_transformer2dmodel_folder_loads_as_pixart(tmp_path):
+    """Hub PixArt folders name the legacy Transformer2DModel (with arguments it no longer takes);
+    as diffusers does, its norm_type ada_norm_single makes it a PixArtTransformer2DModel."""
+    import json
+
+    from tiny_pixart import write_tiny_pixart_folder
+
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.models.parameters import parameter_split
+
+    folder = write_tiny_pixart_folder(tmp_path / "legacy")
+    path = folder / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "_class_name": "Transformer2DModel", "use_linear_projection": False, "num_vector_embeds": None}))
+    loaded = load_model(str(folder), device="cpu")
+    assert loaded.spec.family == "pixart" and type(loaded.transformer).__name__ == "PixArtTransformer2DModel"
+    assert parameter_split(loaded.spec).total == sum(p.numel() for p in loaded.transformer.parameters())
+    path.write_text(json.dumps({**config, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
+    with pytest.raises(ValueError, match="unsupported denoiser class 'Transformer2DModel'"):
+        load_model(str(folder), device="cpu")

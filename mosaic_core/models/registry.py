@@ -347,7 +347,7 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         denoiser = _denoiser_config_in(folder)
     except (_Unusable, OSError, RuntimeError):
         raise _unknown(name) from None
-    from mosaic_core.models.adapters import adapter_for_class, supported_classes
+    from mosaic_core.models.adapters import adapter_for_class, denoiser_class_name, supported_classes
 
     what = f"model folder '{name}'"
     _check_scheduler_config(scheduler, f"{what} (scheduler config)")
@@ -356,7 +356,7 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
             f"{what} has no denoiser config: expected transformer/config.json or unet/config.json "
             f"(diffusers layout) or config.json, with a _class_name among {', '.join(supported_classes())}"
         )
-    class_name = denoiser.get("_class_name")
+    class_name = denoiser_class_name(denoiser)  # a legacy Transformer2DModel by its norm_type, as diffusers
     if not isinstance(class_name, str) or class_name not in supported_classes():
         # a class name is shown only when it looks like one (nothing else of a file is echoed)
         named = f" '{class_name}'" if isinstance(class_name, str) and class_name.isidentifier() and len(class_name) <= 80 else ""

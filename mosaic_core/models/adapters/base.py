@@ -148,6 +148,8 @@ class FamilyAdapter:
     denoiser_folder: ClassVar[str] = "transformer"  # sub-folder of a diffusers pipeline folder
     block_classes: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
+    # norm_type values of a legacy `Transformer2DModel` config that diffusers builds as this family's class
+    legacy_norm_types: ClassVar[tuple[str, ...]] = ()
 
     # -- the model side ---------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> list[str]:
@@ -233,6 +235,21 @@ def _ensure_registered() -> None:
 
     for module in FAMILY_MODULES:
         importlib.import_module(f"mosaic_core.models.adapters.{module}")  # cached after the first call
+
+
+LEGACY_CLASS = "Transformer2DModel"  # diffusers' old name of single-stream 2D transformers (hub folders keep it)
+
+
+def denoiser_class_name(config: Mapping[str, Any]) -> Any:
+    """The `_class_name` of a denoiser config; a legacy `Transformer2DModel` is read as the class
+    diffusers itself builds for its `norm_type` (the adapter whose `legacy_norm_types` holds it)."""
+    name = config.get("_class_name")
+    if name == LEGACY_CLASS:
+        _ensure_registered()
+        for adapter in _ADAPTERS.values():
+            if config.get("norm_type") in adapter.legacy_norm_types:
+                return adapter.model_classes[0]
+    return name
 
 
 def supported_classes() -> list[str]:

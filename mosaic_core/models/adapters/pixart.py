@@ -219,6 +219,7 @@ class PixArtAdapter(FamilyAdapter):
     model_classes = ("PixArtTransformer2DModel",)
     denoiser_folder = "transformer"
     conditioning = "text"
+    legacy_norm_types = ("ada_norm_single",)  # hub PixArt folders name the legacy Transformer2DModel
 
     def condition_for(self, loaded, values: Any) -> PixArtCondition:
         """The text condition of `values` (a prompt or a list of prompts) at the model's image size."""
