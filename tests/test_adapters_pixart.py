@@ -210,12 +210,12 @@ def test_engine_sampling_equals_the_pixart_sigma_pipeline(parts):
 
     prompts = PROMPTS[:1] * 2
     condition = encode_prompts({**parts, "max_sequence_length": TOKENS}, prompts, 16, 16, additional_conditions=False)
-    config = SampleConfig(num_inference_steps=5, guidance_scale=4.5, scheduler="dpm", seed=3)
+    config = SampleConfig(num_inference_steps=3, guidance_scale=4.5, scheduler="dpm", seed=3)
     events = []
     run_to_end(sample_steps(parts["transformer"], PIXART_SCHEDULER, condition, config, num_classes=0, sample_shape=(4, 8, 8)), events.append)
     noise = initial_noise(2, (4, 8, 8), 3)
     latents = _pipeline(parts)(
-        PROMPTS[0], num_images_per_prompt=2, num_inference_steps=5, guidance_scale=4.5, latents=noise.clone(),
+        PROMPTS[0], num_images_per_prompt=2, num_inference_steps=3, guidance_scale=4.5, latents=noise.clone(),
         output_type="latent", use_resolution_binning=False, clean_caption=False,
     ).images
     torch.testing.assert_close(events[-1].latents, latents, rtol=1e-4, atol=1e-5)
@@ -294,3 +294,23 @@ def test_a_legacy_transformer2dmodel_folder_loads_as_pixart(tmp_path):
     path.write_text(json.dumps({**config, "_class_name": "Transformer2DModel", "norm_type": "layer_norm"}))
     with pytest.raises(ValueError, match="unsupported denoiser class 'Transformer2DModel'"):
         load_model(str(folder), device="cpu")
+
+
+def test_hostile_configs_are_refused_with_the_field_name(tmp_path):
+    """Bad config fields are one ValueError naming the field and its range (never the value);
+    an unreadable model_index.json falls back to PixArt-Σ's 300 tokens."""
+    from mosaic_core.models.adapters.pixart import context_tokens_of
+
+    with pytest.raises(ValueError, match=r"'num_layers' must be a whole number in \[1, 1024\]"):
+        pixart_layer_shapes({"num_layers": 10**9})
+    with pytest.raises(ValueError, match="'attention_head_dim'"):
+        pixart_layer_shapes({"attention_head_dim": "72"})
+    with pytest.raises(ValueError, match="'norm_type' must be 'ada_norm_single'"):
+        pixart_layer_shapes({"norm_type": "ada_norm_zero"})
+    with pytest.raises(ValueError, match="cross_attention_dim"):
+        pixart_layer_shapes({"cross_attention_dim": None})
+    (tmp_path / "model_index.json").write_text('{"_class_name": ["PixArtAlphaPipeline"]}')
+    assert context_tokens_of(tmp_path) == 300
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
+    assert context_tokens_of(tmp_path) == 120
+    assert pixart_layer_shapes({}).num_layers == 28  # diffusers' defaults: PixArt-XL/2

@@ -169,11 +169,16 @@ def pixart_layer_shapes(config: Mapping[str, Any], context_tokens: int = DEFAULT
 
 def context_tokens_of(root: Path) -> int:
     """The pipeline's max_sequence_length from the folder's model_index.json (300 when unknown)."""
+    from mosaic_core import limits
+
+    path = Path(root) / "model_index.json"
     try:
-        name = json.loads((Path(root) / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+        if path.stat().st_size > limits.MAX_CONFIG_BYTES:  # a hostile file is not read whole
+            return DEFAULT_CONTEXT_TOKENS
+        name = json.loads(path.read_bytes()).get("_class_name")
+    except (OSError, ValueError, AttributeError, RecursionError):
         return DEFAULT_CONTEXT_TOKENS
-    return CONTEXT_TOKENS.get(name, DEFAULT_CONTEXT_TOKENS)
+    return CONTEXT_TOKENS.get(name, DEFAULT_CONTEXT_TOKENS) if isinstance(name, str) else DEFAULT_CONTEXT_TOKENS
 
 
 def encode_text(extras: Mapping[str, Any], prompts: Sequence[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
