@@ -314,3 +314,27 @@ def test_hostile_configs_are_refused_with_the_field_name(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
     assert context_tokens_of(tmp_path) == 120
     assert pixart_layer_shapes({}).num_layers == 28  # diffusers' defaults: PixArt-XL/2
+
+
+@pytest.mark.slow
+def test_engine_sampling_equals_the_pixart_alpha_pipeline_with_size_conditions(tmp_path):
+    """PixArt-α 1024's layout (sample_size 128, size conditions, 120 tokens), in miniature
+    (patch 16: 64 tokens): our sampler lands on PixArtAlphaPipeline's latents, so resolution
+    (pixels) and aspect ratio are passed as that pipeline passes them, in both CFG branches."""
+    from diffusers import PixArtAlphaPipeline
+    from tiny_pixart import PIXART_SCHEDULER, tiny_pixart_parts
+
+    from mosaic_core.conquer.sampling import SampleConfig, initial_noise, run_to_end, sample_steps
+
+    parts = tiny_pixart_parts(tmp_path / "tokenizer", sample_size=128, patch_size=16, use_additional_conditions=None,
+                              num_attention_heads=6)
+    assert parts["transformer"].use_additional_conditions  # diffusers' default for sample_size 128
+    condition = encode_prompts({**parts, "max_sequence_length": 120}, PROMPTS[:1], 256, 256, additional_conditions=True)
+    events = []
+    run_to_end(sample_steps(parts["transformer"], PIXART_SCHEDULER, condition, SampleConfig(2, 4.5, "dpm", 5),
+                            num_classes=0, sample_shape=(4, 128, 128)), events.append)
+    pipe = PixArtAlphaPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(PROMPTS[0], num_inference_steps=2, guidance_scale=4.5, latents=initial_noise(1, (4, 128, 128), 5),
+                   output_type="latent", use_resolution_binning=False, clean_caption=False).images
+    torch.testing.assert_close(events[-1].latents, latents, rtol=1e-4, atol=1e-5)
