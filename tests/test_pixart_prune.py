@@ -112,3 +112,20 @@ def test_cli_plan_prune_sample_on_a_tiny_pixart_folder(pixart_folder, tmp_path):
         assert archives[name]["images"].shape == (2, 16, 16, 3) and (archives[name]["labels"] == -1).all()
         assert archives[name]["prompts"].tolist() == ["a red fox", "a koi pond"]
     assert not np.array_equal(archives["dense"]["images"], archives["staged"]["images"])
+
+
+def test_a_sentencepiece_only_tokenizer_needs_its_packages(pixart_folder, tmp_path):
+    """A hub-style tokenizer folder (spiece.model, no tokenizer.json) is refused with the packages
+    to install when sentencepiece/protobuf are absent, not read wrongly by a fallback."""
+    import shutil
+
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    if is_sentencepiece_available() and is_protobuf_available():
+        pytest.skip("sentencepiece and protobuf are installed here: the hub tokenizer loads")
+    folder = tmp_path / "hub-like"
+    shutil.copytree(pixart_folder, folder)
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    (folder / "tokenizer" / "spiece.model").write_bytes(b"\x00")
+    with pytest.raises(ValueError, match=r"SentencePiece model .* needs the packages .*pip install"):
+        load_model(str(folder), device="cpu")

@@ -217,6 +217,22 @@ def encode_prompts(extras: Mapping[str, Any], prompts: Sequence[str], height: in
     )
 
 
+def _check_tokenizer_backend(folder: Path) -> None:
+    """A tokenizer shipped only as a SentencePiece model (spiece.model, no tokenizer.json, as on the
+    hub) is converted by transformers with the sentencepiece and protobuf packages; without them
+    it silently falls back to another extractor, so refuse clearly instead."""
+    from transformers.utils import is_protobuf_available, is_sentencepiece_available
+
+    if (folder / "tokenizer.json").is_file() or not (folder / "spiece.model").is_file():
+        return
+    absent = [name for name, present in (("sentencepiece", is_sentencepiece_available()), ("protobuf", is_protobuf_available())) if not present]
+    if absent:
+        raise ValueError(
+            f"the T5 tokenizer in {folder} is a SentencePiece model (spiece.model, no tokenizer.json): "
+            f"reading it needs the packages {' and '.join(absent)} (pip install {' '.join(absent)})"
+        )
+
+
 class PixArtAdapter(FamilyAdapter):
     """The PixArt family: `transformer_blocks.{i}` with attn1 + attn2 + GELU ff, T5 text conditioning."""
 
@@ -254,6 +270,7 @@ class PixArtAdapter(FamilyAdapter):
         missing = [name for name in ("text_encoder", "tokenizer") if not (root / name).is_dir()]
         if missing:
             raise ValueError(f"PixArt folder {root} lacks {', '.join(missing)} (needed to embed prompts)")
+        _check_tokenizer_backend(root / "tokenizer")
         encoder = T5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
         encoder.requires_grad_(False)
         return {
