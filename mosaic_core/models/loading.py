@@ -200,10 +200,13 @@ def load_model(
 
 
 def _config_class(folder: Path) -> str | None:
-    """The `_class_name` of the denoiser config in `folder`, if it names one."""
+    """The class of the denoiser config in `folder`, if it names one (`adapters.denoiser_class_name`)."""
     import json
 
+    from mosaic_core.models.adapters import denoiser_class_name
+
     try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    return denoiser_class_name(config) if isinstance(config, dict) else None

@@ -71,11 +71,11 @@ def _meta_parameter_count(config_json: str) -> int:
     import diffusers
     import torch
 
-    from mosaic_core.models.adapters import adapter_for_class
+    from mosaic_core.models.adapters import adapter_for_class, denoiser_class_name
 
     config = json.loads(config_json)
-    cls = getattr(diffusers, adapter_for_class(config.get("_class_name", "DiTTransformer2DModel")).model_classes[0])
+    cls = getattr(diffusers, adapter_for_class(denoiser_class_name(config) or "DiTTransformer2DModel").model_classes[0])
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = cls(**config)
+        model = cls.from_config(config)  # from_config ignores keys the class no longer takes
     return int(sum(p.numel() for p in model.parameters()))

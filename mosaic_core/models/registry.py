@@ -8,9 +8,9 @@ weights are absent.
 
 Names resolve in this order:
 1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`,
-   `sdxl-base`: SDXL-base-1.0's public UNet and scheduler configs ship in
-   `assets/configs/sdxl-base/`; `sd3-medium`, `flux-dev`, `flux-schnell`: their transformer
-   and scheduler configs ship in `assets/configs/<name>/`);
+   `sdxl-base`, `pixart-sigma`, `sd3-medium`, `flux-dev`, `flux-schnell`: the public denoiser
+   and scheduler configs of SDXL-base-1.0, PixArt-Σ-XL-2-1024-MS, SD3-medium, FLUX.1-dev and
+   FLUX.1-schnell ship in `assets/configs/<name>/`);
 2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and the denoiser's
    `transformer/config.json` or `unet/config.json`), or a folder holding a bare
    `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
@@ -178,6 +178,14 @@ def _transformer_entry(name: str, description: str, hub_id: str, default_steps: 
     )
 
 
+def _pixart_sigma() -> ModelSpec:
+    """PixArt-Σ-XL-2 1024 (T5 text, cross-attention, adaLN-single), 1024x1024; M = 300 text tokens."""
+    return _transformer_entry(
+        "pixart-sigma", "PixArt-Σ-XL-2 1024-MS: text-to-image latent DiT with T5 text (0.6 B parameters), 1024x1024.",
+        "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 20, 4.5,
+    )
+
+
 def _sd3_medium() -> ModelSpec:
     """Stable Diffusion 3 medium (joint-attention transformer, flow matching), 1024x1024."""
     return _transformer_entry(
@@ -203,7 +211,9 @@ def _flux_schnell() -> ModelSpec:
 
 
 # Entries built on first use (they read config files and import the family adapters).
-_LAZY_REGISTRY = {"sdxl-base": _sdxl_base, "sd3-medium": _sd3_medium, "flux-dev": _flux_dev, "flux-schnell": _flux_schnell}
+_LAZY_REGISTRY = {
+    "sdxl-base": _sdxl_base, "pixart-sigma": _pixart_sigma, "sd3-medium": _sd3_medium, "flux-dev": _flux_dev, "flux-schnell": _flux_schnell,
+}
 
 
 def known_models() -> list[str]:
@@ -430,7 +440,7 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         denoiser = _denoiser_config_in(folder)
     except (_Unusable, OSError, RuntimeError):
         raise _unknown(name) from None
-    from mosaic_core.models.adapters import adapter_for_class, supported_classes
+    from mosaic_core.models.adapters import adapter_for_class, denoiser_class_name, supported_classes
 
     what = f"model folder '{name}'"
     _check_scheduler_config(scheduler, f"{what} (scheduler config)")
@@ -439,7 +449,7 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
             f"{what} has no denoiser config: expected transformer/config.json or unet/config.json "
             f"(diffusers layout) or config.json, with a _class_name among {', '.join(supported_classes())}"
         )
-    class_name = denoiser.get("_class_name")
+    class_name = denoiser_class_name(denoiser)  # a legacy Transformer2DModel by its norm_type, as diffusers
     if not isinstance(class_name, str) or class_name not in supported_classes():
         # a class name is shown only when it looks like one (nothing else of a file is echoed)
         named = f" '{class_name}'" if isinstance(class_name, str) and class_name.isidentifier() and len(class_name) <= 80 else ""

@@ -8,6 +8,7 @@ from mosaic_core.models.adapters.base import (  # noqa: F401
     adapter_named,
     as_condition,
     concat_conditions,
+    denoiser_class_name,
     move_condition,
     select_rows,
     supported_classes,

@@ -16,6 +16,10 @@ name (`adapter_for_model`, `adapter_for_class`). An adapter says:
 | slicing one block                | `slice_block`                   | surgery.slice_basic_block| same (SD3/Flux: slice_joint_block, slice_parallel_block) |
 | the denoiser's input form        | `pack_latents`, `timestep_scale`| identity, t              | identity, t (Flux: 2×2 tokens, σ = t/1000) |
 
+PixArt-α/Σ (`pixart.py`) has DiT's block layout plus cross-attention heads (GELU FF), a
+per-layer cost with M = 120 or 300 T5 tokens, T5 embeddings + attention mask as its
+condition with ∅ = T5(""), and loads transformer/, text_encoder/, tokenizer/.
+
 A prunable group is a set of input columns of one *output projection* (the Hessian site,
 H = XᵀX/n of that layer's input; docs/method.md §3): an attention head h is columns
 [h·hd, (h+1)·hd) of `to_out.0` (and rows of to_q/to_k/to_v, and of add_q/k/v_proj for
@@ -32,7 +36,8 @@ context stream's feed-forward), "dual_attn" (SD3.5's second attention) and Flux'
 proj_out, whose attention and MLP columns are two layers of one module
 (`hessian.LayerPart`, docs/method.md §11). A family whose denoiser takes packed tokens or
 a scaled timestep says so with `pack_latents`/`unpack_latents` and `timestep_scale`; the
-engine keeps N×C×H×W latents and t = σ·1000 (flow matching) or the DDPM index.
+engine keeps N×C×H×W latents and t = σ·1000 (flow matching) or the DDPM index. A field that is neither a tensor nor a dataclass passes
+through all of that unchanged (PixArt's empty-prompt embedding: one value shared by every sample).
 """
 
 from __future__ import annotations
@@ -159,6 +164,8 @@ class FamilyAdapter:
     block_classes: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
     timestep_scale: ClassVar[float] = 1.0  # the denoiser receives t · timestep_scale (Flux: 1/1000)
+    # norm_type values of a legacy `Transformer2DModel` config that diffusers builds as this family's class
+    legacy_norm_types: ClassVar[tuple[str, ...]] = ()
 
     # -- the model side ---------------------------------------------------------------
     def block_paths(self, model: nn.Module) -> list[str]:
@@ -264,7 +271,7 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
     return adapter
 
 
-FAMILY_MODULES = ("dit", "sdxl", "sd3", "flux")  # one module per family; each registers its adapter on import
+FAMILY_MODULES = ("dit", "sdxl", "pixart", "sd3", "flux")  # one module per family; each registers its adapter on import
 
 
 def _ensure_registered() -> None:
@@ -272,6 +279,21 @@ def _ensure_registered() -> None:
 
     for module in FAMILY_MODULES:
         importlib.import_module(f"mosaic_core.models.adapters.{module}")  # cached after the first call
+
+
+LEGACY_CLASS = "Transformer2DModel"  # diffusers' old name of single-stream 2D transformers (hub folders keep it)
+
+
+def denoiser_class_name(config: Mapping[str, Any]) -> Any:
+    """The `_class_name` of a denoiser config; a legacy `Transformer2DModel` is read as the class
+    diffusers itself builds for its `norm_type` (the adapter whose `legacy_norm_types` holds it)."""
+    name = config.get("_class_name")
+    if name == LEGACY_CLASS:
+        _ensure_registered()
+        for adapter in _ADAPTERS.values():
+            if config.get("norm_type") in adapter.legacy_norm_types:
+                return adapter.model_classes[0]
+    return name
 
 
 def supported_classes() -> list[str]:

@@ -22,6 +22,7 @@ class DiTAdapter(FamilyAdapter):
     model_classes = ("DiTTransformer2DModel",)
     denoiser_folder = "transformer"
     conditioning = "class"
+    legacy_norm_types = ("ada_norm_zero",)  # hub DiT folders name the legacy Transformer2DModel
 
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> TransformerShape:
         """The homogeneous shape of a DiT config (layers, heads, head width, F = 4·D, tokens)."""
