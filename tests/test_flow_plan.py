@@ -118,3 +118,21 @@ def test_ddpm_plans_are_unchanged_by_the_flow_support():
     plan = build_plan("digits-dit", 50, sparsity=0.3)
     assert plan.bounds.middle == (103, 568) and plan.step_counts == (21, 23, 6)
     assert "image_seq_len" not in plan.to_dict()
+
+
+def test_cli_plans_each_registry_model_with_its_own_pipelines_sampler():
+    """Without --scheduler the CLI takes what the model's pipeline uses: FluxPipeline's
+    linspace(1, 1/N, N) grid with μ for 1024² (4096 packed tokens), SD3's flow-euler, DDIM
+    for DDPM-style schedules; naming the sampler by hand gives the same plan."""
+    import json
+
+    from conftest import run_cli
+
+    expected = {"flux-dev": ("flow-euler-1/n", 4096), "sd3-medium": ("flow-euler", None), "digits-dit": ("ddim", None)}
+    for model, (sampler, tokens) in expected.items():
+        default = run_cli("plan", "--model", model, "--sparsity", "0.3", "--json")
+        named = run_cli("plan", "--model", model, "--sparsity", "0.3", "--json", "--scheduler", sampler)
+        assert default.returncode == 0 and named.returncode == 0, default.stderr + named.stderr
+        data = json.loads(default.stdout)
+        assert data["scheduler"] == sampler and data.get("image_seq_len") == tokens
+        assert data == json.loads(named.stdout)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mosaic_core.divide.stages import DEFAULT_M
 from mosaic_core.models.registry import DEFAULT_MODEL
+from mosaic_core.models.samplers import model_default_sampler
 
 
 def register(subparsers) -> None:
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    parser.add_argument("--scheduler", default="ddim")
+    parser.add_argument("--scheduler", default=None, help="sampler (default: the model's own)")
     parser.add_argument("--M", type=float, default=DEFAULT_M)
     parser.add_argument("--lam", type=float, default=0.01)
     parser.add_argument("--calib-size", type=int, default=256)
@@ -104,7 +105,7 @@ def run_random(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     config = RandomBenchConfig(
         sparsities=parse_sparsities(args.sparsities), num_inference_steps=args.steps, batch=args.batch,
-        calls=args.calls, repeats=args.repeats, seed=args.seed, M=args.M, lam=args.lam, scheduler=args.scheduler,
+        calls=args.calls, repeats=args.repeats, seed=args.seed, M=args.M, lam=args.lam, scheduler=args.scheduler or model_default_sampler(spec),
         compile=args.compile,
     )
     if not current_processes(device).is_main:
@@ -162,7 +163,9 @@ def run(args: argparse.Namespace) -> int:
     from mosaic_core.conquer.caching import parse_cache
 
     methods, cache = parse_methods(args.methods), parse_cache(args.cache)  # validate first
-    build_plan(resolve_model(args.model), args.steps, args.M, args.lam, sparsity=args.sparsity)
+    spec = resolve_model(args.model)
+    scheduler = args.scheduler or model_default_sampler(spec)
+    build_plan(spec, args.steps, args.M, args.lam, sparsity=args.sparsity, scheduler=scheduler)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     source = args.calib_source or default_calibration_source(loaded.spec)
     config = BenchConfig(
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         reduced_steps=args.reduced_steps or None,
         guidance_scale=args.cfg,
-        scheduler=args.scheduler,
+        scheduler=scheduler,
         seed=args.seed,
         M=args.M,
         lam=args.lam,

@@ -86,6 +86,14 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def sampler_of(model: str) -> str:
+    """The sampler `--scheduler` defaults to for `model` (`samplers.model_default_sampler`)."""
+    from mosaic_core.models.registry import resolve_model
+    from mosaic_core.models.samplers import model_default_sampler
+
+    return model_default_sampler(resolve_model(model))
+
+
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """The `Plan` described by the plan arguments (shared by `plan`, `prune` and `bench`).
 
@@ -94,7 +102,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     stage_sparsity = getattr(args, "stage_sparsity", None)
     request = PlanRequest.from_values(
         model=args.model,
-        sampler=args.scheduler,
+        sampler=args.scheduler if args.scheduler is not None else sampler_of(args.model),
         steps=args.steps,
         M=args.M,
         lam=args.lam,
@@ -129,7 +137,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = T
         group.add_argument("--sparsity", type=float_in("--sparsity", 0.0, 0.9), default=None, help="overall step-weighted sparsity in [0, 0.9] (auto allocation)")
         group.add_argument("--stage-sparsity", default=None, metavar="A,B,C", type=text_of("--stage-sparsity", 200), help="early,middle,late sparsities, each in [0, 0.9]")
         parser.add_argument("--uniform", action="store_true", help="one network at --sparsity for every step")
-    parser.add_argument("--scheduler", default=DEFAULT_SCHEDULER, type=text_of("--scheduler", 64), help=f"sampler: {'|'.join(SCHEDULERS)} (default {DEFAULT_SCHEDULER})")
+    parser.add_argument(
+        "--scheduler", default=None, type=text_of("--scheduler", 64),
+        help=f"sampler: {'|'.join(SCHEDULERS)} (default: the model's own, {DEFAULT_SCHEDULER} for DDPM-style schedules, "
+        "flow-euler for SD3, flow-euler-1/n for Flux)",
+    )
     parser.add_argument("--cx", type=float_in("--cx", 0.0, 1e12), default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.models.registry import DEFAULT_MODEL
-from mosaic_core.models.samplers import SCHEDULERS
+from mosaic_core.models.samplers import SCHEDULERS, model_default_sampler
 
 
 def register(subparsers) -> None:
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampling steps (default: the model's, 50)"
     )
     parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 20.0), default=None, help="classifier-free guidance scale (default: the model's)")
-    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
+    parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default: the model's own)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (or float32 | float16 | bfloat16; default: fp32 on CPU)")
     parser.add_argument(
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     config = SampleConfig(
         num_inference_steps=args.steps if args.steps is not None else spec.default_steps,
         guidance_scale=args.cfg if args.cfg is not None else spec.default_cfg,
-        scheduler=args.scheduler,
+        scheduler=args.scheduler if args.scheduler is not None else model_default_sampler(spec),
         seed=args.seed,
     )
     if args.batch_size < 1:

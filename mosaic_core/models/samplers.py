@@ -95,6 +95,14 @@ def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
     return DEFAULT_FLOW_SCHEDULER if is_flow_matching(scheduler_config) else DEFAULT_SCHEDULER
 
 
+def model_default_sampler(spec) -> str:
+    """The sampler a model (`ModelSpec`) takes when none is named: its family's own (Flux:
+    `flow-euler-1/n`, as FluxPipeline), else the one its schedule takes (`default_sampler`)."""
+    from mosaic_core.models.adapters import adapter_named
+
+    return adapter_named(spec.family).default_sampler or default_sampler(spec.scheduler_config)
+
+
 def check_sampler_fits(name: str, scheduler_config: Mapping[str, Any]) -> str:
     """The sampler name, or ValueError when it does not fit the model's schedule (flow vs ᾱ)."""
     from mosaic_core.divide.flow_schedule import is_flow_matching

@@ -164,6 +164,7 @@ class FamilyAdapter:
     block_classes: ClassVar[tuple[str, ...]] = ("BasicTransformerBlock",)
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
     timestep_scale: ClassVar[float] = 1.0  # the denoiser receives t · timestep_scale (Flux: 1/1000)
+    default_sampler: ClassVar[str | None] = None  # None: by the schedule (samplers.default_sampler)
     # norm_type values of a legacy `Transformer2DModel` config that diffusers builds as this family's class
     legacy_norm_types: ClassVar[tuple[str, ...]] = ()
 

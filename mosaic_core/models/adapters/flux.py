@@ -166,6 +166,7 @@ class FluxAdapter(FamilyAdapter):
     block_classes = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     conditioning = "text"
     timestep_scale = 1 / 1000  # FluxPipeline passes σ = t/1000
+    default_sampler = "flow-euler-1/n"  # FluxPipeline's σ grid: linspace(1, 1/N, N), then the shift
 
     def block_layers(self, path: str, block: nn.Module) -> list[tuple]:
         """Double-stream: as SD3's joint blocks. Single-stream: proj_out's attention and MLP parts."""
@@ -228,6 +229,8 @@ class FluxAdapter(FamilyAdapter):
             "sample_size": latent_size,
             "latent": True,
             "default_cfg": 1.0,
+            # 2×2-packed latent tokens: the μ of FluxPipeline's dynamically shifted σ (4096 at 1024²)
+            "image_seq_len": (latent_size // 2) ** 2,
         }
 
     def load_extras(self, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
