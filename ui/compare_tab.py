@@ -370,6 +370,7 @@ class CompareHandlers:
         cfg: float = settings.CFG_DEFAULT,
         repeats: int = settings.REPEATS_DEFAULT,
         only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+        edges: Optional[list[int]] = None,
         request: gr.Request = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
@@ -377,7 +378,7 @@ class CompareHandlers:
         `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
         'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         job = self.resolve(plan, (calibration, calibration_size, scorer), (labels, seed, count, cfg, repeats, only_stage))
         owner = owner_of(request)
         return status_dict(self.engine.jobs.status(self.submit(owner, job), owner), compare_summary)

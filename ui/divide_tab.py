@@ -248,14 +248,16 @@ class DivideHandlers:
         sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
         stage_sparsity: Optional[list[float]] = None,
         cx: float = settings.CX_DEFAULT,
+        edges: Optional[list[int]] = None,
     ) -> dict:
         """The MosaicDiff plan (Plan.to_dict()) for a model name or local folder.
 
         Give `stage_sparsity` [early, middle, late] for a manual allocation (then `sparsity`
         is ignored), else `sparsity` is the overall target of the automatic allocation.
+        Give `edges` [LO, HI] (training timesteps) to set the middle stage by hand instead of M.
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
-        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         plan = request.build(self.engine.resolve(request.model))
         return plan.to_dict()
 

@@ -260,6 +260,7 @@ class PruneHandlers:
         calibration: str = settings.CALIBRATION_MODE_DEFAULT,
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
+        edges: Optional[list[int]] = None,
         request: gr.Request = None,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
@@ -267,7 +268,7 @@ class PruneHandlers:
         Poll `prune_status` with the returned `job_id`. The same settings as an earlier job
         come back at once, already `done`, with `result.source` = "memory" or "disk".
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         owner = owner_of(request)
         job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer))
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)

@@ -27,7 +27,7 @@ from mosaic_core.limits import shown
 from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
 from mosaic_core.models.samplers import check_num_steps, check_scheduler_name, sampler_timesteps
-from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, StageBounds, check_M, divide_stages
+from mosaic_core.divide.stages import DEFAULT_M, EDGE_SOURCES, STAGE_NAMES, StageBounds, check_edges, check_M, divide_stages
 
 DEFAULT_LAM = 0.01
 DEFAULT_STEPS = 50
@@ -45,6 +45,8 @@ class Plan:
 
     `timesteps[k]` is the model timestep of sampler step k and `step_stages[k]` its stage
     index (0 early, 1 middle, 2 late). MACs are block-linear, one image, no CFG doubling.
+    `edges_source` says where the stage edges came from: "M" (the threshold rule, eq. 1.4)
+    or "manual" (set by hand, `build_plan(edges=...)`; M is then recorded but unused).
     """
 
     model: str
@@ -62,6 +64,16 @@ class Plan:
     step_stages: tuple[int, ...]
     macs_dense: int
     macs_staged: int
+    edges_source: str = "M"
+
+    def __post_init__(self) -> None:
+        if self.edges_source not in EDGE_SOURCES:
+            raise ValueError(f"edges_source must be one of {', '.join(EDGE_SOURCES)}, got {self.edges_source!r}")
+
+    @property
+    def manual_edges(self) -> Optional[tuple[int, int]]:
+        """The hand-set edges (τ_lo, τ_hi) when `edges_source` is "manual", else None."""
+        return self.bounds.middle if self.edges_source == "manual" else None
 
     @property
     def step_counts(self) -> tuple[int, int, int]:
@@ -126,7 +138,7 @@ class Plan:
             )
             if allocation.layer_keeps is not None:
                 stages[-1]["layer_keeps"] = [int(k) for k in allocation.layer_keeps[index]]
-        return {
+        data = {
             "model": self.model,
             "scheduler": self.scheduler,
             "num_inference_steps": int(self.num_inference_steps),
@@ -147,6 +159,9 @@ class Plan:
             "shape": self.shape.to_dict(),
             "scheduler_config": dict(self.scheduler_config),
         }
+        if self.edges_source != "M":  # only then: plans divided by M keep their old dict (and cache keys)
+            data["edges_source"] = self.edges_source
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
@@ -192,6 +207,7 @@ class Plan:
                 step_stages=tuple(STAGE_NAMES.index(name) for name in data["step_stages"]),
                 macs_dense=int(data["macs_dense"]),
                 macs_staged=int(data["macs_staged"]),
+                edges_source=str(data.get("edges_source", "M")),
             )
         except KeyError as error:
             raise ValueError(f"plan dict is missing the key {error}") from None
@@ -209,12 +225,15 @@ def build_plan(
     uniform: bool = False,
     scheduler: str = "ddim",
     cx: float = 1.0,
+    edges: Optional[Sequence[int]] = None,
 ) -> Plan:
     """Divide a model's sampling trajectory and allocate per-stage sparsity (docs/method.md §1-2).
 
     Give at most one of `sparsity` (overall target s̄, auto allocation, or one network for
     all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);
-    neither means sparsity 0. Every argument is checked before any work, and a bad one
+    neither means sparsity 0. `edges` = (τ_lo, τ_hi), the middle stage in training
+    timesteps (inclusive), sets the stage edges by hand instead of the threshold M
+    (docs/method.md §1.8). Every argument is checked before any work, and a bad one
     raises ValueError naming the value and the allowed range.
     """
     # 1. Validate everything at the edge (cheap; diffusers is imported only in step 4).
@@ -243,9 +262,11 @@ def build_plan(
     # 2. Schedule and importance score (eq. 1.1-1.3).
     alpha_bar = alphas_cumprod(spec.scheduler_config)
     steps = check_num_steps(num_inference_steps, alpha_bar.size)
+    if edges is not None:
+        edges = check_edges(edges, alpha_bar.size)
     curve = importance_score(alpha_bar, lam, cx)
-    # 3. Stages.
-    bounds = divide_stages(curve, M)
+    # 3. Stages: from the threshold M (eq. 1.4), or the edges set by hand (§1.8).
+    bounds = divide_stages(curve, M) if edges is None else StageBounds.from_middle(edges, alpha_bar.size, M)
     # 4. Which stage each sampler step lands in.
     timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps)
     step_stages = bounds.stage_of(timesteps)
@@ -274,13 +295,14 @@ def build_plan(
         step_stages=tuple(int(s) for s in step_stages),
         macs_dense=sampling_macs(spec.shape, None, counts),
         macs_staged=sampling_macs(spec.shape, allocation, counts),
+        edges_source="M" if edges is None else "manual",
     )
 
 
 def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
     """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`.
 
-    Everything else (sampler, steps, M, λ, c_x) is kept, so comparing the result with the
+    Everything else (sampler, steps, M, λ, c_x, hand-set edges) is kept, so comparing the result with the
     dense model shows what that one stage's pruning costs.
     """
     if isinstance(stage, bool) or stage not in (0, 1, 2):
@@ -293,5 +315,6 @@ def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
         raise ValueError(f"the {name} stage is not pruned in this plan (sparsity 0): raise its sparsity first")
     values = tuple(sparsity if index == stage else 0.0 for index in range(3))
     return build_plan(
-        spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx
+        spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx,
+        edges=plan.manual_edges,
     )
