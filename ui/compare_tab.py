@@ -38,6 +38,7 @@ from ui import settings
 from ui.charts import FONT, message_figure
 from mosaic_core import limits
 from mosaic_core.requests import CompareRequest, PlanRequest
+from ui.divide_tab import PLAN_CONTROL_COUNT
 from ui.engine import StudioEngine
 from ui.job_view import JobView, owner_of, status_dict, user_errors
 from ui.jobs import JobStatus
@@ -327,9 +328,10 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (6) → a queued job."""
-        plan = PlanRequest.from_controls(*values[:12])
-        return self.submit(owner, self.resolve(plan, values[12:15], values[15:]))
+        """Compare: the Divide controls (13), the Prune controls (3) and the Compare controls (6) → a queued job."""
+        n = PLAN_CONTROL_COUNT
+        plan = PlanRequest.from_controls(*values[:n])
+        return self.submit(owner, self.resolve(plan, values[n : n + 3], values[n + 3 :]))
 
     def render(self, status: JobStatus, history, axis):
         """Galleries, table, history (with this run added once) and the history chart."""
@@ -370,13 +372,42 @@ class CompareHandlers:
         cfg: float = settings.CFG_DEFAULT,
         repeats: int = settings.REPEATS_DEFAULT,
         only_stage: str = settings.STAGE_ONLY_CHOICES[0],
-        edges: Optional[list[int]] = None,
         request: gr.Request = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
         `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
         'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
+        """
+        return self.start_edges_api(
+            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer,
+            labels, seed, count, cfg, repeats, only_stage, None, request,
+        )
+
+    def start_edges_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+        calibration: str = settings.CALIBRATION_MODE_DEFAULT,
+        calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
+        scorer: str = settings.SCORER_DEFAULT,
+        labels: str = settings.COMPARE_LABELS_DEFAULT,
+        seed: int = settings.COMPARE_SEED_DEFAULT,
+        count: int = settings.COMPARE_COUNT_DEFAULT,
+        cfg: float = settings.CFG_DEFAULT,
+        repeats: int = settings.REPEATS_DEFAULT,
+        only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+        edges: Optional[list[int]] = None,
+        request: gr.Request = None,
+    ) -> dict:
+        """`compare_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
+        training timesteps (None: from M). Poll `compare_status`.
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         job = self.resolve(plan, (calibration, calibration_size, scorer), (labels, seed, count, cfg, repeats, only_stage))
@@ -431,6 +462,7 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
     )
     axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], show_progress="hidden", api_visibility="private")
     view.register_api(user_errors(handlers.start_api), compare_summary)
+    gr.api(user_errors(handlers.start_edges_api), api_name="compare_start_edges")
 
 
 COMPARE_CSS = """
