@@ -1,4 +1,4 @@
-"""Stage edges set by hand (docs/method.md §1.8): plan, serialisation, requests and the CLI."""
+"""Stage edges set by hand (docs/method.md §8.1): plan, serialisation, requests and the CLI."""
 
 from __future__ import annotations
 

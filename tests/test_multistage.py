@@ -1,4 +1,4 @@
-"""K ≥ 2 stages (docs/method.md §2.6): partition, division, allocation, denoiser and pruning."""
+"""K ≥ 2 stages (docs/method.md §8.2–8.5): partition, division, allocation, denoiser and pruning."""
 
 from __future__ import annotations
 

@@ -395,7 +395,7 @@ def test_a_running_trace_is_cancelled_and_caches_nothing(studio_engine, tiny_lat
     assert studio_engine.cached_trajectory(spec, "ddim", 1000) is None
 
 
-# ----- stage edges set by hand (docs/method.md §1.8) -----------------------------------------
+# ----- stage edges set by hand (docs/method.md §8.1) -----------------------------------------
 
 
 def test_dragged_edge_parsing():

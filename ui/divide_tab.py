@@ -26,7 +26,7 @@ through endpoints of their own (`plan_edges`, `prune_start_edges`, `compare_star
 Hand-set stage edges live in `edges_state` (None: edges from M; else [τ_lo, τ_hi]), the 13th
 of the `controls`. Dragging an edge line sets them; dragging the threshold line, moving the
 M slider or picking another model resets them to M's. Every other control keeps them: they
-are training timesteps, so they hold for any sampler and step count (docs/method.md §1.8).
+are training timesteps, so they hold for any sampler and step count (docs/method.md §8.1).
 
 Sliders update on *release* (pointer up, or leaving the number box), so typing "0.4" does
 not plan for "0." on the way.

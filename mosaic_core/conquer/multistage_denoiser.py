@@ -1,4 +1,4 @@
-"""Conquer with K ≥ 2 stages: one denoiser that runs the network of each timestep's stage (docs/method.md §2.6, §4.1).
+"""Conquer with K ≥ 2 stages: one denoiser that runs the network of each timestep's stage (docs/method.md §8.5).
 
 `MultiStageDenoiser(networks, partition)` is `StagedDiT` for any number of stages:
 `networks[i]` serves stage i of the `StagePartition` (0 = noisiest), and a timestep's

@@ -1,11 +1,11 @@
-"""K ≥ 2 stages: a partition of the T timesteps by K−1 cuts, and its allocation (docs/method.md §2.6).
+"""K ≥ 2 stages: a partition of the T timesteps by K−1 cuts, and its allocation (docs/method.md §8.2–8.5).
 
 The three-stage engine (`stages.py`, `allocation.py`, `plan.py`) stays as it is; this module
 generalises its two decisions to any number of stages so that finer stages can be tried
 (how close does a staged model come to a per-timestep sparsity?):
 
     cuts 0 ≤ c₁ ≤ c₂ ≤ … ≤ c_{K−1} ≤ T,   stage ranges in ascending τ:
-    [0, c₁−1], [c₁, c₂−1], …, [c_{K−1}, T−1]                                   (eq. 2.9)
+    [0, c₁−1], [c₁, c₂−1], …, [c_{K−1}, T−1]                                   (eq. 8.2)
 
 Stages are numbered in *sampling order*, like early/middle/late: stage 0 is the noisiest
 (the top range), stage K−1 the cleanest. A range with c_i = c_{i+1} is empty. The
@@ -45,7 +45,7 @@ def check_num_stages(num_stages) -> int:
 
 @dataclass(frozen=True)
 class StagePartition:
-    """K stages of the timesteps 0..T−1, given by K−1 ascending cuts (eq. 2.9)."""
+    """K stages of the timesteps 0..T−1, given by K−1 ascending cuts (eq. 8.2)."""
 
     num_train_timesteps: int
     cuts: tuple[int, ...]
@@ -106,7 +106,7 @@ def _split(low: int, high: int, pieces: int) -> list[int]:
 
 
 def divide_k_stages(curve: ScoreCurve, num_stages: int, M: float = DEFAULT_M) -> StagePartition:
-    """K stages from the threshold rule (docs/method.md §2.6, ours).
+    """K stages from the threshold rule (docs/method.md §8.3, ours).
 
     K = 3 is eq. 1.4 exactly. For K > 3 the middle stage of eq. 1.4 stays whole (it is the
     fragile run around the peak), and the K − 3 extra stages go to the early and late
@@ -165,7 +165,7 @@ def allocate_k_stages(
     target: float,
     shape: TransformerShape,
 ) -> StageAllocation:
-    """Score-weighted sparsity for K stages (docs/method.md §2.6): eqs. 2.2–2.4 with the peak stage for the middle.
+    """Score-weighted sparsity for K stages (docs/method.md §8.4): eqs. 2.2–2.4 with the peak stage for the middle.
 
     1. rᵢ = 1 − mean ŝ over stage i;  2. the stage holding τ* gets at most the smallest rᵢ
     of the other stages with steps;  3. sᵢ ∝ rᵢ with the step-weighted mean = target,

@@ -233,7 +233,7 @@ def build_plan(
     all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);
     neither means sparsity 0. `edges` = (τ_lo, τ_hi), the middle stage in training
     timesteps (inclusive), sets the stage edges by hand instead of the threshold M
-    (docs/method.md §1.8). Every argument is checked before any work, and a bad one
+    (docs/method.md §8.1). Every argument is checked before any work, and a bad one
     raises ValueError naming the value and the allowed range.
     """
     # 1. Validate everything at the edge (cheap; diffusers is imported only in step 4).
@@ -265,7 +265,7 @@ def build_plan(
     if edges is not None:
         edges = check_edges(edges, alpha_bar.size)
     curve = importance_score(alpha_bar, lam, cx)
-    # 3. Stages: from the threshold M (eq. 1.4), or the edges set by hand (§1.8).
+    # 3. Stages: from the threshold M (eq. 1.4), or the edges set by hand (§8.1).
     bounds = divide_stages(curve, M) if edges is None else StageBounds.from_middle(edges, alpha_bar.size, M)
     # 4. Which stage each sampler step lands in.
     timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps)

@@ -70,7 +70,7 @@ EDGE_SOURCES = ("M", "manual")  # where a plan's stage edges came from: the thre
 
 
 def check_edges(edges, num_train_timesteps: int | None) -> tuple[int, int]:
-    """(τ_lo, τ_hi) as ints, the inclusive middle stage set by hand (docs/method.md §1.8).
+    """(τ_lo, τ_hi) as ints, the inclusive middle stage set by hand (docs/method.md §8.1).
 
     Raises ValueError unless `edges` is two whole numbers with 0 <= τ_lo <= τ_hi < T (T not
     checked when `num_train_timesteps` is None: the model is not known yet).

@@ -1,11 +1,11 @@
-"""Prune K ≥ 2 stage networks: the three-stage `prune_steps` for a `StagePartition` (docs/method.md §2.6, §3).
+"""Prune K ≥ 2 stage networks: the three-stage `prune_steps` for a `StagePartition` (docs/method.md §8.5).
 
 Each stage that has steps and loses something gets its own analysis at its own noise
 levels (`snr` calibration; `random`/`clean` share one analysis, as in `prune_steps`),
 the kept heads and units of the `StageAllocation`, and its OBS-solved weights. Stages
 with the same kept structure and weights share one network; a stage with nothing removed
 (or no steps) runs the dense model itself. No checkpoint is written: the K-stage result
-lives in memory (the checkpoint format holds three stages; see docs/method.md §2.6).
+lives in memory (the checkpoint format holds three stages; see docs/method.md §8.2–8.5).
 """
 
 from __future__ import annotations
