@@ -136,3 +136,31 @@ def test_cli_bad_edges_are_one_clear_line(capsys, value, shown):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "edges" in lines[0] and shown in lines[0]
     assert captured.out == ""
+
+
+@pytest.mark.slow
+def test_a_checkpoint_keeps_hand_set_edges(tiny_pixel_folder, tmp_path):
+    """Pruned with edges set by hand, saved, loaded: the same stage switch points and outputs."""
+    import torch
+
+    from mosaic_core.jobs import run_to_end
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.checkpoint import load_pruned, read_manifest, save_pruned
+    from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.4, edges=(300, 700))
+    config = PruneConfig(CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4))
+    result = run_to_end(prune_steps(loaded, plan, config))
+    save_pruned(result, loaded, tmp_path / "pruned")
+    manifest = read_manifest(tmp_path / "pruned")
+    assert manifest["plan"]["edges_source"] == "manual"
+    assert [(s["t_min"], s["t_max"]) for s in manifest["stages"]] == [(701, 999), (300, 700), (0, 299)]
+    staged = load_pruned(tmp_path / "pruned", loaded)
+    assert (staged.t_min, staged.t_max) == (300, 700)
+    x, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        for t in (701, 700, 300, 299):
+            timestep = torch.full((3,), t)
+            assert torch.equal(staged(x, timestep, class_labels=labels).sample, result.staged(x, timestep, class_labels=labels).sample)
