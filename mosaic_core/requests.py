@@ -3,7 +3,7 @@
 The studio's three sections, its gradio_client API and the CLI all turn raw values (slider
 numbers, JSON from a client, argparse strings already converted) into one of these:
 
-    PlanRequest     model, sampler, steps, M, λ, c_x, sparsity | stage sparsity   -> Plan
+    PlanRequest     model, sampler, steps, M | edges, λ, c_x, sparsity | stage sparsity   -> Plan
     PruneRequest    PlanRequest + calibration mode, calibration size, scorer   -> (Plan, PruneConfig)
     CompareRequest  PruneRequest + labels | prompts (+ negative prompt), seed, count, cfg, repeats, one stage only
 
@@ -28,7 +28,7 @@ from mosaic_core import limits
 from mosaic_core.divide.allocation import MAX_SPARSITY, check_sparsity
 from mosaic_core.divide.noise_schedule import check_cx, check_lam
 from mosaic_core.divide.plan import DEFAULT_LAM, Plan, build_plan, stage_only_plan
-from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, check_M
+from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, check_edges, check_M
 from mosaic_core.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS, check_scheduler_name
 
@@ -87,6 +87,7 @@ class PlanRequest:
     sparsity: Optional[float] = None  # overall target (auto allocation); None = 0
     stage_sparsity: Optional[tuple[float, float, float]] = None  # manual (early, middle, late)
     uniform: bool = False
+    edges: Optional[tuple[int, int]] = None  # the middle stage (τ_lo, τ_hi) set by hand; None = from M
 
     @classmethod
     def from_values(
@@ -101,10 +102,13 @@ class PlanRequest:
         cx: Any = 1.0,
         uniform: Any = False,
         folder: Any = "",
+        edges: Any = None,
     ) -> "PlanRequest":
         """A checked request from raw values (the API's argument order); ValueError naming the bad one.
 
         `stage_sparsity` (3 numbers) wins over `sparsity`, as in the studio's "Set per stage".
+        `edges` [LO, HI] (whole training timesteps) sets the middle stage by hand instead of M;
+        the bound HI < T is checked when the model is known, in `build_plan`.
         """
         name = model_name(model, folder)
         if not isinstance(sampler, str):
@@ -132,16 +136,25 @@ class PlanRequest:
                 raise ValueError("uniform means one sparsity for every step: give sparsity, not stage_sparsity")
         elif sparsity is not None:
             sparsity = check_sparsity(real_number("sparsity", sparsity, f"in [0, {MAX_SPARSITY}]"))
-        return cls(name, sampler, steps, M, lam, cx, sparsity, stage_sparsity, uniform)
+        if edges is not None:
+            edges = check_edges(edges, None)
+        return cls(name, sampler, steps, M, lam, cx, sparsity, stage_sparsity, uniform, edges)
 
     @classmethod
-    def from_controls(cls, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late) -> "PlanRequest":
-        """From the studio's Divide controls: the folder box overrides the picker; "Set per stage" picks the 3 sliders."""
+    def from_controls(
+        cls, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None
+    ) -> "PlanRequest":
+        """From the studio's Divide controls: the folder box overrides the picker; "Set per stage" picks the 3 sliders.
+
+        `edges` is the studio's hand-set edges: None, "" or [] for edges from M, else [LO, HI].
+        """
         if not isinstance(per_stage, bool):
             raise ValueError(f"per_stage must be true or false, got {shorten(per_stage)}")
+        if edges in ("", []):
+            edges = None
         if per_stage:
-            return cls.from_values(model, sampler, steps, M, lam, None, [early, middle, late], cx, folder=folder)
-        return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder)
+            return cls.from_values(model, sampler, steps, M, lam, None, [early, middle, late], cx, folder=folder, edges=edges)
+        return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder, edges=edges)
 
     def build(self, spec: ModelSpec) -> Plan:
         """The `Plan` of this request for an already resolved model."""
@@ -155,6 +168,7 @@ class PlanRequest:
             uniform=self.uniform,
             scheduler=self.sampler,
             cx=self.cx,
+            edges=self.edges,
         )
 
     def plan(self) -> Plan:
@@ -165,6 +179,7 @@ class PlanRequest:
         """The request as JSON-ready values."""
         data = asdict(self)
         data["stage_sparsity"] = None if self.stage_sparsity is None else list(self.stage_sparsity)
+        data["edges"] = None if self.edges is None else list(self.edges)
         return data
 
 

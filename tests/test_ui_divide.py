@@ -393,3 +393,113 @@ def test_a_running_trace_is_cancelled_and_caches_nothing(studio_engine, tiny_lat
     assert 0 < status.fraction < 1
     spec = studio_engine.resolve(str(tiny_latent_folder))
     assert studio_engine.cached_trajectory(spec, "ddim", 1000) is None
+
+
+# ----- stage edges set by hand (docs/method.md §12.1) -----------------------------------------
+
+
+def test_dragged_edge_parsing():
+    from ui.divide_tab import dragged_edges
+
+    # the low line sits at τ_lo − ½, the high line at τ_hi + ½ (ui/charts.py)
+    assert dragged_edges("edge-low:149.5|1", (103, 568), 1000) == (150, 568)
+    assert dragged_edges("edge-low:148.9|1", (103, 568), 1000) == (149, 568)
+    assert dragged_edges("edge-high:600.5|1", (103, 568), 1000) == (103, 600)
+    assert dragged_edges("edge-high:1200|1", (103, 568), 1000) == (103, 999)  # clipped to T − 1
+    assert dragged_edges("edge-low:-40|1", (103, 568), 1000) == (0, 568)
+    assert dragged_edges("edge-low:700.5|1", (103, 568), 1000) == (568, 701)  # dropped past the other: sorted
+    with pytest.raises(ValueError, match=r"dragged edge must be one of edge-low, edge-high, got 'threshold'"):
+        dragged_edges("threshold:3|1", (103, 568), 1000)
+    with pytest.raises(ValueError, match=r"got 'abc'"):
+        dragged_edges("edge-low:abc|1", (103, 568), 1000)
+    with pytest.raises(ValueError, match=r"got nan"):
+        dragged_edges("edge-high:nan|1", (103, 568), 1000)
+
+
+def test_plan_edges_endpoint_takes_hand_set_edges(client):
+    got = client.predict(model=MODEL, M=0.55, lam=0.01, sparsity=0.3, edges=[150, 600], api_name="/plan_edges")
+    assert got["edges_source"] == "manual"
+    # DDIM-50 visits 0, 20, …, 980: late 0…140 (8 steps), middle 160…600 (23), early 620…980 (19)
+    assert [(s["t_min"], s["t_max"], s["num_steps"]) for s in got["stages"]] == [(601, 999, 19), (150, 600, 23), (0, 149, 8)]
+    with pytest.raises(AppError, match=r"stage edges must be 2 whole numbers LO,HI .*got 600,150"):
+        client.predict(model=MODEL, sparsity=0.3, edges=[600, 150], api_name="/plan_edges")
+    # without edges it is the `plan` endpoint (whose argument list stays as it was for raw REST callers)
+    assert client.predict(model=MODEL, sparsity=0.3, api_name="/plan_edges") == client.predict(model=MODEL, sparsity=0.3, api_name="/plan")
+
+
+@pytest.mark.parametrize("api", ["/prune_start_edges", "/compare_start_edges"])
+def test_job_endpoints_with_edges_check_them_before_any_job(client, api):
+    with pytest.raises(AppError, match=r"stage edges must be 2 whole numbers LO,HI .*got 600,150"):
+        client.predict(model=MODEL, sparsity=0.3, edges=[600, 150], api_name=api)
+    with pytest.raises(AppError, match=r"stage edges must be 2 whole numbers LO,HI with 0 <= LO <= HI < 1000 .*got 150,1000"):
+        client.predict(model=MODEL, sparsity=0.3, edges=[150, 1000], api_name=api)
+
+
+READ_TABLE = """() => {
+  const cell = (stage, field) => document.querySelector(`#mosaic-stage-table td[data-stage=${stage}][data-field=${field}]`).textContent;
+  const gd = document.querySelector('%s');
+  return {
+    edges: document.querySelector('#mosaic-stage-table [data-field=edges]').textContent,
+    chartEdges: gd.layout.meta.edges,
+    pixelsPerTimestep: gd._fullLayout.xaxis._length / 999,
+    rows: ['early', 'middle', 'late'].map((stage) => [cell(stage, 'tau'), cell(stage, 'steps'), cell(stage, 'sparsity')]),
+  };
+}""" % PLOT
+
+
+def _edge_handle(page, index: int):
+    """The draggable path of edge line `index` (1 low, 2 high): the shapes after the threshold."""
+    handle = page.locator(f"#mosaic-schedule-plot .shapelayer g[data-index='{index}']:not(.shape-group) > path").first
+    handle.wait_for(state="attached")
+    return handle
+
+
+def _drag_edge(page, index: int, dx: float) -> None:
+    """Press on an edge line near its top (away from the threshold), move it `dx` pixels, release."""
+    box = _edge_handle(page, index).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + 0.1 * box["height"]
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(1, 9):
+        page.mouse.move(x + dx * step / 8, y)
+    page.mouse.up()
+
+
+def _expected_rows(edges) -> list[list[str]]:
+    """The stage table rows of the plan with these edges, from `build_plan` (the reference)."""
+    plan = build_plan(MODEL, 50, 0.55, 0.01, sparsity=0.3, edges=edges)
+    rows = []
+    for index in range(3):
+        bounds = plan.bounds.ranges[index]
+        tau = "empty" if bounds is None else f"{bounds[0]}–{bounds[1]}"
+        rows.append([tau, str(plan.step_counts[index]), f"{plan.allocation.achieved[index]:.3f}"])
+    return rows
+
+
+@pytest.mark.browser
+def test_dragging_an_edge_sets_it_by_hand_and_M_resets_it(page):
+    before = page.evaluate(READ_TABLE)
+    assert before["edges"] == "from M" and before["chartEdges"] == [103, 568]
+    # The axis is reversed (τ falls to the right): 80 px to the right lowers τ_hi by 80 / (px per τ).
+    _drag_edge(page, 2, +80)
+    page.wait_for_function(
+        "() => document.querySelector('#mosaic-stage-table [data-field=edges]')?.textContent === 'set by hand'", timeout=30_000
+    )
+    after = page.evaluate(READ_TABLE)
+    low, high = after["chartEdges"]
+    assert low == 103  # the other edge stays
+    assert high == pytest.approx(568 - 80 / after["pixelsPerTimestep"], abs=4)
+    assert after["rows"] == _expected_rows((low, high))  # the stage table is the plan of these edges
+    assert after["rows"][1][0] == f"103–{high}" and after["rows"][0][0] == f"{high + 1}–999"
+    # Now the low edge, further along the trajectory: the high edge keeps its hand-set place.
+    _drag_edge(page, 1, -40)
+    page.wait_for_function(f"() => document.querySelector('{PLOT}').layout.meta.edges[0] > 110", timeout=30_000)
+    both = page.evaluate(READ_TABLE)
+    assert both["chartEdges"][1] == high and both["rows"] == _expected_rows(tuple(both["chartEdges"]))
+    # Dragging the threshold puts both edges back on M's.
+    _drag_line(page, -64)
+    page.wait_for_function(
+        "() => document.querySelector('#mosaic-stage-table [data-field=edges]')?.textContent === 'from M'", timeout=30_000
+    )
+    state = _wait_for_new_M(page, 0.55)
+    assert _middle(state) == _expected_middle(state["M"])

@@ -6,13 +6,17 @@ Pure functions: engine values in (`ScoreCurve`, `Plan`, `Dynamics`, `Trajectory`
 axis, so sampling reads left to right (τ = T-1 → 0, early → middle → late), and shades the
 three stages with the same colours.
 
-The threshold line is the schedule chart's only shape, so plotly's config
-`edits.shapePosition` (`SCHEDULE_CONFIG`) makes exactly that line draggable with one press;
-the shaded stage regions of that chart are filled traces, not shapes, for that reason.
+The threshold line and the two stage-edge lines are the schedule chart's only shapes, so
+plotly's config `edits.shapePosition` (`SCHEDULE_CONFIG`) makes exactly those lines draggable
+with one press; the shaded stage regions of that chart are filled traces, not shapes, for
+that reason. The threshold is shape 0; the edges are shapes 1 (`edge-low`, drawn at
+τ_lo − ½, between the late and the middle stage) and 2 (`edge-high`, at τ_hi + ½).
 (Plotly's per-shape `editable=True` would need a click to activate the shape before a
 drag.) The line carries `name="threshold"`, and `layout.meta` carries `max_score` and the M
 range: all the browser-side listener (ui/frontend.py) needs to turn a dropped y into
-M = y / max score. `figure_json` adds the config to the figure's JSON, which gradio's
+M = y / max score; `layout.meta.edges` holds the current (τ_lo, τ_hi), and the listener sends
+a dropped edge's x, which Python turns into new edges (`ui.divide_tab.dragged_edges`).
+`figure_json` adds the config to the figure's JSON, which gradio's
 plotly renderer passes to `Plotly.react`.
 """
 
@@ -32,6 +36,7 @@ from mosaic_core.divide.stages import STAGE_NAMES
 from ui import settings
 
 THRESHOLD_SHAPE_NAME = "threshold"
+EDGE_SHAPE_NAMES = ("edge-low", "edge-high")  # the middle stage's lower and upper edge
 SCHEDULE_CONFIG = {"edits": {"shapePosition": True}, "displayModeBar": False, "displaylogo": False}
 FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12, color="#1f2933")
 
@@ -166,12 +171,41 @@ def schedule_figure(curve: ScoreCurve, plan: Plan) -> go.Figure:
             ),
         )
     ]
+    low_edge, high_edge = plan.bounds.middle
+    edge_word = "set by hand" if plan.manual_edges else "from M"
+    for name, x, text in (
+        (EDGE_SHAPE_NAMES[0], low_edge - 0.5, f"τ_lo = {low_edge}"),
+        (EDGE_SHAPE_NAMES[1], high_edge + 0.5, f"τ_hi = {high_edge}"),
+    ):
+        shapes.append(
+            dict(
+                type="line", name=name, xref="x", x0=x, x1=x, yref="paper", y0=0, y1=1, layer="above",
+                line=dict(color=settings.EDGE_COLOR, width=3, dash="dot" if plan.manual_edges is None else "solid"),
+            )
+        )
+        annotations.append(
+            dict(
+                x=x, y=0.02, xref="x", yref="paper", xanchor="right" if name == EDGE_SHAPE_NAMES[0] else "left",
+                yanchor="bottom", showarrow=False, text=f" ⇔ {text} ", font=dict(size=10, color=settings.EDGE_COLOR),
+                bgcolor="rgba(255,255,255,0.75)",
+            )
+        )
+    annotations.append(
+        dict(
+            x=1, y=0.98, xref="paper", yref="paper", xanchor="right", yanchor="top", showarrow=False,
+            text=f"stage edges {edge_word}", font=dict(size=10, color=settings.EDGE_COLOR), bgcolor="rgba(255,255,255,0.75)",
+        )
+    )
     layout = _base_layout(settings.SCHEDULE_HEIGHT, curve.num_train_timesteps, "model timestep τ   (sampling runs left → right)", "score")
     layout["yaxis"]["range"] = y_range
     layout.update(
         shapes=shapes,
         annotations=annotations,
-        meta=dict(role="mosaic-schedule", max_score=max_score, M=plan.M, M_min=settings.M_RANGE[0], M_max=settings.M_RANGE[1], M_step=settings.M_STEP),
+        meta=dict(
+            role="mosaic-schedule", max_score=max_score, M=plan.M, M_min=settings.M_RANGE[0], M_max=settings.M_RANGE[1],
+            M_step=settings.M_STEP, edges=[int(low_edge), int(high_edge)], edges_source=plan.edges_source,
+            num_train_timesteps=int(curve.num_train_timesteps),
+        ),
         legend=dict(orientation="h", yanchor="top", y=-0.16, xanchor="left", x=0, font=dict(size=11)),
         margin=dict(l=58, r=16, t=52, b=92),
     )

@@ -49,6 +49,7 @@ from ui import settings
 from ui.charts import FONT, message_figure
 from mosaic_core import limits
 from mosaic_core.requests import CompareRequest, PlanRequest
+from ui.divide_tab import PLAN_CONTROL_COUNT
 from ui.engine import StudioEngine
 from ui.job_view import JobView, owner_of, status_dict, user_errors
 from ui.jobs import JobStatus
@@ -372,9 +373,10 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (8) → a queued job."""
-        plan = PlanRequest.from_controls(*values[:12])
-        return self.submit(owner, self.resolve(plan, values[12:15], values[15:], hidden_ignored=True))
+        """Compare: the Divide controls (13), the Prune controls (3) and the Compare controls (8) → a queued job."""
+        n = PLAN_CONTROL_COUNT
+        plan = PlanRequest.from_controls(*values[:n])
+        return self.submit(owner, self.resolve(plan, values[n : n + 3], values[n + 3 :], hidden_ignored=True))
 
     def select_model(self, model, folder):
         """A model was picked: the label box for a class model, the prompt boxes for a text model; its CFG."""
@@ -435,7 +437,39 @@ class CompareHandlers:
         `prompts` instead of labels (text, one prompt per line, or a list; repeated to `count`)
         and an optional `negative_prompt`. Poll `compare_status`.
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        return self.start_edges_api(
+            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer,
+            labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request,
+        )
+
+    def start_edges_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+        calibration: str = settings.CALIBRATION_MODE_DEFAULT,
+        calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
+        scorer: str = settings.SCORER_DEFAULT,
+        labels: str = settings.COMPARE_LABELS_DEFAULT,
+        seed: int = settings.COMPARE_SEED_DEFAULT,
+        count: int = settings.COMPARE_COUNT_DEFAULT,
+        cfg: float = settings.CFG_DEFAULT,
+        repeats: int = settings.REPEATS_DEFAULT,
+        only_stage: str = settings.STAGE_ONLY_CHOICES[0],
+        edges: Optional[list[int]] = None,
+        prompts: Optional[Union[str, list[str]]] = None,
+        negative_prompt: str = "",
+        request: gr.Request = None,
+    ) -> dict:
+        """`compare_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
+        training timesteps (None: from M). Poll `compare_status`.
+        """
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         job = self.resolve(
             plan, (calibration, calibration_size, scorer),
             (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt),
@@ -504,6 +538,7 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
     gr.on([divide.model.input, divide.folder.submit], handlers.select_model, show_progress="hidden", **model_boxes)
     divide.demo.load(handlers.select_model, **model_boxes)
     view.register_api(user_errors(handlers.start_api), compare_summary)
+    gr.api(user_errors(handlers.start_edges_api), api_name="compare_start_edges")
 
 
 COMPARE_CSS = """

@@ -8,12 +8,25 @@ Events (all of them go through `DivideHandlers`, which turns ValueError into gr.
 
 | trigger                                   | handler          | api_name     |
 |-------------------------------------------|------------------|--------------|
-| slider release, sampler, c_x, checkbox    | `divide`         | `divide`     |
+| slider release, sampler, c_x, checkbox    | `divide`         | private      |
+| M slider released                         | `set_M`          | private      |
+| (API only) the 12 controls               | `divide`         | `divide`     |
 | threshold dragged (hidden textbox change) | `drag`           | private      |
+| stage edge dragged (hidden textbox change)| `drag_edges`     | private      |
 | model picked / folder entered, page load  | `select_model`   | private      |
 | "Trace the model's trajectory" (a job)    | `submit_trace`   | private      |
 | (API only) the trace, blocking            | `trace`          | `trajectory` |
 | (API only) plain arguments → plan dict    | `plan_api`       | `plan`       |
+| (API only) the same, with hand-set edges  | `plan_edges_api` | `plan_edges` |
+
+The endpoints keep their argument lists: gradio's REST route (unlike gradio_client) does
+not fill defaults, so a new argument would break raw callers. Hand-set edges therefore come
+through endpoints of their own (`plan_edges`, `prune_start_edges`, `compare_start_edges`).
+
+Hand-set stage edges live in `edges_state` (None: edges from M; else [τ_lo, τ_hi]), the 13th
+of the `controls`. Dragging an edge line sets them; dragging the threshold line, moving the
+M slider or picking another model resets them to M's. Every other control keeps them: they
+are training timesteps, so they hold for any sampler and step count (docs/method.md §12.1).
 
 Sliders update on *release* (pointer up, or leaving the number box), so typing "0.4" does
 not plan for "0." on the way.
@@ -33,13 +46,13 @@ from gradio.components.plot import PlotData
 
 from mosaic_core.divide.flow_schedule import is_flow_matching
 from mosaic_core.divide.plan import Plan
-from mosaic_core.models.samplers import check_sampler_fits, default_sampler
+from mosaic_core.models.samplers import check_sampler_fits, model_default_sampler
 from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import charts, settings
 from ui.engine import StudioEngine
 from mosaic_core.divide.stages import snap_M
-from ui.frontend import DRAG_ELEM_ID, PLOT_ELEM_ID
+from ui.frontend import DRAG_ELEM_ID, EDGE_DRAG_ELEM_ID, PLOT_ELEM_ID
 from ui.job_view import JobView, user_errors
 from ui.panels import cost_panel_html, stage_table_html
 from mosaic_core.requests import PlanRequest
@@ -65,6 +78,7 @@ FLOW_NOTE = (
 
 CX_INFO = "1.0 is the fallback"
 CONTROL_NAMES = ("model", "folder", "sampler", "steps", "M", "lam", "cx", "sparsity", "per_stage", "early", "middle", "late")
+PLAN_CONTROL_COUNT = len(CONTROL_NAMES) + 1  # `DivideSection.controls`: the 12 above and the hand-set edges
 
 
 def parse_dragged_M(text: str) -> float:
@@ -77,6 +91,32 @@ def parse_dragged_M(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"dragged threshold must be a finite M in (0, 1), got {value}")
     return snap_M(value)
+
+
+def dragged_edges(text: str, current: tuple[int, int], num_train_timesteps: int) -> tuple[int, int]:
+    """'edge-low:412.7|nonce' (which line, dropped x, written by the browser) -> new (τ_lo, τ_hi).
+
+    The low line is drawn at τ_lo − ½ and the high line at τ_hi + ½ (ui/charts.py), so the
+    dropped x gives τ_lo = ⌊x + 1⌋ or τ_hi = ⌊x⌋, clipped to [0, T−1]; the other edge stays
+    at `current`. A line dropped past the other one swaps their roles (the pair is sorted).
+    """
+    head = str(text or "").split("|", 1)[0].strip()
+    name, _, number = head.partition(":")
+    if name not in charts.EDGE_SHAPE_NAMES:
+        raise ValueError(f"dragged edge must be one of {', '.join(charts.EDGE_SHAPE_NAMES)}, got {name!r}")
+    try:
+        x = float(number)
+    except ValueError:
+        raise ValueError(f"dragged edge position must be a number (a model timestep), got {number!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"dragged edge position must be a finite model timestep, got {x}")
+    low, high = (int(v) for v in current)
+    last = num_train_timesteps - 1
+    if name == charts.EDGE_SHAPE_NAMES[0]:
+        low = int(min(max(math.floor(x + 1.0), 0), last))
+    else:
+        high = int(min(max(math.floor(x), 0), last))
+    return (low, high) if low <= high else (high, low)
 
 
 @dataclass
@@ -104,14 +144,16 @@ class DivideSection:
     trace_button: gr.Button
     teaching_note: gr.Markdown
     drag_box: gr.Textbox
+    edge_drag_box: gr.Textbox
+    edges_state: gr.State  # None (edges from M) or [τ_lo, τ_hi] set by dragging an edge line
     demo: gr.Blocks  # the page: later sections add their own load events to it
 
     @property
     def controls(self) -> list:
-        """The inputs of a plan, in `DivideHandlers.divide`'s argument order."""
+        """The inputs of a plan, in `DivideHandlers.divide`'s argument order (`PLAN_CONTROL_COUNT` of them)."""
         return [
             self.model, self.folder, self.sampler, self.steps, self.M, self.lam, self.cx,
-            self.sparsity, self.per_stage, *self.stage_sparsity,
+            self.sparsity, self.per_stage, *self.stage_sparsity, self.edges_state,
         ]
 
     @property
@@ -142,7 +184,7 @@ class DivideHandlers:
             try:
                 check_sampler_fits(request.sampler, spec.scheduler_config)
             except ValueError:
-                request = dataclasses.replace(request, sampler=default_sampler(spec.scheduler_config))
+                request = dataclasses.replace(request, sampler=model_default_sampler(spec))
         return spec, request.build(spec)
 
     def _render(self, spec, plan: Plan) -> tuple:
@@ -188,17 +230,32 @@ class DivideHandlers:
         return self._render(spec, plan)
 
     @user_errors
-    def drag(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late):
-        """The threshold line was dropped: set the M slider to it and re-plan."""
+    def set_M(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+        """The M slider was released: edges back to M's, and re-plan."""
+        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        return (None, *self._render(spec, plan))
+
+    @user_errors
+    def drag(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+        """The threshold line was dropped: set the M slider to it, edges back to M's, and re-plan."""
         new_M = parse_dragged_M(dragged)
         spec, plan = self._plan(model, folder, sampler, steps, new_M, lam, cx, sparsity, per_stage, early, middle, late)
-        return (new_M, *self._render(spec, plan))
+        return (new_M, None, *self._render(spec, plan))
+
+    @user_errors
+    def drag_edges(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+        """A stage-edge line was dropped: move that edge (the other stays), keep the edges by hand, re-plan."""
+        controls = (model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        spec, current = self._plan(*controls, edges)
+        new_edges = dragged_edges(dragged, current.bounds.middle, current.bounds.num_train_timesteps)
+        spec, plan = self._plan(*controls, list(new_edges))
+        return (list(new_edges), *self._render(spec, plan))
 
     @user_errors
     def select_model(self, *controls):
         """A model was picked (or the page loaded): its status, c_x hint, trajectory button, the sampler
-        (switched to one that fits the model's schedule), and the plan."""
-        spec, plan = self._plan(*controls, fit_sampler=True)
+        (switched to one that fits the model's schedule), edges back to M's, and the plan."""
+        spec, plan = self._plan(*controls[: len(CONTROL_NAMES)], fit_sampler=True)
         status = self.engine.status(spec)
         measured = self.engine.measured_cx(spec)
         cx_info = CX_INFO if measured is None else f"{CX_INFO}; measured on its training images: {measured:.3f}"
@@ -207,6 +264,7 @@ class DivideHandlers:
             gr.update(info=cx_info),
             gr.update(interactive=status.weights_present),
             gr.update(value=plan.scheduler),
+            None,
             *self._render(spec, plan),
         )
 
@@ -279,9 +337,30 @@ class DivideHandlers:
         is ignored), else `sparsity` is the overall target of the automatic allocation.
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
-        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
-        plan = request.build(self.engine.resolve(request.model))
-        return plan.to_dict()
+        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, None)
+
+    @user_errors
+    def plan_edges_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+        edges: Optional[list[int]] = None,
+    ) -> dict:
+        """The plan of `plan`, with the stage edges set by hand: `edges` [LO, HI] is the middle
+        stage in training timesteps, 0 <= LO <= HI < T (M is then recorded but unused; None: from M).
+        """
+        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges)
+
+    def _plan_dict(self, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges) -> dict:
+        """`Plan.to_dict()` of raw API values (ValueError naming a bad one)."""
+        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
+        return request.build(self.engine.resolve(request.model)).to_dict()
 
 
 def _model_row(engine: StudioEngine):
@@ -309,7 +388,8 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     gr.Markdown(
         "## 2 · Divide: schedule and stages\n"
         "Drag the dashed threshold line (or move **M**): the middle stage is the run of timesteps "
-        "whose importance score stays above M × max score."
+        "whose importance score stays above M × max score. Or drag either purple edge line to set that "
+        "boundary by hand (moving M again puts both edges back on M's)."
     )
     with gr.Row():
         with gr.Column(scale=3, min_width=520):
@@ -358,19 +438,24 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
         plan_json = gr.JSON(label="plan", elem_id="mosaic-plan-json")
     plan_state = gr.State(None)
     drag_box = gr.Textbox(visible="hidden", elem_id=DRAG_ELEM_ID, label="dragged M")
+    edge_drag_box = gr.Textbox(visible="hidden", elem_id=EDGE_DRAG_ELEM_ID, label="dragged edge")
+    edges_state = gr.State(None)
 
     section = DivideSection(
         model=model, folder=folder, sampler=sampler, steps=steps, M=M, lam=lam, cx=cx, sparsity=sparsity,
         per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
         status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
         dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
-        teaching_note=teaching_note, drag_box=drag_box, demo=demo,
+        teaching_note=teaching_note, drag_box=drag_box, edge_drag_box=edge_drag_box, edges_state=edges_state, demo=demo,
     )
     controls, outputs = section.controls, section.plan_outputs
     quiet = dict(show_progress="minimal", trigger_mode="always_last")
 
+    M.release(
+        handlers.set_M, inputs=controls, outputs=[edges_state, *outputs], api_visibility="private", **quiet,
+    )
     gr.on(
-        [M.release, lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
+        [lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
          sampler.input, cx.submit, cx.blur],
         handlers.divide, inputs=controls, outputs=outputs, api_name="divide_controls", api_visibility="private", **quiet,
     )
@@ -381,8 +466,11 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     api_inputs = [gr.JSON(visible=False, label=name) for name in CONTROL_NAMES]
     api_button = gr.Button(visible=False)
     api_button.click(handlers.divide, inputs=api_inputs, outputs=outputs, api_name="divide", **quiet)
-    drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, *outputs], api_visibility="private", **quiet)
-    model_outputs = [status, cx, trace_button, sampler, *outputs]
+    drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, edges_state, *outputs], api_visibility="private", **quiet)
+    edge_drag_box.change(
+        handlers.drag_edges, inputs=[edge_drag_box, *controls], outputs=[edges_state, *outputs], api_visibility="private", **quiet
+    )
+    model_outputs = [status, cx, trace_button, sampler, edges_state, *outputs]
     gr.on(
         [model.input, folder.submit], handlers.select_model, inputs=controls, outputs=model_outputs,
         api_visibility="private", **quiet,
@@ -398,4 +486,5 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     )
     api_button.click(handlers.trace, inputs=api_inputs, outputs=[trajectory_plot, teaching_note], api_name="trajectory")
     gr.api(handlers.plan_api, api_name="plan")
+    gr.api(handlers.plan_edges_api, api_name="plan_edges")
     return section

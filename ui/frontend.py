@@ -1,4 +1,4 @@
-"""Browser-side pieces of the studio: the threshold-drag listener (JS) and the CSS.
+"""Browser-side pieces of the studio: the threshold- and edge-drag listener (JS) and the CSS.
 
 Gradio 6 takes both in `launch(js=..., css=...)`, not in `gr.Blocks()`.
 
@@ -16,6 +16,11 @@ How a drag reaches Python (gr.Plot has only a `change` event, so it goes through
 3. Python (`DivideHandlers.drag`, on the textbox's `.change`) parses M, sets the M slider
    and re-renders everything.
 
+Stage edges (the two vertical lines `edge-low` / `edge-high`, shapes 1 and 2) take the same
+road into their own hidden textbox `#mosaic-drag-edges`: the listener sends
+"edge-low:x|nonce" with the dropped line's x in data units (model timesteps), and Python
+(`DivideHandlers.drag_edges`) turns it into hand-set edges (`ui.divide_tab.dragged_edges`).
+
 Re-renders: gradio updates the plot with `Plotly.react` on the same div, which keeps the
 listener; if the div is replaced (re-mount) or plotly drops its listeners, the binder below
 sees that our listener is missing and binds again (a MutationObserver plus a slow poll).
@@ -25,12 +30,52 @@ from __future__ import annotations
 
 PLOT_ELEM_ID = "mosaic-schedule-plot"
 DRAG_ELEM_ID = "mosaic-drag-m"
+EDGE_DRAG_ELEM_ID = "mosaic-drag-edges"
 
 STUDIO_JS = """
 () => {
   const PLOT_ID = "%(plot)s";
   const DRAG_ID = "%(drag)s";
+  const EDGE_DRAG_ID = "%(edge_drag)s";
   const THRESHOLD = "threshold";
+  const EDGES = ["edge-low", "edge-high"];
+
+  function send(id, text) {
+    const box = document.querySelector("#" + id + " textarea, #" + id + " input");
+    if (!box) return;
+    box.value = text + "|" + Date.now();
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  }
+
+  function movedShapes(event) {
+    const moved = new Set();
+    for (const key of Object.keys(event)) {
+      const match = /^shapes\\[(\\d+)\\]/.exec(key);
+      if (match) moved.add(Number(match[1]));
+    }
+    return moved;
+  }
+
+  function droppedX(gd, event, index) {
+    const prefix = "shapes[" + index + "].";
+    const xs = ["x0", "x1"].filter((key) => (prefix + key) in event).map((key) => Number(event[prefix + key]));
+    if (xs.length === 2) return (xs[0] + xs[1]) / 2;
+    const shape = (gd.layout.shapes || [])[index];  // one end moved: plotly has already updated the layout
+    if (shape && shape.x0 !== undefined) return (Number(shape.x0) + Number(shape.x1)) / 2;
+    return null;
+  }
+
+  function onEdgeRelayout(gd, event) {
+    const shapes = (gd.layout && gd.layout.shapes) || [];
+    for (const index of movedShapes(event)) {
+      const name = shapes[index] && shapes[index].name;
+      if (!EDGES.includes(name)) continue;
+      const x = droppedX(gd, event, index);
+      if (x === null || !Number.isFinite(x)) return;
+      send(EDGE_DRAG_ID, name + ":" + x.toFixed(3));
+      return;
+    }
+  }
 
   function thresholdIndex(gd) {
     const shapes = (gd.layout && gd.layout.shapes) || [];
@@ -47,8 +92,10 @@ STUDIO_JS = """
   }
 
   function onRelayout(gd, event) {
+    if (!event) return;
+    onEdgeRelayout(gd, event);
     const index = thresholdIndex(gd);
-    if (index < 0 || !event) return;
+    if (index < 0) return;
     const y = droppedY(gd, event, index);
     const meta = gd.layout.meta || {};
     const maxScore = Number(meta.max_score);
@@ -56,10 +103,7 @@ STUDIO_JS = """
     const low = Number(meta.M_min), high = Number(meta.M_max), step = Number(meta.M_step);
     if (!(step > 0) || !(high > low)) return;
     const M = Number((Math.round(Math.min(Math.max(y / maxScore, low), high) / step) * step).toFixed(6));
-    const box = document.querySelector("#" + DRAG_ID + " textarea, #" + DRAG_ID + " input");
-    if (!box) return;
-    box.value = M + "|" + Date.now();
-    box.dispatchEvent(new Event("input", { bubbles: true }));
+    send(DRAG_ID, String(M));
   }
 
   function bind() {
@@ -75,7 +119,7 @@ STUDIO_JS = """
   new MutationObserver(bind).observe(document.body, { childList: true, subtree: true });
   setInterval(bind, 1000);
 }
-""" % {"plot": PLOT_ELEM_ID, "drag": DRAG_ELEM_ID}
+""" % {"plot": PLOT_ELEM_ID, "drag": DRAG_ELEM_ID, "edge_drag": EDGE_DRAG_ELEM_ID}
 
 STUDIO_CSS = """
 .mosaic-panel table.mosaic-table { border-collapse: collapse !important; width: 100%; font-size: 0.9rem; margin: 0.2rem 0 0.7rem; border: none !important; }

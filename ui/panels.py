@@ -51,8 +51,10 @@ def stage_table_html(plan: Plan) -> str:
             + _cell(name, "sparsity", f"{plan.allocation.achieved[index]:.3f}")
             + "</tr>"
         )
+    edges = "set by hand" if plan.manual_edges else "from M"
     caption = (
-        f"M = <b data-field=\"M\">{plan.M:.3f}</b>, λ = <b data-field=\"lam\">{plan.lam:g}</b>, "
+        f"M = <b data-field=\"M\">{plan.M:.3f}</b>, edges <b data-field=\"edges\">{edges}</b>, "
+        f"λ = <b data-field=\"lam\">{plan.lam:g}</b>, "
         f"c<sub>x</sub> = {plan.cx:g} · {plan.scheduler} {plan.num_inference_steps} steps"
     )
     return (

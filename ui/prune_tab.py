@@ -37,6 +37,7 @@ import gradio as gr
 from ui import settings
 from mosaic_core.prune.service import PrunedModel
 from mosaic_core.requests import PlanRequest, PruneRequest
+from ui.divide_tab import PLAN_CONTROL_COUNT
 from ui.engine import StudioEngine
 from ui.job_view import JobView, cache_usage_text, owner_of, status_dict, user_errors
 from ui.jobs import JobStatus
@@ -239,8 +240,8 @@ class PruneHandlers:
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
         """Start: the Divide controls and the calibration controls → a queued (or already done) job."""
-        plan = PlanRequest.from_controls(*values[:12])
-        return self.submit(owner, prune_request(plan, *values[12:]))
+        plan = PlanRequest.from_controls(*values[:PLAN_CONTROL_COUNT])
+        return self.submit(owner, prune_request(plan, *values[PLAN_CONTROL_COUNT:]))
 
     def render(self, status: JobStatus) -> tuple:
         """A finished job: its result panel and the disk cache's size."""
@@ -267,7 +268,30 @@ class PruneHandlers:
         Poll `prune_status` with the returned `job_id`. The same settings as an earlier job
         come back at once, already `done`, with `result.source` = "memory" or "disk".
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
+        return self.start_edges_api(
+            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer, None, request
+        )
+
+    def start_edges_api(
+        self,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: str = settings.SAMPLER_DEFAULT,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
+        stage_sparsity: Optional[list[float]] = None,
+        cx: float = settings.CX_DEFAULT,
+        calibration: str = settings.CALIBRATION_MODE_DEFAULT,
+        calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
+        scorer: str = settings.SCORER_DEFAULT,
+        edges: Optional[list[int]] = None,
+        request: gr.Request = None,
+    ) -> dict:
+        """`prune_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
+        training timesteps (None: from M). Poll `prune_status` with the returned `job_id`.
+        """
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         owner = owner_of(request)
         job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer))
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
@@ -308,6 +332,7 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     section = PruneSection(calibration, size, scorer, view, result, cache_note, handlers)
     view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
     view.register_api(user_errors(handlers.start_api), summary_of)
+    gr.api(user_errors(handlers.start_edges_api), api_name="prune_start_edges")
     divide.demo.load(
         lambda: cache_usage_text(engine.cache_root), outputs=[cache_note], api_visibility="private", show_progress="hidden"
     )

@@ -97,6 +97,7 @@ SMALL_CHART_HEIGHT = 270
 STAGE_COLORS = {"early": "#4C78A8", "middle": "#E45756", "late": "#54A24B"}
 TERM_COLORS = {"grad": "#9C755F", "snr": "#B279A2", "score": "#222222"}
 THRESHOLD_COLOR = "#F58518"
+EDGE_COLOR = "#6B4C9A"  # the draggable stage-edge lines of the schedule chart
 HISTORY_HEIGHT = 340
 VARIANT_COLORS = {"all stages": "#222222", "early only": "#4C78A8", "middle only": "#E45756", "late only": "#54A24B"}
 

@@ -2,6 +2,7 @@
 
     python -m mosaic_core plan --model digits-dit --sparsity 0.3
     python -m mosaic_core plan --model facebook/DiT-XL-2-256 --stage-sparsity 0.5,0.1,0.4 --json
+    python -m mosaic_core plan --edges 150,600 --sparsity 0.3        # stage edges set by hand
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ def parse_stage_sparsity(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def parse_edges(text: str) -> tuple[int, int]:
+    """'LO,HI' -> (LO, HI) as ints; ValueError naming the text when it is not 2 whole numbers.
+
+    The range check (0 <= LO <= HI < T) is the engine's, in `build_plan`.
+    """
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2:
+        raise ValueError(
+            f"--edges must be 2 comma-separated whole numbers LO,HI (the middle stage in training timesteps, "
+            f"0 <= LO <= HI < T), got '{text}'"
+        )
+    return values  # type: ignore[return-value]
+
+
 def format_macs(macs: float) -> str:
     """MACs with a G or T suffix, e.g. 5.708 T."""
     return f"{macs / 1e12:.3f} T" if macs >= 1e12 else f"{macs / 1e9:.2f} G"
@@ -54,7 +73,7 @@ def format_plan(plan: Plan) -> str:
     shape = plan.shape
     lines = [
         f"model {plan.model} | {plan.scheduler} {plan.num_inference_steps} steps | "
-        f"M={plan.M:g} lam={plan.lam:g} cx={plan.cx:g} | mode {plan.mode}",
+        f"{'edges set by hand' if plan.manual_edges else f'M={plan.M:g}'} lam={plan.lam:g} cx={plan.cx:g} | mode {plan.mode}",
         "",
         f"{'stage':<7} {'tau range':>11} {'steps':>5} {'requested':>9} {'achieved':>8} "
         f"{'heads kept':>10} {'units kept':>11}",
@@ -100,6 +119,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     The values go through `PlanRequest.from_values`, the same checks the studio and its API use.
     """
     stage_sparsity = getattr(args, "stage_sparsity", None)
+    edges = getattr(args, "edges", None)
     request = PlanRequest.from_values(
         model=args.model,
         sampler=args.scheduler if args.scheduler is not None else sampler_of(args.model),
@@ -110,6 +130,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         stage_sparsity=None if stage_sparsity is None else parse_stage_sparsity(stage_sparsity),
         cx=args.cx,
         uniform=bool(getattr(args, "uniform", False)),
+        edges=None if edges is None else parse_edges(edges),
     )
     return request.plan()
 
@@ -131,6 +152,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = T
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampler steps (default: the model's, 50)"
     )
     parser.add_argument("--M", type=float_in("--M", 0.0, 1.0), default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
+    parser.add_argument(
+        "--edges", default=None, metavar="LO,HI", type=text_of("--edges", 200),
+        help="set the middle stage [LO, HI] by hand, in training timesteps (0 <= LO <= HI < T), instead of from --M",
+    )
     parser.add_argument("--lam", type=float_in("--lam", -1e6, 1e6), default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
     if sparsity_group:
         group = parser.add_mutually_exclusive_group()

@@ -28,7 +28,7 @@ from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
 from mosaic_core.divide.flow_schedule import flow_importance_score, flow_schedule, is_flow_matching
 from mosaic_core.models.samplers import check_num_steps, check_sampler_fits, check_scheduler_name, sampler_timesteps
-from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, StageBounds, check_M, divide_stages
+from mosaic_core.divide.stages import DEFAULT_M, EDGE_SOURCES, STAGE_NAMES, StageBounds, check_edges, check_M, divide_stages
 
 DEFAULT_LAM = 0.01
 DEFAULT_STEPS = 50
@@ -59,6 +59,8 @@ class Plan:
 
     `timesteps[k]` is the model timestep of sampler step k and `step_stages[k]` its stage
     index (0 early, 1 middle, 2 late). MACs are block-linear, one image, no CFG doubling.
+    `edges_source` says where the stage edges came from: "M" (the threshold rule, eq. 1.4)
+    or "manual" (set by hand, `build_plan(edges=...)`; M is then recorded but unused).
     """
 
     model: str
@@ -77,6 +79,16 @@ class Plan:
     macs_dense: int
     macs_staged: int
     image_seq_len: Optional[int] = None  # image tokens per sample; set only when it shifted σ (§8.1)
+    edges_source: str = "M"
+
+    def __post_init__(self) -> None:
+        if self.edges_source not in EDGE_SOURCES:
+            raise ValueError(f"edges_source must be one of {', '.join(EDGE_SOURCES)}, got {self.edges_source!r}")
+
+    @property
+    def manual_edges(self) -> Optional[tuple[int, int]]:
+        """The hand-set edges (τ_lo, τ_hi) when `edges_source` is "manual", else None."""
+        return self.bounds.middle if self.edges_source == "manual" else None
 
     @property
     def step_counts(self) -> tuple[int, int, int]:
@@ -164,6 +176,8 @@ class Plan:
         }
         if self.image_seq_len is not None:  # only dynamically shifted schedules: other plans' dicts are unchanged
             data["image_seq_len"] = int(self.image_seq_len)
+        if self.edges_source != "M":  # only then: plans divided by M keep their old dict (and cache keys)
+            data["edges_source"] = self.edges_source
         return data
 
     @classmethod
@@ -211,6 +225,7 @@ class Plan:
                 macs_dense=int(data["macs_dense"]),
                 macs_staged=int(data["macs_staged"]),
                 image_seq_len=None if data.get("image_seq_len") is None else int(data["image_seq_len"]),
+                edges_source=str(data.get("edges_source", "M")),
             )
         except KeyError as error:
             raise ValueError(f"plan dict is missing the key {error}") from None
@@ -229,12 +244,15 @@ def build_plan(
     scheduler: str = "ddim",
     cx: float = 1.0,
     image_seq_len: Optional[int] = None,
+    edges: Optional[Sequence[int]] = None,
 ) -> Plan:
     """Divide a model's sampling trajectory and allocate per-stage sparsity (docs/method.md §1-2).
 
     Give at most one of `sparsity` (overall target s̄, auto allocation, or one network for
     all steps with `uniform=True`) and `stage_sparsity` (early, middle, late; manual);
-    neither means sparsity 0. Every argument is checked before any work, and a bad one
+    neither means sparsity 0. `edges` = (τ_lo, τ_hi), the middle stage in training
+    timesteps (inclusive), sets the stage edges by hand instead of the threshold M
+    (docs/method.md §12.1). Every argument is checked before any work, and a bad one
     raises ValueError naming the value and the allowed range.
 
     A flow-matching model (method §8) takes a `flow-*` sampler; its stage bounds and
@@ -271,15 +289,19 @@ def build_plan(
             image_seq_len = getattr(spec, "image_seq_len", None)
         schedule = flow_schedule(spec.scheduler_config, image_seq_len)
         image_seq_len = schedule.image_seq_len  # kept only when it shifted σ
-        steps = check_num_steps(num_inference_steps, schedule.num_train_timesteps)
+        num_train_timesteps = schedule.num_train_timesteps
+        steps = check_num_steps(num_inference_steps, num_train_timesteps)
         curve = flow_importance_score(schedule, lam, cx)
     else:
         image_seq_len = None
         alpha_bar = alphas_cumprod(spec.scheduler_config)
-        steps = check_num_steps(num_inference_steps, alpha_bar.size)
+        num_train_timesteps = alpha_bar.size
+        steps = check_num_steps(num_inference_steps, num_train_timesteps)
         curve = importance_score(alpha_bar, lam, cx)
-    # 3. Stages.
-    bounds = divide_stages(curve, M)
+    if edges is not None:
+        edges = check_edges(edges, num_train_timesteps)
+    # 3. Stages: from the threshold M (eq. 1.4), or the edges set by hand (§12.1).
+    bounds = divide_stages(curve, M) if edges is None else StageBounds.from_middle(edges, num_train_timesteps, M)
     # 4. Which stage each sampler step lands in.
     timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps, image_seq_len)
     step_stages = bounds.stage_of(timesteps)
@@ -309,13 +331,14 @@ def build_plan(
         macs_dense=sampling_macs(spec.shape, None, counts),
         macs_staged=sampling_macs(spec.shape, allocation, counts),
         image_seq_len=image_seq_len,
+        edges_source="M" if edges is None else "manual",
     )
 
 
 def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
     """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`.
 
-    Everything else (sampler, steps, M, λ, c_x) is kept, so comparing the result with the
+    Everything else (sampler, steps, M, λ, c_x, hand-set edges) is kept, so comparing the result with the
     dense model shows what that one stage's pruning costs.
     """
     if isinstance(stage, bool) or stage not in (0, 1, 2):
@@ -329,5 +352,5 @@ def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
     values = tuple(sparsity if index == stage else 0.0 for index in range(3))
     return build_plan(
         spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx,
-        image_seq_len=plan.image_seq_len,
+        image_seq_len=plan.image_seq_len, edges=plan.manual_edges,
     )

@@ -66,6 +66,36 @@ def stage_of_timesteps(timesteps, middle: tuple[int, int], num_train_timesteps: 
     return stage
 
 
+EDGE_SOURCES = ("M", "manual")  # where a plan's stage edges came from: the threshold rule, or set by hand
+
+
+def check_edges(edges, num_train_timesteps: int | None) -> tuple[int, int]:
+    """(τ_lo, τ_hi) as ints, the inclusive middle stage set by hand (docs/method.md §12.1).
+
+    Raises ValueError unless `edges` is two whole numbers with 0 <= τ_lo <= τ_hi < T (T not
+    checked when `num_train_timesteps` is None: the model is not known yet).
+    """
+    bound = "T" if num_train_timesteps is None else str(num_train_timesteps)
+    allowed = f"2 whole numbers LO,HI with 0 <= LO <= HI < {bound} (training timesteps)"
+    if isinstance(edges, (str, bytes, dict, set)) or not hasattr(edges, "__len__") or len(edges) != 2:
+        raise ValueError(f"stage edges must be {allowed}, got {shown(edges)}")
+    values = []
+    for value in edges:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"stage edges must be {allowed}, got {shown(edges)}")
+        if isinstance(value, (int, np.integer)):
+            values.append(int(value))
+            continue
+        number = float(value)
+        if not (math.isfinite(number) and number.is_integer()):
+            raise ValueError(f"stage edges must be {allowed}, got {shown(edges)}")
+        values.append(int(number))
+    low, high = values
+    if not 0 <= low <= high < (math.inf if num_train_timesteps is None else num_train_timesteps):
+        raise ValueError(f"stage edges must be {allowed}, got {low},{high}")
+    return low, high
+
+
 def check_M(M: float) -> float:
     """Return M as a float, or raise ValueError when it is not in the open interval (0, 1)."""
     try:
