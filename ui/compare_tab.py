@@ -329,7 +329,7 @@ class CompareHandlers:
     def start(self, owner, *values):
         """Compare: the Divide controls (12), the Prune controls (3) and the Compare controls (6) → a queued job."""
         plan = PlanRequest.from_controls(*values[:12])
-        return self.submit(owner, self.resolve(plan, values[12:15], values[15:]))
+        return self.submit(owner, self.resolve(plan, values[12:16], values[16:]))  # 4 prune controls
 
     def render(self, status: JobStatus, history, axis):
         """Galleries, table, history (with this run added once) and the history chart."""

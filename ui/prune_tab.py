@@ -104,6 +104,9 @@ def prune_summary(pruned: PrunedModel) -> dict:
     }
 
 
+ALLOCATION_WORDS = {"per-stage": "paper", "per-block": "per-block", "measured": "measured"}
+
+
 def prune_result_html(pruned: PrunedModel) -> str:
     """Kept heads/units per stage, prune seconds by phase, measured c_x and the memory ledger."""
     plan, config, ledger = pruned.plan, pruned.config, pruned.ledger
@@ -135,7 +138,7 @@ def prune_result_html(pruned: PrunedModel) -> str:
     caption = (
         f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · overall sparsity "
         f"{plan.overall_sparsity:.3f} ({plan.mode}) · {calibration.mode} calibration, {calibration.size} images "
-        f"per stage ({calibration.source}) · {config.scorer}"
+        f"per stage ({calibration.source}) · {config.scorer} · {ALLOCATION_WORDS.get(config.allocation, config.allocation)} allocation"
     )
     return (
         f'<div class="mosaic-panel" id="mosaic-prune-result" data-key="{pruned.key}" data-source="{pruned.source}">'
@@ -169,6 +172,7 @@ class PruneSection:
     calibration: gr.Radio
     size: gr.Slider
     scorer: gr.Radio
+    allocation: gr.Radio
     view: JobView
     result: gr.HTML
     cache_note: gr.Markdown
@@ -176,13 +180,15 @@ class PruneSection:
 
     @property
     def controls(self) -> list:
-        """calibration mode, calibration size, scorer: the arguments of `prune_request`."""
-        return [self.calibration, self.size, self.scorer]
+        """calibration mode, calibration size, scorer, allocation: the arguments of `prune_request`."""
+        return [self.calibration, self.size, self.scorer, self.allocation]
 
 
-def prune_request(plan: PlanRequest, calibration, size, scorer) -> PruneRequest:
+def prune_request(plan: PlanRequest, calibration, size, scorer, allocation=settings.ALLOCATION_DEFAULT) -> PruneRequest:
     """The studio's `PruneRequest`: the engine's checks with the studio's calibration-size range."""
-    return PruneRequest.from_values(plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE)
+    return PruneRequest.from_values(
+        plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE, allocation=allocation
+    )
 
 
 class PruneHandlers:
@@ -261,6 +267,7 @@ class PruneHandlers:
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
         request: gr.Request = None,
+        allocation: str = settings.ALLOCATION_DEFAULT,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
 
@@ -269,7 +276,7 @@ class PruneHandlers:
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
         owner = owner_of(request)
-        job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer))
+        job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer, allocation))
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
 
 
@@ -297,6 +304,12 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 list(settings.SCORERS), value=settings.SCORER_DEFAULT, label="Scorer",
                 info="obs: Hessian-based, re-solves the kept weights · magnitude: ablation", elem_id="mosaic-scorer",
             )
+            allocation = gr.Radio(
+                list(settings.ALLOCATIONS), value=settings.ALLOCATION_DEFAULT, label="Allocation",
+                info="measured: the plan's MACs go where the recorded OBS errors (× steps) are smallest · "
+                "paper: each stage's sparsity from the importance score, every block alike · per-block: the paper's "
+                "stage sparsities, spread over blocks by error", elem_id="mosaic-allocation",
+            )
             view.layout("Start pruning")
             cache_note = gr.Markdown(elem_id="mosaic-cache-usage")
         with gr.Column(scale=3, min_width=420):
@@ -305,7 +318,7 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 "cost in seconds and memory will show here.</div>",
                 elem_id="mosaic-prune-result-box",
             )
-    section = PruneSection(calibration, size, scorer, view, result, cache_note, handlers)
+    section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers)
     view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
     view.register_api(user_errors(handlers.start_api), summary_of)
     divide.demo.load(

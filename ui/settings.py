@@ -53,6 +53,8 @@ CALIBRATION_SIZE_STEP = 16
 CALIBRATION_SIZE_DEFAULT = 256
 SCORERS = ("obs", "magnitude")
 SCORER_DEFAULT = "obs"
+ALLOCATIONS = ("measured", "paper", "per-block")  # prune --allocation (paper = per-stage)
+ALLOCATION_DEFAULT = "measured"
 CACHE_DIR_ENV = "MOSAIC_CACHE_DIR"  # pruned checkpoints and Hessians; default <project>/cache
 PRUNED_IN_MEMORY = 4  # pruned staged models kept loaded (the rest reload from the cache)
 

@@ -118,10 +118,11 @@ def allocate_measured(
             "to its last group removes: lower the sparsity"
         )
 
-    def choose(price: float) -> np.ndarray:
-        # per curve: the hull point minimising E(k) − price·c·k (ties: the larger k)
+    def choose(price: float, more: bool = True) -> np.ndarray:
+        # per curve: the hull point minimising E(k) − price·c·k (ties: the larger k, or the smaller)
+        pick = _argmin_last if more else (lambda values: int(np.argmin(values)))
         return np.asarray(
-            [int(points[_argmin_last(values - price * c.cost * points)]) for (points, values), c in zip(hulls, usable)],
+            [int(points[pick(values - price * c.cost * points)]) for (points, values), c in zip(hulls, usable)],
             dtype=np.int64,
         )
 
@@ -146,7 +147,7 @@ def allocate_measured(
         price = high
         choice = choose(price)
         if exact:
-            choice = _fill(choose(low), choice, usable, weights, budget_macs)
+            choice = _fill(choose(low, more=False), choice, usable, weights, budget_macs)
     removals = {(c.stage, c.layer): 0 for c in curves}
     error = 0.0
     for k, c in zip(choice, usable):
