@@ -186,15 +186,20 @@ class PruneRequest:
         calibration_size: Any = 256,
         scorer: Any = "obs",
         size_range: tuple[int, int] = (1, limits.MAX_CALIBRATION_SIZE),
-        allocation: Any = "measured",
+        allocation: Any = None,
     ) -> "PruneRequest":
-        """A checked request; `size_range` narrows the engine's 1..8192 images (the studio keeps jobs short)."""
+        """A checked request; `size_range` narrows the engine's 1..8192 images (the studio keeps jobs short).
+
+        `allocation` None: measured with the obs scorer, paper (per-stage) with magnitude (as `prune`).
+        """
         from mosaic_core.prune.calibration import CALIBRATION_MODES
         from mosaic_core.prune.stage_pruning import ALLOCATION_ALIASES, ALLOCATIONS, SCORERS
 
         calibration = choice("calibration", calibration, tuple(CALIBRATION_MODES), "calibration mode")
         size = limits.check_int("calibration_size (images per stage)", calibration_size, *size_range)
         scorer = choice("scorer", scorer, tuple(SCORERS))
+        if allocation is None:
+            allocation = "measured" if scorer == "obs" else "per-stage"
         allocation = choice("allocation", allocation, (*ALLOCATIONS, *ALLOCATION_ALIASES))
         allocation = ALLOCATION_ALIASES.get(allocation, allocation)
         if allocation != "per-stage" and scorer != "obs":

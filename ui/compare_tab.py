@@ -371,6 +371,7 @@ class CompareHandlers:
         repeats: int = settings.REPEATS_DEFAULT,
         only_stage: str = settings.STAGE_ONLY_CHOICES[0],
         request: gr.Request = None,
+        allocation: Optional[str] = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
@@ -378,7 +379,7 @@ class CompareHandlers:
         'all stages', 'early only', 'middle only', 'late only'. Poll `compare_status`.
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx)
-        job = self.resolve(plan, (calibration, calibration_size, scorer), (labels, seed, count, cfg, repeats, only_stage))
+        job = self.resolve(plan, (calibration, calibration_size, scorer, allocation), (labels, seed, count, cfg, repeats, only_stage))
         owner = owner_of(request)
         return status_dict(self.engine.jobs.status(self.submit(owner, job), owner), compare_summary)
 

@@ -184,7 +184,7 @@ class PruneSection:
         return [self.calibration, self.size, self.scorer, self.allocation]
 
 
-def prune_request(plan: PlanRequest, calibration, size, scorer, allocation=settings.ALLOCATION_DEFAULT) -> PruneRequest:
+def prune_request(plan: PlanRequest, calibration, size, scorer, allocation=None) -> PruneRequest:
     """The studio's `PruneRequest`: the engine's checks with the studio's calibration-size range."""
     return PruneRequest.from_values(
         plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE, allocation=allocation
@@ -267,7 +267,7 @@ class PruneHandlers:
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
         request: gr.Request = None,
-        allocation: str = settings.ALLOCATION_DEFAULT,
+        allocation: Optional[str] = None,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
 

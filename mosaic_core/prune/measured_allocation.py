@@ -289,3 +289,22 @@ def allocate_stages(
         tuple(sparsity), tuple(paper_sparsity), tuple(stage_errors), tuple(paper_errors),
         allocation.macs_removed, budget, allocation.price,
     )
+
+
+def merge_stage_allocations(parts: Sequence[MeasuredStages], stages: Sequence[int], num_stages: int = 3) -> MeasuredStages:
+    """One `MeasuredStages` from allocations made stage by stage (`parts[j]` allocated stage `stages[j]` alone)."""
+    empty = {}
+    removals, paper, sparsity, paper_sparsity, errors, paper_errors = [], [], [], [], [], []
+    for index in range(num_stages):
+        part = next((p for p, s in zip(parts, stages) if s == index), None)
+        removals.append(part.removals[index] if part else empty)
+        paper.append(part.paper_removals[index] if part else empty)
+        sparsity.append(part.sparsity[index] if part else 0.0)
+        paper_sparsity.append(part.paper_sparsity[index] if part else 0.0)
+        errors.append(part.stage_errors[index] if part else 0.0)
+        paper_errors.append(part.paper_stage_errors[index] if part else 0.0)
+    return MeasuredStages(
+        tuple(removals), tuple(paper), tuple(sparsity), tuple(paper_sparsity), tuple(errors), tuple(paper_errors),
+        float(sum(p.macs_removed for p in parts)), float(sum(p.budget for p in parts)),
+        max((p.price for p in parts), default=0.0),
+    )

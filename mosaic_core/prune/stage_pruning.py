@@ -426,7 +426,7 @@ def prune_steps(
         if plan.step_counts[i] > 0
         and (plan.allocation.heads_kept[i] < plan.shape.num_heads or plan.allocation.units_kept[i] < plan.shape.mlp_hidden)
     ]
-    if config.allocation == "measured" and paper_needed:  # every stage with steps may take a share
+    if config.allocation == "measured" and paper_needed and plan.mode == "auto":  # every stage with steps may take a share
         needed = [i for i in range(3) if plan.step_counts[i] > 0]
     keys = {i: analysis_key(loaded.weights_hash, t_ranges[i], config) for i in needed}
     missing = sorted({keys[i] for i in needed if keys[i] not in analyses}, key=lambda k: min(i for i in needed if keys[i] == k))
@@ -524,7 +524,18 @@ def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, S
         {name: trace.errors for name, trace in analyses[i].traces.items()} if i in analyses else None for i in range(3)
     ]
     stage_layers = [StageLayer(layer.name, layer.num_groups, costs[layer.name]) for layer in layers]
-    return allocate_stages(stage_layers, errors, plan.step_counts, paper)
+    if plan.mode == "auto":  # the score chose the stage sparsities: the measured errors may move them
+        return allocate_stages(stage_layers, errors, plan.step_counts, paper)
+    # sparsities set per stage (manual, uniform, one stage only): each stage keeps its own budget
+    # and only its layers and heads vs units are chosen by error
+    parts = [
+        allocate_stages(
+            stage_layers, [errors[s] if i == s else None for i in range(3)], plan.step_counts,
+            [paper[s] if i == s else {} for i in range(3)],
+        )
+        for s in paper_stages
+    ]
+    return merge_stage_allocations(parts, paper_stages)
 
 
 def _images_per_process(clean: CleanSet, config: PruneConfig, processes: Processes) -> list[int]:
