@@ -70,6 +70,7 @@ class StudioEngine:
         self.pruning = PruneService(self.cache_root, memory_size=settings.PRUNED_IN_MEMORY)
         self._cache_lock = threading.Lock()  # guards the trajectory cache (held briefly)
         self._compute_lock = threading.Lock()  # one model load / sampling run at a time
+        self._sensitivities: dict[str, Any] = {}  # checkpoint key -> SensitivityCurve (or None)
         self._loaded_key: Optional[tuple] = None
         self._loaded: Any = None
         self._trajectories: OrderedDict[tuple, Trajectory] = OrderedDict()
@@ -243,6 +244,24 @@ class StudioEngine:
         with self._compute_lock:
             loaded = self._load(spec)
             return run_to_end(self.pruning.prune_steps(loaded, plan, config, should_stop), on_event)
+
+    def sensitivity(self, pruned: PrunedModel, compute: bool = True):
+        """Measured sensitivity e(τ) of a pruned model (`prune.sensitivity.staged_sensitivity`),
+        remembered per checkpoint key; `compute=False` only looks it up (None when unknown)."""
+        from mosaic_core.prune.sensitivity import staged_sensitivity
+
+        with self._cache_lock:
+            if pruned.key in self._sensitivities:
+                return self._sensitivities[pruned.key]
+        if not compute:
+            return None
+        with self._compute_lock:
+            result = staged_sensitivity(self._load(pruned.spec), pruned.staged)
+        with self._cache_lock:
+            self._sensitivities[pruned.key] = result
+            while len(self._sensitivities) > 16:
+                self._sensitivities.pop(next(iter(self._sensitivities)))
+        return result
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
         """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""

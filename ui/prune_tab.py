@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
-from ui import settings
+from ui import charts, settings
 from mosaic_core.prune.service import PrunedModel
 from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.engine import StudioEngine
@@ -221,6 +222,8 @@ class PruneHandlers:
                 spec, plan, config, should_stop=context.should_stop,
                 on_event=lambda event: context.report(event.fraction, describe_prune_event(event)),
             )
+            context.report(0.99, "measuring the sensitivity e(τ)")
+            self.engine.sensitivity(pruned)
             context.report(1.0, "loaded from cache" if pruned.from_cache else f"pruned in {pruned.load_seconds:.1f} s")
             return self.outcome(pruned)
 
@@ -231,10 +234,19 @@ class PruneHandlers:
                 self._pending[key] = job_id
         return job_id
 
-    @staticmethod
-    def outcome(pruned: PrunedModel) -> dict:
-        """What a finished prune job keeps: the API summary and the result panel."""
-        return {"summary": prune_summary(pruned), "html": prune_result_html(pruned)}
+    def outcome(self, pruned: PrunedModel) -> dict:
+        """What a finished prune job keeps: the API summary, the result panel, the sensitivity chart."""
+        return {"summary": prune_summary(pruned), "html": prune_result_html(pruned), "sensitivity": self.sensitivity_plot(pruned)}
+
+    def sensitivity_plot(self, pruned: PrunedModel) -> str:
+        """The measured e(τ) over the importance score as plotly JSON (a note when not measured yet)."""
+        plan = pruned.plan
+        sensitivity = self.engine.sensitivity(pruned, compute=False)
+        if sensitivity is None:
+            figure = charts.message_figure("The sensitivity e(τ) is measured when a prune job runs.", settings.SMALL_CHART_HEIGHT)
+        else:
+            figure = charts.sensitivity_figure(sensitivity, self.engine.curve(pruned.spec, plan.lam, plan.cx), plan)
+        return charts.figure_json(figure)
 
     def pending_job(self, key: Optional[str]) -> Optional[str]:
         """The id of a queued or running prune job (of any session) for this checkpoint key, if any."""
@@ -249,8 +261,11 @@ class PruneHandlers:
         return self.submit(owner, prune_request(plan, *values[12:]))
 
     def render(self, status: JobStatus) -> tuple:
-        """A finished job: its result panel and the disk cache's size."""
-        return status.result["html"], cache_usage_text(self.engine.cache_root)
+        """A finished job: its result panel, the disk cache's size and the sensitivity chart."""
+        plot = status.result.get("sensitivity")
+        return status.result["html"], cache_usage_text(self.engine.cache_root), (
+            gr.skip() if plot is None else PlotData(type="plotly", plot=plot)
+        )
 
     # ----- API (plain arguments) -------------------------------------------------------------------
     def start_api(
@@ -318,8 +333,13 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 "cost in seconds and memory will show here.</div>",
                 elem_id="mosaic-prune-result-box",
             )
+            sensitivity = gr.Plot(
+                label="Measured sensitivity e(τ) of the pruned model over the importance score", elem_id="mosaic-sensitivity",
+            )
     section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers)
-    view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
+    view.wire(
+        handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note, sensitivity]
+    )
     view.register_api(user_errors(handlers.start_api), summary_of)
     divide.demo.load(
         lambda: cache_usage_text(engine.cache_root), outputs=[cache_note], api_visibility="private", show_progress="hidden"

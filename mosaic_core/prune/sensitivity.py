@@ -84,3 +84,24 @@ def recorded_stage_errors(result) -> tuple[float, ...]:
         return (float("nan"),) * 3
     steps = result.plan.step_counts
     return tuple(e / n if n else 0.0 for e, n in zip(measured.stage_errors, steps))
+
+
+def staged_sensitivity(loaded, staged, num_images: int = 8, points: int = 24, seed: int = 0) -> SensitivityCurve | None:
+    """e(τ) of a staged model against `loaded`'s dense network on `points` evenly spaced τ.
+
+    Clean inputs are the model's dataset images (`CleanSet` of the "data" source); a model
+    without a dataset would need the dense model's own samples, a job of its own, so this
+    returns None for it (the caller shows the recorded per-stage errors instead).
+    """
+    from mosaic_core.models.samplers import sampler_alphas_cumprod
+    from mosaic_core.prune.calibration import CalibrationConfig, clean_inputs, default_calibration_source
+
+    if default_calibration_source(loaded.spec) != "data":
+        return None
+    clean = clean_inputs(loaded, CalibrationConfig(size=num_images, batch_size=num_images, source="data", seed=seed))
+    alphas_cumprod = sampler_alphas_cumprod(loaded.scheduler_config)
+    num_train = int(alphas_cumprod.shape[0])
+    timesteps = np.unique(np.linspace(0, num_train - 1, points).round().astype(np.int64))
+    x0 = clean.x0.to(loaded.device, loaded.dtype)
+    labels = clean.labels.to(loaded.device) if torch.is_tensor(clean.labels) else clean.labels
+    return measure_sensitivity(loaded.transformer, staged, x0, labels, alphas_cumprod, timesteps, seed)
