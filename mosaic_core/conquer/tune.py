@@ -12,7 +12,7 @@ The stage boundaries are τ ranges that do not depend on n, so one set of cached
 re-solve of its kept weights and a short sampling run. Each is scored by its recorded error
 (Σ_s n_s Σ_l E_{s,l}) and by PSNR to the dense model at N₀ steps on a few seeded images; the
 front is the candidates no other beats in both MACs and PSNR, and the chosen point the best
-PSNR within the budget. docs/method.md §7.6 **[ours]**.
+PSNR within the budget. docs/method.md §4.5 **[ours]**.
 """
 
 from __future__ import annotations

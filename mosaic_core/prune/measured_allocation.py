@@ -101,7 +101,7 @@ def allocate_measured(
     no CFG doubling: the same convention as `cost.sampling_macs`). Raises ValueError when
     even removing everything allowed does not reach the budget. `exact`: fill the budget
     one group at a time from the price just below μ (see `_fill`), so the MACs removed
-    exceed B by less than one group (docs/method.md §7.5).
+    exceed B by less than one group (docs/method.md §3.11).
     """
     steps = np.asarray(steps_per_stage, dtype=np.float64)
     if steps.ndim != 1 or np.any(steps < 0):
@@ -253,7 +253,7 @@ def allocate_stages(
     The budget B is what the paper's counts remove, Σ_s n_s Σ_l c_l k^paper_{s,l}; the
     measured rule removes B (within one group) at the least Σ_s n_s Σ_l E_{s,l}(k), via
     `allocate_measured(exact=True)`. `errors_by_stage[s]` maps layer names to ε_1…ε_K of
-    stage s (None: a stage without an analysis, never pruned). docs/method.md §7.5.
+    stage s (None: a stage without an analysis, never pruned). docs/method.md §3.11.
     """
     if not (len(errors_by_stage) == len(step_counts) == len(paper_removals)):
         raise ValueError(

@@ -9,7 +9,7 @@ and the pruned network predict; the sensitivity at τ is the relative output err
 
 over the images (only the first C output channels: the noise prediction, not a learned
 variance). A staged model answers with the stage network of τ, so e(τ) shows where each
-stage's pruning costs the most. **[ours]**; docs/method.md §7.5.
+stage's pruning costs the most. **[ours]**; docs/method.md §3.12.
 
 `recorded_stage_errors` is the free version: the greedy OBS passes already recorded, per
 stage, the error of the removals the allocation made (no forward pass at all).
