@@ -390,3 +390,43 @@ def sensitivity_figure(sensitivity, curve: ScoreCurve, plan: Plan) -> go.Figure:
     layout["legend"]["y"] = -0.28
     figure.update_layout(**layout)
     return figure
+
+
+def tune_front_figure(result: dict) -> go.Figure:
+    """The tuner's candidates: PSNR to dense over the MAC fraction, the Pareto front joined, the chosen point ringed."""
+    points = result["points"]
+    figure = go.Figure()
+    colors = {"dense": "#9aa5b1", "paper": settings.TERM_COLORS["snr"], "measured": settings.TERM_COLORS["score"]}
+    for kind, color in colors.items():
+        chosen = [p for p in points if p["allocation"] == kind]
+        figure.add_trace(
+            go.Scatter(
+                x=[p["macs_fraction"] for p in chosen], y=[p["psnr"] for p in chosen], mode="markers", name=kind,
+                marker=dict(color=color, size=8), text=[f"{p['steps']} steps" for p in chosen],
+                hovertemplate="%{text}<br>MACs %{x:.3f} of dense<br>PSNR %{y:.2f} dB<extra>" + kind + "</extra>",
+            )
+        )
+    front = [points[i] for i in result["front"]]
+    figure.add_trace(
+        go.Scatter(
+            x=[p["macs_fraction"] for p in front], y=[p["psnr"] for p in front], mode="lines", name="Pareto front",
+            line=dict(color="#333", width=1, dash="dot"), hoverinfo="skip",
+        )
+    )
+    if result["chosen"] is not None:
+        best = points[result["chosen"]]
+        figure.add_trace(
+            go.Scatter(
+                x=[best["macs_fraction"]], y=[best["psnr"]], mode="markers", name="chosen",
+                marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="#E45756", width=2.5)), hoverinfo="skip",
+            )
+        )
+    figure.add_vline(x=result["budget"], line=dict(color="#E45756", dash="dash", width=1.5))
+    figure.update_layout(
+        height=settings.SMALL_CHART_HEIGHT, font=FONT, plot_bgcolor="white", paper_bgcolor="white", dragmode=False,
+        margin=dict(l=58, r=16, t=30, b=48),
+        xaxis=dict(title=dict(text="MACs (fraction of dense)"), gridcolor="#eef1f4", fixedrange=True),
+        yaxis=dict(title=dict(text="PSNR to dense (dB)"), gridcolor="#eef1f4", fixedrange=True),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
+    )
+    return figure

@@ -263,6 +263,21 @@ class StudioEngine:
                 self._sensitivities.pop(next(iter(self._sensitivities)))
         return result
 
+    def tune(self, spec: ModelSpec, budget: float, plan: Plan, config, should_stop=None, on_progress=None):
+        """`conquer.tune.tune` on the loaded model at `plan`'s sampler, steps (the reference), M, λ and c_x;
+        the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing."""
+        from mosaic_core.conquer.tune import tune
+        from mosaic_core.prune.service import _JobAnalyses
+
+        grid = [n for n in settings.TUNE_STEPS_GRID if n <= plan.num_inference_steps] or [plan.num_inference_steps]
+        with self._compute_lock:
+            loaded = self._load(spec)
+            return tune(
+                loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
+                scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
+                on_progress=on_progress, should_stop=should_stop,
+            )
+
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
         """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""
         return stage_only_plan(spec, plan, stage)

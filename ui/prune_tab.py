@@ -295,6 +295,52 @@ class PruneHandlers:
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
 
 
+class TuneHandlers:
+    """The "best at this budget" control: a tuner job, its front, and the chosen point into the controls."""
+
+    def __init__(self, engine: StudioEngine, view: JobView) -> None:
+        self.engine = engine
+        self.view = view
+
+    def start(self, owner, *values):
+        """Divide controls, calibration controls (no allocation: the tuner tries both), budget → a queued job."""
+        from mosaic_core.conquer.tune import check_budget
+
+        plan_request = PlanRequest.from_controls(*values[:12])
+        budget = check_budget(float(values[-1]))
+        request = prune_request(plan_request, *values[12:15], "paper")
+        spec = self.engine.resolve(plan_request.model)
+        self.engine.require_weights(spec)
+        plan, config = request.build(spec)
+
+        def work(context):
+            messages = iter(range(1, 10**6))
+            result = self.engine.tune(
+                spec, budget, plan, config, should_stop=context.should_stop,
+                on_progress=lambda message: context.report(min(0.95, 0.05 * next(messages)), message),
+            )
+            return result.to_dict()
+
+        return self.engine.jobs.submit(work, label="tune", owner=owner)
+
+    @staticmethod
+    def render(status: JobStatus) -> tuple:
+        """The front chart, a one-line note, and the chosen steps / stage sparsities / allocation."""
+        result = status.result
+        figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
+        if result["chosen"] is None:
+            note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
+            return (figure, note, *(gr.skip() for _ in range(6)))
+        best = result["points"][result["chosen"]]
+        note = (
+            f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
+            f"PSNR {best['psnr']:.2f} dB to dense (tuned in {result['seconds']:.1f} s)."
+        )
+        allocation = "measured" if best["allocation"] == "measured" else "paper"
+        sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
+        return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation))
+
+
 def summary_of(outcome: dict) -> dict:
     """The API's `result` of a finished prune job."""
     return outcome["summary"]
@@ -336,7 +382,29 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
             sensitivity = gr.Plot(
                 label="Measured sensitivity e(τ) of the pruned model over the importance score", elem_id="mosaic-sensitivity",
             )
+    with gr.Accordion("Best at this budget (tuner: steps × allocation)", open=False):
+        gr.Markdown(
+            "Spend a fraction of the dense MACs at the plan's steps as well as possible: every step count meets it "
+            "dense (fewer steps) or pruned (paper or measured allocation), each scored by PSNR to dense on 4 seeded "
+            "images. The chosen point fills the steps and the stage sparsities above."
+        )
+        with gr.Row():
+            with gr.Column(scale=2, min_width=340):
+                budget = gr.Slider(
+                    *settings.TUNE_BUDGET_RANGE, value=settings.TUNE_BUDGET_DEFAULT, step=0.05,
+                    label="MAC budget (fraction of dense)", elem_id="mosaic-tune-budget",
+                )
+                tune_view = JobView(engine, "tune", "No tuning yet.", done_title="Tuning", nothing_running="No tuning job is running.")
+                tune_view.layout("Best at this budget", start_variant="secondary")
+                tune_note = gr.Markdown(elem_id="mosaic-tune-note")
+            with gr.Column(scale=3, min_width=420):
+                front_plot = gr.Plot(label="Tuner: PSNR to dense over MACs", elem_id="mosaic-tune-front")
     section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers)
+    tune_handlers = TuneHandlers(engine, tune_view)
+    tune_view.wire(
+        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
+        render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation],
+    )
     view.wire(
         handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note, sensitivity]
     )

@@ -39,6 +39,7 @@ class TunePoint:
     recorded_error: float  # Σ_s n_s Σ_l E_{s,l}(k) (0 for dense)
     psnr: float  # dB to the dense model at the reference steps
     seconds: float  # sampling seconds of the validation images
+    stage_sparsity: tuple[float, float, float] = (0.0, 0.0, 0.0)  # early, middle, late as pruned
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def tune(
     analyses: Optional[dict] = None,
     reference=None,
     on_progress: Optional[Callable[[str], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> TuneResult:
     """Search steps × allocation at `budget` (fraction of dense MACs at `reference_steps`); module docstring.
 
@@ -116,7 +118,13 @@ def tune(
         raise ValueError(f"steps_grid needs a step count in [1, {reference_steps}], got {list(steps_grid)}")
     analyses = {} if analyses is None else analyses
     labels = labels_for(images, loaded.spec.num_classes)
-    say = on_progress or (lambda message: None)
+    def say(message: str) -> None:
+        if should_stop is not None and should_stop():
+            from mosaic_core.jobs import Cancelled
+
+            raise Cancelled("tuning cancelled")
+        if on_progress is not None:
+            on_progress(message)
 
     def run(n: int, transformer=None):
         config = SampleConfig(n, guidance_scale, scheduler, seed)
@@ -143,19 +151,21 @@ def tune(
         for allocation in allocations:
             say(f"{ALLOCATION_NAMES.get(allocation, allocation)}, {n} steps, sparsity {plan.overall_sparsity:.3f}")
             config = replace(prune_config, allocation=allocation)
-            result = run_to_end(prune_steps(loaded, plan, config, analyses=analyses))
+            result = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop))
             tokens = plan.shape.num_tokens or 1
             if result.measured is not None:
                 macs = plan.macs_dense - result.measured.macs_removed * tokens
                 error = result.measured.error
+                stages = tuple(float(x) for x in result.measured.sparsity)
             else:
                 macs = float(plan.macs_staged)
                 error = _paper_error(loaded, plan, result)
+                stages = tuple(float(x) if c else 0.0 for x, c in zip(plan.allocation.achieved, plan.step_counts))
             images_n, seconds = run(n, result.staged)
             points.append(
                 TunePoint(
                     n, ALLOCATION_NAMES.get(allocation, allocation), float(plan.overall_sparsity), float(macs),
-                    float(macs) / dense_macs, float(error), mean_psnr(images_n, reference), seconds,
+                    float(macs) / dense_macs, float(error), mean_psnr(images_n, reference), seconds, stages,
                 )
             )
     front = pareto_front([p.macs for p in points], [p.psnr for p in points])
