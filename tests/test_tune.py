@@ -84,3 +84,24 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     assert "20 steps, measured" in note
     traces = {trace["name"]: trace for trace in json.loads(figure.plot)["data"]}
     assert traces["Pareto front"]["x"] == [0.2, 0.49] and traces["chosen"]["y"] == [30.0]
+
+
+@pytest.mark.slow
+def test_retuning_at_another_budget_reuses_the_analyses_and_the_dense_runs(tiny_pixel_folder):
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses, memo, messages = {}, {}, []
+    kwargs = dict(reference_steps=8, steps_grid=(4, 8), images=2, analyses=analyses, memo=memo)
+    first = tune(loaded, 0.7, config, **kwargs)
+    keys = set(analyses)
+    second = tune(loaded, 0.6, config, on_progress=messages.append, **kwargs)
+    assert set(analyses) == keys  # no new Hessians
+    assert not any(m.startswith("dense") for m in messages)  # the reference and fewer-steps runs are remembered
+    assert [p for p in second.points if p.allocation == "dense"] == [p for p in first.points if p.allocation == "dense"]
+    chosen = second.points[second.chosen]
+    assert chosen.macs_fraction <= 0.6

@@ -71,6 +71,7 @@ class StudioEngine:
         self._cache_lock = threading.Lock()  # guards the trajectory cache (held briefly)
         self._compute_lock = threading.Lock()  # one model load / sampling run at a time
         self._sensitivities: dict[str, Any] = {}  # checkpoint key -> SensitivityCurve (or None)
+        self._tune_memo: dict = {}  # the tuner's budget-independent dense images and points (one model's worth)
         self._loaded_key: Optional[tuple] = None
         self._loaded: Any = None
         self._trajectories: OrderedDict[tuple, Trajectory] = OrderedDict()
@@ -272,10 +273,12 @@ class StudioEngine:
         grid = [n for n in settings.TUNE_STEPS_GRID if n <= plan.num_inference_steps] or [plan.num_inference_steps]
         with self._compute_lock:
             loaded = self._load(spec)
+            if any(key[0][:2] != (spec.name, loaded.weights_hash) for key in self._tune_memo):
+                self._tune_memo.clear()  # another model: its images are of no use
             return tune(
                 loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
                 scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
-                on_progress=on_progress, should_stop=should_stop,
+                on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
             )
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:

@@ -96,14 +96,15 @@ def tune(
     seed: int = 0,
     guidance_scale: float = 1.5,
     analyses: Optional[dict] = None,
-    reference=None,
+    memo: Optional[dict] = None,
     on_progress: Optional[Callable[[str], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
 ) -> TuneResult:
     """Search steps × allocation at `budget` (fraction of dense MACs at `reference_steps`); module docstring.
 
     `analyses` is the prune cache (reused and filled: a second call re-solves, never re-gathers);
-    `reference` the dense images at `reference_steps` of an earlier call (computed when None).
+    `memo` keeps what does not depend on the budget (the dense reference and the dense
+    fewer-steps points) for the next call with another budget.
     """
     from mosaic_core.conquer.metrics import mean_psnr
     from mosaic_core.conquer.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
@@ -131,17 +132,23 @@ def tune(
         result = run_to_end(sample_loaded(loaded, labels, config, transformer=transformer))
         return result.images, float(np.sum(result.step_seconds))
 
-    if reference is None:
+    memo = {} if memo is None else memo
+    base = (loaded.spec.name, loaded.weights_hash, scheduler, images, seed, float(guidance_scale))
+    if (base, "reference", reference_steps) not in memo:
         say(f"dense reference, {reference_steps} steps")
-        reference, _ = run(reference_steps)
+        memo[(base, "reference", reference_steps)] = run(reference_steps)[0]
+    reference = memo[(base, "reference", reference_steps)]
     dense_plan = build_plan(loaded.spec, reference_steps, M, lam, scheduler=scheduler, cx=cx)
     dense_macs = float(dense_plan.macs_dense)
     points = []
     for n in steps_grid:
         fraction = n / reference_steps
-        say(f"dense, {n} steps")
-        images_n, seconds = run(n)
-        points.append(TunePoint(n, "dense", 0.0, dense_macs * fraction, fraction, 0.0, mean_psnr(images_n, reference), seconds))
+        key = (base, "dense", reference_steps, n)
+        if key not in memo:
+            say(f"dense, {n} steps")
+            images_n, seconds = run(n)
+            memo[key] = TunePoint(n, "dense", 0.0, dense_macs * fraction, fraction, 0.0, mean_psnr(images_n, reference), seconds)
+        points.append(memo[key])
         target = 1.0 - budget * reference_steps / n
         if target <= 0 or target > MAX_SPARSITY:
             continue  # dense already fits, or no plan removes that much
