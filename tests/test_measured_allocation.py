@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -197,3 +198,26 @@ def test_paper_is_the_per_stage_rule_and_measured_the_prune_default():
     assert prune_config_from_args(parser.parse_args(["--scorer", "magnitude"]), spec).allocation == "per-stage"
     with pytest.raises(ValueError, match="needs the OBS scorer"):
         prune_config_from_args(parser.parse_args(["--scorer", "magnitude", "--allocation", "measured"]), spec)
+
+
+@pytest.mark.slow
+def test_studio_result_shows_both_rules_and_the_built_sparsity(tiny_pixel_folder, tmp_path):
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.service import PruneService
+    from mosaic_core.prune.stage_pruning import PruneConfig
+    from ui.prune_tab import prune_result_html
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.3)
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4), allocation="measured")
+    service = PruneService(tmp_path / "cache")
+    pruned = run_to_end(service.prune_steps(loaded, plan, config), None)
+    manifest = json.loads((pruned.folder / "manifest.json").read_text())
+    # the sparsity read from the built modules equals the allocator's own accounting
+    assert [s.sparsity for s in pruned.stages] == pytest.approx(manifest["measured_allocation"]["sparsity"], abs=1e-6)  # JSON keeps 6 decimals
+    page = prune_result_html(pruned)
+    assert 'data-field="measured-sparsity"' in page and "measured allocation" in page
+    assert f"{plan.allocation.achieved[0]:.3f}" in page.split('data-field="paper-sparsity">')[1]

@@ -134,6 +134,15 @@ def prune_result_html(pruned: PrunedModel) -> str:
             f' <span class="mosaic-muted">(the plan divides with c<sub>x</sub> = {plan.cx:g}: enter the measured value '
             "in section 2 to divide with it)</span>"
         )
+    rule_row = ""
+    if config.allocation == "measured":  # where the recorded errors disagree with the score's split
+        paper = " · ".join(f"{s.name} {a:.3f}" for s, a in zip(pruned.stages, plan.allocation.achieved))
+        measured = " · ".join(f"{s.name} {s.sparsity:.3f}" for s in pruned.stages)
+        rule_row = (
+            "<tr><th>stage sparsity by rule</th>"
+            f'<td>measured (built): <b data-field="measured-sparsity">{measured}</b><br>'
+            f'paper (importance score): <span data-field="paper-sparsity">{paper}</span></td></tr>'
+        )
     cx_text = f"{pruned.cx:.4f}" if math.isfinite(pruned.cx) else "— (no stage needed calibration)"
     seconds = _seconds_line(pruned.seconds) if pruned.seconds else "—"
     caption = (
@@ -148,7 +157,8 @@ def prune_result_html(pruned: PrunedModel) -> str:
         "<thead><tr><th>stage</th><th>steps</th><th>sparsity</th><th>heads kept</th><th>MLP units kept</th>"
         f"<th>network</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         '<table class="mosaic-table mosaic-summary"><tbody>'
-        f'<tr><th>prune seconds by phase{" (when it was pruned)" if pruned.from_cache else ""}</th>'
+        + rule_row
+        + f'<tr><th>prune seconds by phase{" (when it was pruned)" if pruned.from_cache else ""}</th>'
         f'<td data-field="seconds">{html.escape(seconds)}</td></tr>'
         f'<tr><th>measured c<sub>x</sub> = E‖x₀‖²/d</th><td><b data-field="cx">{cx_text}</b>{cx_note}</td></tr>'
         "<tr><th>parameter memory</th>"
