@@ -156,7 +156,8 @@ def test_measured_prune_removes_the_plans_macs_and_round_trips(tiny_pixel_folder
     loaded = load_model(str(tiny_pixel_folder), device="cpu")
     calibration = CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4)
     plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.4)
-    result = run_to_end(prune_steps(loaded, plan, PruneConfig(calibration, allocation="measured")), None)
+    analyses = {}
+    result = run_to_end(prune_steps(loaded, plan, PruneConfig(calibration, allocation="measured"), analyses=analyses), None)
     measured = result.measured
     shape = plan.shape
     # the budget is what the paper's plan removes, by the cost model (per token: divide by tokens)
@@ -176,6 +177,14 @@ def test_measured_prune_removes_the_plans_macs_and_round_trips(tiny_pixel_folder
     manifest = read_manifest(tmp_path / "ckpt")
     assert manifest["prune"]["allocation"] == "measured"
     assert manifest["measured_allocation"]["sparsity"] == pytest.approx(list(measured.sparsity), abs=1e-6)
+    # sparsities set per stage stay per stage: each stage removes its own budget, within one group
+    manual = build_plan(loaded.spec, num_inference_steps=10, stage_sparsity=(0.5, 0.0, 0.3))
+    per_stage = run_to_end(prune_steps(loaded, manual, PruneConfig(calibration, allocation="measured"), analyses=analyses), None)
+    group = 4 * D * hd / dense_per_token
+    for index, network in enumerate(per_stage.staged.networks()):
+        kept = sum(layer.num_groups * (4 * D * hd if layer.kind != "mlp" else 2 * D) for layer in prunable_layers(network))
+        assert manual.allocation.achieved[index] <= 1 - kept / dense_per_token <= manual.allocation.achieved[index] + group
+    assert per_stage.staged.middle is loaded.transformer  # the stage the user left dense stays dense
     reloaded = load_pruned(tmp_path / "ckpt", loaded)
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8)

@@ -506,7 +506,7 @@ def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, S
     the stages the paper's counts prune (default: those with steps and a sparsity > 0).
     Returns `measured_allocation.MeasuredStages`; it takes milliseconds (no Hessian work).
     """
-    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages
+    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages, merge_stage_allocations
 
     layers = prunable_layers(model)
     costs = layer_costs(model, plan)
