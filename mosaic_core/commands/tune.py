@@ -67,12 +67,12 @@ def format_tune(result, show_time: bool = False) -> str:
 def run(args: argparse.Namespace) -> int:
     """Load the model, tune, print the table (or JSON) and write --out."""
     from mosaic_core.atomic import write_json
-    from mosaic_core.conquer.tune import tune
+    from mosaic_core.conquer.tune import check_budget, tune
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
 
     spec = resolve_model(args.model)
-    budget = args.budget if args.budget is not None else 1.0 / args.speedup
+    budget = check_budget(args.budget if args.budget is not None else 1.0 / args.speedup)  # before any loading
     steps = args.steps or 50
     grid = args.steps_grid or [n for n in (10, 15, 20, 25, 30, 40, 50) if n <= steps]
     config = prune_config_from_args(args, spec)
