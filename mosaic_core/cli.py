@@ -17,7 +17,7 @@ from typing import Callable
 
 from mosaic_core import limits
 
-COMMANDS = ("plan", "sample", "prune", "bench", "train", "eval")
+COMMANDS = ("plan", "sample", "prune", "bench", "train", "eval", "tune")
 
 
 def one_line(message: object) -> str:

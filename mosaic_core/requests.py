@@ -191,6 +191,7 @@ class PruneRequest:
     calibration: str = "snr"
     calibration_size: int = 256
     scorer: str = "obs"
+    allocation: str = "measured"  # measured | paper (= per-stage) | per-block (stage_pruning.ALLOCATIONS)
 
     @classmethod
     def from_values(
@@ -200,15 +201,25 @@ class PruneRequest:
         calibration_size: Any = 256,
         scorer: Any = "obs",
         size_range: tuple[int, int] = (1, limits.MAX_CALIBRATION_SIZE),
+        allocation: Any = None,
     ) -> "PruneRequest":
-        """A checked request; `size_range` narrows the engine's 1..8192 images (the studio keeps jobs short)."""
+        """A checked request; `size_range` narrows the engine's 1..8192 images (the studio keeps jobs short).
+
+        `allocation` None: measured with the obs scorer, paper (per-stage) with magnitude (as `prune`).
+        """
         from mosaic_core.prune.calibration import CALIBRATION_MODES
-        from mosaic_core.prune.stage_pruning import SCORERS
+        from mosaic_core.prune.stage_pruning import ALLOCATION_ALIASES, ALLOCATIONS, SCORERS
 
         calibration = choice("calibration", calibration, tuple(CALIBRATION_MODES), "calibration mode")
         size = limits.check_int("calibration_size (images per stage)", calibration_size, *size_range)
         scorer = choice("scorer", scorer, tuple(SCORERS))
-        return cls(plan, calibration, size, scorer)
+        if allocation is None:
+            allocation = "measured" if scorer == "obs" else "per-stage"
+        allocation = choice("allocation", allocation, (*ALLOCATIONS, *ALLOCATION_ALIASES))
+        allocation = ALLOCATION_ALIASES.get(allocation, allocation)
+        if allocation != "per-stage" and scorer != "obs":
+            raise ValueError(f"the {allocation} allocation needs the obs scorer, got scorer {scorer!r}: choose obs or the paper allocation")
+        return cls(plan, calibration, size, scorer, allocation)
 
     def config(self, spec: ModelSpec):
         """The `PruneConfig`: calibration from the model's default image source."""
@@ -216,7 +227,7 @@ class PruneRequest:
         from mosaic_core.prune.stage_pruning import PruneConfig
 
         calibration = CalibrationConfig(mode=self.calibration, size=self.calibration_size, source=default_calibration_source(spec))
-        return PruneConfig(calibration=calibration, scorer=self.scorer)
+        return PruneConfig(calibration=calibration, scorer=self.scorer, allocation=self.allocation)
 
     def build(self, spec: ModelSpec) -> tuple[Plan, Any]:
         """(plan, prune config) for an already resolved model."""

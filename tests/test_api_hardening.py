@@ -144,7 +144,7 @@ def test_a_huge_label_list_is_refused_before_it_is_built():
 
 
 def test_a_huge_label_list_through_the_api_names_the_labels(studio):
-    data = [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-9999," * 3000, 0, 4, 1.5, 1, "all stages"]
+    data = [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-9999," * 3000, 0, 4, 1.5, 1, "all stages", None]
     assert re.match(r"class labels is 21000 characters long: at most 4096 allowed", _error(_raw_call(studio["url"], "compare_start", data)))
 
 
@@ -165,10 +165,10 @@ def test_a_huge_label_list_through_the_api_names_the_labels(studio):
         ("divide", [MODEL, "", 7, 50, 0.55, 0.01, 1.0, 0.3, False, 0, 0, 0], r"sampler must be one of ddim"),
         ("divide", [MODEL, 5, "ddim", 50, 0.55, 0.01, 1.0, 0.3, False, 0, 0, 0], r"folder must be a string, got int"),
         ("trajectory", [MODEL, "", "ddim", float("nan"), 0.55, 0.01, 1.0, 0.3, False, 0, 0, 0], r"steps must be a whole number .*got nan"),
-        ("prune_start", [MODEL, "ddim", 50, 0.55, 0.01, 0.3, None, 1.0, "snr", 1e308, "obs"], r"calibration_size \(images per stage\) must be"),
-        ("compare_start", [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-3", float("inf"), 4, 1.5, 1, "all stages"],
+        ("prune_start", [MODEL, "ddim", 50, 0.55, 0.01, 0.3, None, 1.0, "snr", 1e308, "obs", None], r"calibration_size \(images per stage\) must be"),
+        ("compare_start", [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-3", float("inf"), 4, 1.5, 1, "all stages", None],
          r"seed must be a whole number in \[0, 2147483647\], got inf"),
-        ("compare_start", [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-3", 0, 4, float("-inf"), 1, "all stages"],
+        ("compare_start", [MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, None, 1.0, "snr", 16, "obs", "0-3", 0, 4, float("-inf"), 1, "all stages", None],
          r"cfg \(guidance scale\) must be a finite number in \[0, 20\], got -inf"),
         ("compare_status", [12], r"job_id must be a string"),
     ],
@@ -399,8 +399,8 @@ ENDPOINTS = {
     "plan": (PLAN_PARAMS, PLAN_VALUES),
     "divide": (CONTROL_PARAMS, CONTROL_VALUES),
     "trajectory": (CONTROL_PARAMS, CONTROL_VALUES),
-    "prune_start": (PRUNE_PARAMS, PRUNE_VALUES),
-    "compare_start": (COMPARE_PARAMS, COMPARE_VALUES),
+    "prune_start": (PRUNE_PARAMS + ["allocation"], PRUNE_VALUES + [None]),  # allocation: the last, optional parameter
+    "compare_start": (COMPARE_PARAMS + ["allocation"], COMPARE_VALUES + [None]),
     "prune_status": (["job_id"], ["prune-x"]),
     "prune_cancel": (["job_id"], ["prune-x"]),
     "compare_status": (["job_id"], ["compare-x"]),
@@ -411,7 +411,7 @@ NAMES = {  # how an error names each parameter
     "lam": r"lam", "sparsity": r"sparsity", "stage_sparsity": r"sparsity", "cx": r"\bcx\b", "per_stage": r"per_stage",
     "early": r"early", "middle": r"middle", "late": r"late", "calibration": r"calibration", "calibration_size": r"calibration_size",
     "scorer": r"scorer", "labels": r"labels|class", "seed": r"seed", "count": r"count", "cfg": r"cfg", "repeats": r"repeats",
-    "only_stage": r"only_stage", "job_id": r"job[ _]id",
+    "only_stage": r"only_stage", "job_id": r"job[ _]id", "allocation": r"allocation",
 }
 # Valid values of a no-weights model end here (nothing is ever queued by the fuzzer).
 ACCEPTED = r"weights not present"

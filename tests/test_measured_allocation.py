@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -71,3 +72,161 @@ def test_impossible_budget_and_bad_curves_are_refused():
         LayerCurve(0, "a", np.array([1.0, np.nan]), 1.0, 2)
     with pytest.raises(ValueError, match="max_remove must be in"):
         LayerCurve(0, "a", np.ones(3), 1.0, 4)
+
+
+# ----- exact fill, the stage allocator, and the wired prune ----------------------------------------
+
+exact_strategy = st.tuples(
+    st.integers(0, 2),  # stage
+    st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=5),  # errors
+    st.sampled_from([1.0, 2.0, 5.0]),  # cost
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    raw=st.lists(exact_strategy, min_size=1, max_size=5),
+    steps=st.lists(st.integers(1, 6), min_size=3, max_size=3),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_exact_allocation_meets_the_budget_within_one_group(raw, steps, fraction):
+    curves = [LayerCurve(s, f"layer{i}", np.asarray(e), c, len(e)) for i, (s, e, c) in enumerate(raw)]
+    most = sum(steps[c.stage] * c.cost * c.max_remove for c in curves)
+    budget = fraction * most
+    result = allocate_measured(curves, steps, budget, exact=True)
+    largest_group = max(steps[c.stage] * c.cost for c in curves)
+    assert budget - 1e-9 <= result.macs_removed <= budget + largest_group  # short of one more group
+    # the reported error is the recorded error of the removals (recomputed by hand)
+    error = sum(steps[c.stage] * sum(max(x, 0.0) for x in c.errors[: result.removals[(c.stage, c.layer)]]) for c in curves)
+    assert result.error == pytest.approx(error)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    raw=st.lists(st.lists(st.floats(0.0, 10.0, allow_nan=False), min_size=1, max_size=4), min_size=1, max_size=4),
+    budget=st.integers(0, 16),
+)
+def test_exact_allocation_equals_brute_force_knapsack_on_increasing_errors(raw, budget):
+    # equal MACs per group and increasing ε (each layer's E is convex): the exact allocation is
+    # the knapsack optimum among allocations removing at least the budget
+    curves = [LayerCurve(i % 3, f"layer{i}", np.sort(np.asarray(e)), 1.0, len(e)) for i, e in enumerate(raw)]
+    steps = [2, 2, 2]
+    most = sum(2 * c.max_remove for c in curves)
+    budget = 2 * min(budget, most // 2)
+    result = allocate_measured(curves, steps, float(budget), exact=True)
+    assert result.macs_removed == budget
+    assert result.error == pytest.approx(_brute_force_best(curves, steps, budget), abs=1e-9)
+
+
+def test_stage_allocation_beats_the_paper_counts_and_keeps_its_budget():
+    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages
+
+    layers = [StageLayer("attn", 4, 8.0), StageLayer("mlp", 16, 2.0)]
+    # early: cheap errors, middle: costly, late: in between (hand-made recorded ε per removal)
+    errors = [
+        {"attn": [0.1, 0.2, 0.3], "mlp": np.linspace(0.01, 0.15, 15)},
+        {"attn": [5.0, 6.0, 7.0], "mlp": np.linspace(1.0, 3.0, 15)},
+        {"attn": [1.0, 1.5, 2.0], "mlp": np.linspace(0.1, 0.9, 15)},
+    ]
+    paper = [{"attn": 1, "mlp": 4}, {"attn": 1, "mlp": 4}, {"attn": 1, "mlp": 4}]
+    result = allocate_stages(layers, errors, [3, 4, 3], paper)
+    assert result.budget == 10 * (8.0 + 4 * 2.0)  # Σ n_s · (one head + four units)
+    assert result.budget <= result.macs_removed < result.budget + 4 * 8.0
+    assert result.error < result.paper_error
+    # the paper's per-stage sparsity is the same in every stage: 16 of 64 MACs
+    assert result.paper_sparsity == pytest.approx((0.25, 0.25, 0.25))
+    # the middle stage's errors are the largest: the measured rule moves its share to the others
+    assert result.sparsity[1] < 0.25 < result.sparsity[0]
+    assert result.paper_error == pytest.approx(3 * (0.1 + 0.01 + 0.02 + 0.03 + 0.04) + 4 * (5.0 + sum(np.linspace(1.0, 3.0, 15)[:4])) + 3 * (1.0 + sum(np.linspace(0.1, 0.9, 15)[:4])))
+
+
+@pytest.mark.slow
+def test_measured_prune_removes_the_plans_macs_and_round_trips(tiny_pixel_folder, tmp_path):
+    import torch
+
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.divide.cost import sampling_macs
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.checkpoint import load_pruned, read_manifest, save_pruned
+    from mosaic_core.prune.hessian import prunable_layers
+    from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    calibration = CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4)
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.4)
+    analyses = {}
+    result = run_to_end(prune_steps(loaded, plan, PruneConfig(calibration, allocation="measured"), analyses=analyses), None)
+    measured = result.measured
+    shape = plan.shape
+    # the budget is what the paper's plan removes, by the cost model (per token: divide by tokens)
+    removed_by_plan = (sampling_macs(shape, None, plan.step_counts) - plan.macs_staged) / shape.num_tokens
+    assert measured.budget == pytest.approx(removed_by_plan)
+    # the built networks remove that much, short of one group (a head: 4·D·hd MACs per token, × steps)
+    D, hd = shape.hidden_size, shape.head_dim
+    dense_per_token = shape.num_layers * (shape.num_heads * 4 * D * hd + shape.mlp_hidden * 2 * D)
+    built = 0
+    for n, network in zip(plan.step_counts, result.staged.networks()):
+        kept = sum(layer.num_groups * (4 * D * hd if layer.kind != "mlp" else 2 * D) for layer in prunable_layers(network))
+        built += n * (dense_per_token - kept)
+    assert removed_by_plan <= built <= removed_by_plan + max(plan.step_counts) * 4 * D * hd
+    assert measured.error <= measured.paper_error
+    # the checkpoint says which rule was used, and loads back to the same outputs
+    save_pruned(result, loaded, tmp_path / "ckpt")
+    manifest = read_manifest(tmp_path / "ckpt")
+    assert manifest["prune"]["allocation"] == "measured"
+    assert manifest["measured_allocation"]["sparsity"] == pytest.approx(list(measured.sparsity), abs=1e-6)
+    # sparsities set per stage stay per stage: each stage removes its own budget, within one group
+    manual = build_plan(loaded.spec, num_inference_steps=10, stage_sparsity=(0.5, 0.0, 0.3))
+    per_stage = run_to_end(prune_steps(loaded, manual, PruneConfig(calibration, allocation="measured"), analyses=analyses), None)
+    group = 4 * D * hd / dense_per_token
+    for index, network in enumerate(per_stage.staged.networks()):
+        kept = sum(layer.num_groups * (4 * D * hd if layer.kind != "mlp" else 2 * D) for layer in prunable_layers(network))
+        assert manual.allocation.achieved[index] <= 1 - kept / dense_per_token <= manual.allocation.achieved[index] + group
+    assert per_stage.staged.middle is loaded.transformer  # the stage the user left dense stays dense
+    reloaded = load_pruned(tmp_path / "ckpt", loaded)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    for t in (950, 400, 20):
+        kwargs = dict(timestep=torch.full((2,), t), class_labels=torch.tensor([1, 2]))
+        assert torch.equal(reloaded(x, **kwargs).sample, result.staged(x, **kwargs).sample)
+
+
+def test_paper_is_the_per_stage_rule_and_measured_the_prune_default():
+    import argparse
+
+    from mosaic_core.commands.prune import add_prune_arguments, prune_config_from_args
+    from mosaic_core.models.registry import resolve_model
+
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    spec = resolve_model("digits-dit")
+    assert prune_config_from_args(parser.parse_args([]), spec).allocation == "measured"
+    assert prune_config_from_args(parser.parse_args(["--allocation", "paper"]), spec).allocation == "per-stage"
+    assert prune_config_from_args(parser.parse_args(["--scorer", "magnitude"]), spec).allocation == "per-stage"
+    with pytest.raises(ValueError, match="needs the OBS scorer"):
+        prune_config_from_args(parser.parse_args(["--scorer", "magnitude", "--allocation", "measured"]), spec)
+
+
+@pytest.mark.slow
+def test_studio_result_shows_both_rules_and_the_built_sparsity(tiny_pixel_folder, tmp_path):
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.service import PruneService
+    from mosaic_core.prune.stage_pruning import PruneConfig
+    from ui.prune_tab import prune_result_html
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.3)
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4), allocation="measured")
+    service = PruneService(tmp_path / "cache")
+    pruned = run_to_end(service.prune_steps(loaded, plan, config), None)
+    manifest = json.loads((pruned.folder / "manifest.json").read_text())
+    # the sparsity read from the built modules equals the allocator's own accounting
+    assert [s.sparsity for s in pruned.stages] == pytest.approx(manifest["measured_allocation"]["sparsity"], abs=1e-6)  # JSON keeps 6 decimals
+    page = prune_result_html(pruned)
+    assert 'data-field="measured-sparsity"' in page and "measured allocation" in page
+    assert f"{plan.allocation.achieved[0]:.3f}" in page.split('data-field="paper-sparsity">')[1]

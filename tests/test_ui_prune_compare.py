@@ -53,7 +53,7 @@ CHROMIUM_ARGS = [
 ]
 MODEL = "digits-dit"
 STEPS = 10
-SMALL = dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, sparsity=0.3, calibration="snr", calibration_size=16, scorer="obs")
+SMALL = dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, sparsity=0.3, calibration="snr", calibration_size=16, scorer="obs", allocation="paper")
 PHASES = {"calibrate", "hessian", "solve", "build"}
 
 
@@ -162,7 +162,7 @@ def test_prune_runs_in_the_background_and_then_comes_from_the_cache(studio, clie
     # After a restart (a new engine on the same cache root): from the disk cache.
     engine = StudioEngine(cache_root=cache)
     spec = engine.resolve(MODEL)
-    request = PruneRequest.from_values(PlanRequest.from_values(MODEL, "ddim", STEPS, 0.55, 0.01, 0.3), "snr", 16, "obs")
+    request = PruneRequest.from_values(PlanRequest.from_values(MODEL, "ddim", STEPS, 0.55, 0.01, 0.3), "snr", 16, "obs", allocation="paper")
     pruned = engine.prune(spec, plan, request.config(spec))
     assert pruned.source == "disk" and pruned.key == result["key"]
     assert [s.heads_kept for s in pruned.stages] == list(plan.allocation.heads_kept)
@@ -373,6 +373,7 @@ def test_prune_progress_cancel_and_restart_in_the_browser(page, studio, small_pr
     # A later Start still works: the small snr prune (pruned already by the fixture: from the cache).
     page.locator("#mosaic-calibration").get_by_text("snr", exact=True).click()
     _set_number(page, "Calibration images per stage", 16)
+    page.locator("#mosaic-allocation").get_by_text("paper", exact=True).click()  # as the fixture pruned it
     done = _click_and_wait(page, "#mosaic-prune-start", PRUNE_JOB, ("done", "failed", "cancelled"))
     assert done["state"] == "done" and done["fraction"] == 1 and done["width"] == "100%", done
     page.wait_for_selector("#mosaic-prune-result[data-key]", state="attached", timeout=10_000)

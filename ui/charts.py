@@ -401,3 +401,84 @@ def message_figure(text: str, height: int, title: Optional[str] = None) -> go.Fi
         ],
     )
     return figure
+
+
+def sensitivity_figure(sensitivity, curve: ScoreCurve, plan: Plan) -> go.Figure:
+    """Measured sensitivity e(τ) of the pruned model (markers by stage) over the importance score (line, right axis).
+
+    Where the score says a stage matters and e(τ) is high too, the paper's ordering and the
+    measurement agree; a stage with a low score but a high e(τ) is where they do not.
+    """
+    if sensitivity is None:
+        return message_figure("No measured sensitivity for this model\n(it needs the model's own dataset).", settings.SMALL_CHART_HEIGHT)
+    timesteps = np.asarray(sensitivity.timesteps)
+    stages = plan.stage_of(timesteps)
+    figure = go.Figure()
+    for index, name in enumerate(STAGE_NAMES):
+        mask = stages == index
+        figure.add_trace(
+            go.Scatter(
+                x=timesteps[mask], y=sensitivity.relative_error[mask], mode="markers+lines", name=f"e(τ) {name}",
+                marker=dict(color=settings.STAGE_COLORS[name], size=7), line=dict(color=settings.STAGE_COLORS[name], width=1),
+                hovertemplate="τ=%{x:.0f}<br>relative output error %{y:.4f}<extra>" + name + "</extra>",
+            )
+        )
+    score = np.asarray(curve.score, dtype=np.float64)
+    span = float(score.max() - score.min()) or 1.0
+    figure.add_trace(
+        go.Scatter(
+            x=np.asarray(curve.timesteps), y=(score - score.min()) / span, mode="lines", name="importance score (normalised)",
+            line=dict(color=settings.TERM_COLORS["score"], width=2, dash="dot"), yaxis="y2",
+            hovertemplate="τ=%{x}<br>score %{y:.3f}<extra></extra>",
+        )
+    )
+    shapes, annotations = _stage_regions(plan)
+    layout = _base_layout(settings.SMALL_CHART_HEIGHT, plan.bounds.num_train_timesteps, "model timestep τ", "relative output error e(τ)")
+    layout["yaxis"]["title"]["font"] = dict(size=11)
+    layout.update(
+        shapes=shapes, annotations=annotations, margin=dict(l=58, r=58, t=46, b=70),
+        yaxis2=dict(overlaying="y", side="right", range=[0, 1.05], showgrid=False, title=dict(text="score", font=dict(size=11))),
+    )
+    layout["legend"]["y"] = -0.28
+    figure.update_layout(**layout)
+    return figure
+
+
+def tune_front_figure(result: dict) -> go.Figure:
+    """The tuner's candidates: PSNR to dense over the MAC fraction, the Pareto front joined, the chosen point ringed."""
+    points = result["points"]
+    figure = go.Figure()
+    colors = {"dense": "#9aa5b1", "paper": settings.TERM_COLORS["snr"], "measured": settings.TERM_COLORS["score"]}
+    for kind, color in colors.items():
+        chosen = [p for p in points if p["allocation"] == kind]
+        figure.add_trace(
+            go.Scatter(
+                x=[p["macs_fraction"] for p in chosen], y=[p["psnr"] for p in chosen], mode="markers", name=kind,
+                marker=dict(color=color, size=8), text=[f"{p['steps']} steps" for p in chosen],
+                hovertemplate="%{text}<br>MACs %{x:.3f} of dense<br>PSNR %{y:.2f} dB<extra>" + kind + "</extra>",
+            )
+        )
+    front = [points[i] for i in result["front"]]
+    figure.add_trace(
+        go.Scatter(
+            x=[p["macs_fraction"] for p in front], y=[p["psnr"] for p in front], mode="lines", name="Pareto front",
+            line=dict(color="#333", width=1, dash="dot"), hoverinfo="skip",
+        )
+    )
+    if result["chosen"] is not None:
+        best = points[result["chosen"]]
+        figure.add_trace(
+            go.Scatter(
+                x=[best["macs_fraction"]], y=[best["psnr"]], mode="markers", name="chosen",
+                marker=dict(size=16, color="rgba(0,0,0,0)", line=dict(color="#E45756", width=2.5)), hoverinfo="skip",
+            )
+        )
+    figure.add_vline(x=result["budget"], line=dict(color="#E45756", dash="dash", width=1.5))
+    figure.update_layout(
+        height=settings.SMALL_CHART_HEIGHT, font=FONT, plot_bgcolor="white", paper_bgcolor="white", dragmode=False,
+        margin=dict(l=58, r=16, t=30, b=48),
+        xaxis=dict(title=dict(text="MACs (fraction of dense)"), gridcolor="#eef1f4", fixedrange=True),
+        yaxis=dict(title=dict(text="PSNR to dense (dB)"), gridcolor="#eef1f4", fixedrange=True),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
+    )
+    return figure

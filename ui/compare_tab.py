@@ -373,10 +373,10 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (13), the Prune controls (3) and the Compare controls (8) → a queued job."""
+        """Compare: the Divide controls (13), the Prune controls (4) and the Compare controls (8) → a queued job."""
         n = PLAN_CONTROL_COUNT
         plan = PlanRequest.from_controls(*values[:n])
-        return self.submit(owner, self.resolve(plan, values[n : n + 3], values[n + 3 :], hidden_ignored=True))
+        return self.submit(owner, self.resolve(plan, values[n : n + 4], values[n + 4 :], hidden_ignored=True))  # 4 prune controls
 
     def select_model(self, model, folder):
         """A model was picked: the label box for a class model, the prompt boxes for a text model; its CFG."""
@@ -429,6 +429,7 @@ class CompareHandlers:
         prompts: Optional[Union[str, list[str]]] = None,
         negative_prompt: str = "",
         request: gr.Request = None,
+        allocation: Optional[str] = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
@@ -439,7 +440,7 @@ class CompareHandlers:
         """
         return self.start_edges_api(
             model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer,
-            labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request,
+            labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request, allocation,
         )
 
     def start_edges_api(
@@ -465,13 +466,14 @@ class CompareHandlers:
         prompts: Optional[Union[str, list[str]]] = None,
         negative_prompt: str = "",
         request: gr.Request = None,
+        allocation: Optional[str] = None,
     ) -> dict:
         """`compare_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
         training timesteps (None: from M). Poll `compare_status`.
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         job = self.resolve(
-            plan, (calibration, calibration_size, scorer),
+            plan, (calibration, calibration_size, scorer, allocation),
             (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt),
         )
         owner = owner_of(request)

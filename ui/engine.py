@@ -71,6 +71,8 @@ class StudioEngine:
         self.pruning = PruneService(self.cache_root, memory_size=settings.PRUNED_IN_MEMORY)
         self._cache_lock = threading.Lock()  # guards the trajectory cache (held briefly)
         self._compute_lock = threading.Lock()  # one model load / sampling run at a time
+        self._sensitivities: dict[str, Any] = {}  # checkpoint key -> SensitivityCurve (or None)
+        self._tune_memo: dict = {}  # the tuner's budget-independent dense images and points (one model's worth)
         self._loaded_key: Optional[tuple] = None
         self._loaded: Any = None
         self._trajectories: OrderedDict[tuple, Trajectory] = OrderedDict()
@@ -252,6 +254,41 @@ class StudioEngine:
         with self._compute_lock:
             loaded = self._load(spec)
             return run_to_end(self.pruning.prune_steps(loaded, plan, config, should_stop), on_event)
+
+    def sensitivity(self, pruned: PrunedModel, compute: bool = True):
+        """Measured sensitivity e(τ) of a pruned model (`prune.sensitivity.staged_sensitivity`),
+        remembered per checkpoint key; `compute=False` only looks it up (None when unknown)."""
+        from mosaic_core.prune.sensitivity import staged_sensitivity
+
+        with self._cache_lock:
+            if pruned.key in self._sensitivities:
+                return self._sensitivities[pruned.key]
+        if not compute:
+            return None
+        with self._compute_lock:
+            result = staged_sensitivity(self._load(pruned.spec), pruned.staged)
+        with self._cache_lock:
+            self._sensitivities[pruned.key] = result
+            while len(self._sensitivities) > 16:
+                self._sensitivities.pop(next(iter(self._sensitivities)))
+        return result
+
+    def tune(self, spec: ModelSpec, budget: float, plan: Plan, config, should_stop=None, on_progress=None):
+        """`conquer.tune.tune` on the loaded model at `plan`'s sampler, steps (the reference), M, λ and c_x;
+        the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing."""
+        from mosaic_core.conquer.tune import tune
+        from mosaic_core.prune.service import _JobAnalyses
+
+        grid = [n for n in settings.TUNE_STEPS_GRID if n <= plan.num_inference_steps] or [plan.num_inference_steps]
+        with self._compute_lock:
+            loaded = self._load(spec)
+            if any(key[0][:2] != (spec.name, loaded.weights_hash) for key in self._tune_memo):
+                self._tune_memo.clear()  # another model: its images are of no use
+            return tune(
+                loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
+                scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
+                on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
+            )
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
         """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""

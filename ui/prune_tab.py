@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
-from ui import settings
+from ui import charts, settings
 from mosaic_core.prune.service import PrunedModel
 from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.divide_tab import PLAN_CONTROL_COUNT
@@ -105,6 +106,9 @@ def prune_summary(pruned: PrunedModel) -> dict:
     }
 
 
+ALLOCATION_WORDS = {"per-stage": "paper", "per-block": "per-block", "measured": "measured"}
+
+
 def prune_result_html(pruned: PrunedModel) -> str:
     """Kept heads/units per stage, prune seconds by phase, measured c_x and the memory ledger."""
     plan, config, ledger = pruned.plan, pruned.config, pruned.ledger
@@ -131,12 +135,21 @@ def prune_result_html(pruned: PrunedModel) -> str:
             f' <span class="mosaic-muted">(the plan divides with c<sub>x</sub> = {plan.cx:g}: enter the measured value '
             "in section 2 to divide with it)</span>"
         )
+    rule_row = ""
+    if config.allocation == "measured":  # where the recorded errors disagree with the score's split
+        paper = " · ".join(f"{s.name} {a:.3f}" for s, a in zip(pruned.stages, plan.allocation.achieved))
+        measured = " · ".join(f"{s.name} {s.sparsity:.3f}" for s in pruned.stages)
+        rule_row = (
+            "<tr><th>stage sparsity by rule</th>"
+            f'<td>measured (built): <b data-field="measured-sparsity">{measured}</b><br>'
+            f'paper (importance score): <span data-field="paper-sparsity">{paper}</span></td></tr>'
+        )
     cx_text = f"{pruned.cx:.4f}" if math.isfinite(pruned.cx) else "— (no stage needed calibration)"
     seconds = _seconds_line(pruned.seconds) if pruned.seconds else "—"
     caption = (
         f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · overall sparsity "
         f"{plan.overall_sparsity:.3f} ({plan.mode}) · {calibration.mode} calibration, {calibration.size} images "
-        f"per stage ({calibration.source}) · {config.scorer}"
+        f"per stage ({calibration.source}) · {config.scorer} · {ALLOCATION_WORDS.get(config.allocation, config.allocation)} allocation"
     )
     return (
         f'<div class="mosaic-panel" id="mosaic-prune-result" data-key="{pruned.key}" data-source="{pruned.source}">'
@@ -145,7 +158,8 @@ def prune_result_html(pruned: PrunedModel) -> str:
         "<thead><tr><th>stage</th><th>steps</th><th>sparsity</th><th>heads kept</th><th>MLP units kept</th>"
         f"<th>network</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
         '<table class="mosaic-table mosaic-summary"><tbody>'
-        f'<tr><th>prune seconds by phase{" (when it was pruned)" if pruned.from_cache else ""}</th>'
+        + rule_row
+        + f'<tr><th>prune seconds by phase{" (when it was pruned)" if pruned.from_cache else ""}</th>'
         f'<td data-field="seconds">{html.escape(seconds)}</td></tr>'
         f'<tr><th>measured c<sub>x</sub> = E‖x₀‖²/d</th><td><b data-field="cx">{cx_text}</b>{cx_note}</td></tr>'
         "<tr><th>parameter memory</th>"
@@ -170,6 +184,7 @@ class PruneSection:
     calibration: gr.Radio
     size: gr.Slider
     scorer: gr.Radio
+    allocation: gr.Radio
     view: JobView
     result: gr.HTML
     cache_note: gr.Markdown
@@ -177,13 +192,15 @@ class PruneSection:
 
     @property
     def controls(self) -> list:
-        """calibration mode, calibration size, scorer: the arguments of `prune_request`."""
-        return [self.calibration, self.size, self.scorer]
+        """calibration mode, calibration size, scorer, allocation: the arguments of `prune_request`."""
+        return [self.calibration, self.size, self.scorer, self.allocation]
 
 
-def prune_request(plan: PlanRequest, calibration, size, scorer) -> PruneRequest:
+def prune_request(plan: PlanRequest, calibration, size, scorer, allocation=None) -> PruneRequest:
     """The studio's `PruneRequest`: the engine's checks with the studio's calibration-size range."""
-    return PruneRequest.from_values(plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE)
+    return PruneRequest.from_values(
+        plan, calibration, size, scorer, size_range=settings.CALIBRATION_SIZE_RANGE, allocation=allocation
+    )
 
 
 class PruneHandlers:
@@ -216,6 +233,8 @@ class PruneHandlers:
                 spec, plan, config, should_stop=context.should_stop,
                 on_event=lambda event: context.report(event.fraction, describe_prune_event(event)),
             )
+            context.report(0.99, "measuring the sensitivity e(τ)")
+            self.engine.sensitivity(pruned)
             context.report(1.0, "loaded from cache" if pruned.from_cache else f"pruned in {pruned.load_seconds:.1f} s")
             return self.outcome(pruned)
 
@@ -226,10 +245,19 @@ class PruneHandlers:
                 self._pending[key] = job_id
         return job_id
 
-    @staticmethod
-    def outcome(pruned: PrunedModel) -> dict:
-        """What a finished prune job keeps: the API summary and the result panel."""
-        return {"summary": prune_summary(pruned), "html": prune_result_html(pruned)}
+    def outcome(self, pruned: PrunedModel) -> dict:
+        """What a finished prune job keeps: the API summary, the result panel, the sensitivity chart."""
+        return {"summary": prune_summary(pruned), "html": prune_result_html(pruned), "sensitivity": self.sensitivity_plot(pruned)}
+
+    def sensitivity_plot(self, pruned: PrunedModel) -> str:
+        """The measured e(τ) over the importance score as plotly JSON (a note when not measured yet)."""
+        plan = pruned.plan
+        sensitivity = self.engine.sensitivity(pruned, compute=False)
+        if sensitivity is None:
+            figure = charts.message_figure("The sensitivity e(τ) is measured when a prune job runs.", settings.SMALL_CHART_HEIGHT)
+        else:
+            figure = charts.sensitivity_figure(sensitivity, self.engine.curve(pruned.spec, plan.lam, plan.cx), plan)
+        return charts.figure_json(figure)
 
     def pending_job(self, key: Optional[str]) -> Optional[str]:
         """The id of a queued or running prune job (of any session) for this checkpoint key, if any."""
@@ -244,8 +272,11 @@ class PruneHandlers:
         return self.submit(owner, prune_request(plan, *values[PLAN_CONTROL_COUNT:]))
 
     def render(self, status: JobStatus) -> tuple:
-        """A finished job: its result panel and the disk cache's size."""
-        return status.result["html"], cache_usage_text(self.engine.cache_root)
+        """A finished job: its result panel, the disk cache's size and the sensitivity chart."""
+        plot = status.result.get("sensitivity")
+        return status.result["html"], cache_usage_text(self.engine.cache_root), (
+            gr.skip() if plot is None else PlotData(type="plotly", plot=plot)
+        )
 
     # ----- API (plain arguments) -------------------------------------------------------------------
     def start_api(
@@ -262,6 +293,7 @@ class PruneHandlers:
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
         request: gr.Request = None,
+        allocation: Optional[str] = None,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
 
@@ -269,7 +301,8 @@ class PruneHandlers:
         come back at once, already `done`, with `result.source` = "memory" or "disk".
         """
         return self.start_edges_api(
-            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer, None, request
+            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer, None, request,
+            allocation,
         )
 
     def start_edges_api(
@@ -287,14 +320,62 @@ class PruneHandlers:
         scorer: str = settings.SCORER_DEFAULT,
         edges: Optional[list[int]] = None,
         request: gr.Request = None,
+        allocation: Optional[str] = None,
     ) -> dict:
         """`prune_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
         training timesteps (None: from M). Poll `prune_status` with the returned `job_id`.
         """
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         owner = owner_of(request)
-        job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer))
+        job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer, allocation))
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
+
+
+class TuneHandlers:
+    """The "best at this budget" control: a tuner job, its front, and the chosen point into the controls."""
+
+    def __init__(self, engine: StudioEngine, view: JobView) -> None:
+        self.engine = engine
+        self.view = view
+
+    def start(self, owner, *values):
+        """Divide controls, calibration controls (no allocation: the tuner tries both), budget → a queued job."""
+        from mosaic_core.conquer.tune import check_budget
+
+        n = PLAN_CONTROL_COUNT
+        plan_request = PlanRequest.from_controls(*values[:n])
+        budget = check_budget(float(values[-1]))
+        request = prune_request(plan_request, *values[n : n + 3], "paper")
+        spec = self.engine.resolve(plan_request.model)
+        self.engine.require_weights(spec)
+        plan, config = request.build(spec)
+
+        def work(context):
+            messages = iter(range(1, 10**6))
+            result = self.engine.tune(
+                spec, budget, plan, config, should_stop=context.should_stop,
+                on_progress=lambda message: context.report(min(0.95, 0.05 * next(messages)), message),
+            )
+            return result.to_dict()
+
+        return self.engine.jobs.submit(work, label="tune", owner=owner)
+
+    @staticmethod
+    def render(status: JobStatus) -> tuple:
+        """The front chart, a one-line note, and the chosen steps / stage sparsities / allocation."""
+        result = status.result
+        figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
+        if result["chosen"] is None:
+            note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
+            return (figure, note, *(gr.skip() for _ in range(6)))
+        best = result["points"][result["chosen"]]
+        note = (
+            f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
+            f"PSNR {best['psnr']:.2f} dB to dense (tuned in {result['seconds']:.1f} s)."
+        )
+        allocation = "measured" if best["allocation"] == "measured" else "paper"
+        sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
+        return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation))
 
 
 def summary_of(outcome: dict) -> dict:
@@ -321,6 +402,12 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 list(settings.SCORERS), value=settings.SCORER_DEFAULT, label="Scorer",
                 info="obs: Hessian-based, re-solves the kept weights · magnitude: ablation", elem_id="mosaic-scorer",
             )
+            allocation = gr.Radio(
+                list(settings.ALLOCATIONS), value=settings.ALLOCATION_DEFAULT, label="Allocation",
+                info="measured: the plan's MACs go where the recorded OBS errors (× steps) are smallest · "
+                "paper: each stage's sparsity from the importance score, every block alike · per-block: the paper's "
+                "stage sparsities, spread over blocks by error", elem_id="mosaic-allocation",
+            )
             view.layout("Start pruning")
             cache_note = gr.Markdown(elem_id="mosaic-cache-usage")
         with gr.Column(scale=3, min_width=420):
@@ -329,8 +416,35 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 "cost in seconds and memory will show here.</div>",
                 elem_id="mosaic-prune-result-box",
             )
-    section = PruneSection(calibration, size, scorer, view, result, cache_note, handlers)
-    view.wire(handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note])
+            sensitivity = gr.Plot(
+                label="Measured sensitivity e(τ) of the pruned model over the importance score", elem_id="mosaic-sensitivity",
+            )
+    with gr.Accordion("Best at this budget (tuner: steps × allocation)", open=False):
+        gr.Markdown(
+            "Spend a fraction of the dense MACs at the plan's steps as well as possible: every step count meets it "
+            "dense (fewer steps) or pruned (paper or measured allocation), each scored by PSNR to dense on 4 seeded "
+            "images. The chosen point fills the steps and the stage sparsities above."
+        )
+        with gr.Row():
+            with gr.Column(scale=2, min_width=340):
+                budget = gr.Slider(
+                    *settings.TUNE_BUDGET_RANGE, value=settings.TUNE_BUDGET_DEFAULT, step=0.05,
+                    label="MAC budget (fraction of dense)", elem_id="mosaic-tune-budget",
+                )
+                tune_view = JobView(engine, "tune", "No tuning yet.", done_title="Tuning", nothing_running="No tuning job is running.")
+                tune_view.layout("Best at this budget", start_variant="secondary")
+                tune_note = gr.Markdown(elem_id="mosaic-tune-note")
+            with gr.Column(scale=3, min_width=420):
+                front_plot = gr.Plot(label="Tuner: PSNR to dense over MACs", elem_id="mosaic-tune-front")
+    section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers)
+    tune_handlers = TuneHandlers(engine, tune_view)
+    tune_view.wire(
+        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
+        render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation],
+    )
+    view.wire(
+        handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note, sensitivity]
+    )
     view.register_api(user_errors(handlers.start_api), summary_of)
     gr.api(user_errors(handlers.start_edges_api), api_name="prune_start_edges")
     divide.demo.load(

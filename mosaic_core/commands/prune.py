@@ -12,7 +12,7 @@ from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
 from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
-from mosaic_core.prune.stage_pruning import ALLOCATIONS, DEFAULT_DAMPING, SCORERS
+from mosaic_core.prune.stage_pruning import ALLOCATION_ALIASES, ALLOCATIONS, DEFAULT_DAMPING, SCORERS
 
 
 def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +30,10 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scorer", default="obs", choices=SCORERS, help="structured OBS or magnitude (ablation)")
     parser.add_argument(
-        "--allocation", default="per-stage", choices=ALLOCATIONS,
-        help="per-stage: the plan's counts in every block; per-block: spread each stage's MACs by OBS error",
+        "--allocation", default=None, choices=(*ALLOCATIONS, *ALLOCATION_ALIASES),
+        help="measured (default with --scorer obs): spread the plan's MACs over stages x blocks x heads/units by the "
+        "recorded OBS errors, weighted by each stage's steps; per-stage (alias paper): the plan's counts in every "
+        "block (default with --scorer magnitude); per-block: spread each stage's MACs over its blocks by OBS error",
     )
     parser.add_argument("--damping", type=float_in("--damping", 0.0, 1.0), default=DEFAULT_DAMPING, help="OBS damping, fraction of mean diag H")
     parser.add_argument("--seed", type=int_in("--seed", 0, limits.MAX_SEED), default=0, help="calibration seed")
@@ -57,8 +59,9 @@ def prune_config_from_args(args: argparse.Namespace, spec):
     budget = getattr(args, "hessian_budget", None)
     if budget is not None and not budget > 0:
         raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
+    allocation = getattr(args, "allocation", None) or ("measured" if args.scorer == "obs" else "per-stage")
     return PruneConfig(
-        calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=args.allocation,
+        calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=ALLOCATION_ALIASES.get(allocation, allocation),
         hessian_budget=None if budget is None else int(budget * 2**20),
     )
 
@@ -114,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     save_pruned(result, loaded, args.out, extra=extra)
     ledger = memory_ledger(loaded.transformer, result.staged)
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    print(f"allocation: {config.allocation}")
+    if result.measured is not None:
+        print(format_measured(result.measured))
     print(f"measured c_x = {result.cx:.4f}; {seconds}")
     if result.hessian_peak_bytes:
         budget = "every layer at once" if config.hessian_budget is None else f"budget {config.hessian_budget / 2**20:.1f} MiB"
@@ -124,3 +130,22 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out}")
     return 0
+
+
+def format_measured(measured) -> str:
+    """Per-stage sparsity and step-weighted recorded OBS error under the paper's rule and the measured one."""
+    from mosaic_core.divide.stages import STAGE_NAMES
+
+    lines = ["stage    paper sparsity  measured sparsity   paper error  measured error"]
+    for index, name in enumerate(STAGE_NAMES):
+        paper, chosen = measured.paper_sparsity[index], measured.sparsity[index]
+        mark = "  <- measured prunes more" if chosen > paper + 0.005 else "  <- measured prunes less" if chosen < paper - 0.005 else ""
+        lines.append(
+            f"{name:<7} {paper:>15.3f} {chosen:>18.3f} {measured.paper_stage_errors[index]:>13.4g} {measured.stage_errors[index]:>15.4g}{mark}"
+        )
+    change = (measured.error / measured.paper_error - 1) * 100 if measured.paper_error > 0 else 0.0
+    lines.append(
+        f"summed recorded error (step-weighted): paper {measured.paper_error:.4g}, measured {measured.error:.4g} ({change:+.1f} %); "
+        f"MACs removed {measured.macs_removed:.4g} of budget {measured.budget:.4g} (per token)"
+    )
+    return "\n".join(lines)

@@ -106,6 +106,7 @@ def manifest_for(result, loaded, extra: dict[str, Any] | None = None) -> tuple[d
         "networks": networks,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "versions": _versions(),
+        **({"measured_allocation": result.measured.to_dict()} if getattr(result, "measured", None) is not None else {}),
         **(extra or {}),
     }
     return manifest, tensors
@@ -194,7 +195,8 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
         plan = Plan.from_dict(manifest["plan"])
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise _damaged(where, f"its plan is not valid ({type(error).__name__})") from None
-    per_stage = manifest["prune"].get("allocation", "per-stage") == "per-stage"
+    allocation = manifest["prune"].get("allocation", "per-stage")
+    per_stage = allocation == "per-stage"
     for index, (name, stage) in enumerate(zip(STAGE_NAMES, stages)):
         if not isinstance(stage, dict) or stage.get("name") != name:
             raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
@@ -208,7 +210,7 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
         heads, units = plan.allocation.heads_kept[index], plan.allocation.units_kept[index]
         removes = plan.step_counts[index] > 0 and (heads < plan.shape.num_heads or units < plan.shape.mlp_hidden)
         if network is None:
-            if removes:
+            if removes and allocation != "measured":  # the measured rule may leave a stage dense
                 raise _damaged(where, f"stage '{name}' uses the dense network, its plan prunes it")
         elif per_stage and plan.layer_keep_counts(index) is None:
             # homogeneous plans (DiT): every block keeps the plan's counts. Blockwise plans (a UNet's

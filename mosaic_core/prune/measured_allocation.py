@@ -93,12 +93,15 @@ def allocate_measured(
     steps_per_stage: Sequence[int],
     budget_macs: float,
     iterations: int = 100,
+    exact: bool = False,
 ) -> MeasuredAllocation:
     """Minimise the step-weighted recorded error subject to removing ≥ `budget_macs` MACs.
 
     `steps_per_stage[s]` is n_s; `budget_macs` is B over the whole trajectory (one image,
     no CFG doubling: the same convention as `cost.sampling_macs`). Raises ValueError when
-    even removing everything allowed does not reach the budget.
+    even removing everything allowed does not reach the budget. `exact`: fill the budget
+    one group at a time from the price just below μ (see `_fill`), so the MACs removed
+    exceed B by less than one group (docs/method.md §3.11).
     """
     steps = np.asarray(steps_per_stage, dtype=np.float64)
     if steps.ndim != 1 or np.any(steps < 0):
@@ -115,10 +118,11 @@ def allocate_measured(
             "to its last group removes: lower the sparsity"
         )
 
-    def choose(price: float) -> np.ndarray:
-        # per curve: the hull point minimising E(k) − price·c·k (ties: the larger k)
+    def choose(price: float, more: bool = True) -> np.ndarray:
+        # per curve: the hull point minimising E(k) − price·c·k (ties: the larger k, or the smaller)
+        pick = _argmin_last if more else (lambda values: int(np.argmin(values)))
         return np.asarray(
-            [int(points[_argmin_last(values - price * c.cost * points)]) for (points, values), c in zip(hulls, usable)],
+            [int(points[pick(values - price * c.cost * points)]) for (points, values), c in zip(hulls, usable)],
             dtype=np.int64,
         )
 
@@ -142,6 +146,8 @@ def allocate_measured(
                 low = middle
         price = high
         choice = choose(price)
+        if exact:
+            choice = _fill(choose(low, more=False), choice, usable, weights, budget_macs)
     removals = {(c.stage, c.layer): 0 for c in curves}
     error = 0.0
     for k, c in zip(choice, usable):
@@ -154,3 +160,151 @@ def _argmin_last(values: np.ndarray) -> int:
     """Index of the minimum, the last one on ties (prefer removing more at equal cost)."""
     reversed_index = int(np.argmin(values[::-1]))
     return values.size - 1 - reversed_index
+
+
+def _fill(below: np.ndarray, above: np.ndarray, curves, weights: np.ndarray, budget: float) -> np.ndarray:
+    """From the allocation just under the budget, add single groups until it is met.
+
+    Between the prices `low` and `high` of the bisection only the marginal curves change
+    (their hull segment of slope ≈ μ); this walks those segments one group at a time, the
+    next group always the one with the smallest recorded ε per MAC, and stops as soon as
+    the budget is reached, so the overshoot is less than one group's MACs. The result is
+    the Lagrangian optimum up to the non-convexity of one hull segment.
+    """
+    choice = below.copy()
+    done = float(np.dot(weights, choice))
+    if done >= budget:
+        return choice
+    open_curves = [i for i in range(len(curves)) if above[i] > below[i]]
+    while done < budget and open_curves:
+        best = min(open_curves, key=lambda i: max(curves[i].errors[choice[i]], 0.0) / curves[i].cost)
+        choice[best] += 1
+        done += weights[best]
+        if choice[best] >= above[best]:
+            open_curves.remove(best)
+    return choice
+
+
+@dataclass(frozen=True)
+class StageLayer:
+    """One prunable layer as the stage allocator sees it: name, groups, MACs of one group."""
+
+    name: str
+    num_groups: int
+    cost: float  # MACs of one group per model call (any unit common to all layers)
+
+
+@dataclass(frozen=True)
+class MeasuredStages:
+    """The measured allocation of a plan beside the paper's: removals, sparsities, errors.
+
+    Errors are Σ_s n_s Σ_l E_{s,l}(k) in the units of the recorded ε; sparsity of a stage
+    is its removed share of the prunable MACs Σ_l c_l k_l / Σ_l c_l G_l.
+    """
+
+    removals: tuple[Mapping[str, int], ...]  # per stage: layer name → groups removed
+    paper_removals: tuple[Mapping[str, int], ...]
+    sparsity: tuple[float, ...]
+    paper_sparsity: tuple[float, ...]
+    stage_errors: tuple[float, ...]  # n_s Σ_l E_{s,l}(k_{s,l})
+    paper_stage_errors: tuple[float, ...]
+    macs_removed: float
+    budget: float
+    price: float
+
+    @property
+    def error(self) -> float:
+        """The measured allocation's objective: the step-weighted summed recorded error."""
+        return float(sum(self.stage_errors))
+
+    @property
+    def paper_error(self) -> float:
+        """The same objective for the paper's per-stage counts."""
+        return float(sum(self.paper_stage_errors))
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (no per-layer removals: the checkpoint's networks hold those)."""
+        return {
+            "rule": "measured",
+            "sparsity": [round(float(s), 6) for s in self.sparsity],
+            "paper_sparsity": [round(float(s), 6) for s in self.paper_sparsity],
+            "stage_errors": [float(e) for e in self.stage_errors],
+            "paper_stage_errors": [float(e) for e in self.paper_stage_errors],
+            "error": self.error,
+            "paper_error": self.paper_error,
+            "macs_removed": float(self.macs_removed),
+            "budget": float(self.budget),
+            "price": float(self.price),
+        }
+
+
+def _prefix_error(errors: np.ndarray, k: int) -> float:
+    return float(np.maximum(np.asarray(errors, dtype=np.float64)[:k], 0.0).sum())
+
+
+def allocate_stages(
+    layers: Sequence[StageLayer],
+    errors_by_stage: Sequence[Mapping[str, Sequence[float]] | None],
+    step_counts: Sequence[int],
+    paper_removals: Sequence[Mapping[str, int]],
+) -> MeasuredStages:
+    """Spread the paper plan's removed MACs over stages × layers by recorded error (ours).
+
+    The budget B is what the paper's counts remove, Σ_s n_s Σ_l c_l k^paper_{s,l}; the
+    measured rule removes B (within one group) at the least Σ_s n_s Σ_l E_{s,l}(k), via
+    `allocate_measured(exact=True)`. `errors_by_stage[s]` maps layer names to ε_1…ε_K of
+    stage s (None: a stage without an analysis, never pruned). docs/method.md §3.11.
+    """
+    if not (len(errors_by_stage) == len(step_counts) == len(paper_removals)):
+        raise ValueError(
+            f"errors_by_stage, step_counts and paper_removals need one entry per stage, got "
+            f"{len(errors_by_stage)}, {len(step_counts)}, {len(paper_removals)}"
+        )
+    steps = [int(n) for n in step_counts]
+    curves = []
+    for stage, errors in enumerate(errors_by_stage):
+        if errors is None or steps[stage] == 0:
+            continue
+        for layer in layers:
+            recorded = np.asarray(errors[layer.name], dtype=np.float64)
+            curves.append(LayerCurve(stage, layer.name, recorded, float(layer.cost), min(layer.num_groups - 1, recorded.size)))
+    budget = float(sum(steps[s] * layer.cost * int(paper_removals[s].get(layer.name, 0)) for s in range(len(steps)) for layer in layers))
+    allocation = allocate_measured(curves, steps, budget, exact=True)
+    dense = float(sum(layer.cost * layer.num_groups for layer in layers))
+    removals, sparsity, stage_errors, paper_sparsity, paper_errors = [], [], [], [], []
+    for stage, errors in enumerate(errors_by_stage):
+        chosen = {layer.name: int(allocation.removals.get((stage, layer.name), 0)) for layer in layers}
+        paper = {layer.name: int(paper_removals[stage].get(layer.name, 0)) for layer in layers}
+        removals.append(chosen)
+        sparsity.append(sum(layer.cost * chosen[layer.name] for layer in layers) / dense)
+        paper_sparsity.append(sum(layer.cost * paper[layer.name] for layer in layers) / dense if steps[stage] else 0.0)
+        if errors is None:
+            stage_errors.append(0.0)
+            paper_errors.append(0.0)
+            continue
+        stage_errors.append(steps[stage] * sum(_prefix_error(errors[layer.name], chosen[layer.name]) for layer in layers))
+        paper_errors.append(steps[stage] * sum(_prefix_error(errors[layer.name], paper[layer.name]) for layer in layers))
+    return MeasuredStages(
+        tuple(removals), tuple({layer.name: int(paper_removals[s].get(layer.name, 0)) for layer in layers} for s in range(len(steps))),
+        tuple(sparsity), tuple(paper_sparsity), tuple(stage_errors), tuple(paper_errors),
+        allocation.macs_removed, budget, allocation.price,
+    )
+
+
+def merge_stage_allocations(parts: Sequence[MeasuredStages], stages: Sequence[int], num_stages: int = 3) -> MeasuredStages:
+    """One `MeasuredStages` from allocations made stage by stage (`parts[j]` allocated stage `stages[j]` alone)."""
+    empty = {}
+    removals, paper, sparsity, paper_sparsity, errors, paper_errors = [], [], [], [], [], []
+    for index in range(num_stages):
+        part = next((p for p, s in zip(parts, stages) if s == index), None)
+        removals.append(part.removals[index] if part else empty)
+        paper.append(part.paper_removals[index] if part else empty)
+        sparsity.append(part.sparsity[index] if part else 0.0)
+        paper_sparsity.append(part.paper_sparsity[index] if part else 0.0)
+        errors.append(part.stage_errors[index] if part else 0.0)
+        paper_errors.append(part.paper_stage_errors[index] if part else 0.0)
+    return MeasuredStages(
+        tuple(removals), tuple(paper), tuple(sparsity), tuple(paper_sparsity), tuple(errors), tuple(paper_errors),
+        float(sum(p.macs_removed for p in parts)), float(sum(p.budget for p in parts)),
+        max((p.price for p in parts), default=0.0),
+    )

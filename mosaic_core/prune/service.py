@@ -248,11 +248,22 @@ class PruneService:
         return pruned
 
 
-def stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
+def stage_kept(plan: Plan, staged, dense, config=None) -> tuple[StageKept, ...]:
     """Heads and feed-forward units of each stage network, read from its layers: per block
-    when every block is alike (a DiT), else totals over the network (a UNet)."""
+    when every block is alike (a DiT), else totals over the network (a UNet). Under the
+    measured allocation (`config.allocation`) a stage's sparsity is read from the network
+    too (its removed share of the prunable MACs), since the plan holds the paper's."""
     from mosaic_core.divide.shapes import MLP_KINDS
     from mosaic_core.prune.hessian import prunable_layers
+    from mosaic_core.prune.stage_pruning import layer_costs
+
+    measured = getattr(config, "allocation", None) == "measured"
+    costs = layer_costs(dense, plan) if measured else {}
+
+    def removed_share(network) -> float:
+        kept = {layer.name: layer.num_groups for layer in prunable_layers(network)}
+        total = sum(costs[layer.name] * layer.num_groups for layer in prunable_layers(dense))
+        return 1.0 - sum(costs[name] * kept[name] for name in kept) / total
 
     def per_block(network) -> dict[int, tuple[int, int]]:
         sizes: dict[int, tuple[int, int]] = {}
@@ -271,7 +282,10 @@ def stage_kept(plan: Plan, staged, dense) -> tuple[StageKept, ...]:
         heads, units = figures[index + 1]
         shared = "dense" if network is dense else next((STAGE_NAMES[j] for j in range(index) if networks[j] is network), None)
         rows.append(
-            StageKept(name, plan.step_counts[index], plan.allocation.achieved[index], heads, total_heads, units, total_units, shared)
+            StageKept(
+                name, plan.step_counts[index], removed_share(network) if measured else plan.allocation.achieved[index],
+                heads, total_heads, units, total_units, shared,
+            )
         )
     return tuple(rows)
 
@@ -292,5 +306,5 @@ def describe_pruned(loaded, folder, plan, config, staged, source, seconds, cx, l
         load_seconds=load_seconds,
         cx=cx,
         ledger=memory_ledger(loaded.transformer, staged),
-        stages=stage_kept(plan, staged, loaded.transformer),
+        stages=stage_kept(plan, staged, loaded.transformer, config),
     )

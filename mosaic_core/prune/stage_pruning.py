@@ -50,7 +50,8 @@ from mosaic_core.prune.surgery import BlockKeep, sliced_model
 from mosaic_core.models.adapters.base import KEEP_FIELDS
 
 SCORERS = ("obs", "magnitude")
-ALLOCATIONS = ("per-stage", "per-block")
+ALLOCATIONS = ("per-stage", "per-block", "measured")
+ALLOCATION_ALIASES = {"paper": "per-stage"}  # the CLI's and studio's word for the paper's per-stage rule
 DEFAULT_DAMPING = 0.01
 
 
@@ -61,7 +62,9 @@ class PruneConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     scorer: str = "obs"
     damping: float = DEFAULT_DAMPING
-    allocation: str = "per-stage"  # per-block: spread each stage's budget over blocks by OBS error
+    # per-block: spread each stage's budget over blocks by OBS error; measured: spread the whole
+    # plan's budget over stages × layers by recorded OBS error (measured_allocation.allocate_stages)
+    allocation: str = "per-stage"
     hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
 
     def __post_init__(self) -> None:
@@ -69,8 +72,8 @@ class PruneConfig:
             raise ValueError(f"unknown scorer {limits.shown(self.scorer)}: choose one of {', '.join(SCORERS)}")
         if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {limits.shown(self.allocation)}: choose one of {', '.join(ALLOCATIONS)}")
-        if self.allocation == "per-block" and self.scorer != "obs":
-            raise ValueError("per-block allocation needs the OBS scorer (magnitudes are not comparable errors)")
+        if self.allocation in ("per-block", "measured") and self.scorer != "obs":
+            raise ValueError(f"{self.allocation} allocation needs the OBS scorer (magnitudes are not comparable errors)")
         damping = self.damping
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
             raise ValueError(f"damping must be a number in (0, 1], got {limits.shown(damping)}")
@@ -126,6 +129,8 @@ class PruneResult:
     # processes that shared the calibration and the clean images each one ran through the model
     processes: int = 1
     calibration_images: list[int] = field(default_factory=list)
+    # measured allocation: its per-stage sparsities and recorded errors beside the paper's (else None)
+    measured: object | None = None  # measured_allocation.MeasuredStages
 
 
 def _noising(scheduler_config):
@@ -430,11 +435,13 @@ def prune_steps(
     timings = {"calibrate": 0.0, "hessian": 0.0, "solve": 0.0, "build": 0.0}
     t_ranges = stage_t_ranges(plan, config)
     # Stages that need a network: steps > 0 and something removed.
-    needed = [
+    needed = paper_needed = [
         i for i in range(3)
         if plan.step_counts[i] > 0
         and (plan.allocation.heads_kept[i] < plan.shape.num_heads or plan.allocation.units_kept[i] < plan.shape.mlp_hidden)
     ]
+    if config.allocation == "measured" and paper_needed and plan.mode == "auto":  # every stage with steps may take a share
+        needed = [i for i in range(3) if plan.step_counts[i] > 0]
     keys = {i: analysis_key(loaded.weights_hash, t_ranges[i], config) for i in needed}
     missing = sorted({keys[i] for i in needed if keys[i] not in analyses}, key=lambda k: min(i for i in needed if keys[i] == k))
     share = 0.95 / max(1, len(missing))  # progress budget per analysis; 5 % for building
@@ -463,12 +470,21 @@ def prune_steps(
     yield PruneEvent("build", "", 0.95, message="building stage networks")
     start = time.perf_counter()
     stage_networks: list[tuple[list[BlockKeep], dict[str, torch.Tensor]] | None] = [None, None, None]
+    measured = None
+    if config.allocation == "measured" and needed:
+        measured = measured_stages(loaded.transformer, plan, {i: analyses[keys[i]] for i in needed}, paper_needed)
     for i in needed:
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
         analysis = analyses[keys[i]]
         layer_keeps = plan.layer_keep_counts(i)
-        if config.allocation == "per-block":
+        if measured is not None:
+            removals = measured.removals[i]
+            if not any(removals.values()):
+                continue  # the measured rule leaves this stage dense: the base network, bit for bit
+            counts = {layer.name: layer.num_groups - removals[layer.name] for layer in prunable_layers(loaded.transformer)}
+            keeps = stage_keeps(loaded.transformer, analysis, 0, 0, counts)
+        elif config.allocation == "per-block":
             costs = None if layer_keeps is None else {layer.name: layer.macs_per_group for layer in plan.shape.layers}
             keeps = stage_keeps_per_block(
                 loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps, costs
@@ -484,8 +500,56 @@ def prune_steps(
     peak = max((analysis.hessian_peak_bytes for analysis in used.values()), default=0)
     return PruneResult(
         plan, config, staged, stage_networks, used, cx, timings, peak,
-        processes=processes.count, calibration_images=seen,
+        processes=processes.count, calibration_images=seen, measured=measured,
     )
+
+
+def layer_costs(model: torch.nn.Module, plan: Plan) -> dict[str, float]:
+    """MACs of one group of each prunable layer per token (blockwise plans: the shape's own figure)."""
+    layers = prunable_layers(model)
+    if plan.allocation.layer_keeps is not None:
+        return {layer.name: float(layer.macs_per_group) for layer in plan.shape.layers}
+    width = next(layer.num_groups * layer.group_size for layer in layers if layer.kind != "mlp")  # D = H·hd
+    return {layer.name: float(group_macs_per_token("mlp" if layer.kind == "mlp" else "attn", width, layer.group_size)) for layer in layers}
+
+
+def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, StageAnalysis], paper_stages=None):
+    """The measured allocation of `plan` from the recorded OBS errors of each stage's analysis.
+
+    `analyses[s]` is stage s's analysis (stages without one are not pruned); `paper_stages`
+    the stages the paper's counts prune (default: those with steps and a sparsity > 0).
+    Returns `measured_allocation.MeasuredStages`; it takes milliseconds (no Hessian work).
+    """
+    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages, merge_stage_allocations
+
+    layers = prunable_layers(model)
+    costs = layer_costs(model, plan)
+    if paper_stages is None:
+        paper_stages = [i for i in range(3) if plan.step_counts[i] > 0 and plan.allocation.achieved[i] > 0]
+    paper = []
+    for i in range(3):
+        if i not in paper_stages:
+            paper.append({})
+            continue
+        keeps = plan.layer_keep_counts(i)
+        heads, units = plan.allocation.heads_kept[i], plan.allocation.units_kept[i]
+        paper.append({layer.name: layer.num_groups - _kept_count(layer, heads, units, keeps) for layer in layers})
+    errors = [
+        {name: trace.errors for name, trace in analyses[i].traces.items()} if i in analyses else None for i in range(3)
+    ]
+    stage_layers = [StageLayer(layer.name, layer.num_groups, costs[layer.name]) for layer in layers]
+    if plan.mode == "auto":  # the score chose the stage sparsities: the measured errors may move them
+        return allocate_stages(stage_layers, errors, plan.step_counts, paper)
+    # sparsities set per stage (manual, uniform, one stage only): each stage keeps its own budget
+    # and only its layers and heads vs units are chosen by error
+    parts = [
+        allocate_stages(
+            stage_layers, [errors[s] if i == s else None for i in range(3)], plan.step_counts,
+            [paper[s] if i == s else {} for i in range(3)],
+        )
+        for s in paper_stages
+    ]
+    return merge_stage_allocations(parts, paper_stages)
 
 
 def _images_per_process(clean: CleanSet, config: PruneConfig, processes: Processes) -> list[int]:

@@ -1,0 +1,107 @@
+"""Budget tuner: the Pareto filter against exhaustive domination, and `tune` end to end on a tiny DiT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mosaic_core.conquer.tune import check_budget, pareto_front
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=12))
+def test_pareto_front_is_exactly_the_undominated_points(pairs):
+    macs, quality = [float(a) for a, _ in pairs], [float(b) for _, b in pairs]
+
+    def dominated(i):
+        return any(
+            macs[j] <= macs[i] and quality[j] >= quality[i] and (macs[j] < macs[i] or quality[j] > quality[i])
+            for j in range(len(pairs))
+        )
+
+    front = pareto_front(macs, quality)
+    undominated = [i for i in range(len(pairs)) if not dominated(i)]
+    # every front point is undominated, and every undominated (macs, quality) value is on the front once
+    assert all(not dominated(i) for i in front)
+    assert {(macs[i], quality[i]) for i in front} == {(macs[i], quality[i]) for i in undominated}
+    assert [macs[i] for i in front] == sorted(macs[i] for i in front)
+
+
+def test_budget_is_checked():
+    with pytest.raises(ValueError, match=r"budget must be a fraction of the dense MACs in \(0, 1\]"):
+        check_budget(0.0)
+    with pytest.raises(ValueError, match="budget must be"):
+        check_budget(1.5)
+
+
+@pytest.mark.slow
+def test_tune_cli_end_to_end(tiny_pixel_folder, tmp_path, capsys):
+    from mosaic_core.cli import main
+
+    out = tmp_path / "tune.json"
+    code = main([
+        "tune", "--model", str(tiny_pixel_folder), "--steps", "10", "--steps-grid", "4,6,8,10", "--budget", "0.5",
+        "--calib-size", "8", "--calib-batch-size", "8", "--images", "2", "--device", "cpu", "--json", "--out", str(out),
+    ])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed["points"] == written["points"]
+    points = written["points"]
+    kinds = {(p["steps"], p["allocation"]) for p in points}
+    # 4 steps fit dense (0.4 of the MACs); 6, 8 and 10 need pruning, with either allocation
+    assert {(4, "dense"), (6, "paper"), (6, "measured"), (10, "measured")} <= kinds
+    assert (4, "paper") not in kinds
+    chosen = points[written["chosen"]]
+    assert chosen["macs_fraction"] <= 0.5
+    assert chosen["psnr"] == max(p["psnr"] for p in points if p["macs_fraction"] <= 0.5)
+    front = [points[i] for i in written["front"]]
+    for p in front:  # no point of the front is dominated by any candidate
+        assert not any(
+            q["macs"] <= p["macs"] and q["psnr"] >= p["psnr"] and (q["macs"] < p["macs"] or q["psnr"] > p["psnr"]) for q in points
+        )
+    for p in points:  # the pruned points meet the budget (the plan is raised to fit, the measured rule keeps its MACs)
+        if p["allocation"] != "dense":
+            assert p["macs_fraction"] <= 0.5 + 1e-9
+    dense_10 = next(p for p in points if p["steps"] == 10 and p["allocation"] == "dense")
+    assert dense_10["psnr"] == 100.0  # the reference itself (capped)
+
+
+def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
+    from ui.jobs import DONE, JobStatus
+    from ui.prune_tab import TuneHandlers
+
+    point = dict(steps=20, allocation="measured", sparsity=0.5, macs=1.0, macs_fraction=0.49, recorded_error=1.0,
+                 psnr=30.0, seconds=0.1, stage_sparsity=[0.55, 0.2, 0.95])
+    dense = dict(point, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0, stage_sparsity=[0, 0, 0])
+    result = dict(budget=0.5, reference_steps=50, images=4, points=[dense, point], front=[0, 1], chosen=1, seconds=1.0)
+    figure, note, steps, per_stage, early, middle, late, allocation = TuneHandlers.render(JobStatus("tune-1", "tune", DONE, result=result))
+    assert steps["value"] == 20 and per_stage["value"] is True and allocation["value"] == "measured"
+    assert (early["value"], middle["value"], late["value"]) == (0.55, 0.2, 0.9)  # a slider holds at most 0.9
+    assert "20 steps, measured" in note
+    traces = {trace["name"]: trace for trace in json.loads(figure.plot)["data"]}
+    assert traces["Pareto front"]["x"] == [0.2, 0.49] and traces["chosen"]["y"] == [30.0]
+
+
+@pytest.mark.slow
+def test_retuning_at_another_budget_reuses_the_analyses_and_the_dense_runs(tiny_pixel_folder):
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses, memo, messages = {}, {}, []
+    kwargs = dict(reference_steps=8, steps_grid=(4, 8), images=2, analyses=analyses, memo=memo)
+    first = tune(loaded, 0.7, config, **kwargs)
+    keys = set(analyses)
+    second = tune(loaded, 0.6, config, on_progress=messages.append, **kwargs)
+    assert set(analyses) == keys  # no new Hessians
+    assert not any(m.startswith("dense") for m in messages)  # the reference and fewer-steps runs are remembered
+    assert [p for p in second.points if p.allocation == "dense"] == [p for p in first.points if p.allocation == "dense"]
+    chosen = second.points[second.chosen]
+    assert chosen.macs_fraction <= 0.6
