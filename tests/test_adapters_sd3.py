@@ -235,3 +235,26 @@ def test_sd3_medium_plans_from_its_shipped_config():
     assert spec.shape.num_heads == 24 * 24 and spec.shape.mlp_hidden == (24 + 23) * 4 * D
     # float64 Hessians: a joint layer is 2·D wide (image + context columns), the last one D
     assert spec.shape.hessian_bytes() == 8 * (23 * (2 * D) ** 2 + D**2 + 24 * (4 * D) ** 2 + 23 * (4 * D) ** 2)
+
+
+def test_images_decode_with_the_vaes_shift_as_the_pipeline_does(parts):
+    """SD3's VAE has a shift_factor (the tiny one: 0.1): a latent decodes as z / scaling + shift.
+    With the transformer's output projection zeroed, the velocity is 0, so the real pipeline
+    decodes exactly the latents it was given; ours must give the same image."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from mosaic_core.conquer.sampling import decode_images
+
+    assert parts["vae"].config.shift_factor == 0.1
+    transformer = copy.deepcopy(parts["transformer"])
+    with torch.no_grad():
+        transformer.proj_out.weight.zero_()
+        transformer.proj_out.bias.zero_()
+    pipe = StableDiffusion3Pipeline(**{**parts, "transformer": transformer})
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    image = pipe("a red fox", num_inference_steps=2, latents=latents.clone(), output_type="np", guidance_scale=1.0).images
+    expected = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)  # the pipeline's [0, 1] floats
+    ours = decode_images(latents, parts["vae"])
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1  # rounding of [-1, 1] vs [0, 1]
+    shifted_wrong = decode_images(latents - 0.1 * parts["vae"].config.scaling_factor, parts["vae"])
+    assert np.abs(shifted_wrong.astype(int) - ours.astype(int)).max() > 1  # the shift is visible at this size

@@ -174,11 +174,17 @@ def _flow_pred_original(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.
     return x_t.float() - sigma.to(device=x_t.device, dtype=torch.float32) * velocity.float()
 
 
+def vae_shift(vae) -> float:
+    """The VAE's latent mean (`shift_factor`; SD3 and Flux VAEs have one, SD/SDXL's none → 0)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
 def decode_images(latents: torch.Tensor, vae=None) -> np.ndarray:
-    """Model-space samples -> uint8 N×H×W×C images. Pixels in [-1, 1], or latents via the VAE."""
+    """Model-space samples -> uint8 N×H×W×C images. Pixels in [-1, 1], or latents via the VAE:
+    z / scaling_factor + shift_factor, as diffusers' pipelines decode (the inverse of encoding)."""
     with torch.no_grad():
         if vae is not None:
-            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            latents = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + vae_shift(vae)).sample
         pixels = ((latents.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()  # N×C×H×W -> N×H×W×C
 

@@ -145,6 +145,8 @@ def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
 
     from PIL import Image
 
+    from mosaic_core.conquer.sampling import vae_shift
+
     folder = Path(config.source[len("folder:") :]).expanduser()
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not files:
@@ -160,7 +162,8 @@ def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
             batch.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))  # C×H×W in [-1, 1]
         pixels = torch.stack(batch).to(device=loaded.vae.device, dtype=loaded.vae.dtype)
         with torch.no_grad():
-            encoded = loaded.vae.encode(pixels).latent_dist.mean * loaded.vae.config.scaling_factor
+            mean = loaded.vae.encode(pixels).latent_dist.mean
+            encoded = (mean - vae_shift(loaded.vae)) * loaded.vae.config.scaling_factor  # what the denoiser saw in training
         latents.append(encoded.float().cpu())
     return torch.cat(latents)
 
