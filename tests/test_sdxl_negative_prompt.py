@@ -101,3 +101,30 @@ def test_a_class_model_refuses_a_negative_prompt(tiny_pixel_folder):
     assert loaded.adapter.condition_for(loaded, [1, 2], negative_prompt="").labels.tolist() == [1, 2]
     with pytest.raises(ValueError, match="a negative prompt needs a text-to-image model"):
         loaded.adapter.condition_for(loaded, [1, 2], negative_prompt="blurry")
+
+
+def test_sample_command_takes_a_negative_prompt_as_the_pipeline_does(tiny_sdxl_folder, pipe, noise, tmp_path):
+    """`sample --negative-prompt` gives the images StableDiffusionXLPipeline makes with that
+    negative prompt from the same noise; a class model refuses the option by name."""
+    import numpy as np
+    from conftest import run_cli
+
+    from mosaic_core.conquer.images import load_samples
+
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    done = run_cli(
+        "sample", "--model", str(tiny_sdxl_folder), *prompts, "--negative-prompt", NEGATIVE, "--n", str(len(PROMPTS)),
+        "--steps", str(STEPS), "--cfg", str(CFG), "--scheduler", "euler", "--seed", "0", "--device", "cpu",
+        "--out", str(tmp_path / "neg.npz"),
+    )
+    assert done.returncode == 0, done.stderr
+    images, _ = load_samples(tmp_path / "neg.npz")
+    with torch.no_grad():
+        reference = pipe(
+            PROMPTS, negative_prompt=[NEGATIVE] * len(PROMPTS), num_inference_steps=STEPS, guidance_scale=CFG,
+            latents=noise.clone(), output_type="np",
+        ).images
+    expected = (np.clip(reference, 0, 1) * 255).round().astype(np.uint8)
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    refused = run_cli("sample", "--model", "digits-dit", "--n", "1", "--negative-prompt", "blurry", "--out", str(tmp_path / "c.npz"))
+    assert refused.returncode == 2 and "--negative-prompt is for text-to-image models" in refused.stderr

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
         "--prompt", action="append", default=None, metavar="TEXT", type=text_of("--prompt", limits.MAX_TEXT_LENGTH),
         help="text prompt of a text-to-image model (repeat for several; image i gets prompt i mod the list)",
     )
+    parser.add_argument(
+        "--negative-prompt", default="", metavar="TEXT", type=text_of("--negative-prompt", limits.MAX_TEXT_LENGTH),
+        help="what a text-to-image model's guidance steers away from: CFG's unconditional branch (default none)",
+    )
     parser.add_argument("--seed", type=int_in("--seed", 0, limits.MAX_SEED), default=0)
     parser.add_argument(
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampling steps (default: the model's, 50)"
@@ -121,7 +125,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"model '{spec.name}' is class-conditional: --prompt is for text-to-image models")
     else:
         labels = labels_for(args.n, spec.num_classes)
-    images, seconds = sample_sharded(loaded, labels, config, transformer, args.batch_size, processes)
+    if args.negative_prompt.strip() and loaded.adapter.conditioning != "text":
+        raise ValueError(f"model '{spec.name}' is class-conditional: --negative-prompt is for text-to-image models")
+    images, seconds = sample_sharded(loaded, labels, config, transformer, args.batch_size, processes, args.negative_prompt)
     if not processes.is_main:
         return 0
     if loaded.adapter.conditioning == "text":  # labels -1 (no class); the prompts travel beside them
@@ -141,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_sharded(loaded, labels, config, transformer, batch_size: int, processes):
+def sample_sharded(loaded, labels, config, transformer, batch_size: int, processes, negative_prompt: str = ""):
     """All images for `labels` in global batches; batch k on process k mod N, gathered on rank 0.
 
     Returns (uint8 N×H×W×C images in label order, sampling seconds of this process) on
@@ -167,7 +173,7 @@ def sample_sharded(loaded, labels, config, transformer, batch_size: int, process
                 start, stop = ranges[k]
                 batch = labels[start:stop]
                 if loaded.adapter.conditioning == "text":  # prompts -> the pipeline's own text conditions
-                    batch = loaded.adapter.condition_for(loaded, list(batch))
+                    batch = loaded.adapter.condition_for(loaded, list(batch), negative_prompt)
                 steps = sample_loaded(loaded, batch, config, transformer=transformer, index_offset=start)
                 result = run_to_end(steps, lambda event: bar.update(1))
                 seconds += result.total_seconds
