@@ -198,6 +198,15 @@ def test_condition_is_the_pipelines_own_encoding(parts):
     torch.testing.assert_close(null.prompt_embeds, negative.detach(), **close)
     torch.testing.assert_close(null.pooled_prompt_embeds, negative_pooled.detach(), **close)
     assert embeds.shape == (1, 77 + 256, 64) and negative.abs().sum() > 0  # "" is encoded, not zeros
+    # a negative prompt is the unconditional branch, encoded as the pipeline's negative_prompt
+    _, steered, _, steered_pooled = pipe.encode_prompt(
+        ["a red fox"], None, None, do_classifier_free_guidance=True, negative_prompt="blurry", negative_prompt_2="blurry",
+        negative_prompt_3="blurry",
+    )
+    null = joint_condition(parts, ["a red fox"], encode_prompts, "cpu", torch.float32, negative_prompt="blurry").null()
+    torch.testing.assert_close(null.prompt_embeds, steered.detach(), **close)
+    torch.testing.assert_close(null.pooled_prompt_embeds, steered_pooled.detach(), **close)
+    assert (steered - negative).abs().max() > 1e-3
 
 
 @pytest.mark.slow

@@ -360,7 +360,9 @@ def test_five_sessions_at_once_get_their_own_results(studio, small_pruned):
             own = clients[index]
             plan = own.predict(**(dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, sparsity=sparsities[index])), api_name="/plan")
             started.wait(30)
-            job_ids[index] = own.predict(**(SMALL | dict(sparsity=sparsities[index])), api_name="/prune_start")["job_id"]
+            job_ids[index] = own.predict(  # the paper's rule: the plan's per-block heads and units
+                **(SMALL | dict(sparsity=sparsities[index], allocation="paper")), api_name="/prune_start"
+            )["job_id"]
             status = _wait(own, "/prune_status", job_ids[index], timeout=300)
             results[index] = (plan, status)
         except Exception as error:  # noqa: BLE001 - reported below with the session's index
@@ -400,7 +402,7 @@ ENDPOINTS = {
     "divide": (CONTROL_PARAMS, CONTROL_VALUES),
     "trajectory": (CONTROL_PARAMS, CONTROL_VALUES),
     "prune_start": (PRUNE_PARAMS + ["allocation"], PRUNE_VALUES + [None]),  # allocation: the last, optional parameter
-    "compare_start": (COMPARE_PARAMS + ["allocation"], COMPARE_VALUES + [None]),
+    "compare_start": (COMPARE_PARAMS + ["prompts", "negative_prompt", "allocation"], COMPARE_VALUES + [None, "", None]),
     "prune_status": (["job_id"], ["prune-x"]),
     "prune_cancel": (["job_id"], ["prune-x"]),
     "compare_status": (["job_id"], ["compare-x"]),
@@ -411,7 +413,8 @@ NAMES = {  # how an error names each parameter
     "lam": r"lam", "sparsity": r"sparsity", "stage_sparsity": r"sparsity", "cx": r"\bcx\b", "per_stage": r"per_stage",
     "early": r"early", "middle": r"middle", "late": r"late", "calibration": r"calibration", "calibration_size": r"calibration_size",
     "scorer": r"scorer", "labels": r"labels|class", "seed": r"seed", "count": r"count", "cfg": r"cfg", "repeats": r"repeats",
-    "only_stage": r"only_stage", "job_id": r"job[ _]id", "allocation": r"allocation",
+    "only_stage": r"only_stage", "job_id": r"job[ _]id", "allocation": r"allocation", "prompts": r"prompt",
+    "negative_prompt": r"negative[ _]prompt",
 }
 # Valid values of a no-weights model end here (nothing is ever queued by the fuzzer).
 ACCEPTED = r"weights not present"

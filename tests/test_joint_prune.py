@@ -16,6 +16,7 @@ from mosaic_core.divide.plan import build_plan
 from mosaic_core.divide.stages import STAGE_NAMES
 from mosaic_core.jobs import run_to_end
 from mosaic_core.models.loading import load_model
+from mosaic_core.models.samplers import model_default_sampler
 from mosaic_core.prune.calibration import CalibrationConfig
 from mosaic_core.prune.checkpoint import load_pruned, save_pruned
 from mosaic_core.prune.hessian import prunable_layers
@@ -52,12 +53,16 @@ def test_prune_save_load_and_the_real_pipeline(family, tmp_path_factory, tmp_pat
     loaded = load_model(str(folder), device="cpu")
     assert loaded.spec.family == family
     assert loaded.spec.sample_size == 8  # the tiny VAE's 16 px images
-    zero = run_to_end(prune_steps(loaded, build_plan(loaded.spec, 4, sparsity=0.0, scheduler="euler"), PruneConfig(calibration=CALIBRATION)))
+    sampler = model_default_sampler(loaded.spec)  # flow-euler (SD3), flow-euler-1/n (Flux): the pipelines' own
+    zero = run_to_end(prune_steps(loaded, build_plan(loaded.spec, 4, sparsity=0.0, scheduler=sampler), PruneConfig(calibration=CALIBRATION)))
     for a, b in zip(_outputs(zero.staged, loaded), _outputs(loaded.transformer, loaded)):
         assert torch.equal(a, b)
-    plan = build_plan(loaded.spec, 6, stage_sparsity=(0.5, 0.2, 0.5), scheduler="euler")
+    plan = build_plan(loaded.spec, 6, stage_sparsity=(0.5, 0.2, 0.5), scheduler=sampler)
     result = run_to_end(prune_steps(loaded, plan, PruneConfig(calibration=CALIBRATION)))
     for index, network in enumerate(result.staged.networks()):
+        if plan.step_counts[index] == 0:  # no sampler step lands in this stage: nothing is pruned for it
+            assert network is loaded.transformer
+            continue
         assert {layer.name: layer.num_groups for layer in prunable_layers(network)} == plan.layer_keep_counts(index)
     saved = save_pruned(result, loaded, tmp_path / "ckpt")
     reloaded = load_pruned(saved, loaded)
@@ -86,17 +91,17 @@ def _cli(*args):
 def test_cli_plan_prune_sample_on_a_tiny_flux_folder(tmp_path_factory, tmp_path):
     """Flux (packed latents, σ timesteps, fused projections) through the public commands."""
     folder = _folder(tmp_path_factory, "flux")
-    planned = _cli("plan", "--model", folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5")
+    planned = _cli("plan", "--model", folder, "--steps", 6, "--stage-sparsity", "0.5,0.2,0.5")
     assert planned.returncode == 0, planned.stderr
     assert "ideal speed-up" in planned.stdout and "Hessians a prune gathers" in planned.stdout
-    pruned = _cli("prune", "--model", folder, "--steps", 6, "--scheduler", "euler", "--stage-sparsity", "0.5,0.2,0.5",
+    pruned = _cli("prune", "--model", folder, "--steps", 6, "--stage-sparsity", "0.5,0.2,0.5",
                   "--calib-size", 2, "--out", tmp_path / "ckpt", "--device", "cpu")
     assert pruned.returncode == 0, pruned.stderr
     archives = {}
     for name, extra in (("dense", []), ("staged", ["--pruned", tmp_path / "ckpt"])):
         out = tmp_path / f"{name}.npz"
         sampled = _cli("sample", "--model", folder, "--prompt", "a red fox", "--n", 1, "--steps", 3,
-                       "--scheduler", "euler", "--device", "cpu", "--out", out, *extra)
+                       "--device", "cpu", "--out", out, *extra)
         assert sampled.returncode == 0, sampled.stderr
         archives[name] = np.load(out)["images"]
         assert archives[name].shape == (1, 16, 16, 3)

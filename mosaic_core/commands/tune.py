@@ -11,7 +11,7 @@ import json
 
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
-from mosaic_core.commands.plan import add_plan_arguments
+from mosaic_core.commands.plan import add_plan_arguments, sampler_of
 from mosaic_core.commands.prune import add_prune_arguments, prune_config_from_args
 
 
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     config = prune_config_from_args(args, spec)
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     result = tune(
-        loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler,
+        loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
         cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg,
     )
     data = result.to_dict()

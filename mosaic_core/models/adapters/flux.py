@@ -199,8 +199,16 @@ class FluxAdapter(FamilyAdapter):
         """The transformer's tokens back to N×C×H×W like `latents`."""
         return unpack_latents(output, latents.shape[-2], latents.shape[-1])
 
-    def condition_for(self, loaded, values: Any) -> FluxCondition:
-        """The text condition of `values` at the model's latent size, with FluxPipeline's default guidance."""
+    def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> FluxCondition:
+        """The text condition of `values` at the model's latent size, with FluxPipeline's default guidance.
+
+        Flux is guidance-distilled: one conditional call per step, no unconditional branch for a
+        negative prompt to replace, so a non-empty one is refused."""
+        if negative_prompt is not None and str(negative_prompt).strip():
+            raise ValueError(
+                f"'{loaded.spec.name}' is guidance-distilled (Flux): it runs no unconditional branch for a "
+                "negative prompt to steer; leave negative_prompt empty"
+            )
         guidance = GUIDANCE if loaded.transformer.config.get("guidance_embeds", False) else None
         return flux_condition(loaded.extras, values, loaded.spec.sample_size, guidance, loaded.device, loaded.dtype)
 

@@ -199,14 +199,15 @@ def encode_text(extras: Mapping[str, Any], prompts: Sequence[str], max_sequence_
 
 def encode_prompts(extras: Mapping[str, Any], prompts: Sequence[str], height: int, width: int,
                    additional_conditions: bool, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> PixArtCondition:
-    """PixArt's condition of `prompts` for `height`×`width` pixel images (see the module docstring)."""
+                   dtype: torch.dtype = torch.float32, negative_prompt: str | None = None) -> PixArtCondition:
+    """PixArt's condition of `prompts` for `height`×`width` pixel images (see the module docstring);
+    CFG's ∅ is `negative_prompt` encoded like a prompt, "" without one (as the pipelines do)."""
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise ValueError("at least one prompt is needed")
     length = int(extras.get("max_sequence_length", DEFAULT_CONTEXT_TOKENS))
     embeds, mask = encode_text(extras, prompts, length)
-    empty_embeds, empty_mask = encode_text(extras, [""], length)
+    empty_embeds, empty_mask = encode_text(extras, [str(negative_prompt or "")], length)
     resolution = aspect_ratio = None
     if additional_conditions:
         resolution = torch.tensor([[float(height), float(width)]]).repeat(len(prompts), 1).to(device=device, dtype=dtype)  # N × 2
@@ -242,12 +243,13 @@ class PixArtAdapter(FamilyAdapter):
     conditioning = "text"
     legacy_norm_types = ("ada_norm_single",)  # hub PixArt folders name the legacy Transformer2DModel
 
-    def condition_for(self, loaded, values: Any) -> PixArtCondition:
-        """The text condition of `values` (a prompt or a list of prompts) at the model's image size."""
+    def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> PixArtCondition:
+        """The text condition of `values` (a prompt or a list of prompts) at the model's image size;
+        ∅ = the negative prompt, or the empty one."""
         prompts = [values] if isinstance(values, str) else list(values)
         size = loaded.pixel_size
         return encode_prompts(loaded.extras, prompts, size, size, uses_additional_conditions(loaded.transformer.config),
-                              loaded.device, loaded.dtype)
+                              loaded.device, loaded.dtype, negative_prompt)
 
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> BlockwiseShape:
         """Per-layer costs of the transformer blocks (`pixart_layer_shapes`); `context_tokens` = M."""

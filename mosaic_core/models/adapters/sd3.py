@@ -148,13 +148,16 @@ def encode_prompts(extras: Mapping[str, Any], prompts: Sequence[str], max_sequen
     return embeds.to(device=device, dtype=dtype), torch.cat(pooled, dim=-1).to(device=device, dtype=dtype)
 
 
-def joint_condition(extras: Mapping[str, Any], prompts: Sequence[str], encode, device, dtype) -> JointTextCondition:
-    """A `JointTextCondition` for `prompts` with `encode(extras, prompts, device=, dtype=)`, and ∅ = the empty prompt."""
+def joint_condition(
+    extras: Mapping[str, Any], prompts: Sequence[str], encode, device, dtype, negative_prompt: str | None = None
+) -> JointTextCondition:
+    """A `JointTextCondition` for `prompts` with `encode(extras, prompts, device=, dtype=)`; ∅ = the
+    negative prompt encoded the same way, the empty prompt without one (StableDiffusion3Pipeline's)."""
     prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
     if not prompts:
         raise ValueError("at least one prompt is needed")
     embeds, pooled = encode(extras, prompts, device=device, dtype=dtype)
-    null_embeds, null_pooled = encode(extras, [""], device=device, dtype=dtype)
+    null_embeds, null_pooled = encode(extras, [str(negative_prompt or "")], device=device, dtype=dtype)
     n = len(prompts)
     return JointTextCondition(embeds, pooled, null_embeds.expand(n, *null_embeds.shape[1:]).contiguous(),
                               null_pooled.expand(n, -1).contiguous())
@@ -179,9 +182,9 @@ class SD3Adapter(FamilyAdapter):
 
         return slice_joint_block(block, keep, weights)
 
-    def condition_for(self, loaded, values: Any) -> JointTextCondition:
-        """The text condition of `values` (a prompt or a list), with the empty prompt as ∅."""
-        return joint_condition(loaded.extras, values, encode_prompts, loaded.device, loaded.dtype)
+    def condition_for(self, loaded, values: Any, negative_prompt: str | None = None) -> JointTextCondition:
+        """The text condition of `values` (a prompt or a list); ∅ = the negative prompt, or the empty one."""
+        return joint_condition(loaded.extras, values, encode_prompts, loaded.device, loaded.dtype, negative_prompt)
 
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> BlockwiseShape:
         """Per-layer costs (`sd3_layer_shapes`); `context_tokens` defaults to 77 + 256."""
