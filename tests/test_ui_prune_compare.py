@@ -391,6 +391,7 @@ def test_prune_progress_cancel_and_restart_in_the_browser(page, studio, small_pr
 @pytest.mark.slow
 def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_factory, small_pruned):
     _set_number(page, "Calibration images per stage", 16)  # the SMALL settings (snr is the default)
+    page.locator("#mosaic-allocation").get_by_text("paper", exact=True).click()  # as the fixture pruned it
     page.locator("#mosaic-compare-labels textarea, #mosaic-compare-labels input").first.fill("0-9")
     page.locator("#mosaic-compare-count input").fill("10")
     # First the middle stage pruned alone (its network is pruned inside the job, from cached Hessians).
