@@ -56,7 +56,7 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     names = [row["name"] for row in report["methods"]]
     assert names == [
         "dense", "fewer-steps", "cache", "uniform", "mosaic", "mosaic+cache", "mosaic-random-calib", "mosaic-clean-calib",
-        "mosaic-magnitude", "mosaic-per-block", "mosaic-3-steps",
+        "mosaic-magnitude", "mosaic-per-block", "mosaic-measured", "mosaic-3-steps",
     ]
     for row in report["methods"]:
         for key in ("name", "macs", "params", "seconds", "speedup", "ideal_speedup", "accuracy", "fd", "psnr"):

@@ -88,9 +88,11 @@ def _cli(*args):
 
 
 @pytest.mark.slow
-def test_cli_plan_prune_sample_on_a_tiny_flux_folder(tmp_path_factory, tmp_path):
-    """Flux (packed latents, σ timesteps, fused projections) through the public commands."""
-    folder = _folder(tmp_path_factory, "flux")
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_plan_prune_sample_on_a_tiny_joint_folder(family, tmp_path_factory, tmp_path):
+    """SD3 (joint attention, flow-euler) and Flux (packed latents, σ timesteps, fused projections)
+    through the public commands, each with its pipeline's own sampler by default."""
+    folder = _folder(tmp_path_factory, family)
     planned = _cli("plan", "--model", folder, "--steps", 6, "--stage-sparsity", "0.5,0.2,0.5")
     assert planned.returncode == 0, planned.stderr
     assert "ideal speed-up" in planned.stdout and "Hessians a prune gathers" in planned.stdout

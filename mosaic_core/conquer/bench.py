@@ -10,6 +10,7 @@
 | `mosaic-clean-calib`  | ablation: calibration on clean inputs (τ = 0)                     |
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
 | `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
+| `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error (the CLI's default prune) |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
 | `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
@@ -48,7 +49,7 @@ from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
-    "mosaic-per-block", "mosaic-K-steps", "cache", "mosaic+cache",
+    "mosaic-per-block", "mosaic-measured", "mosaic-K-steps", "cache", "mosaic+cache",
 )
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or a spread over 20 %.
 PLAUSIBLE_RATIO = (0.5, 1.1)
@@ -239,6 +240,8 @@ def bench_steps(
         ("mosaic-clean-calib", mosaic_plan, PruneConfig(replace(calibration, mode="clean"))),
         ("mosaic-magnitude", mosaic_plan, PruneConfig(calibration, scorer="magnitude")),
         ("mosaic-per-block", mosaic_plan, PruneConfig(calibration, allocation="per-block")),
+        # the same MACs as `mosaic` (within one group), placed by measured_allocation
+        ("mosaic-measured", mosaic_plan, PruneConfig(calibration, allocation="measured")),
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))
