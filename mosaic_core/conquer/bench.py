@@ -270,8 +270,9 @@ def bench_steps(
             prune_steps(loaded, plan, prune_config, should_stop=should_stop, analyses=analyses),
             lambda event, name=name, index=index: BenchEvent("prune", name, (index + event.fraction) / len(variants)),
         )
+        measured = getattr(result, "measured", None)  # the measured rule moves sparsity between stages
         info = {
-            "stage_sparsity": [round(a, 4) for a in plan.allocation.achieved],
+            "stage_sparsity": [round(a, 4) for a in (measured.sparsity if measured is not None else plan.allocation.achieved)],
             "overall_sparsity": round(plan.overall_sparsity, 4),
             "prune_seconds": round(sum(result.seconds.values()), 2),
             "prune_seconds_by_phase": {k: round(v, 2) for k, v in result.seconds.items()},
