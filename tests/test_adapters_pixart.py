@@ -88,6 +88,17 @@ def test_prompt_encoding_and_null_equal_the_pipelines_own(parts, condition):
     assert torch.equal(null.prompt_embeds, negative) and torch.equal(null.prompt_attention_mask, negative_mask)
     assert condition.prompt_embeds.shape == (2, TOKENS, 16) and int(mask[1].sum()) > int(mask[0].sum())
     assert condition.resolution is None and condition.model_kwargs()["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    # a negative prompt is the null branch, embedded as the pipeline's negative_prompt
+    with torch.no_grad():
+        _, _, steered, steered_mask = pipe.encode_prompt(
+            PROMPTS, do_classifier_free_guidance=True, negative_prompt="blurry", device="cpu", clean_caption=False,
+            max_sequence_length=TOKENS,
+        )
+    negative_null = encode_prompts(
+        {**parts, "max_sequence_length": TOKENS}, PROMPTS, 16, 16, additional_conditions=False, negative_prompt="blurry"
+    ).null()
+    assert torch.equal(negative_null.prompt_embeds, steered) and torch.equal(negative_null.prompt_attention_mask, steered_mask)
+    assert not torch.equal(steered, negative)
 
 
 def test_condition_helpers_select_concatenate_and_move(condition):
