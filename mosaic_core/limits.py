@@ -169,3 +169,16 @@ def parse_prompt_list(value: Any, max_prompts: int = MAX_PROMPTS) -> list[str]:
     if len(prompts) > max_prompts:
         raise ValueError(f"prompts has {len(prompts)} lines: at most {max_prompts} allowed")
     return prompts
+
+
+# Ranges of the integer fields of a denoiser config that the engine reads (a hostile config is
+# refused before anything is built from it); families add their own fields to these.
+TRANSFORMER_CONFIG_INTS = {
+    "num_attention_heads": (1, 1024),
+    "attention_head_dim": (1, 4096),
+    "num_layers": (1, 1024),
+    "patch_size": (1, 64),
+    "sample_size": (1, 4096),
+    "in_channels": (1, 64),
+    "out_channels": (1, 128),
+}

@@ -8,14 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.divide.plan import DEFAULT_LAM, DEFAULT_M, Plan
-from mosaic_core.models.registry import DEFAULT_MODEL
+from mosaic_core.models.registry import DEFAULT_MODEL, resolve_model
 from mosaic_core.requests import PlanRequest
-from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS
+from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS, model_default_sampler
 from mosaic_core.divide.stages import STAGE_NAMES
 
 
@@ -107,9 +108,6 @@ def format_plan(plan: Plan) -> str:
 
 def sampler_of(model: str) -> str:
     """The sampler `--scheduler` defaults to for `model` (`samplers.model_default_sampler`)."""
-    from mosaic_core.models.registry import resolve_model
-    from mosaic_core.models.samplers import model_default_sampler
-
     return model_default_sampler(resolve_model(model))
 
 
@@ -122,7 +120,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     edges = getattr(args, "edges", None)
     request = PlanRequest.from_values(
         model=args.model,
-        sampler=args.scheduler if args.scheduler is not None else sampler_of(args.model),
+        sampler=args.scheduler if args.scheduler is not None else DEFAULT_SCHEDULER,
         steps=args.steps,
         M=args.M,
         lam=args.lam,
@@ -132,7 +130,10 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         uniform=bool(getattr(args, "uniform", False)),
         edges=None if edges is None else parse_edges(edges),
     )
-    return request.plan()
+    spec = resolve_model(request.model)  # once: the sampler default and the plan both need it
+    if args.scheduler is None:
+        request = dataclasses.replace(request, sampler=model_default_sampler(spec))
+    return request.build(spec)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -268,16 +268,7 @@ def _denoiser_config_in(folder: Path) -> dict[str, Any] | None:
 # Fields of a local folder's configs the engine reads, with their allowed ranges.
 _SCHEDULER_INTS = {"num_train_timesteps": (2, limits.MAX_TRAIN_TIMESTEPS)}
 _SCHEDULER_FLOATS = {"beta_start": (0.0, 1.0), "beta_end": (0.0, 1.0), "clip_sample_range": (0.0, 1e6)}
-_TRANSFORMER_INTS = {
-    "num_attention_heads": (1, 1024),
-    "attention_head_dim": (1, 4096),
-    "num_layers": (1, 1024),
-    "patch_size": (1, 64),
-    "sample_size": (1, 4096),
-    "in_channels": (1, 64),
-    "out_channels": (1, 128),
-    "num_embeds_ada_norm": (1, 100_000),
-}
+_TRANSFORMER_INTS = {**limits.TRANSFORMER_CONFIG_INTS, "num_embeds_ada_norm": (1, 100_000)}
 
 
 def _check_fields(config: Mapping[str, Any], ints: Mapping[str, tuple], floats: Mapping[str, tuple], what: str) -> None:

@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from mosaic_core import limits
 from mosaic_core.divide.shapes import BlockwiseShape, LayerShape
 from mosaic_core.models.adapters.base import FamilyAdapter, register_adapter
 
@@ -46,17 +47,7 @@ DEFAULT_CONTEXT_TOKENS = 300
 FF_MULT = 4  # FeedForward's inner width = 4 · D
 
 # Config fields read here, with their allowed ranges (a hostile config is refused early).
-_CONFIG_INTS = {
-    "num_attention_heads": (1, 1024),
-    "attention_head_dim": (1, 4096),
-    "num_layers": (1, 1024),
-    "patch_size": (1, 64),
-    "sample_size": (1, 4096),
-    "in_channels": (1, 64),
-    "out_channels": (1, 128),
-    "cross_attention_dim": (1, 65536),
-    "caption_channels": (1, 65536),
-}
+_CONFIG_INTS = {**limits.TRANSFORMER_CONFIG_INTS, "cross_attention_dim": (1, 65536), "caption_channels": (1, 65536)}
 
 
 class EmptyPrompt:
