@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv`, run the command, and turn user errors into one clear line."""
     args = build_parser().parse_args(argv)
+    succeeded = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        succeeded = True
+        return code
     except ValueError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -106,3 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed = sys.modules.get("mosaic_core.distributed")  # never imported: no group joined
+        if distributed is not None:
+            distributed.finish_processes(succeeded)  # a launched run leaves its group together

@@ -138,6 +138,30 @@ def current_processes(device: str | torch.device | None = None) -> Processes:
     return _CURRENT
 
 
+def finish_processes(succeeded: bool) -> None:
+    """Leave the launched group cleanly: wait for every process, then destroy the group.
+
+    Without this a process that returns early (ranks other than 0 skip writing) exits
+    while rank 0 still holds the group open, and the C++ side of gloo can abort it at
+    exit ("terminate called without an active exception", SIGABRT) although its work is
+    done. After a failure there is no barrier (the others may never arrive), only the
+    teardown; a second call is a no-op.
+    """
+    global _CURRENT
+    processes, _CURRENT = _CURRENT, None
+    if processes is None or not processes.distributed:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if succeeded:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def process_device(device: str | torch.device | None, processes: Processes) -> str | torch.device | None:
     """`cuda` without an index means this process's own GPU (`cuda:LOCAL_RANK`) when launched."""
     if processes.distributed and device is not None and str(device) == "cuda":
