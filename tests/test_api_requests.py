@@ -53,6 +53,7 @@ def test_the_controls_pick_the_folder_and_the_per_stage_values():
         (dict(M="0.5"), r"M must be a number in \(0, 1\), got str '0\.5'"),
         (dict(M=10**400), r"M must be a finite number in \(0, 1\), got an integer of 401 digits"),
         (dict(lam=float("nan")), r"lam \(λ\) must be a finite number"),
+        (dict(lam=1e300), r"lam \(λ\) must be a finite number in \[-1e6, 1e6\].*got 1e\+300"),  # would overflow λ·ln SNR
         (dict(cx=0.0), r"cx \(c_x\) must be a finite number in \(0, inf\)"),
         (dict(sparsity=0.95), r"sparsity must be in \[0, 0\.9\], got 0\.95"),
         (dict(stage_sparsity="0.1,0.1,0.1"), r"stage_sparsity must be 3 numbers"),

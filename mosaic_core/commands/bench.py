@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mosaic_core.cli import float_in
 from mosaic_core.divide.stages import DEFAULT_M
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import model_default_sampler
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default=None, help="sampler (default: the model's own)")
     parser.add_argument("--M", type=float, default=DEFAULT_M)
-    parser.add_argument("--lam", type=float, default=0.01)
+    parser.add_argument("--lam", type=float_in("--lam", -1e6, 1e6), default=0.01)
     parser.add_argument("--calib-size", type=int, default=256)
     parser.add_argument("--calib-source", default=None, choices=("data", "samples"))
     parser.add_argument("--seed", type=int, default=0)

@@ -43,14 +43,17 @@ _DEFAULT_BETA_END = 0.02
 _DEFAULT_BETA_SCHEDULE = "linear"
 
 
+MAX_ABS_LAM = 1e6  # the CLI's range too; beyond it λ·ln SNR only overflows, the ordering is long settled
+
+
 def check_lam(lam: float) -> float:
     """Return λ as a float, or raise ValueError when it is not a finite number."""
     try:
         value = float(lam)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"lam (λ) must be a finite number, got {shown(lam)}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"lam (λ) must be a finite number (any real, 0.01 recommended), got {value}")
+    if not math.isfinite(value) or abs(value) > MAX_ABS_LAM:
+        raise ValueError(f"lam (λ) must be a finite number in [-1e6, 1e6] (0.01 recommended), got {value}")
     return value
 
 
