@@ -129,6 +129,18 @@ def test_match_cache_to_macs_picks_the_closest_setting():
     assert macs == 2010 and config == CacheConfig(3, 1, 2)
 
 
+def test_match_cache_within_a_budget_never_goes_over_it():
+    from mosaic_core.conquer.caching import match_cache_to_macs
+
+    # the same stack (hand table above): at 2008 the closest is 2010 (i=3, c=3), the closest
+    # from below 2000 (i=2, c=4: 25·60 + 25·20); the least any setting costs is i=5, c=4:
+    # 10·60 + 40·20 = 1400, so 1399 cannot be met
+    assert match_cache_to_macs(6, [60] * 50, 2008)[1] == 2010
+    assert match_cache_to_macs(6, [60] * 50, 2008, within=True) == (CacheConfig(2, 1, 1), 2000)
+    assert match_cache_to_macs(6, [60] * 50, 1400, within=True) == (CacheConfig(5, 1, 1), 1400)
+    assert match_cache_to_macs(6, [60] * 50, 1399, within=True) is None
+
+
 @pytest.mark.slow
 def test_sample_command_with_cache_equals_block_reuse_in_process(tiny_pixel_folder, tmp_path):
     import subprocess

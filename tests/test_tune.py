@@ -105,3 +105,50 @@ def test_retuning_at_another_budget_reuses_the_analyses_and_the_dense_runs(tiny_
     assert [p for p in second.points if p.allocation == "dense"] == [p for p in first.points if p.allocation == "dense"]
     chosen = second.points[second.chosen]
     assert chosen.macs_fraction <= 0.6
+
+
+@pytest.mark.slow
+def test_every_method_meets_the_budget_and_its_point_can_be_rebuilt(tiny_pixel_folder):
+    """Each method's candidate fits the budget, and `candidate_denoiser` rebuilds exactly the images it was scored on."""
+    import numpy as np
+
+    from mosaic_core.conquer.metrics import mean_psnr
+    from mosaic_core.conquer.sampling import SampleConfig, labels_for, run_to_end, sample_loaded
+    from mosaic_core.conquer.tune import METHODS, candidate_denoiser, tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses: dict = {}
+    common = dict(M=0.55, lam=0.01, scheduler="ddim", cx=1.0)
+    result = tune(loaded, 0.6, config, reference_steps=8, steps_grid=(4, 6, 8), images=2, analyses=analyses,
+                  methods=METHODS, guidance_scale=1.5, cfg_grid=(1.0,), cfg_top=1, **common)
+    kinds = {p.allocation for p in result.points}
+    assert {"dense", "cache", "paper", "measured", "measured+cache"} <= kinds
+    for p in result.points:
+        if p.allocation != "dense":
+            assert p.macs_fraction <= 0.6 + 1e-12, p
+        assert (p.cache is not None) == p.allocation.endswith("cache")
+    retried = [p for p in result.points if p.guidance_scale == 1.0]
+    assert len(retried) == 1  # the best one, again at the other scale of the grid
+
+    labels = labels_for(2, loaded.spec.num_classes)
+    reference = run_to_end(sample_loaded(loaded, labels, SampleConfig(8, 1.5, "ddim", 0))).images
+    for method in ("cache", "measured", "measured+cache"):
+        point = next(p for p in result.points if p.allocation == method)
+        denoiser = candidate_denoiser(loaded, point, config, analyses=analyses, **common)
+        images = run_to_end(sample_loaded(loaded, labels, SampleConfig(point.steps, point.guidance_scale, "ddim", 0), transformer=denoiser)).images
+        assert mean_psnr(images, reference) == pytest.approx(point.psnr, abs=1e-9), method
+    assert np.isfinite([p.psnr for p in result.points]).all()
+
+
+def test_tuner_methods_are_checked():
+    from mosaic_core.conquer.tune import check_methods
+
+    assert check_methods("measured,dense") == ("dense", "measured")  # in the tuner's order
+    with pytest.raises(ValueError, match=r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, got speed"):
+        check_methods(["speed"])
+    with pytest.raises(ValueError, match="got none"):
+        check_methods("")

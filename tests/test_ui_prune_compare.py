@@ -259,7 +259,43 @@ def test_bad_values_are_errors_naming_the_value(client, api, kwargs, message):
     assert "Traceback" not in str(error.value)
 
 
-@pytest.mark.parametrize("api", ["/prune_status", "/prune_cancel", "/compare_status", "/compare_cancel"])
+TUNE = dict(model=MODEL, steps=STEPS, M=0.55, lam=0.01, calibration="snr", calibration_size=16, scorer="obs")
+
+
+def test_the_tuner_runs_as_a_job_through_the_api(client, small_pruned):
+    started = client.predict(budget=0.5, methods=["dense", "measured"], **TUNE, api_name="/tune_start")
+    status, _ = _wait(client, "/tune_status", started["job_id"])
+    assert status["state"] == "done", status
+    result = status["result"]
+    points = result["points"]
+    assert {p["allocation"] for p in points} == {"dense", "measured"}  # only the methods asked for
+    assert result["reference_steps"] == STEPS and result["guidance_scale"] == 1.25  # the model's own CFG
+    chosen = points[result["chosen"]]
+    fits = [p for p in points if p["macs_fraction"] <= 0.5]
+    assert chosen in fits and chosen["psnr"] == max(p["psnr"] for p in fits)
+    assert result["chosen"] in result["front"]
+    # the measured point at the plan's 10 steps costs what its stage sparsities say (eq. 2.1 per stage)
+    plan = build_plan(MODEL, STEPS, 0.55, 0.01)
+    measured = next(p for p in points if p["allocation"] == "measured" and p["steps"] == STEPS)
+    removed = sum(n * s for n, s in zip(plan.step_counts, measured["stage_sparsity"])) / STEPS
+    assert measured["macs_fraction"] == pytest.approx(1 - removed, abs=1e-9) and measured["macs_fraction"] <= 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(budget=1.5), r"budget must be a fraction of the dense MACs in \(0, 1\]"),
+        (dict(budget=0.5, methods=["dense", "magic"]), r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, got dense, magic"),
+        (dict(budget=0.5, calibration_size=5000), r"calibration_size \(images per stage\) must be in \[16, 1024\], got 5000"),
+    ],
+)
+def test_bad_tuner_values_are_errors_naming_the_value(client, kwargs, message):
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(**(TUNE | kwargs), api_name="/tune_start")
+    assert "Traceback" not in str(error.value)
+
+
+@pytest.mark.parametrize("api", ["/prune_status", "/prune_cancel", "/compare_status", "/compare_cancel", "/tune_status"])
 def test_unknown_job_ids_are_errors(client, api):
     with pytest.raises(AppError, match=r"unknown job id 'no-such-job'"):
         client.predict("no-such-job", api_name=api)

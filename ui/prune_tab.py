@@ -22,6 +22,7 @@ with Compare and the trajectory trace; it also registers the API trio:
 | Start          | `PruneHandlers.start`            | `prune_start` (`start_api`)        |
 | timer tick     | `JobView` poll → `render`        | `prune_status`                     |
 | Cancel         | `JobView` cancel                 | `prune_cancel`                     |
+| Best at budget | `TuneHandlers.start`             | `tune_start` (`start_api`), `tune_status`, `tune_cancel` |
 """
 
 from __future__ import annotations
@@ -340,12 +341,19 @@ class TuneHandlers:
 
     def start(self, owner, *values):
         """Divide controls, calibration controls (no allocation: the tuner tries both), budget → a queued job."""
-        from mosaic_core.conquer.tune import check_budget
-
         n = PLAN_CONTROL_COUNT
         plan_request = PlanRequest.from_controls(*values[:n])
-        budget = check_budget(float(values[-1]))
-        request = prune_request(plan_request, *values[n : n + 3], "paper")
+        return self.submit(owner, plan_request, values[n : n + 3], values[-1])
+
+    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None):
+        """Check everything, then queue the tuner job; returns its id."""
+        from mosaic_core.conquer.tune import check_budget, check_methods
+
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"budget must be a fraction of the dense MACs in (0, 1], got {type(budget).__name__}")
+        budget = check_budget(float(budget))
+        methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
+        request = prune_request(plan_request, *calibration_values, "paper")
         spec = self.engine.resolve(plan_request.model)
         self.engine.require_weights(spec)
         plan, config = request.build(spec)
@@ -353,12 +361,42 @@ class TuneHandlers:
         def work(context):
             messages = iter(range(1, 10**6))
             result = self.engine.tune(
-                spec, budget, plan, config, should_stop=context.should_stop,
+                spec, budget, plan, config, should_stop=context.should_stop, methods=methods,
                 on_progress=lambda message: context.report(min(0.95, 0.05 * next(messages)), message),
             )
             return result.to_dict()
 
         return self.engine.jobs.submit(work, label="tune", owner=owner)
+
+    def start_api(
+        self,
+        budget: float = settings.TUNE_BUDGET_DEFAULT,
+        model: str = settings.MODEL_DEFAULT,
+        sampler: Optional[str] = None,
+        steps: int = settings.STEPS_DEFAULT,
+        M: float = settings.M_DEFAULT,
+        lam: float = settings.LAM_DEFAULT,
+        cx: float = settings.CX_DEFAULT,
+        calibration: str = settings.CALIBRATION_MODE_DEFAULT,
+        calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
+        scorer: str = settings.SCORER_DEFAULT,
+        methods: Optional[list[str]] = None,
+        request: gr.Request = None,
+    ) -> dict:
+        """Start the budget tuner: the best steps × method at `budget` (a fraction of the dense MACs at
+        `steps`); returns the job's status. Poll `tune_status` with the returned `job_id`; when done,
+        `result` holds every candidate (`points`), the Pareto `front` and the `chosen` index.
+
+        `sampler` None is the model's own. `methods`: some of dense, cache, paper, measured,
+        measured+cache (default dense, paper, measured: what the studio's controls can run).
+        """
+        from mosaic_core.models.samplers import model_default_sampler
+
+        if sampler is None:
+            sampler = model_default_sampler(self.engine.resolve(model if isinstance(model, str) else settings.MODEL_DEFAULT))
+        plan_request = PlanRequest.from_values(model, sampler, steps, M, lam, None, None, cx)
+        job_id = self.submit(owner_of(request), plan_request, (calibration, calibration_size, scorer), budget, methods)
+        return status_dict(self.engine.jobs.status(job_id, owner_of(request)), lambda result: result)
 
     @staticmethod
     def render(status: JobStatus) -> tuple:
@@ -373,7 +411,9 @@ class TuneHandlers:
             f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
             f"PSNR {best['psnr']:.2f} dB to dense (tuned in {result['seconds']:.1f} s)."
         )
-        allocation = "measured" if best["allocation"] == "measured" else "paper"
+        if best.get("cache"):
+            note += " Block reuse: full step every {}, first {}/last {} blocks always run (Compare runs without it).".format(*best["cache"])
+        allocation = "measured" if best["allocation"].startswith("measured") else "paper"
         sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
         return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation))
 
@@ -442,6 +482,7 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
         tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
         render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation],
     )
+    tune_view.register_api(user_errors(tune_handlers.start_api), lambda result: result)
     view.wire(
         handlers.start, [*divide.controls, *section.controls], handlers.render, render_outputs=[result, cache_note, sensitivity]
     )

@@ -57,8 +57,9 @@ ALLOCATIONS = ("measured", "paper", "per-block")  # prune --allocation (paper = 
 ALLOCATION_DEFAULT = "measured"
 TUNE_BUDGET_RANGE = (0.1, 1.0)  # fraction of the dense MACs at the plan's steps ("best at this budget")
 TUNE_BUDGET_DEFAULT = 0.5
-TUNE_STEPS_GRID = (10, 15, 20, 25, 30, 40, 50)
 TUNE_IMAGES = 4
+# what the studio's controls can run (its Compare has no block reuse; the CLI's `tune` tries cache too)
+TUNE_METHODS = ("dense", "paper", "measured")
 CACHE_DIR_ENV = "MOSAIC_CACHE_DIR"  # pruned checkpoints and Hessians; default <project>/cache
 PRUNED_IN_MEMORY = 4  # pruned staged models kept loaded (the rest reload from the cache)
 

@@ -208,13 +208,15 @@ def centred_config(num_blocks: int, cached: int, interval: int) -> CacheConfig:
 
 
 def match_cache_to_macs(
-    num_blocks: int, step_macs: Sequence[int], target_macs: float, step_networks: Sequence[Hashable] | None = None
-) -> tuple[CacheConfig, int]:
+    num_blocks: int, step_macs: Sequence[int], target_macs: float, step_networks: Sequence[Hashable] | None = None,
+    within: bool = False,
+) -> tuple[CacheConfig, int] | None:
     """The centred reuse setting (interval 2..5, 1..L−2 cached blocks) whose MACs come closest to `target_macs`.
 
     Intervals stay in DeepCache's usual 2..5: longer ones match a budget by skipping few
     blocks for many steps, which drifts further from the trajectory. Ties go to the
-    shorter interval.
+    shorter interval. With `within`, only settings at or under `target_macs` count (the
+    closest from below; None when even the most caching costs more).
 
     Returns the setting and its MACs (`cached_sampling_macs`, computed fraction = blocks
     run / all blocks: exact for a homogeneous stack such as DiT's).
@@ -225,8 +227,13 @@ def match_cache_to_macs(
         for cached in range(1, max(2, num_blocks - 1)):
             config = centred_config(num_blocks, min(cached, num_blocks), interval)
             macs = cached_sampling_macs(step_macs, full, 1 - len(config.cached_blocks(num_blocks)) / num_blocks)
+            if within and macs > target_macs:
+                continue
             gap = abs(macs - target_macs)
             if best is None or gap < best[0]:
                 best = (gap, config, macs)
-    assert best is not None
+    if best is None:
+        if within:
+            return None
+        raise AssertionError("no reuse setting was tried")
     return best[1], best[2]
