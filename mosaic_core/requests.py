@@ -30,7 +30,7 @@ from mosaic_core.divide.noise_schedule import check_cx, check_lam
 from mosaic_core.divide.plan import DEFAULT_LAM, Plan, build_plan, stage_only_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES, check_edges, check_M
 from mosaic_core.models.registry import DEFAULT_MODEL, ModelSpec, resolve_model
-from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS, check_scheduler_name
+from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS, check_scheduler_name, model_default_sampler
 
 ONLY_STAGE_CHOICES = ("all stages", "early only", "middle only", "late only")  # index - 1 = stage (-1: all)
 MAX_GUIDANCE = 20.0  # classifier-free guidance scale (conquer.sampling.SampleConfig's bound)
@@ -79,7 +79,7 @@ class PlanRequest:
     """The Divide settings of one plan: which model, sampled how, divided and allocated how."""
 
     model: str = DEFAULT_MODEL
-    sampler: str = DEFAULT_SCHEDULER
+    sampler: Optional[str] = DEFAULT_SCHEDULER  # None: the model's own (`model_default_sampler`)
     steps: Optional[int] = None  # None: the model's default step count
     M: float = DEFAULT_M
     lam: float = DEFAULT_LAM
@@ -111,9 +111,10 @@ class PlanRequest:
         the bound HI < T is checked when the model is known, in `build_plan`.
         """
         name = model_name(model, folder)
-        if not isinstance(sampler, str):
+        if sampler is not None and not isinstance(sampler, str):
             raise ValueError(f"sampler must be one of {', '.join(SCHEDULERS)}, got {type(sampler).__name__} {shorten(sampler)}")
-        sampler = check_scheduler_name(limits.check_text("sampler", sampler, 64))
+        if sampler is not None:  # None: the model's own sampler, chosen in `build`
+            sampler = check_scheduler_name(limits.check_text("sampler", sampler, 64))
         if steps is not None:
             steps = limits.check_int("steps", steps, 1, limits.MAX_STEPS)
         M = check_M(real_number("M", M, "in (0, 1)"))
@@ -166,7 +167,7 @@ class PlanRequest:
             sparsity=self.sparsity,
             stage_sparsity=self.stage_sparsity,
             uniform=self.uniform,
-            scheduler=self.sampler,
+            scheduler=model_default_sampler(spec) if self.sampler is None else self.sampler,
             cx=self.cx,
             edges=self.edges,
         )

@@ -106,6 +106,14 @@ def test_plan_endpoint_matches_build_plan(client, kwargs):
     assert math.isclose(got["overall_sparsity"], expected["overall_sparsity"])
 
 
+@pytest.mark.parametrize("model, sampler", [("sd3-medium", "flow-euler"), ("flux-schnell", "flow-euler-1/n"), (MODEL, "ddim")])
+def test_plan_endpoint_takes_the_models_own_sampler_when_none_is_named(client, model, sampler):
+    # SD3's FlowMatchEulerDiscreteScheduler, Flux's 1/n sigmas (FluxPipeline), DDIM for DiT
+    got = client.predict(model=model, steps=4, sparsity=0.3, api_name="/plan")
+    expected = build_plan(model, 4, 0.55, 0.01, sparsity=0.3, scheduler=sampler).to_dict()
+    assert got["scheduler"] == sampler and got["timesteps"] == expected["timesteps"]
+
+
 def test_plan_endpoint_reference_stages(client):
     """docs/method.md §1: linear schedule, M=0.55, λ=0.01 → middle τ∈[103, 568], DDIM-50 → 21/23/6 steps."""
     got = client.predict(model=MODEL, M=0.55, lam=0.01, sparsity=0.3, api_name="/plan")

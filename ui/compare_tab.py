@@ -410,7 +410,7 @@ class CompareHandlers:
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
@@ -446,7 +446,7 @@ class CompareHandlers:
     def start_edges_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,

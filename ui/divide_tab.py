@@ -180,7 +180,7 @@ class DivideHandlers:
         (DDPM-family vs flow matching) is replaced by the schedule's default one."""
         request = PlanRequest.from_controls(*controls)
         spec = self.engine.resolve(request.model)
-        if fit_sampler:
+        if fit_sampler and request.sampler is not None:
             try:
                 check_sampler_fits(request.sampler, spec.scheduler_config)
             except ValueError:
@@ -323,7 +323,7 @@ class DivideHandlers:
     def plan_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
@@ -335,6 +335,7 @@ class DivideHandlers:
 
         Give `stage_sparsity` [early, middle, late] for a manual allocation (then `sparsity`
         is ignored), else `sparsity` is the overall target of the automatic allocation.
+        `sampler` None (the default) is the model's own (DDIM for DiT, flow-euler for SD3).
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
         return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, None)
@@ -343,7 +344,7 @@ class DivideHandlers:
     def plan_edges_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,

@@ -283,7 +283,7 @@ class PruneHandlers:
     def start_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
@@ -309,7 +309,7 @@ class PruneHandlers:
     def start_edges_api(
         self,
         model: str = settings.MODEL_DEFAULT,
-        sampler: str = settings.SAMPLER_DEFAULT,
+        sampler: Optional[str] = None,
         steps: int = settings.STEPS_DEFAULT,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
@@ -390,10 +390,6 @@ class TuneHandlers:
         `sampler` None is the model's own. `methods`: some of dense, cache, paper, measured,
         measured+cache (default dense, paper, measured: what the studio's controls can run).
         """
-        from mosaic_core.models.samplers import model_default_sampler
-
-        if sampler is None:
-            sampler = model_default_sampler(self.engine.resolve(model if isinstance(model, str) else settings.MODEL_DEFAULT))
         plan_request = PlanRequest.from_values(model, sampler, steps, M, lam, None, None, cx)
         job_id = self.submit(owner_of(request), plan_request, (calibration, calibration_size, scorer), budget, methods)
         return status_dict(self.engine.jobs.status(job_id, owner_of(request)), lambda result: result)
