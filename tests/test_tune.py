@@ -152,3 +152,26 @@ def test_tuner_methods_are_checked():
         check_methods(["speed"])
     with pytest.raises(ValueError, match="got none"):
         check_methods("")
+
+
+def test_the_comparison_history_joins_and_stars_its_front():
+    from ui.compare_tab import AXES, history_figure
+
+    def run(n, speedup, seconds, psnr, ideal):
+        return dict(job=f"c{n}", run=n, variant="all stages", label=f"#{n}", settings="s", seconds=seconds, dense_seconds=2.0,
+                    speedup=speedup, ideal_speedup=ideal, psnr=psnr, ssim=0.9, accuracy=None)
+
+    # #2 is dominated on speed (slower and further from dense than #1); on MACs (1/ideal) #3 is
+    # dominated by #1 (0.5 of the MACs at 30 dB beats 0.7 at 28 dB); an entry of an earlier version has no macs_fraction
+    history = [run(1, 1.5, 1.3, 30.0, 2.0), run(2, 1.2, 1.6, 29.0, 1.25), run(3, 2.0, 1.0, 28.0, 1 / 0.7)]
+    by_axis = {}
+    for axis in AXES:
+        traces = {t["name"]: t for t in json.loads(history_figure(history, axis).to_json())["data"]}
+        by_axis[axis] = traces
+    assert by_axis[AXES[0]]["front (no run cheaper and closer)"]["x"] == [1.5, 2.0]
+    assert by_axis[AXES[1]]["front (no run cheaper and closer)"]["x"] == [1.0, 1.3]
+    assert "front (no run cheaper and closer)" not in by_axis[AXES[2]]  # one run alone on the front: nothing to join
+    labels = by_axis[AXES[0]]["all stages"]["text"]
+    assert labels == ["#1 ★", "#2", "#3 ★"]
+    macs_labels = by_axis[AXES[2]]["all stages"]["text"]
+    assert macs_labels == ["#1 ★", "#2", "#3"]

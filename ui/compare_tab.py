@@ -17,7 +17,9 @@ unconditional branch) instead. Both contenders get the same prompts and seeds; t
 size is the model's (its config's sample size through the VAE).
 
 Every finished comparison adds a point to the session's history chart (PSNR to dense against
-measured speed-up or seconds), so the quality/time trade-off of the settings tried shows up.
+measured speed-up, seconds, or MACs as on the tuner's chart), so the quality/time trade-off of
+the settings tried shows up; the runs on its Pareto front (no other run both cheaper and
+closer to dense) are joined and starred.
 
 | trigger             | handler                          | api_name (gr.api, plain arguments) |
 |---------------------|----------------------------------|------------------------------------|
@@ -65,7 +67,7 @@ the Fréchet distance (digit classifier features) apply to the digit model.
 
 PROMPT_CAPTION = 60  # characters of a prompt shown under an image
 IDLE_COMPARE = "No comparison yet: prune the plan in section 4, then press Compare."
-AXES = ("measured speed-up", "seconds")
+AXES = ("measured speed-up", "seconds", "MACs (of dense)")
 
 
 @dataclass
@@ -224,19 +226,49 @@ def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
         "dense_seconds": dense.seconds,
         "speedup": staged.speedup,
         "ideal_speedup": staged.ideal_speedup,
+        "macs_fraction": 1.0 / staged.ideal_speedup if staged.ideal_speedup else None,
         "psnr": staged.psnr,
         "ssim": staged.ssim,
         "accuracy": staged.accuracy,
     }
 
 
+def history_x(entry: dict, axis: str) -> float:
+    """A run's x on the history chart: measured speed-up, staged seconds, or MACs as a fraction of dense."""
+    if axis == AXES[0]:
+        return entry["speedup"]
+    if axis == AXES[1]:
+        return entry["seconds"]
+    return entry.get("macs_fraction") or 1.0 / entry["ideal_speedup"]  # entries of earlier versions lack the field
+
+
+def history_front(history: list, axis: str) -> list[int]:
+    """Indices of the runs on the history's Pareto front on `axis` (no run is both cheaper and closer to dense)."""
+    from mosaic_core.conquer.tune import pareto_front
+
+    # the front wants a cost: less is better for seconds and MACs, more for the speed-up
+    costs = [-history_x(h, axis) if axis == AXES[0] else history_x(h, axis) for h in history]
+    return pareto_front(costs, [h["psnr"] for h in history])
+
+
 def history_figure(history: Optional[list], axis: str = AXES[0]) -> go.Figure:
-    """PSNR to dense against measured speed-up (or staged seconds), one point per run."""
+    """PSNR to dense against measured speed-up (or staged seconds, or MACs), one point per run; the front joined."""
     history = [h for h in (history or []) if h.get("psnr") is not None]
     if not history:
         return message_figure("Each comparison adds a point here:\nPSNR to dense against speed-up.", settings.HISTORY_HEIGHT)
-    x_key = "speedup" if axis == AXES[0] else "seconds"
+    axis = axis if axis in AXES else AXES[0]
+    x_key = {AXES[0]: "speedup", AXES[1]: "seconds", AXES[2]: "macs_fraction"}[axis]
+    history = [dict(h, macs_fraction=history_x(h, AXES[2])) for h in history]
     figure = go.Figure()
+    front = sorted((history[i] for i in history_front(history, axis)), key=lambda h: h[x_key])
+    on_front = {id(h) for h in front}
+    if len(front) > 1:
+        figure.add_trace(
+            go.Scatter(
+                x=[h[x_key] for h in front], y=[h["psnr"] for h in front], mode="lines", name="front (no run cheaper and closer)",
+                line=dict(color="#333", width=1, dash="dot"), hoverinfo="skip",
+            )
+        )
     for variant in settings.STAGE_ONLY_CHOICES:
         points = [h for h in history if h["variant"] == variant]
         if not points:
@@ -247,23 +279,25 @@ def history_figure(history: Optional[list], axis: str = AXES[0]) -> go.Figure:
                 y=[h["psnr"] for h in points],
                 mode="markers+text",
                 name=variant,
-                text=[h["label"] for h in points],
+                text=[h["label"] + (" ★" if id(h) in on_front else "") for h in points],
                 textposition="top center",
                 textfont=dict(size=10),
                 marker=dict(size=11, color=settings.VARIANT_COLORS[variant], line=dict(color="white", width=1)),
                 customdata=[[h["settings"], h["ideal_speedup"], h["seconds"], h["dense_seconds"]] for h in points],
-                hovertemplate=(
-                    "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>speed-up %{x:.2f}× (ideal %{customdata[1]:.2f}×)<br>"
-                    "staged %{customdata[2]:.2f} s, dense %{customdata[3]:.2f} s<extra></extra>"
-                    if x_key == "speedup"
-                    else "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>staged %{x:.2f} s (dense %{customdata[3]:.2f} s)<extra></extra>"
-                ),
+                hovertemplate={
+                    "speedup": "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>speed-up %{x:.2f}× (ideal %{customdata[1]:.2f}×)<br>"
+                    "staged %{customdata[2]:.2f} s, dense %{customdata[3]:.2f} s<extra></extra>",
+                    "seconds": "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>staged %{x:.2f} s (dense %{customdata[3]:.2f} s)<extra></extra>",
+                    "macs_fraction": "%{customdata[0]}<br>PSNR %{y:.1f} dB<br>MACs %{x:.3f} of dense<extra></extra>",
+                }[x_key],
             )
         )
     ys = [h["psnr"] for h in history]
     xs = [h[x_key] for h in history]
     shapes = []
-    if x_key == "speedup":
+    if x_key == "macs_fraction":
+        x_range = [0, 1.05]
+    elif x_key == "speedup":
         shapes.append(dict(type="line", x0=1, x1=1, yref="paper", y0=0, y1=1, line=dict(color="#9aa5b1", dash="dot", width=1)))
         x_range = [min(0.9, min(xs) - 0.1), max(xs) + 0.15]
     else:
@@ -278,7 +312,8 @@ def history_figure(history: Optional[list], axis: str = AXES[0]) -> go.Figure:
         plot_bgcolor="white",
         paper_bgcolor="white",
         title=dict(text="Quality vs time, one point per run (higher and further right is better)", font=dict(size=12), x=0.01),
-        xaxis=dict(title=("measured speed-up over dense (×)" if x_key == "speedup" else "staged seconds"), range=x_range,
+        xaxis=dict(title={"speedup": "measured speed-up over dense (×)", "seconds": "staged seconds",
+                          "macs_fraction": "MACs (fraction of dense), as on the tuner's chart"}[x_key], range=x_range,
                    gridcolor="#eef1f4", zeroline=False, ticks="outside"),
         yaxis=dict(title="PSNR to dense (dB)", range=[min(ys) - 3, max(ys) + 4], gridcolor="#eef1f4", zeroline=False,
                    ticks="outside"),
