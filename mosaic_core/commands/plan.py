@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 from mosaic_core import limits
@@ -120,7 +119,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     edges = getattr(args, "edges", None)
     request = PlanRequest.from_values(
         model=args.model,
-        sampler=args.scheduler if args.scheduler is not None else DEFAULT_SCHEDULER,
+        sampler=args.scheduler,  # None: the model's own
         steps=args.steps,
         M=args.M,
         lam=args.lam,
@@ -130,17 +129,45 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         uniform=bool(getattr(args, "uniform", False)),
         edges=None if edges is None else parse_edges(edges),
     )
-    spec = resolve_model(request.model)  # once: the sampler default and the plan both need it
-    if args.scheduler is None:
-        request = dataclasses.replace(request, sampler=model_default_sampler(spec))
-    return request.build(spec)
+    return request.plan()
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the plan from the parsed arguments and print it."""
+    if getattr(args, "stages", 3) != 3:
+        from mosaic_core.divide.k_plan import format_k_plan
+
+        plan = k_plan_from_args(args)
+        print(json.dumps(plan.to_dict()) if args.json else format_k_plan(plan))
+        return 0
     plan = plan_from_args(args)
     print(json.dumps({**plan.to_dict(), **plan.memory_figures()}) if args.json else format_plan(plan))
     return 0
+
+
+def add_stages_argument(parser: argparse.ArgumentParser) -> None:
+    """`--stages K` (plan and prune): K ≥ 2 stages instead of early/middle/late."""
+    from mosaic_core.divide.multistage import MAX_STAGES
+
+    parser.add_argument(
+        "--stages", type=int_in("--stages", 2, MAX_STAGES), default=3,
+        help="number of stages K (default 3: early, middle, late); K > 3 splits the early and late stages "
+        "(docs/method.md §12), K = 2 keeps the early stage apart",
+    )
+
+
+def k_plan_from_args(args: argparse.Namespace):
+    """The `KStagePlan` of the plan arguments with `--stages K` (K ≠ 3); ValueError for options it cannot take."""
+    from mosaic_core.divide.k_plan import build_k_plan
+
+    for option, given in (("--stage-sparsity", getattr(args, "stage_sparsity", None)), ("--edges", getattr(args, "edges", None)),
+                          ("--uniform", getattr(args, "uniform", False) or None)):
+        if given is not None:
+            raise ValueError(f"{option} sets three stages; with --stages {args.stages} give --sparsity (the stages come from --M)")
+    return build_k_plan(
+        args.model, args.steps, M=args.M, lam=args.lam, sparsity=getattr(args, "sparsity", None) or 0.0,
+        num_stages=args.stages, scheduler=args.scheduler, cx=args.cx,
+    )
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = True) -> None:
@@ -180,5 +207,6 @@ def register(subparsers) -> None:
         "(MosaicDiff) and allocate a sparsity to each.",
     )
     add_plan_arguments(parser)
+    add_stages_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.set_defaults(func=run)

@@ -7,11 +7,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
-from mosaic_core.commands.plan import add_plan_arguments, format_plan, plan_from_args
+from mosaic_core.commands.plan import add_plan_arguments, add_stages_argument, format_plan, plan_from_args
 from mosaic_core.prune.stage_pruning import ALLOCATION_ALIASES, ALLOCATIONS, DEFAULT_DAMPING, SCORERS
 
 
@@ -75,6 +76,7 @@ def register(subparsers) -> None:
         "greedy structured OBS on attention heads and MLP units, physical slicing.",
     )
     add_plan_arguments(parser)
+    add_stages_argument(parser)
     add_prune_arguments(parser)
     parser.add_argument(
         "--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),
@@ -95,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from mosaic_core.distributed import current_processes, process_device
 
     check_checkpoint_folder(args.out, "--out")  # before any work: never prune for nothing
+    if args.stages != 3:
+        return run_k_stages(args)
     plan = plan_from_args(args)
     processes = current_processes(args.device)  # one process unless started by `accelerate launch`
     loaded = load_model(plan.model, device=process_device(args.device, processes), dtype=args.dtype)
@@ -128,6 +132,51 @@ def run(args: argparse.Namespace) -> int:
         f"parameters: dense {ledger.dense_bytes / 2**20:.1f} MiB, staged (shared) {ledger.staged_bytes / 2**20:.1f} MiB, "
         f"three copies {ledger.naive_bytes / 2**20:.1f} MiB"
     )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_k_stages(args: argparse.Namespace) -> int:
+    """`prune --stages K`: K stage networks (paper allocation), written as a v3 checkpoint."""
+    import time
+
+    from tqdm import tqdm
+
+    from mosaic_core.commands.plan import k_plan_from_args
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.conquer.staged_denoiser import param_count
+    from mosaic_core.distributed import current_processes
+    from mosaic_core.divide.k_plan import format_k_plan
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.checkpoint import save_k_stages
+    from mosaic_core.prune.multistage_pruning import prune_k_stages
+
+    if args.allocation not in (None, "per-stage", "paper"):
+        raise ValueError(f"--stages {args.stages} prunes each stage's counts in every block (--allocation paper); got --allocation {args.allocation}")
+    if current_processes(args.device).distributed:
+        raise ValueError(f"--stages {args.stages} runs in one process; launch it without accelerate (3 stages shard over processes)")
+    plan = k_plan_from_args(args)  # before loading: a bad option costs nothing
+    loaded = load_model(plan.model, device=args.device, dtype=args.dtype)
+    config = dataclasses.replace(prune_config_from_args(args, loaded.spec), allocation="per-stage")
+    print(format_k_plan(plan))
+    record: list = []
+    analyses: dict = {}
+    start = time.perf_counter()
+    with tqdm(total=1000, desc="pruning", unit="‰", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
+
+        def show(event) -> None:
+            bar.n = int(1000 * event.fraction)
+            bar.set_postfix_str(" ".join(x for x in (event.phase, event.stage, event.layer or "") if x))
+            bar.refresh()
+
+        steps = prune_k_stages(loaded, plan.partition, plan.allocation, config, analyses=analyses, record=record)
+        denoiser = run_to_end(steps, show)
+    seconds = {"total": time.perf_counter() - start}
+    cx = next((float(a.cx) for a in analyses.values()), plan.cx)  # measured on the calibration set (nothing pruned: the plan's)
+    save_k_stages(denoiser, record, plan, config, cx, loaded, args.out, seconds)
+    distinct = {id(n) for n in denoiser.networks()} - {id(loaded.transformer)}
+    print(f"{len(distinct)} pruned networks for {plan.num_stages} stages; parameters {param_count(denoiser) / 1e6:.2f} M "
+          f"(dense {param_count(loaded.transformer) / 1e6:.2f} M); {seconds['total']:.1f} s")
     print(f"wrote {args.out}")
     return 0
 

@@ -12,6 +12,12 @@ count), so a checkpoint stores only what pruning changed and how to rebuild the 
 
 Stages with nothing removed point at the base network (`"network": null`).
 
+Format v3 holds K ≥ 2 stages (`prune --stages K`): `plan` is a `KStagePlan` (kind
+"k-stage", its cuts, timesteps and per-stage kept counts), `num_stages` is K and the
+stages are named "stage 0" (noisiest) … "stage K−1"; the rest is v2's, digest included.
+It loads as a `MultiStageDenoiser`. Three-stage checkpoints stay v2, so earlier readers
+keep reading them.
+
 Integrity. Format v2 adds `content_sha256`: the SHA-256 of the manifest's canonical JSON
 (sorted keys, no spaces) without that field. Since the manifest holds every tensor file's
 SHA-256, the digest covers the whole checkpoint: an edited field (two stages' networks
@@ -42,7 +48,8 @@ from mosaic_core.atomic import check_output_folder, replace_folder, sha256_file,
 
 FORMAT = "mosaicdiff-pruned"
 FORMAT_VERSION = 2  # v2: content_sha256 over the whole manifest (v1 had per-file hashes only)
-READABLE_VERSIONS = (1, 2)
+K_STAGE_FORMAT_VERSION = 3  # v3: K ≥ 2 stages of a `KStagePlan`; three-stage checkpoints are still written as v2
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 DIGEST_FIELD = "content_sha256"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few hundred kB even for DiT-XL/2
@@ -76,20 +83,7 @@ def _versions() -> dict[str, str]:
 
 def manifest_for(result, loaded, extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
     """The manifest and the tensors of each distinct network of a `PruneResult`."""
-    networks: list[dict[str, Any]] = []
-    tensors: list[dict[str, torch.Tensor]] = []
-    stage_network: list[int | None] = []
-    seen: dict[int, int] = {}
-    for spec, module in zip(result.stage_networks, result.staged.networks()):
-        if spec is None:
-            stage_network.append(None)
-            continue
-        if id(module) not in seen:
-            keeps, weights = spec
-            seen[id(module)] = len(networks)
-            networks.append({"file": f"network_{len(networks)}.safetensors", "keep": [k.to_dict() for k in keeps]})
-            tensors.append({name: w.detach().to("cpu", torch.float32).contiguous() for name, w in weights.items()})
-        stage_network.append(seen[id(module)])
+    networks, tensors, stage_network = _distinct_networks(result.stage_networks, result.staged.networks())
     plan = result.plan.to_dict()
     manifest = {
         "format": FORMAT,
@@ -117,10 +111,61 @@ def save_pruned(result, loaded, folder: str | Path, extra: dict[str, Any] | None
 
     `folder` must be new, empty or an earlier checkpoint (ValueError otherwise, nothing written).
     """
-    from safetensors.torch import save_file
-
     folder = check_checkpoint_folder(folder, "checkpoint folder")
     manifest, tensors = manifest_for(result, loaded, extra)
+    return _write(folder, manifest, tensors)
+
+
+def _distinct_networks(record, modules) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]], list[int | None]]:
+    """Networks (file name, kept heads/units), their tensors, and each stage's network index (None: dense)."""
+    networks: list[dict[str, Any]] = []
+    tensors: list[dict[str, torch.Tensor]] = []
+    stage_network: list[int | None] = []
+    seen: dict[int, int] = {}
+    for spec, module in zip(record, modules):
+        if spec is None:
+            stage_network.append(None)
+            continue
+        if id(module) not in seen:
+            keeps, weights = spec
+            seen[id(module)] = len(networks)
+            networks.append({"file": f"network_{len(networks)}.safetensors", "keep": [k.to_dict() for k in keeps]})
+            tensors.append({name: w.detach().to("cpu", torch.float32).contiguous() for name, w in weights.items()})
+        stage_network.append(seen[id(module)])
+    return networks, tensors, stage_network
+
+
+def save_k_stages(denoiser, record, plan, config, cx: float, loaded, folder: str | Path, seconds: dict | None = None,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Write the K-stage result of `prune_k_stages` (its `record`) as a v3 checkpoint; returns the folder."""
+    folder = check_checkpoint_folder(folder, "checkpoint folder")
+    if len(record) != plan.num_stages:
+        raise ValueError(f"{len(record)} recorded stages for a {plan.num_stages}-stage plan")
+    networks, tensors, stage_network = _distinct_networks(record, denoiser.networks())
+    manifest = {
+        "format": FORMAT,
+        "format_version": K_STAGE_FORMAT_VERSION,
+        "base_model": loaded.spec.name,
+        "base_weights_hash": loaded.weights_hash,
+        "num_stages": plan.num_stages,
+        "plan": plan.to_dict(),
+        "prune": config.to_dict(),
+        "cx": float(cx),
+        "stages": [
+            {"name": f"stage {i}", "network": index, "t_min": None if r is None else r[0], "t_max": None if r is None else r[1]}
+            for i, (r, index) in enumerate(zip(plan.partition.ranges, stage_network))
+        ],
+        "networks": networks,
+        "seconds": {k: round(float(v), 3) for k, v in (seconds or {}).items()},
+        "versions": _versions(),
+        **(extra or {}),
+    }
+    return _write(folder, manifest, tensors)
+
+
+def _write(folder: Path, manifest: dict[str, Any], tensors: list[dict[str, torch.Tensor]]) -> Path:
+    from safetensors.torch import save_file
+
     with replace_folder(folder, owns_entry) as tmp:
         for network, weights in zip(manifest["networks"], tensors):
             path = tmp / network["file"]
@@ -141,6 +186,62 @@ def _is_int(value: Any) -> bool:
 
 def _int_list(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(x) for x in value)
+
+
+def _check_networks(networks: list, where: Any, most: int) -> None:
+    """Every network entry: a plain unique file name, a SHA-256, and kept heads/units per block."""
+    if len(networks) > most:
+        raise _damaged(where, f"it lists {len(networks)} networks, at most {most} allowed")
+    files = set()
+    for index, network in enumerate(networks):
+        if not isinstance(network, dict):
+            raise _damaged(where, f"networks[{index}] must be an object")
+        file = network.get("file")
+        if not isinstance(file, str) or not _NETWORK_FILE.match(file):
+            raise _damaged(where, f"networks[{index}].file must be a plain name like network_0.safetensors (no folders, no '..')")
+        if file in files:
+            raise _damaged(where, f"networks[{index}].file repeats an earlier network's file")
+        files.add(file)
+        if not isinstance(network.get("sha256"), str) or not _SHA256.match(network["sha256"]):
+            raise _damaged(where, f"networks[{index}].sha256 must be 64 hexadecimal digits")
+        keep = network.get("keep")
+        if not isinstance(keep, list) or not all(
+            isinstance(k, dict) and _int_list(k.get("heads")) and _int_list(k.get("units")) for k in keep
+        ):
+            raise _damaged(where, f"networks[{index}].keep must be a list of {{heads: [ints], units: [ints]}}")
+
+
+def _validate_k_stages(manifest: dict[str, Any], where: Any) -> None:
+    """A v3 manifest: its K-stage plan holds together, and each stage's network fits it."""
+    from mosaic_core.divide.k_plan import KStagePlan
+
+    networks, stages = manifest["networks"], manifest["stages"]
+    try:
+        plan = KStagePlan.from_dict(manifest["plan"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise _damaged(where, f"its K-stage plan is not valid ({type(error).__name__}: {str(error)[:200]})") from None
+    if manifest.get("num_stages") != plan.num_stages or len(stages) != plan.num_stages:
+        raise _damaged(where, f"it lists {len(stages)} stages and num_stages {str(manifest.get('num_stages'))[:20]}, its plan has {plan.num_stages}")
+    a = plan.allocation
+    for index, stage in enumerate(stages):
+        name = f"stage {index}"
+        if not isinstance(stage, dict) or stage.get("name") != name:
+            raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
+        network = stage.get("network")
+        if network is not None and not (_is_int(network) and 0 <= network < len(networks)):
+            raise _damaged(where, f"stages[{index}].network must be null or a network index in [0, {len(networks) - 1}]")
+        expected = plan.partition.ranges[index]
+        if (stage.get("t_min"), stage.get("t_max")) != ((None, None) if expected is None else tuple(expected)):
+            raise _damaged(where, f"stage '{name}' has timesteps {(stage.get('t_min'), stage.get('t_max'))}, its plan says {expected}")
+        heads, units = a.heads_kept[index], a.units_kept[index]
+        removes = a.step_counts[index] > 0 and (heads < plan.shape.num_heads or units < plan.shape.mlp_hidden)
+        if network is None:
+            if removes:
+                raise _damaged(where, f"stage '{name}' uses the dense network, its plan prunes it")
+            continue
+        kept = {(len(k["heads"]), len(k["units"])) for k in networks[network]["keep"]}
+        if kept != {(heads, units)}:
+            raise _damaged(where, f"stage '{name}' uses a network whose kept sizes differ from its plan ({heads} heads, {units} units)")
 
 
 def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
@@ -170,25 +271,11 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
         if not isinstance(digest, str) or digest != content_digest(manifest):
             raise _damaged(where, f"its {DIGEST_FIELD} does not match its content (edited or corrupted)")
     networks, stages = manifest["networks"], manifest["stages"]
-    if len(networks) > len(STAGE_NAMES):
-        raise _damaged(where, f"it lists {len(networks)} networks, at most {len(STAGE_NAMES)} allowed")
-    files = set()
-    for index, network in enumerate(networks):
-        if not isinstance(network, dict):
-            raise _damaged(where, f"networks[{index}] must be an object")
-        file = network.get("file")
-        if not isinstance(file, str) or not _NETWORK_FILE.match(file):
-            raise _damaged(where, f"networks[{index}].file must be a plain name like network_0.safetensors (no folders, no '..')")
-        if file in files:
-            raise _damaged(where, f"networks[{index}].file repeats an earlier network's file")
-        files.add(file)
-        if not isinstance(network.get("sha256"), str) or not _SHA256.match(network["sha256"]):
-            raise _damaged(where, f"networks[{index}].sha256 must be 64 hexadecimal digits")
-        keep = network.get("keep")
-        if not isinstance(keep, list) or not all(
-            isinstance(k, dict) and _int_list(k.get("heads")) and _int_list(k.get("units")) for k in keep
-        ):
-            raise _damaged(where, f"networks[{index}].keep must be a list of {{heads: [ints], units: [ints]}}")
+    if found_version == K_STAGE_FORMAT_VERSION:
+        _check_networks(networks, where, len(stages))
+        _validate_k_stages(manifest, where)
+        return manifest
+    _check_networks(networks, where, len(STAGE_NAMES))
     if len(stages) != len(STAGE_NAMES):
         raise _damaged(where, f"it lists {len(stages)} stages, {len(STAGE_NAMES)} expected")
     try:
@@ -243,7 +330,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 
 def load_pruned(folder: str | Path, loaded):
-    """Rebuild the `StagedDiT` of a checkpoint on the loaded base model (everything checked first)."""
+    """Rebuild the `StagedDiT` of a checkpoint on the loaded base model (everything checked first).
+
+    A v3 (K-stage) checkpoint comes back as a `MultiStageDenoiser`; both are called like the dense model.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -277,8 +367,25 @@ def load_pruned(folder: str | Path, loaded):
             raise ValueError(f"checkpoint {folder} has {len(keeps)} blocks, the base model has {num_blocks}")
         networks.append((keeps, {k: v.to(loaded.dtype) for k, v in weights.items()}))
     stage_networks = [None if s["network"] is None else networks[s["network"]] for s in manifest["stages"]]
+    if manifest["format_version"] == K_STAGE_FORMAT_VERSION:
+        return _k_stage_denoiser(folder, manifest, networks, loaded)
     plan = Plan.from_dict(manifest["plan"])
     try:
         return build_staged(loaded.transformer, plan, stage_networks)
     except (RuntimeError, ValueError, KeyError, IndexError) as error:
         raise ValueError(f"checkpoint {folder} does not fit the base model: {error}") from error
+
+
+def _k_stage_denoiser(folder: Path, manifest: dict[str, Any], networks: list, loaded):
+    """The `MultiStageDenoiser` of a v3 checkpoint: each distinct network sliced once, dense stages the base model."""
+    from mosaic_core.conquer.multistage_denoiser import MultiStageDenoiser
+    from mosaic_core.divide.k_plan import KStagePlan
+    from mosaic_core.prune.surgery import sliced_model
+
+    plan = KStagePlan.from_dict(manifest["plan"])
+    try:
+        built = [sliced_model(loaded.transformer, keeps, weights) for keeps, weights in networks]
+    except (RuntimeError, ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"checkpoint {folder} does not fit the base model: {error}") from error
+    modules = [loaded.transformer if s["network"] is None else built[s["network"]] for s in manifest["stages"]]
+    return MultiStageDenoiser(modules, plan.partition)

@@ -4,8 +4,8 @@ Each stage that has steps and loses something gets its own analysis at its own n
 levels (`snr` calibration; `random`/`clean` share one analysis, as in `prune_steps`),
 the kept heads and units of the `StageAllocation`, and its OBS-solved weights. Stages
 with the same kept structure and weights share one network; a stage with nothing removed
-(or no steps) runs the dense model itself. No checkpoint is written: the K-stage result
-lives in memory (the checkpoint format holds three stages; see docs/method.md §12.2–12.5).
+(or no steps) runs the dense model itself. `checkpoint.save_k_stages` writes the result
+(format v3; docs/method.md §12.6).
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ def prune_k_stages(
     *,
     should_stop: Callable[[], bool] | None = None,
     analyses: dict[str, StageAnalysis] | None = None,
+    record: list | None = None,
 ) -> Generator[PruneEvent, None, MultiStageDenoiser]:
     """Prune one network per stage of `partition` to `allocation`'s kept counts; yields `PruneEvent`s.
 
-    `analyses` (key → StageAnalysis) is read and filled, as in `prune_steps`.
+    `analyses` (key → StageAnalysis) is read and filled, as in `prune_steps`. `record`, when
+    given, receives per stage None (the dense model) or (keeps per block, OBS weights by
+    layer name): what a checkpoint stores (`checkpoint.save_k_stages`).
     """
     if len(allocation.step_counts) != partition.num_stages:
         raise ValueError(f"the allocation has {len(allocation.step_counts)} stages, the partition {partition.num_stages}")
@@ -77,6 +80,8 @@ def prune_k_stages(
     for i in range(partition.num_stages):
         if i not in needed:
             networks.append(dense)
+            if record is not None:
+                record.append(None)
             continue
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
@@ -87,5 +92,7 @@ def prune_k_stages(
         if network_key not in built:
             built[network_key] = sliced_model(dense, keeps, weights)
         networks.append(built[network_key])
+        if record is not None:
+            record.append((keeps, weights))
     yield PruneEvent("build", "", 1.0, message=f"done in {time.perf_counter() - start:.1f} s")
     return MultiStageDenoiser(networks, partition)
