@@ -112,14 +112,18 @@ def test_timing_statistics_and_flags_on_injected_timings():
     stats = timing_statistics([3.0, 1.0, 2.0, 4.0])
     assert (stats.min, stats.median, stats.max, stats.runs) == (1.0, 2.5, 4.0, 4)
     assert stats.spread == pytest.approx(3.0)  # (4 − 1) / 1
+    assert stats.excess == pytest.approx(1.5)  # (2.5 − 1) / 1: what the flags judge
     assert timing_statistics([2.0]).spread == 0.0
     with pytest.raises(ValueError, match="positive finite"):
         timing_statistics([])
     assert timing_flags(0.95, 0.05) == ()
     assert timing_flags(2.13, 0.05) == ("measured/ideal 2.13 outside [0.5, 1.1]",)  # the old fewer-steps row
     assert timing_flags(0.45, 0.0)[0].startswith("measured/ideal 0.45")
-    assert timing_flags(1.0, 0.25) == ("spread 25% > 20%",)
-    assert timing_flags(1.0, 0.1, reference_spread=0.3) == ("dense spread 30% > 20%",)
+    assert timing_flags(1.0, 0.25) == ("median 25% above min > 20%",)
+    assert timing_flags(1.0, 0.1, reference_excess=0.3) == ("dense median 30% above min > 20%",)
+    # one slow run of five (a background job) leaves the median at the min: no flag
+    outlier = timing_statistics([1.0, 1.02, 1.01, 1.6, 1.03])
+    assert outlier.spread == pytest.approx(0.6) and timing_flags(1.0, outlier.excess) == ()
 
 
 def test_summarise_timing_uses_the_min_and_flags_implausible_rows():
