@@ -230,3 +230,65 @@ def test_studio_result_shows_both_rules_and_the_built_sparsity(tiny_pixel_folder
     page = prune_result_html(pruned)
     assert 'data-field="measured-sparsity"' in page and "measured allocation" in page
     assert f"{plan.allocation.achieved[0]:.3f}" in page.split('data-field="paper-sparsity">')[1]
+
+
+# ----- kept MLP widths in multiples (GEMM-friendly) ------------------------------------------------
+
+
+def test_a_unit_multiple_rounds_the_cheap_layer_and_takes_the_rest_elsewhere():
+    # a: 8 units, ε = 1 each, kept in multiples of 4 (so 0 or 4 may go); b: 8 groups at ε = 1.2.
+    # Budget 6 groups: free, a loses 6 (error 6); rounded, a can lose 4 only, and the other
+    # 2 come from b: 4 + 2.4 = 6.4, the best any rounded choice does (b alone: 7.2).
+    free = [LayerCurve(0, "a", np.ones(7), 1.0, 7), LayerCurve(0, "b", np.full(7, 1.2), 1.0, 7)]
+    rounded = [LayerCurve(0, "a", np.ones(7), 1.0, 7, multiple=4, num_groups=8), free[1]]
+    assert allocate_measured(free, [1], 6.0, exact=True).removals == {(0, "a"): 6, (0, "b"): 0}
+    result = allocate_measured(rounded, [1], 6.0, exact=True)
+    assert result.removals == {(0, "a"): 4, (0, "b"): 2} and result.error == pytest.approx(6.4)
+    assert list(rounded[0].allowed()) == [0, 4]  # kept 8 or 4 (kept 0 is never allowed)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    raw=st.lists(st.tuples(st.integers(0, 2), st.integers(2, 12), st.sampled_from([1, 2, 4]), st.sampled_from([1.0, 2.0])),
+                 min_size=1, max_size=4),
+    seed=st.integers(0, 1000),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_rounded_allocations_keep_multiples_and_meet_the_budget_within_one_step(raw, seed, fraction):
+    rng = np.random.default_rng(seed)
+    curves = [
+        LayerCurve(stage, f"layer{i}", np.sort(rng.uniform(0, 5, groups - 1)), cost, groups - 1, multiple, groups)
+        for i, (stage, groups, multiple, cost) in enumerate(raw)
+    ]
+    steps = [2, 3, 1]
+    most = sum(steps[c.stage] * c.cost * int(c.allowed()[-1]) for c in curves)
+    budget = fraction * most
+    result = allocate_measured(curves, steps, budget, exact=True)
+    for c in curves:
+        k = result.removals[(c.stage, c.layer)]
+        kept = c.num_groups - k
+        assert k == 0 or kept % c.multiple == 0, (c, k)  # a whole multiple kept, or the layer untouched
+    assert result.macs_removed >= budget - 1e-9
+    biggest_step = max(steps[c.stage] * c.cost * c.multiple for c in curves)
+    assert result.macs_removed <= budget + biggest_step + 1e-9
+
+
+@pytest.mark.slow
+def test_a_measured_prune_with_a_unit_multiple_keeps_whole_multiples(tiny_pixel_folder):
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.hessian import prunable_layers
+    from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    calibration = CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4)
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.4)
+    dense_units = loaded.spec.shape.mlp_hidden
+    result = run_to_end(prune_steps(loaded, plan, PruneConfig(calibration, allocation="measured", unit_multiple=8)))
+    widths = {layer.num_groups for network in result.staged.networks() for layer in prunable_layers(network) if layer.kind == "mlp"}
+    assert widths and all(w == dense_units or w % 8 == 0 for w in widths), widths
+    assert widths != {dense_units}  # something was pruned
+    with pytest.raises(ValueError, match=r"a unit multiple rounds the measured allocation's kept MLP units; allocation is per-stage"):
+        PruneConfig(calibration, unit_multiple=8)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mosaic_core.cli import float_in
+from mosaic_core.cli import float_in, int_in
 from mosaic_core.divide.stages import DEFAULT_M
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import model_default_sampler
@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default=None, metavar="A,B,...", help="run only these rows (dense, the reference, always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, pinned before timing (default: torch's current count, pinned and reported)")
     parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
+    parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=16, metavar="N",
+                        help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16)")
     parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default=None, help="sampler (default: the model's own)")
@@ -185,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         time_images=args.time_n,
         threads=pin_threads(args.threads),
         cache=cache,
+        unit_multiple=args.unit_multiple,
     )
     with tqdm(total=1000, desc="bench", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 

@@ -43,6 +43,11 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
         help="gather float64 Hessians a few blocks at a time, at most MIB MiB at once (default: every layer at once; "
         "`plan` shows both figures)",
     )
+    parser.add_argument(
+        "--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=1, metavar="N",
+        help="measured allocation: keep MLP units in multiples of N (16 or 32: widths the GEMM kernels tile "
+        "without a ragged edge; default 1, any count)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (or float32 | float16 | bfloat16; default fp32 on CPU)")
 
@@ -63,7 +68,7 @@ def prune_config_from_args(args: argparse.Namespace, spec):
     allocation = getattr(args, "allocation", None) or ("measured" if args.scorer == "obs" else "per-stage")
     return PruneConfig(
         calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=ALLOCATION_ALIASES.get(allocation, allocation),
-        hessian_budget=None if budget is None else int(budget * 2**20),
+        hessian_budget=None if budget is None else int(budget * 2**20), unit_multiple=getattr(args, "unit_multiple", 1),
     )
 
 

@@ -11,6 +11,7 @@
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
 | `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
 | `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error (the CLI's default prune) |
+| `mosaic-measured-gemm`| `mosaic-measured` with kept MLP units in multiples of 16 (`--unit-multiple`)      |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
 | `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
@@ -49,7 +50,7 @@ from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
-    "mosaic-per-block", "mosaic-measured", "mosaic-K-steps", "cache", "mosaic+cache",
+    "mosaic-per-block", "mosaic-measured", "mosaic-measured-gemm", "mosaic-K-steps", "cache", "mosaic+cache",
 )
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or its typical run (the
 # median) more than 20 % above its best (the min). Not max − min: one run of five hit by a
@@ -132,6 +133,7 @@ class BenchConfig:
     time_images: int = 8  # images per timed run (quality uses num_images)
     threads: int | None = None  # torch.set_num_threads before timing (None: leave as is)
     cache: "CacheConfig | None" = None  # None: matched to mosaic's MACs
+    unit_multiple: int = 16  # kept MLP units of the mosaic-measured-gemm row are multiples of this
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.num_images) <= 4096:
@@ -248,6 +250,8 @@ def bench_steps(
         ("mosaic-per-block", mosaic_plan, PruneConfig(calibration, allocation="per-block")),
         # the same MACs as `mosaic` (within one group), placed by measured_allocation
         ("mosaic-measured", mosaic_plan, PruneConfig(calibration, allocation="measured")),
+        # the same, its kept MLP widths rounded to multiples the GEMM kernels tile evenly
+        ("mosaic-measured-gemm", mosaic_plan, PruneConfig(calibration, allocation="measured", unit_multiple=config.unit_multiple)),
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))

@@ -48,6 +48,15 @@ class LayerCurve:
     errors: np.ndarray  # ε_1 … ε_K (float64), in greedy removal order
     cost: float  # MACs of one group per model call (c_l)
     max_remove: int  # K_l: groups that may go (a layer keeps at least one)
+    multiple: int = 1  # the kept groups must be a multiple of this (GEMM-friendly widths), or all of them
+    num_groups: int = 0  # G_l: needed when `multiple` > 1
+
+    def allowed(self) -> np.ndarray:
+        """The removal counts k this curve may take: 0…K_l, or those leaving a multiple of `multiple` kept."""
+        k = np.arange(self.max_remove + 1, dtype=np.int64)
+        if self.multiple <= 1:
+            return k
+        return k[(k == 0) | ((self.num_groups - k) % self.multiple == 0)]
 
     def __post_init__(self) -> None:
         errors = np.asarray(self.errors, dtype=np.float64).reshape(-1)
@@ -57,6 +66,8 @@ class LayerCurve:
             raise ValueError(f"{self.layer}: the cost of a group must be > 0 MACs, got {self.cost}")
         if not 0 <= self.max_remove <= errors.size:
             raise ValueError(f"{self.layer}: max_remove must be in [0, {errors.size}], got {self.max_remove}")
+        if self.multiple > 1 and self.num_groups <= self.max_remove:
+            raise ValueError(f"{self.layer}: a multiple of {self.multiple} needs num_groups (> max_remove), got {self.num_groups}")
         object.__setattr__(self, "errors", errors)
 
 
@@ -71,11 +82,11 @@ class MeasuredAllocation:
     price: float  # μ: the error per MAC saved at the margin
 
 
-def _hull_choices(errors: np.ndarray, max_remove: int) -> tuple[np.ndarray, np.ndarray]:
-    """The prefixes k on the lower convex hull of (k, E(k)), k = 0…max_remove, and E there."""
+def _hull_choices(errors: np.ndarray, max_remove: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The prefixes k on the lower convex hull of (k, E(k)), k in `allowed` (default 0…max_remove), and E there."""
     cumulative = np.concatenate([[0.0], np.cumsum(np.maximum(errors[:max_remove], 0.0))])
     hull: list[int] = [0]
-    for k in range(1, cumulative.size):
+    for k in (range(1, cumulative.size) if allowed is None else (int(a) for a in allowed if a > 0)):
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
             # drop b when it lies on or above the segment a → k
@@ -109,7 +120,7 @@ def allocate_measured(
     if not np.isfinite(budget_macs) or budget_macs < 0:
         raise ValueError(f"budget_macs must be a finite number >= 0, got {budget_macs!r}")
     usable = [c for c in curves if steps[c.stage] > 0 and c.max_remove > 0]
-    hulls = [_hull_choices(c.errors, c.max_remove) for c in usable]
+    hulls = [_hull_choices(c.errors, c.max_remove, c.allowed()) for c in usable]
     weights = np.asarray([steps[c.stage] * c.cost for c in usable])  # MACs saved per group, whole trajectory
     most = float(sum(w * h[0][-1] for w, h in zip(weights, hulls)))
     if budget_macs > most * (1 + 1e-12):
@@ -176,10 +187,20 @@ def _fill(below: np.ndarray, above: np.ndarray, curves, weights: np.ndarray, bud
     if done >= budget:
         return choice
     open_curves = [i for i in range(len(curves)) if above[i] > below[i]]
+    allowed = {i: curves[i].allowed() for i in open_curves}
+
+    def step(i: int) -> int:  # groups to the next allowed count (1 unless kept widths are rounded)
+        return int(allowed[i][allowed[i] > choice[i]][0] - choice[i])
+
+    def price(i: int) -> float:  # recorded ε per MAC of that step
+        k, n = choice[i], step(i)
+        return float(np.maximum(curves[i].errors[k : k + n], 0.0).sum()) / (curves[i].cost * n)
+
     while done < budget and open_curves:
-        best = min(open_curves, key=lambda i: max(curves[i].errors[choice[i]], 0.0) / curves[i].cost)
-        choice[best] += 1
-        done += weights[best]
+        best = min(open_curves, key=price)
+        n = step(best)
+        choice[best] += n
+        done += weights[best] * n
         if choice[best] >= above[best]:
             open_curves.remove(best)
     return choice
@@ -192,6 +213,7 @@ class StageLayer:
     name: str
     num_groups: int
     cost: float  # MACs of one group per model call (any unit common to all layers)
+    multiple: int = 1  # kept groups rounded to a multiple of this (MLP units: GEMM-friendly widths)
 
 
 @dataclass(frozen=True)
@@ -267,7 +289,10 @@ def allocate_stages(
             continue
         for layer in layers:
             recorded = np.asarray(errors[layer.name], dtype=np.float64)
-            curves.append(LayerCurve(stage, layer.name, recorded, float(layer.cost), min(layer.num_groups - 1, recorded.size)))
+            curves.append(LayerCurve(
+                stage, layer.name, recorded, float(layer.cost), min(layer.num_groups - 1, recorded.size),
+                layer.multiple if layer.multiple < layer.num_groups else 1, layer.num_groups,
+            ))
     budget = float(sum(steps[s] * layer.cost * int(paper_removals[s].get(layer.name, 0)) for s in range(len(steps)) for layer in layers))
     allocation = allocate_measured(curves, steps, budget, exact=True)
     dense = float(sum(layer.cost * layer.num_groups for layer in layers))

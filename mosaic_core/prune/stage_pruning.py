@@ -66,6 +66,8 @@ class PruneConfig:
     # plan's budget over stages × layers by recorded OBS error (measured_allocation.allocate_stages)
     allocation: str = "per-stage"
     hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
+    # measured allocation: keep MLP units in multiples of this (GEMM-friendly widths; 1 = any count)
+    unit_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
@@ -77,6 +79,10 @@ class PruneConfig:
         damping = self.damping
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 < damping <= 1.0:
             raise ValueError(f"damping must be a number in (0, 1], got {limits.shown(damping)}")
+        if isinstance(self.unit_multiple, bool) or not isinstance(self.unit_multiple, int) or not 1 <= self.unit_multiple <= 256:
+            raise ValueError(f"unit multiple must be a whole number in [1, 256], got {limits.shown(self.unit_multiple)}")
+        if self.unit_multiple > 1 and self.allocation != "measured":
+            raise ValueError(f"a unit multiple rounds the measured allocation's kept MLP units; allocation is {self.allocation}")
         if self.hessian_budget is not None and (isinstance(self.hessian_budget, bool) or int(self.hessian_budget) < 1):
             raise ValueError(f"hessian budget must be a positive number of bytes (or None), got {self.hessian_budget!r}")
 
@@ -86,6 +92,8 @@ class PruneConfig:
             value["allocation"] = self.allocation
         if self.hessian_budget is not None:
             value["hessian_budget"] = int(self.hessian_budget)
+        if self.unit_multiple != 1:
+            value["unit_multiple"] = int(self.unit_multiple)
         return value
 
 
@@ -152,6 +160,7 @@ def analysis_key(weights_hash: str, t_range, config: PruneConfig) -> str:
     settings = config.to_dict()
     settings.pop("allocation", None)  # how kept counts are spread does not change the Hessians
     settings.pop("hessian_budget", None)  # nor does gathering them a few blocks at a time
+    settings.pop("unit_multiple", None)  # nor does rounding the kept widths
     payload = json.dumps({"weights": weights_hash, "t_range": t_range, **settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -472,7 +481,9 @@ def prune_steps(
     stage_networks: list[tuple[list[BlockKeep], dict[str, torch.Tensor]] | None] = [None, None, None]
     measured = None
     if config.allocation == "measured" and needed:
-        measured = measured_stages(loaded.transformer, plan, {i: analyses[keys[i]] for i in needed}, paper_needed)
+        measured = measured_stages(
+            loaded.transformer, plan, {i: analyses[keys[i]] for i in needed}, paper_needed, unit_multiple=config.unit_multiple
+        )
     for i in needed:
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
@@ -513,7 +524,7 @@ def layer_costs(model: torch.nn.Module, plan: Plan) -> dict[str, float]:
     return {layer.name: float(group_macs_per_token("mlp" if layer.kind == "mlp" else "attn", width, layer.group_size)) for layer in layers}
 
 
-def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, StageAnalysis], paper_stages=None):
+def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, StageAnalysis], paper_stages=None, unit_multiple: int = 1):
     """The measured allocation of `plan` from the recorded OBS errors of each stage's analysis.
 
     `analyses[s]` is stage s's analysis (stages without one are not pruned); `paper_stages`
@@ -537,7 +548,9 @@ def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, S
     errors = [
         {name: trace.errors for name, trace in analyses[i].traces.items()} if i in analyses else None for i in range(3)
     ]
-    stage_layers = [StageLayer(layer.name, layer.num_groups, costs[layer.name]) for layer in layers]
+    stage_layers = [
+        StageLayer(layer.name, layer.num_groups, costs[layer.name], unit_multiple if layer.kind == "mlp" else 1) for layer in layers
+    ]
     if plan.mode == "auto":  # the score chose the stage sparsities: the measured errors may move them
         return allocate_stages(stage_layers, errors, plan.step_counts, paper)
     # sparsities set per stage (manual, uniform, one stage only): each stage keeps its own budget
