@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -471,3 +472,25 @@ def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_f
     screenshot = SCREENSHOT or tmp_path_factory.mktemp("shot") / "studio.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 100_000
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_pruned):
+    # the SMALL analyses (snr, 16 images, obs) are cached by the fixture: the tuner only re-solves and samples
+    _set_number(page, "Calibration images per stage", 16)
+    page.get_by_text("Best at this budget (tuner: steps × allocation)").click()
+    _set_number(page, "MAC budget (fraction of dense)", 0.5)
+    done = _click_and_wait(page, "#mosaic-tune-start", "#mosaic-tune-job", ("done", "failed", "cancelled"), timeout=180_000)
+    assert done["state"] == "done", done
+    page.wait_for_function("() => document.querySelector('#mosaic-tune-note')?.textContent.includes('Chosen:')", timeout=10_000)
+    note = page.locator("#mosaic-tune-note").inner_text()
+    chosen_steps = int(re.search(r"Chosen: (\d+) steps, (dense|paper|measured)", note).group(1))
+    assert 1 <= chosen_steps <= STEPS
+    # the chosen point went into the Divide controls: its steps, and "Set per stage" ticked
+    page.wait_for_function(
+        f"() => document.querySelector('input[aria-label=\"number input for Steps\"]').value === '{chosen_steps}'", timeout=10_000
+    )
+    assert page.locator("#mosaic-per-stage input").is_checked()
+    # the front chart drew the candidates and the budget line
+    page.wait_for_selector("#mosaic-tune-front .js-plotly-plot", state="attached", timeout=10_000)
