@@ -176,3 +176,14 @@ def test_readme_table_is_spliced_from_a_bench_md_with_its_command():
     source = text.split("<!-- results-table: ", 1)[1].split(" -->", 1)[0]
     command = text.split("Made by `", 1)[1].split("`", 1)[0]
     assert module.results_block((ROOT / source).read_text(), source, command) in text
+
+
+def test_bench_config_checks_the_reduced_steps_and_leaves_opt_in_rows_out_by_default():
+    from mosaic_core.conquer.bench import BenchConfig
+
+    with pytest.raises(ValueError, match=r"reduced steps must be in \[1, 9\], got 10"):
+        BenchConfig(num_inference_steps=10, reduced_steps=10)
+    default = BenchConfig(num_inference_steps=10, reduced_steps=None)
+    assert default.wants("mosaic-measured") and default.wants("cache") and not default.wants("mosaic-measured-gemm")
+    named = BenchConfig(num_inference_steps=10, reduced_steps=None, methods=("mosaic-measured-gemm",))
+    assert named.wants("mosaic-measured-gemm") and named.wants("dense") and not named.wants("mosaic-measured")

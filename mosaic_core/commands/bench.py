@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
     parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=16, metavar="N",
                         help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16)")
-    parser.add_argument("--reduced-steps", type=int, default=20, help="steps of the stacked mosaic row; 0 to skip (default 20)")
+    parser.add_argument("--reduced-steps", type=int, default=None,
+                        help="steps of the mosaic-K-steps row, below --steps; 0 to skip (default 20 when --steps is above 20, else skipped)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default=None, help="sampler (default: the model's own)")
     parser.add_argument("--M", type=float, default=DEFAULT_M)
@@ -176,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         num_images=args.n,
         repeats=args.repeats,
-        reduced_steps=args.reduced_steps or None,
+        reduced_steps=(20 if args.steps > 20 else None) if args.reduced_steps is None else (args.reduced_steps or None),
         guidance_scale=args.cfg,
         scheduler=scheduler,
         seed=args.seed,

@@ -11,7 +11,7 @@
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
 | `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
 | `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error (the CLI's default prune) |
-| `mosaic-measured-gemm`| `mosaic-measured` with kept MLP units in multiples of 16 (`--unit-multiple`)      |
+| `mosaic-measured-gemm`| `mosaic-measured` with kept MLP units in multiples of 16 (`--unit-multiple`); only when named |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
 | `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
@@ -52,6 +52,7 @@ METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
     "mosaic-per-block", "mosaic-measured", "mosaic-measured-gemm", "mosaic-K-steps", "cache", "mosaic+cache",
 )
+OPT_IN_METHODS = ("mosaic-measured-gemm",)  # run only when --methods names them (the default bench is long already)
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or its typical run (the
 # median) more than 20 % above its best (the min). Not max − min: one run of five hit by a
 # background job says nothing against the min; most runs far above it do.
@@ -144,12 +145,16 @@ class BenchConfig:
             raise ValueError(f"--threads must be in [1, 1024], got {self.threads}")
         if self.methods is not None:
             parse_methods(",".join(self.methods))
-
-    def wants(self, name: str) -> bool:
-        """Whether row `name` runs (dense always does)."""
-        return name == "dense" or self.methods is None or method_key(name) in {method_key(m) for m in self.methods}
         if self.reduced_steps is not None and not 1 <= self.reduced_steps < self.num_inference_steps:
             raise ValueError(f"reduced steps must be in [1, {self.num_inference_steps - 1}], got {self.reduced_steps}")
+
+    def wants(self, name: str) -> bool:
+        """Whether row `name` runs (dense always does; the opt-in rows only when named)."""
+        if name == "dense":
+            return True
+        if self.methods is None:
+            return method_key(name) not in OPT_IN_METHODS
+        return method_key(name) in {method_key(m) for m in self.methods}
 
 
 @dataclass(frozen=True)
