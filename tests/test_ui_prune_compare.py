@@ -459,12 +459,18 @@ def test_compare_shows_both_galleries_the_table_and_the_history(page, tmp_path_f
     page.wait_for_function(
         """() => {
             const gd = document.querySelector('#mosaic-history-plot .js-plotly-plot');
-            return gd && gd.data && gd.data.reduce((n, trace) => n + trace.y.length, 0) === 2;
+            const runs = gd && gd.data && gd.data.filter((trace) => !trace.name.startsWith('front'));
+            return runs && runs.reduce((n, trace) => n + trace.y.length, 0) === 2;
         }""",
         timeout=30_000,
     )
     names = page.evaluate("() => document.querySelector('#mosaic-history-plot .js-plotly-plot').data.map((t) => t.name)")
-    assert names == ["all stages", "middle only"]
+    assert [n for n in names if not n.startswith("front")] == ["all stages", "middle only"]
+    # each run is starred when no other run is both faster and closer to dense
+    labels = page.evaluate(
+        "() => document.querySelector('#mosaic-history-plot .js-plotly-plot').data.filter((t) => !t.name.startsWith('front')).map((t) => t.text[0])"
+    )
+    assert any(label.endswith("★") for label in labels), labels
 
     page.evaluate("() => document.querySelectorAll('.toast-close').forEach((button) => button.click())")
     page.wait_for_function("() => !document.querySelector('.toast-body, [data-testid=toast-body]')", timeout=10_000)
