@@ -164,7 +164,7 @@ class BlockReuse(nn.Module):
         from mosaic_core.models.adapters import adapter_for_model
 
         if not self.enabled:
-            return self.denoiser(hidden_states, timestep, *args, **kwargs)
+            return _pass_on(self.denoiser, hidden_states, timestep, args, kwargs)
         t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None
         if t is not None and self._last_timestep is not None and t >= self._last_timestep:
             self.reset()  # timesteps went up: a new trajectory
@@ -190,7 +190,7 @@ class BlockReuse(nn.Module):
                     if id(block) not in patched:  # a block shared by two networks is patched once
                         block.forward = self._wrap(index, block.forward)
                         patched[id(block)] = block
-            out = self.denoiser(hidden_states, timestep, *args, **kwargs)
+            out = _pass_on(self.denoiser, hidden_states, timestep, args, kwargs)
         finally:
             for block in patched.values():
                 del block.forward  # back to the class's forward
@@ -237,3 +237,11 @@ def match_cache_to_macs(
             return None
         raise AssertionError("no reuse setting was tried")
     return best[1], best[2]
+
+
+def _pass_on(denoiser, hidden_states, timestep, args: tuple, kwargs: dict):
+    """denoiser(hidden_states, timestep, …) with the timestep by keyword unless positional arguments follow it
+    (PixArt's forward takes `encoder_hidden_states` second), as `StagedDenoiser` does."""
+    if args:
+        return denoiser(hidden_states, timestep, *args, **kwargs)
+    return denoiser(hidden_states, timestep=timestep, **kwargs)

@@ -306,7 +306,9 @@ def staged_step_macs(loaded, plan, result) -> list[float]:
     dense_step = plan.macs_dense / plan.num_inference_steps
     layers = prunable_layers(loaded.transformer)
     costs = layer_costs(loaded.transformer, plan)
-    prunable = sum(costs[layer.name] * layer.num_groups for layer in layers) * (plan.shape.num_tokens or 1)
+    # a blockwise shape's costs are per model call already (each level has its own tokens); a DiT's per token
+    per_call = 1 if plan.allocation.layer_keeps is not None else (plan.shape.num_tokens or 1)
+    prunable = sum(costs[layer.name] * layer.num_groups for layer in layers) * per_call
     per_stage = [dense_step - float(s) * prunable for s in measured.sparsity]
     return [per_stage[s] for s in plan.step_stages]
 
