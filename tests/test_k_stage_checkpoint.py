@@ -110,3 +110,19 @@ def test_prune_stages_writes_a_v3_checkpoint_that_samples_as_the_model_it_saved(
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"stage 'stage \d' uses a network whose kept sizes differ from its plan"):
         read_manifest(out)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--allocation", "measured"], r"--stages 4 prunes each stage's counts in every block \(--allocation paper\); got --allocation measured"),
+        (["--unit-multiple", "16"], r"--unit-multiple rounds the measured allocation; --stages 4 prunes with the paper's"),
+    ],
+)
+def test_prune_stages_refuses_what_it_cannot_do_before_any_work(tmp_path, args, message):
+    import re
+
+    out = tmp_path / "k4"
+    done = run_cli("prune", "--stages", "4", "--sparsity", "0.3", *args, "--out", str(out))
+    assert done.returncode == 2 and re.search(message, done.stderr), done.stderr
+    assert not out.exists()

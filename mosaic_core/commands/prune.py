@@ -160,9 +160,13 @@ def run_k_stages(args: argparse.Namespace) -> int:
         raise ValueError(f"--stages {args.stages} prunes each stage's counts in every block (--allocation paper); got --allocation {args.allocation}")
     if current_processes(args.device).distributed:
         raise ValueError(f"--stages {args.stages} runs in one process; launch it without accelerate (3 stages shard over processes)")
+    from mosaic_core.models.registry import resolve_model
+
     plan = k_plan_from_args(args)  # before loading: a bad option costs nothing
+    if args.unit_multiple != 1:
+        raise ValueError(f"--unit-multiple rounds the measured allocation; --stages {args.stages} prunes with the paper's")
+    config = dataclasses.replace(prune_config_from_args(args, resolve_model(plan.model)), allocation="per-stage")
     loaded = load_model(plan.model, device=args.device, dtype=args.dtype)
-    config = dataclasses.replace(prune_config_from_args(args, loaded.spec), allocation="per-stage")
     print(format_k_plan(plan))
     record: list = []
     analyses: dict = {}

@@ -42,7 +42,7 @@ def _methods(text: str) -> tuple[str, ...]:
     try:
         return check_methods(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--methods: {error}") from None
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def register(subparsers) -> None:
