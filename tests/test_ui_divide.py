@@ -106,6 +106,13 @@ def test_plan_endpoint_matches_build_plan(client, kwargs):
     assert math.isclose(got["overall_sparsity"], expected["overall_sparsity"])
 
 
+@pytest.mark.parametrize("model, steps", [("sd3-medium", 28), ("flux-schnell", 4), ("pixart-sigma", 20), (MODEL, 50)])
+def test_plan_endpoint_takes_the_models_own_step_count_when_none_is_named(client, model, steps):
+    # the step counts of the pipelines' own defaults (StableDiffusion3Pipeline 28, FLUX.1-schnell 4, PixArt-Σ 20)
+    got = client.predict(model=model, sparsity=0.3, api_name="/plan")
+    assert got["num_inference_steps"] == steps and len(got["timesteps"]) == steps
+
+
 @pytest.mark.parametrize("model, sampler", [("sd3-medium", "flow-euler"), ("flux-schnell", "flow-euler-1/n"), (MODEL, "ddim")])
 def test_plan_endpoint_takes_the_models_own_sampler_when_none_is_named(client, model, sampler):
     # SD3's FlowMatchEulerDiscreteScheduler, Flux's 1/n sigmas (FluxPipeline), DDIM for DiT

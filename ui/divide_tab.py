@@ -324,7 +324,7 @@ class DivideHandlers:
         self,
         model: str = settings.MODEL_DEFAULT,
         sampler: Optional[str] = None,
-        steps: int = settings.STEPS_DEFAULT,
+        steps: Optional[int] = None,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
         sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
@@ -335,7 +335,8 @@ class DivideHandlers:
 
         Give `stage_sparsity` [early, middle, late] for a manual allocation (then `sparsity`
         is ignored), else `sparsity` is the overall target of the automatic allocation.
-        `sampler` None (the default) is the model's own (DDIM for DiT, flow-euler for SD3).
+        `sampler` None (the default) is the model's own (DDIM for DiT, flow-euler for SD3), and
+        `steps` None its own step count (50 for DiT, 28 for SD3, 4 for FLUX.1-schnell).
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
         return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, None)
@@ -345,7 +346,7 @@ class DivideHandlers:
         self,
         model: str = settings.MODEL_DEFAULT,
         sampler: Optional[str] = None,
-        steps: int = settings.STEPS_DEFAULT,
+        steps: Optional[int] = None,
         M: float = settings.M_DEFAULT,
         lam: float = settings.LAM_DEFAULT,
         sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
