@@ -92,7 +92,7 @@ def main() -> None:
         if sparsity is not None:
             plan = build_plan(spec, n0, DEFAULT_M, 0.01, sparsity=sparsity, scheduler=scheduler)
             pruned = run_to_end(prune_steps(loaded, plan, replace(config, allocation="measured"), analyses=analyses))
-            macs = sum(staged_step_macs(loaded, plan, pruned))
+            macs = sum(staged_step_macs(plan, pruned))
             entries.append(("prune", "measured", TunePoint(n0, "measured", plan.overall_sparsity, macs, macs / dense_macs, 0, 0, 0), pruned.staged))
         fit = match_cache_to_macs(num_blocks, [dense_step] * n0, budget * dense_macs, within=True)
         if fit is not None:

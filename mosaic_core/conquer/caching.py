@@ -32,6 +32,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
+from mosaic_core.conquer.staged_denoiser import call_denoiser
 from mosaic_core.limits import shown
 
 
@@ -159,12 +160,12 @@ class BlockReuse(nn.Module):
 
         return cached_forward
 
-    def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, **kwargs: Any):
+    def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
         """The wrapped denoiser's call, with the cached blocks reusing residuals on cached steps."""
         from mosaic_core.models.adapters import adapter_for_model
 
         if not self.enabled:
-            return _pass_on(self.denoiser, hidden_states, timestep, args, kwargs)
+            return call_denoiser(self.denoiser, hidden_states, timestep, args, return_dict, kwargs)
         t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None
         if t is not None and self._last_timestep is not None and t >= self._last_timestep:
             self.reset()  # timesteps went up: a new trajectory
@@ -190,7 +191,7 @@ class BlockReuse(nn.Module):
                     if id(block) not in patched:  # a block shared by two networks is patched once
                         block.forward = self._wrap(index, block.forward)
                         patched[id(block)] = block
-            out = _pass_on(self.denoiser, hidden_states, timestep, args, kwargs)
+            out = call_denoiser(self.denoiser, hidden_states, timestep, args, return_dict, kwargs)
         finally:
             for block in patched.values():
                 del block.forward  # back to the class's forward
@@ -237,11 +238,3 @@ def match_cache_to_macs(
             return None
         raise AssertionError("no reuse setting was tried")
     return best[1], best[2]
-
-
-def _pass_on(denoiser, hidden_states, timestep, args: tuple, kwargs: dict):
-    """denoiser(hidden_states, timestep, …) with the timestep by keyword unless positional arguments follow it
-    (PixArt's forward takes `encoder_hidden_states` second), as `StagedDenoiser` does."""
-    if args:
-        return denoiser(hidden_states, timestep, *args, **kwargs)
-    return denoiser(hidden_states, timestep=timestep, **kwargs)

@@ -75,7 +75,7 @@ class MultiStageDenoiser(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
         """The stage network's forward for these timesteps; a mixed batch is split by stage and put back in order."""
-        from mosaic_core.conquer.staged_denoiser import _call
+        from mosaic_core.conquer.staged_denoiser import call_denoiser
         from mosaic_core.models.adapters import select_rows
 
         if timestep is None:
@@ -86,7 +86,7 @@ class MultiStageDenoiser(nn.Module):
         networks = self.networks()
         if len({id(networks[index]) for index in present}) == 1:
             self.stage_calls.extend(present)
-            return _call(networks[present[0]], hidden_states, timestep, args, return_dict, kwargs)
+            return call_denoiser(networks[present[0]], hidden_states, timestep, args, return_dict, kwargs)
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
         output, output_type = None, None
@@ -94,7 +94,7 @@ class MultiStageDenoiser(nn.Module):
             rows = torch.nonzero(stage == index).flatten()
             self.stage_calls.append(index)
             rows_dev = rows.to(hidden_states.device)
-            part = _call(
+            part = call_denoiser(
                 networks[index], hidden_states.index_select(0, rows_dev), select_rows(timestep, rows, batch),
                 select_rows(tuple(args), rows, batch), True, select_rows(kwargs, rows, batch),
             )

@@ -153,7 +153,7 @@ class StagedDiT(nn.Module):
             # 1. One network for the whole call (the sampler case, or stages that share a
             #    network): pass everything through unchanged, as the dense model would run.
             self.stage_calls.extend(STAGES[index] for index in present)
-            return _call(self.networks()[present[0]], hidden_states, timestep, args, return_dict, kwargs)
+            return call_denoiser(self.networks()[present[0]], hidden_states, timestep, args, return_dict, kwargs)
         # 2. Mixed batch: run each stage on its rows, then put the rows back in order.
         if stage.numel() != batch:
             raise ValueError(f"timestep must be a scalar or have one entry per sample ({batch}), got {stage.numel()}")
@@ -164,7 +164,7 @@ class StagedDiT(nn.Module):
                 continue
             self.stage_calls.append(STAGES[index])
             rows_dev = rows.to(hidden_states.device)
-            part = _call(
+            part = call_denoiser(
                 network, hidden_states.index_select(0, rows_dev), select_rows(timestep, rows, batch),
                 select_rows(tuple(args), rows, batch), True, select_rows(kwargs, rows, batch),
             )
@@ -178,9 +178,10 @@ class StagedDiT(nn.Module):
         return output_type(sample=output)
 
 
-def _call(network: nn.Module, hidden_states, timestep, args: tuple, return_dict: bool, kwargs: dict):
+def call_denoiser(network: nn.Module, hidden_states, timestep, args: tuple, return_dict: bool, kwargs: dict):
     """network(hidden_states, timestep, …): the timestep by keyword unless more positional
-    arguments follow it (a transformer whose forward has `timestep` after the text inputs)."""
+    arguments follow it (a transformer whose forward has `timestep` after the text inputs).
+    Every wrapper that passes a call on (staged, K-stage, block reuse) goes through here."""
     if args:
         return network(hidden_states, timestep, *args, return_dict=return_dict, **kwargs)
     return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)

@@ -236,7 +236,7 @@ def tune(
             plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
             say(f"{method}, {n} steps, sparsity {plan.overall_sparsity:.3f}")
             result = run_to_end(_prune(loaded, plan, prune_config, _PRUNE_ALLOCATION[method], analyses, should_stop))
-            step_macs = staged_step_macs(loaded, plan, result)
+            step_macs = staged_step_macs(plan, result)
             error, stages = _recorded(loaded, plan, result)
             point = TunePoint(
                 n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs, float(error),
@@ -290,26 +290,21 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
     return transformer
 
 
-def staged_step_macs(loaded, plan, result) -> list[float]:
+def staged_step_macs(plan, result) -> list[float]:
     """Block-linear MACs of each sampler step of a pruned `result` of `plan` (its stage network's).
 
-    The measured rule moves sparsity between stages, so its networks are costed from the
-    removed share of the prunable MACs of each stage (`MeasuredStages.sparsity`); the paper's
-    from the plan's allocation.
+    The measured rule moves sparsity between stages, so its networks are costed from each
+    stage's removed share of the prunable MACs (`MeasuredStages.sparsity`); every
+    block-linear MAC is prunable, so a stage's step costs (1 − share) of a dense step. The
+    paper's networks are costed from the plan's allocation.
     """
     from mosaic_core.conquer.bench import _stage_step_macs
-    from mosaic_core.prune.stage_pruning import layer_costs, prunable_layers
 
     measured = getattr(result, "measured", None)
     if measured is None:
         return [float(m) for m in _stage_step_macs(plan)]
     dense_step = plan.macs_dense / plan.num_inference_steps
-    layers = prunable_layers(loaded.transformer)
-    costs = layer_costs(loaded.transformer, plan)
-    # a blockwise shape's costs are per model call already (each level has its own tokens); a DiT's per token
-    per_call = 1 if plan.allocation.layer_keeps is not None else (plan.shape.num_tokens or 1)
-    prunable = sum(costs[layer.name] * layer.num_groups for layer in layers) * per_call
-    per_stage = [dense_step - float(s) * prunable for s in measured.sparsity]
+    per_stage = [dense_step * (1.0 - float(s)) for s in measured.sparsity]
     return [per_stage[s] for s in plan.step_stages]
 
 

@@ -51,8 +51,7 @@ class KStagePlan:
     @property
     def macs_dense(self) -> int:
         """Block-linear MACs of one image with the dense network at every step."""
-        shape = self.shape
-        return k_stage_macs(shape, _dense_allocation(self))
+        return k_stage_macs(self.shape, _dense_allocation(self))
 
     @property
     def macs_staged(self) -> int:

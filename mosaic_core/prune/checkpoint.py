@@ -211,6 +211,19 @@ def _check_networks(networks: list, where: Any, most: int) -> None:
             raise _damaged(where, f"networks[{index}].keep must be a list of {{heads: [ints], units: [ints]}}")
 
 
+def _check_stage(stage: Any, index: int, name: str, expected, num_networks: int, where: Any) -> int | None:
+    """One `stages` entry: an object named `name`, a network index or null, the plan's timesteps; its network."""
+    if not isinstance(stage, dict) or stage.get("name") != name:
+        raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
+    network = stage.get("network")
+    if network is not None and not (_is_int(network) and 0 <= network < num_networks):
+        raise _damaged(where, f"stages[{index}].network must be null or a network index in [0, {num_networks - 1}]")
+    given = (stage.get("t_min"), stage.get("t_max"))
+    if given != ((None, None) if expected is None else tuple(expected)):
+        raise _damaged(where, f"stage '{name}' has timesteps {given}, its plan says {expected}")
+    return network
+
+
 def _validate_k_stages(manifest: dict[str, Any], where: Any) -> None:
     """A v3 manifest: its K-stage plan holds together, and each stage's network fits it."""
     from mosaic_core.divide.k_plan import KStagePlan
@@ -225,14 +238,7 @@ def _validate_k_stages(manifest: dict[str, Any], where: Any) -> None:
     a = plan.allocation
     for index, stage in enumerate(stages):
         name = f"stage {index}"
-        if not isinstance(stage, dict) or stage.get("name") != name:
-            raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
-        network = stage.get("network")
-        if network is not None and not (_is_int(network) and 0 <= network < len(networks)):
-            raise _damaged(where, f"stages[{index}].network must be null or a network index in [0, {len(networks) - 1}]")
-        expected = plan.partition.ranges[index]
-        if (stage.get("t_min"), stage.get("t_max")) != ((None, None) if expected is None else tuple(expected)):
-            raise _damaged(where, f"stage '{name}' has timesteps {(stage.get('t_min'), stage.get('t_max'))}, its plan says {expected}")
+        network = _check_stage(stage, index, name, plan.partition.ranges[index], len(networks), where)
         heads, units = a.heads_kept[index], a.units_kept[index]
         removes = a.step_counts[index] > 0 and (heads < plan.shape.num_heads or units < plan.shape.mlp_hidden)
         if network is None:
@@ -285,15 +291,7 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
     allocation = manifest["prune"].get("allocation", "per-stage")
     per_stage = allocation == "per-stage"
     for index, (name, stage) in enumerate(zip(STAGE_NAMES, stages)):
-        if not isinstance(stage, dict) or stage.get("name") != name:
-            raise _damaged(where, f"stages[{index}] must be an object named '{name}'")
-        network = stage.get("network")
-        if network is not None and not (_is_int(network) and 0 <= network < len(networks)):
-            raise _damaged(where, f"stages[{index}].network must be null or a network index in [0, {len(networks) - 1}]")
-        expected = plan.bounds.ranges[index]
-        given = (stage.get("t_min"), stage.get("t_max"))
-        if given != ((None, None) if expected is None else tuple(expected)):
-            raise _damaged(where, f"stage '{name}' has timesteps {given}, its plan says {expected}")
+        network = _check_stage(stage, index, name, plan.bounds.ranges[index], len(networks), where)
         heads, units = plan.allocation.heads_kept[index], plan.allocation.units_kept[index]
         removes = plan.step_counts[index] > 0 and (heads < plan.shape.num_heads or units < plan.shape.mlp_hidden)
         if network is None:
