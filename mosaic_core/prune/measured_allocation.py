@@ -33,6 +33,8 @@ a DiT-XL/2 plan (3 stages × 56 layers, ≤ 4608 groups each) allocates in milli
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -83,7 +85,20 @@ class MeasuredAllocation:
 
 
 def _hull_choices(errors: np.ndarray, max_remove: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The prefixes k on the lower convex hull of (k, E(k)), k in `allowed` (default 0…max_remove), and E there."""
+    """The prefixes k on the lower convex hull of (k, E(k)), k in `allowed` (default 0…max_remove), and E there.
+
+    Remembered by content: the tuner allocates many plans from the same recorded errors.
+    """
+    errors = np.ascontiguousarray(errors, dtype=np.float64)
+    allowed_key = None if allowed is None else np.ascontiguousarray(allowed, dtype=np.int64).tobytes()
+    points, values = _hull_remembered(errors.tobytes(), int(max_remove), allowed_key)
+    return points.copy(), values.copy()
+
+
+@functools.lru_cache(maxsize=4096)
+def _hull_remembered(errors_bytes: bytes, max_remove: int, allowed_bytes: bytes | None) -> tuple[np.ndarray, np.ndarray]:
+    errors = np.frombuffer(errors_bytes, dtype=np.float64)
+    allowed = None if allowed_bytes is None else np.frombuffer(allowed_bytes, dtype=np.int64)
     cumulative = np.concatenate([[0.0], np.cumsum(np.maximum(errors[:max_remove], 0.0))])
     hull: list[int] = [0]
     for k in (range(1, cumulative.size) if allowed is None else (int(a) for a in allowed if a > 0)):
@@ -129,13 +144,20 @@ def allocate_measured(
             "to its last group removes: lower the sparsity"
         )
 
+    # the hulls side by side, padded with E = +inf (never a minimum)
+    width = max((points.size for points, _ in hulls), default=1)
+    hull_points = np.zeros((len(hulls), width), dtype=np.int64)
+    hull_values = np.full((len(hulls), width), np.inf)
+    for row, (points, values) in enumerate(hulls):
+        hull_points[row, : points.size], hull_values[row, : values.size] = points, values
+    hull_costs = np.asarray([c.cost for c in usable], dtype=np.float64)[:, None]
+    rows = np.arange(len(hulls))
+
     def choose(price: float, more: bool = True) -> np.ndarray:
         # per curve: the hull point minimising E(k) − price·c·k (ties: the larger k, or the smaller)
-        pick = _argmin_last if more else (lambda values: int(np.argmin(values)))
-        return np.asarray(
-            [int(points[pick(values - price * c.cost * points)]) for (points, values), c in zip(hulls, usable)],
-            dtype=np.int64,
-        )
+        objective = hull_values - price * hull_costs * hull_points
+        index = width - 1 - np.argmin(objective[:, ::-1], axis=1) if more else np.argmin(objective, axis=1)
+        return hull_points[rows, index]
 
     def removed(choice: np.ndarray) -> float:
         return float(np.dot(weights, choice))
@@ -165,12 +187,6 @@ def allocate_measured(
         removals[(c.stage, c.layer)] = int(k)
         error += steps[c.stage] * float(np.maximum(c.errors[:k], 0.0).sum())
     return MeasuredAllocation(removals, removed(choice), float(budget_macs), error, float(price))
-
-
-def _argmin_last(values: np.ndarray) -> int:
-    """Index of the minimum, the last one on ties (prefer removing more at equal cost)."""
-    reversed_index = int(np.argmin(values[::-1]))
-    return values.size - 1 - reversed_index
 
 
 def _fill(below: np.ndarray, above: np.ndarray, curves, weights: np.ndarray, budget: float) -> np.ndarray:
