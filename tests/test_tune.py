@@ -175,3 +175,102 @@ def test_the_comparison_history_joins_and_stars_its_front():
     assert labels == ["#1 ★", "#2", "#3 ★"]
     macs_labels = by_axis[AXES[2]]["all stages"]["text"]
     assert macs_labels == ["#1 ★", "#2", "#3"]
+
+
+def test_quality_model_recovers_the_curve_it_was_drawn_from():
+    """Rows drawn from MSE = MSE_dense + κ·E^α (α, log κ on the fit's grid) give back α and κ, residual ~0."""
+    import numpy as np
+
+    from mosaic_core.conquer.tune import fit_quality
+
+    rng = np.random.default_rng(0)
+    steps = rng.integers(10, 50, 12)
+    dense = rng.uniform(30.0, 45.0, 12)
+    error = rng.uniform(1.0, 200.0, 12)
+    alpha, kappa = 1.25, 10.0**-4.5
+    sampled = -10.0 * np.log10(10.0 ** (-dense / 10.0) + kappa * error**alpha)
+    model = fit_quality(list(zip(steps, dense, error, sampled)))
+    assert model.alpha == 1.25 and model.log_kappa == pytest.approx(-4.5, abs=1e-6)
+    assert model.rmse < 1e-6 and model.count == 12
+    # no error predicts the dense model at those steps; more error, lower PSNR
+    assert model.psnr(40.0, 0.0) == pytest.approx(40.0)
+    assert model.psnr(40.0, 10.0) > model.psnr(40.0, 100.0)
+    # too few rows, or one step count only: no model
+    assert fit_quality(list(zip(steps, dense, error, sampled))[:3]) is None
+    assert fit_quality([(20, d, e, s) for d, e, s in zip(dense, error, sampled)]) is None
+
+
+@pytest.mark.slow
+def test_retune_predicts_what_an_exhaustive_tune_measures_and_samples_at_most_check(tiny_pixel_folder):
+    """At a second budget the pruned candidates are predicted: their recorded errors and MACs equal those of the
+    networks an exhaustive tune builds, at most `check` are sampled (and then equal the exhaustive points), the
+    front and the choice use sampled points only, and a revisited budget samples nothing."""
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses, memo = {}, {}
+    kwargs = dict(reference_steps=8, steps_grid=(4, 5, 6, 7, 8), images=2, analyses=analyses, methods=("dense", "paper", "measured"))
+    first = tune(loaded, 0.6, config, memo=memo, **kwargs)
+    assert not any(p.predicted for p in first.points)  # nothing to fit yet: every candidate sampled
+    messages = []
+    second = tune(loaded, 0.45, config, memo=memo, check=1, on_progress=messages.append, **kwargs)
+    exhaustive = tune(loaded, 0.45, config, memo={}, check=0, **kwargs)
+    assert not any(p.predicted for p in exhaustive.points)
+    assert set(second.quality_models) == {"paper", "measured"}
+    by_kind = {(p.steps, p.allocation): p for p in exhaustive.points}
+    assert {(p.steps, p.allocation) for p in second.points} == set(by_kind)
+    predicted = [p for p in second.points if p.predicted]
+    sampled_now = [m for m in messages if not m.startswith("dense")]
+    assert predicted and len(sampled_now) <= 1
+    for p in second.points:
+        reference = by_kind[(p.steps, p.allocation)]
+        assert p.recorded_error == pytest.approx(reference.recorded_error, rel=1e-9)
+        assert (p.macs, p.stage_sparsity, p.target_sparsity) == (reference.macs, reference.stage_sparsity, reference.target_sparsity)
+        if not p.predicted:
+            assert p.psnr == reference.psnr
+    assert all(not second.points[i].predicted for i in second.front)
+    assert not second.points[second.chosen].predicted and second.points[second.chosen].macs_fraction <= 0.45
+    # back to the first budget: every point is remembered, nothing is sampled, the result is the same
+    messages.clear()
+    again = tune(loaded, 0.6, config, memo=memo, on_progress=messages.append, **kwargs)
+    assert messages == [] and again.points == first.points and again.chosen == first.chosen
+
+
+def test_check_is_validated():
+    from mosaic_core.conquer.tune import _check_count
+
+    assert _check_count(0) == 0 and _check_count(3) == 3
+    for bad in (-1, 65, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=r"check must be a whole number of candidates to sample in \[0, 64\]"):
+            _check_count(bad)
+
+
+@pytest.mark.slow
+def test_tune_cli_several_budgets_predicts_the_later_ones(tiny_pixel_folder, tmp_path, capsys):
+    from mosaic_core.cli import main
+
+    out = tmp_path / "tune.json"
+    code = main([
+        "tune", "--model", str(tiny_pixel_folder), "--steps", "8", "--steps-grid", "4,5,6,7,8", "--budget", "0.6,0.45",
+        "--methods", "dense,paper,measured", "--calib-size", "8", "--calib-batch-size", "8", "--images", "2", "--device", "cpu",
+        "--json", "--out", str(out),
+    ])
+    assert code == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    written = json.loads(out.read_text())["results"]
+    assert [r["budget"] for r in written] == [0.6, 0.45] and printed == written
+    assert not any(p["predicted"] for p in written[0]["points"])  # nothing sampled before: every candidate sampled
+    assert any(p["predicted"] for p in written[1]["points"]) and set(written[1]["quality_models"]) == {"paper", "measured"}
+    assert not written[1]["points"][written[1]["chosen"]]["predicted"]
+
+
+def test_tune_cli_rejects_a_bad_budget_list(capsys):
+    from mosaic_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["tune", "--budget", "0.5,1.5"])
+    assert "--budget" in capsys.readouterr().err

@@ -445,19 +445,25 @@ def sensitivity_figure(sensitivity, curve: ScoreCurve, plan: Plan) -> go.Figure:
 
 
 def tune_front_figure(result: dict) -> go.Figure:
-    """The tuner's candidates: PSNR to dense over the MAC fraction, the Pareto front joined, the chosen point ringed."""
+    """The tuner's candidates: PSNR to dense over the MAC fraction (predicted ones open), the Pareto front joined, the chosen point ringed."""
     points = result["points"]
     figure = go.Figure()
     colors = {"dense": "#9aa5b1", "paper": settings.TERM_COLORS["snr"], "measured": settings.TERM_COLORS["score"]}
     for kind, color in colors.items():
-        chosen = [p for p in points if p["allocation"] == kind]
-        figure.add_trace(
-            go.Scatter(
-                x=[p["macs_fraction"] for p in chosen], y=[p["psnr"] for p in chosen], mode="markers", name=kind,
-                marker=dict(color=color, size=8), text=[f"{p['steps']} steps" for p in chosen],
-                hovertemplate="%{text}<br>MACs %{x:.3f} of dense<br>PSNR %{y:.2f} dB<extra>" + kind + "</extra>",
+        for predicted in (False, True):  # predicted points (from the recorded error, not sampled) drawn open
+            chosen = [p for p in points if p["allocation"] == kind and bool(p.get("predicted")) == predicted]
+            if predicted and not chosen:
+                continue
+            name = f"{kind}, predicted" if predicted else kind
+            figure.add_trace(
+                go.Scatter(
+                    x=[p["macs_fraction"] for p in chosen], y=[p["psnr"] for p in chosen], mode="markers", name=name,
+                    marker=dict(color=color, size=8, symbol="circle-open" if predicted else "circle"),
+                    text=[f"{p['steps']} steps" for p in chosen],
+                    hovertemplate="%{text}<br>MACs %{x:.3f} of dense<br>PSNR %{y:.2f} dB"
+                    + (" (predicted)" if predicted else "") + "<extra>" + kind + "</extra>",
+                )
             )
-        )
     front = [points[i] for i in result["front"]]
     figure.add_trace(
         go.Scatter(

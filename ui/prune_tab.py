@@ -407,6 +407,9 @@ class TuneHandlers:
             f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
             f"PSNR {best['psnr']:.2f} dB to dense (tuned in {result['seconds']:.1f} s)."
         )
+        predicted = sum(1 for p in result["points"] if p.get("predicted"))
+        if predicted:
+            note += f" {predicted} of {len(result['points'])} candidates predicted from their recorded error, not sampled (open markers)."
         if best.get("cache"):
             note += " Block reuse: full step every {}, first {}/last {} blocks always run (Compare runs without it).".format(*best["cache"])
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"

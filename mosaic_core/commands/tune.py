@@ -3,6 +3,8 @@
     python -m mosaic_core tune --budget 0.5 --out tune.json
     python -m mosaic_core tune --speedup 2 --steps-grid 10,20,25,30,50 --images 4 --json
     python -m mosaic_core tune --budget 0.3 --methods dense,measured,measured+cache --cfg-grid 1.0,1.5,2.0
+    python -m mosaic_core tune --budget 0.5,0.3,0.7            # later budgets predicted, the best few sampled
+    python -m mosaic_core tune --budget 0.5,0.3 --check 0      # sample every candidate, predict none
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ def _cfg_grid(text: str) -> tuple[float, ...]:
     return values
 
 
+def _several(parse_one):
+    """An argparse `type=` for 1 to 16 values separated by commas, each parsed by `parse_one`."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if not 1 <= len(parts) <= 16:
+            raise argparse.ArgumentTypeError(f"give 1 to 16 values separated by commas, got {limits.shown(text)}")
+        return tuple(parse_one(part) for part in parts)
+
+    parse.__name__ = "numbers"
+    return parse
+
+
 def _methods(text: str) -> tuple[str, ...]:
     from mosaic_core.conquer.tune import check_methods
 
@@ -58,8 +73,10 @@ def register(subparsers) -> None:
     add_plan_arguments(parser, sparsity_group=False)
     add_prune_arguments(parser)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--budget", type=float_in("--budget", 0.0, 1.0), default=None, help="fraction of the dense MACs at --steps, in (0, 1]")
-    target.add_argument("--speedup", type=float_in("--speedup", 1.0, 1000.0), default=None, help="ideal speed-up over dense at --steps (budget = 1/speedup)")
+    target.add_argument("--budget", type=_several(float_in("--budget", 0.0, 1.0)), default=None, metavar="B[,B2,...]",
+                        help="fraction of the dense MACs at --steps, in (0, 1]; several are tuned in turn, the later ones predicted")
+    target.add_argument("--speedup", type=_several(float_in("--speedup", 1.0, 1000.0)), default=None, metavar="K[,K2,...]",
+                        help="ideal speed-up over dense at --steps (budget = 1/speedup); several as for --budget")
     parser.add_argument("--steps-grid", type=_steps_grid, default=None, help="step counts to try (default 20 %%, 30 %%, ..., 100 %% of --steps: 10,15,...,50 of 50)")
     parser.add_argument("--images", type=int_in("--images", 1, 256), default=4, help="validation images (default 4)")
     parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 30.0), default=None, help="guidance scale of the dense reference (default: the model's)")
@@ -68,6 +85,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cfg-top", type=int_in("--cfg-top", 1, 16), default=2, help="candidates re-tried on --cfg-grid (default 2)")
     parser.add_argument("--methods", type=_methods, default=None, metavar="A,B,...",
                         help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache (default all)")
+    parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
+                        help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
+                        "before and at most K of them sampled (default 2); 0 samples every candidate")
     parser.add_argument("--time", action="store_true", help="add the measured sampling seconds of each point to the table")
     parser.add_argument("--out", default=None, metavar="FILE", type=text_of("--out", limits.MAX_PATH_LENGTH), help="write the result as JSON")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -83,13 +103,17 @@ def format_tune(result, show_time: bool = False) -> str:
     ]
     front = set(result.front)
     for index, p in enumerate(result.points):
-        mark = "->" if index == result.chosen else ("* " if index in front else "  ")
+        mark = "->" if index == result.chosen else ("* " if index in front else ("~ " if p.predicted else "  "))
         reuse = "-" if p.cache is None else "{}:{}/{}".format(*p.cache)
         line = (f"{mark} {p.steps:>5} {p.allocation:<14} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
                 f"{p.recorded_error:>11.4g} {p.psnr:>8.2f}")
         lines.append(line + (f" {p.seconds:>8.2f}" if show_time else ""))
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "
                  "reuse = full step every I, first/last blocks always run")
+    if any(p.predicted for p in result.points):
+        models = "; ".join(f"{m}: MSE = MSE_dense + 10^{q['log_kappa']:g}·E^{q['alpha']:g} (residual {q['rmse']:.2f} dB, {q['count']} points)"
+                           for m, q in (result.quality_models or {}).items())
+        lines.append(f"~ predicted from its recorded error, not sampled (never on the front nor chosen); {models}")
     if result.chosen is None:
         lines.append("no candidate fits the budget: raise it or add smaller step counts")
     lines.append(f"tuned in {result.seconds:.2f} s")
@@ -97,25 +121,35 @@ def format_tune(result, show_time: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model, tune, print the table (or JSON) and write --out."""
+    """Load the model, tune each budget in turn, print the tables (or JSON) and write --out.
+
+    Several budgets share one set of analyses and every sampled point, so from the second on
+    the pruned candidates are predicted and only the best few sampled (`--check`). One budget
+    prints and writes one result object; several print one JSON object per line and write
+    {"results": [...]}.
+    """
     from mosaic_core.atomic import write_json
     from mosaic_core.conquer.tune import METHODS, check_budget, tune
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
 
     spec = resolve_model(args.model)
-    budget = check_budget(args.budget if args.budget is not None else 1.0 / args.speedup)  # before any loading
+    budgets = [check_budget(b) for b in args.budget] if args.budget is not None else [check_budget(1.0 / k) for k in args.speedup]
     steps = args.steps or 50
     grid = args.steps_grid  # None: default_steps_grid(steps)
     config = prune_config_from_args(args, spec)
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
-    result = tune(
-        loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
-        cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or METHODS,
-        cfg_grid=args.cfg_grid, cfg_top=args.cfg_top,
-    )
-    data = result.to_dict()
+    analyses: dict = {}
+    memo: dict = {}
+    results = []
+    for index, budget in enumerate(budgets):
+        result = tune(
+            loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
+            cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or METHODS,
+            cfg_grid=args.cfg_grid, cfg_top=args.cfg_top, analyses=analyses, memo=memo, **({} if args.check is None else {"check": args.check}),
+        )
+        results.append(result.to_dict())
+        print(json.dumps(results[-1]) if args.json else format_tune(result, args.time) + ("\n" if index < len(budgets) - 1 else ""), flush=True)
     if args.out:
-        write_json(args.out, data)
-    print(json.dumps(data) if args.json else format_tune(result, args.time))
+        write_json(args.out, results[0] if len(results) == 1 else {"results": results})
     return 0

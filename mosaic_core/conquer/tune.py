@@ -23,6 +23,7 @@ point the best PSNR within the budget. docs/method.md §4.5 **[ours]**.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +33,8 @@ import numpy as np
 
 ALLOCATION_NAMES = {"per-stage": "paper", "measured": "measured"}
 METHODS = ("dense", "cache", "paper", "measured", "measured+cache")
+DEFAULT_CHECK = 2  # predicted candidates sampled at most per tuning (`tune(check=...)`)
+MIN_MARGIN_DB = 1.0  # a predicted candidate is sampled while prediction + max(residual, this) reaches the best sampled
 GRID_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -67,6 +70,7 @@ class TunePoint:
     guidance_scale: Optional[float] = None  # the CFG this point was sampled at
     cache: Optional[tuple[int, int, int]] = None  # block reuse: (interval, keep_first, keep_last)
     target_sparsity: float = 0.0  # the sparsity its plan was asked for (rebuilds it: `candidate_denoiser`)
+    predicted: bool = False  # psnr is the quality model's prediction from recorded_error; never sampled
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class TuneResult:
     chosen: Optional[int]
     seconds: float  # wall time of this tuning
     guidance_scale: Optional[float] = None  # the CFG of the dense reference
+    quality_models: Optional[dict] = None  # method -> `QualityModel` fields, fit to every point sampled so far (predicted points use it)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -88,7 +93,7 @@ class TuneResult:
             "budget": self.budget, "reference_steps": self.reference_steps, "images": self.images,
             "guidance_scale": self.guidance_scale,
             "points": [asdict(p) for p in self.points], "front": list(self.front), "chosen": self.chosen,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "quality_models": dict(self.quality_models or {}),
         }
 
 
@@ -141,14 +146,18 @@ def tune(
     methods: Sequence[str] = METHODS,
     cfg_grid: Sequence[float] = (),
     cfg_top: int = 2,
+    check: int = DEFAULT_CHECK,
 ) -> TuneResult:
     """Search steps × method (× CFG) at `budget` (fraction of dense MACs at `reference_steps`); module docstring.
 
     `guidance_scale` None is the model's default CFG. `analyses` is the prune cache (reused
     and filled: a second call re-solves, never re-gathers); `memo` keeps what does not depend
-    on the budget (the dense reference and the dense fewer-steps points) for the next call
-    with another budget. `allocations` (older callers: "per-stage"/"measured") narrows the
-    pruned methods as `methods` does.
+    on the budget (the dense reference, the dense fewer-steps points, every scored candidate)
+    for the next call with another budget. `allocations` (older callers: "per-stage"/"measured")
+    narrows the pruned methods as `methods` does. `check` K > 0: a pruned method whose quality
+    model can be fit from the memo's earlier points is predicted, and at most its K best
+    candidates, only while one still promises to beat the best sampled, are pruned and sampled;
+    0 samples every candidate.
     """
     from mosaic_core.conquer.caching import BlockReuse, match_cache_to_macs
     from mosaic_core.conquer.conditions import conditions_for, default_values
@@ -161,6 +170,7 @@ def tune(
     start = time.perf_counter()
     budget = check_budget(budget)
     methods = check_methods(methods)
+    check = _check_count(check)
     if allocations is not None:
         wanted = {ALLOCATION_NAMES.get(a, a) for a in allocations}
         methods = tuple(m for m in methods if m in ("dense", "cache") or m.split("+")[0] in wanted)
@@ -199,18 +209,30 @@ def tune(
     dense_step = dense_macs / reference_steps
     budget_macs = budget * dense_macs
     common = dict(M=M, lam=lam, scheduler=scheduler, cx=cx, analyses=analyses, should_stop=should_stop)
+    # what a scored candidate's quality depends on besides its steps and method
+    setting = (reference_steps, M, lam, cx, json.dumps({**prune_config.to_dict(), "allocation": None}, sort_keys=True))
 
     def scored(point: TunePoint, transformer, scale: float = cfg) -> TunePoint:
         images_n, seconds = run(point.steps, transformer, scale)
         return replace(point, psnr=mean_psnr(images_n, reference), seconds=seconds, guidance_scale=scale)
 
-    points = []
+    def recalled(key, point: TunePoint, build: Callable[[], object], scale: float = cfg) -> TunePoint:
+        """The memo's point for `key`, or `point` built and sampled now (and remembered)."""
+        key = (base, "point", setting, *key, scale)
+        if key not in memo:
+            memo[key] = scored(point, build(), scale)
+        return memo[key]
+
+    dense_psnr = {}
+    points, pending = [], []
+    fits = _fit_methods(memo, base, setting, cfg, check)
     for n in steps_grid:
         fraction = n / reference_steps
         key = (base, "dense", reference_steps, n)
         if key not in memo:
             say(f"dense, {n} steps")
             memo[key] = scored(TunePoint(n, "dense", 0.0, dense_step * n, fraction, 0.0, 0.0, 0.0), None)
+        dense_psnr[n] = memo[key].psnr
         if "dense" in methods or n == reference_steps:
             points.append(memo[key])
         target = 1.0 - budget * reference_steps / n
@@ -221,7 +243,7 @@ def tune(
             if fit is not None:
                 say(f"cache, {n} steps, full every {fit[0].interval}")
                 point = TunePoint(n, "cache", 0.0, float(fit[1]), fit[1] / dense_macs, 0.0, 0.0, 0.0, cache=_cache_tuple(fit[0]))
-                points.append(scored(point, BlockReuse(dense, fit[0])))
+                points.append(recalled((n, "cache", point.cache), point, lambda config=fit[0]: BlockReuse(dense, config)))
         for method in ("paper", "measured", "measured+cache"):
             if method not in methods:
                 continue
@@ -234,25 +256,49 @@ def tune(
                 if asked is None:
                     continue
             plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
+            identity = (n, method, round(float(asked), 9)) + ((round(budget, 9),) if stacked else ())
+            if (base, "point", setting, *identity, cfg) in memo:
+                points.append(memo[(base, "point", setting, *identity, cfg)])
+                continue
+            config = replace(prune_config, allocation=_PRUNE_ALLOCATION[method])
+            recorded = _recorded_allocation(loaded, plan, config, analyses) if fits.get(method) else None
+            if recorded is not None:  # predicted now, sampled only if it ranks among the best
+                error = recorded.error if method == "measured" else recorded.paper_error
+                step_macs = _step_macs(plan, recorded if method == "measured" else None)
+                stages = _stage_sparsity(plan, recorded if method == "measured" else None)
+                pending.append(TunePoint(
+                    n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
+                    float(error), 0.0, 0.0, stages, cfg, target_sparsity=float(asked), predicted=True,
+                ))
+                continue
             say(f"{method}, {n} steps, sparsity {plan.overall_sparsity:.3f}")
-            result = run_to_end(_prune(loaded, plan, prune_config, _PRUNE_ALLOCATION[method], analyses, should_stop))
-            step_macs = staged_step_macs(plan, result)
-            error, stages = _recorded(loaded, plan, result)
-            point = TunePoint(
-                n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs, float(error),
-                0.0, 0.0, stages, target_sparsity=float(asked),
-            )
-            transformer = result.staged
+            point = _pruned_point(loaded, plan, config, method, float(asked), analyses, should_stop, dense_macs)
             if stacked:
+                result = point[1]
+                step_macs = _step_macs(plan, result.measured)
                 networks = [id(result.staged.networks()[s]) for s in plan.step_stages]
                 fit = match_cache_to_macs(num_blocks, step_macs, budget_macs, networks, within=True)
                 if fit is None:
                     continue
-                point = replace(point, macs=float(fit[1]), macs_fraction=fit[1] / dense_macs, cache=_cache_tuple(fit[0]))
-                transformer = BlockReuse(result.staged, fit[0])
-            points.append(scored(point, transformer))
-    # the best few within the budget again at every other guidance scale of the grid
-    within = [p for p in points if p.macs_fraction <= budget + 1e-12 and not (p.allocation == "dense" and p.steps == reference_steps)]
+                cached = replace(point[0], macs=float(fit[1]), macs_fraction=fit[1] / dense_macs, cache=_cache_tuple(fit[0]))
+                points.append(recalled(identity, cached, lambda staged=result.staged, config=fit[0]: BlockReuse(staged, config)))
+            else:
+                points.append(recalled(identity, point[0], lambda staged=point[1].staged: staged))
+    points.extend(_check_predicted(
+        pending, points, check, budget, lambda: _fit_methods(memo, base, setting, cfg, check), dense_psnr,
+        lambda p: recalled(
+            (p.steps, p.allocation, round(p.target_sparsity, 9)), replace(p, predicted=False),
+            lambda: candidate_denoiser(loaded, p, prune_config, **common),
+        ),
+        say,
+    ))
+    order = {m: i for i, m in enumerate(METHODS)}
+    points.sort(key=lambda p: (p.steps, order[p.allocation]))
+    # the best few sampled within the budget again at every other guidance scale of the grid
+    within = [
+        p for p in points
+        if not p.predicted and p.macs_fraction <= budget + 1e-12 and not (p.allocation == "dense" and p.steps == reference_steps)
+    ]
     for point in sorted(within, key=lambda p: -p.psnr)[: max(0, int(cfg_top))] if grid_cfgs else []:
         transformer = None
         for scale in grid_cfgs:
@@ -260,10 +306,135 @@ def tune(
             if transformer is None:
                 transformer = candidate_denoiser(loaded, point, prune_config, **common)
             points.append(scored(point, transformer, scale))
-    front = pareto_front([p.macs for p in points], [p.psnr for p in points])
-    fits = [i for i, p in enumerate(points) if p.macs_fraction <= budget + 1e-12]
-    chosen = max(fits, key=lambda i: (points[i].psnr, -points[i].macs)) if fits else None
-    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg)
+    sampled = [i for i, p in enumerate(points) if not p.predicted]
+    front = [sampled[i] for i in pareto_front([points[i].macs for i in sampled], [points[i].psnr for i in sampled])]
+    fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
+    chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
+    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
+    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models)
+
+
+def _check_count(check) -> int:
+    if isinstance(check, bool) or not isinstance(check, int) or not 0 <= check <= 64:
+        raise ValueError(f"check must be a whole number of candidates to sample in [0, 64] (0: every one), got {check!r}")
+    return check
+
+
+def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, say) -> list[TunePoint]:
+    """Sample the predicted candidates best first, at most `check` of them, while the next one
+    could still beat the best PSNR sampled within the budget: its prediction plus the quality
+    model's residual (at least `MIN_MARGIN_DB`) reaches it. The models are refit after each
+    sample; the rest stay predicted."""
+    done: list[TunePoint] = []
+    pending = list(pending)
+    while pending and len(done) < check:
+        models = fit()
+        pending = [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
+        pending.sort(key=lambda p: -p.psnr)
+        best = max((p.psnr for p in [*points, *done] if not p.predicted and p.macs_fraction <= budget + 1e-12), default=-math.inf)
+        head = pending[0]
+        if head.psnr + max(models[head.allocation].rmse, MIN_MARGIN_DB) < best:
+            break  # nothing left promises to beat what was sampled
+        say(f"{head.allocation}, {head.steps} steps, sparsity {head.sparsity:.3f} (predicted {head.psnr:.1f} dB)")
+        done.append(sample(pending.pop(0)))
+    if pending:  # the rest as predicted by the models of every point sampled
+        models = fit()
+        pending = [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
+    return done + pending
+
+
+def _fit_methods(memo, base, setting, cfg, check) -> dict:
+    """A `QualityModel` per pruned method with enough sampled points in `memo` (None: too few), if `check` > 0."""
+    if not check:
+        return {}
+    samples: dict[str, list] = {"paper": [], "measured": []}
+    for key, point in memo.items():
+        if key[:3] == (base, "point", setting) and key[-1] == cfg and point.allocation in samples:
+            dense = memo.get((base, "dense", setting[0], point.steps))
+            if dense is not None:
+                samples[point.allocation].append((point.steps, dense.psnr, point.recorded_error, point.psnr))
+    return {method: fit_quality(rows) for method, rows in samples.items()}
+
+
+def _pruned_point(loaded, plan, config, method, asked, analyses, should_stop, dense_macs):
+    """(the unsampled TunePoint, the PruneResult) of `plan` pruned with `method`."""
+    from mosaic_core.conquer.sampling import run_to_end
+    from mosaic_core.prune.stage_pruning import prune_steps
+
+    result = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop))
+    step_macs = _step_macs(plan, result.measured)
+    if result.measured is not None:
+        error = result.measured.error
+    else:
+        recorded = _recorded_allocation(loaded, plan, config, analyses)
+        error = 0.0 if recorded is None else recorded.paper_error
+    point = TunePoint(
+        plan.num_inference_steps, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
+        float(error), 0.0, 0.0, _stage_sparsity(plan, result.measured), target_sparsity=asked,
+    )
+    return point, result
+
+
+def _recorded_allocation(loaded, plan, config, analyses):
+    from mosaic_core.prune.stage_pruning import recorded_allocation
+
+    return recorded_allocation(loaded, plan, config, analyses)
+
+
+def _stage_sparsity(plan, measured) -> tuple[float, float, float]:
+    """The stage sparsities as pruned: the measured rule's shares, or the plan's (0 for a stage without steps)."""
+    if measured is not None:
+        return tuple(float(x) for x in measured.sparsity)
+    return tuple(float(x) if c else 0.0 for x, c in zip(plan.allocation.achieved, plan.step_counts))
+
+
+@dataclass(frozen=True)
+class QualityModel:
+    """PSNR of a pruned candidate from its recorded error E: MSE = MSE_dense(n) + κ·E^α.
+
+    MSE = 10^(−PSNR/10) on [0, 1] images; MSE_dense(n) is the dense model's at the same
+    steps (fewer steps alone), so the model only has to explain what pruning adds. α and
+    log₁₀ κ are fit to sampled points by least squares in dB over a grid; `rmse` (dB) is
+    that fit's residual. docs/method.md §4.5 **[ours]**.
+    """
+
+    alpha: float
+    log_kappa: float
+    rmse: float
+    count: int
+
+    def psnr(self, dense_psnr: float, error: float) -> float:
+        """The predicted PSNR (dB) at recorded error `error` where the dense model at the same steps has `dense_psnr`."""
+        return float(_model_psnr(np.asarray(dense_psnr, float), np.asarray(error, float), self.alpha, self.log_kappa))
+
+
+ALPHAS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+LOG_KAPPAS = np.arange(-16.0, 4.0 + 1e-9, 0.05)
+
+
+def _model_psnr(dense_psnr, error, alpha, log_kappa):
+    mse = 10.0 ** (-np.asarray(dense_psnr) / 10.0) + 10.0 ** log_kappa * np.maximum(error, 0.0) ** alpha
+    return -10.0 * np.log10(mse)
+
+
+def fit_quality(rows: Sequence[tuple[int, float, float, float]], min_points: int = 4) -> Optional[QualityModel]:
+    """Fit a `QualityModel` to (steps, dense PSNR at those steps, recorded error, sampled PSNR) rows.
+
+    None with fewer than `min_points` rows, or when they span only one step count (κ and α
+    would then trade off freely).
+    """
+    rows = [r for r in rows if math.isfinite(r[2]) and math.isfinite(r[3])]
+    if len(rows) < min_points or len({r[0] for r in rows}) < 2:
+        return None
+    dense, error, measured = (np.asarray([r[i] for r in rows], float) for i in (1, 2, 3))
+    best = None
+    for alpha in ALPHAS:
+        predicted = _model_psnr(dense[None, :], error[None, :], alpha, LOG_KAPPAS[:, None])  # κ × rows
+        sse = ((predicted - measured[None, :]) ** 2).sum(1)
+        i = int(np.argmin(sse))
+        if best is None or sse[i] < best[0]:
+            best = (float(sse[i]), alpha, float(LOG_KAPPAS[i]))
+    return QualityModel(best[1], round(best[2], 4), math.sqrt(best[0] / len(rows)), len(rows))
 
 
 def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, lam: float = 0.01, scheduler: str = "ddim",
@@ -276,13 +447,14 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
     from mosaic_core.conquer.caching import BlockReuse, CacheConfig
     from mosaic_core.conquer.sampling import run_to_end
     from mosaic_core.divide.plan import build_plan
+    from mosaic_core.prune.stage_pruning import prune_steps
 
     transformer = None
     if point.allocation in _PRUNE_ALLOCATION:
         plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx)
         analyses = {} if analyses is None else analyses
-        result = run_to_end(_prune(loaded, plan, prune_config, _PRUNE_ALLOCATION[point.allocation], analyses, should_stop))
-        transformer = result.staged
+        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation])
+        transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
     elif point.allocation not in ("dense", "cache"):
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")
     if point.cache is not None:
@@ -291,7 +463,12 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
 
 
 def staged_step_macs(plan, result) -> list[float]:
-    """Block-linear MACs of each sampler step of a pruned `result` of `plan` (its stage network's).
+    """Block-linear MACs of each sampler step of a pruned `result` of `plan` (its stage network's)."""
+    return _step_macs(plan, getattr(result, "measured", None))
+
+
+def _step_macs(plan, measured) -> list[float]:
+    """Block-linear MACs of each sampler step of `plan` pruned with the `measured` allocation (None: the plan's own).
 
     The measured rule moves sparsity between stages, so its networks are costed from each
     stage's removed share of the prunable MACs (`MeasuredStages.sparsity`); every
@@ -300,26 +477,11 @@ def staged_step_macs(plan, result) -> list[float]:
     """
     from mosaic_core.conquer.bench import _stage_step_macs
 
-    measured = getattr(result, "measured", None)
     if measured is None:
         return [float(m) for m in _stage_step_macs(plan)]
     dense_step = plan.macs_dense / plan.num_inference_steps
     per_stage = [dense_step * (1.0 - float(s)) for s in measured.sparsity]
     return [per_stage[s] for s in plan.step_stages]
-
-
-def _prune(loaded, plan, prune_config, allocation, analyses, should_stop):
-    from mosaic_core.prune.stage_pruning import prune_steps
-
-    return prune_steps(loaded, plan, replace(prune_config, allocation=allocation), analyses=analyses, should_stop=should_stop)
-
-
-def _recorded(loaded, plan, result) -> tuple[float, tuple[float, float, float]]:
-    """The recorded error of the pruned networks and their stage sparsities (as pruned)."""
-    if result.measured is not None:
-        return float(result.measured.error), tuple(float(x) for x in result.measured.sparsity)
-    stages = tuple(float(x) if c else 0.0 for x, c in zip(plan.allocation.achieved, plan.step_counts))
-    return _paper_error(loaded, plan, result), stages
 
 
 def _cache_tuple(config) -> tuple[int, int, int]:
@@ -341,17 +503,3 @@ def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs) ->
             return None
         sparsity += sparsity_resolution(plan.shape) if not hasattr(plan.shape, "layers") else 0.002
     return None
-
-
-def _paper_error(loaded, plan, result) -> float:
-    """The recorded error of the paper's counts (the measured allocator's objective, for comparison)."""
-    from mosaic_core.prune.stage_pruning import measured_stages
-
-    by_stage = {}
-    for i in range(3):
-        for analysis in result.analyses.values():
-            if analysis.t_range is None or tuple(analysis.t_range) == tuple(plan.bounds.ranges[i] or ()):
-                by_stage[i] = analysis
-    if not by_stage:
-        return 0.0
-    return measured_stages(loaded.transformer, plan, by_stage).paper_error

@@ -422,6 +422,35 @@ def _network_key(keeps: list[BlockKeep], weights: Mapping[str, torch.Tensor]) ->
     return digest.hexdigest()
 
 
+def needed_stages(plan: Plan, config: PruneConfig) -> tuple[list[int], list[int]]:
+    """(the stages that need an analysis, the stages the paper's counts prune) for `plan`.
+
+    A stage needs a network when it has steps and its plan removes something; the measured
+    rule of an auto plan may give a share to every stage with steps.
+    """
+    paper = [
+        i for i in range(3)
+        if plan.step_counts[i] > 0
+        and (plan.allocation.heads_kept[i] < plan.shape.num_heads or plan.allocation.units_kept[i] < plan.shape.mlp_hidden)
+    ]
+    if config.allocation == "measured" and paper and plan.mode == "auto":
+        return [i for i in range(3) if plan.step_counts[i] > 0], paper
+    return paper, paper
+
+
+def recorded_allocation(loaded, plan: Plan, config: PruneConfig, analyses: Mapping[str, StageAnalysis]):
+    """`measured_stages` of `plan` from cached analyses alone (no Hessian, no weights): its `.error`
+    is the measured rule's recorded error, `.paper_error` the paper counts', `.sparsity` the stage
+    shares. None when an analysis `prune_steps` would use is not cached yet; milliseconds.
+    """
+    needed, paper = needed_stages(plan, config)
+    t_ranges = stage_t_ranges(plan, config)
+    keys = {i: analysis_key(loaded.weights_hash, t_ranges[i], config) for i in needed}
+    if not needed or any(key not in analyses for key in keys.values()):
+        return None
+    return measured_stages(loaded.transformer, plan, {i: analyses[keys[i]] for i in needed}, paper, unit_multiple=config.unit_multiple)
+
+
 def prune_steps(
     loaded,
     plan: Plan,
@@ -443,14 +472,7 @@ def prune_steps(
     analyses = {} if analyses is None else analyses
     timings = {"calibrate": 0.0, "hessian": 0.0, "solve": 0.0, "build": 0.0}
     t_ranges = stage_t_ranges(plan, config)
-    # Stages that need a network: steps > 0 and something removed.
-    needed = paper_needed = [
-        i for i in range(3)
-        if plan.step_counts[i] > 0
-        and (plan.allocation.heads_kept[i] < plan.shape.num_heads or plan.allocation.units_kept[i] < plan.shape.mlp_hidden)
-    ]
-    if config.allocation == "measured" and paper_needed and plan.mode == "auto":  # every stage with steps may take a share
-        needed = [i for i in range(3) if plan.step_counts[i] > 0]
+    needed, paper_needed = needed_stages(plan, config)
     keys = {i: analysis_key(loaded.weights_hash, t_ranges[i], config) for i in needed}
     missing = sorted({keys[i] for i in needed if keys[i] not in analyses}, key=lambda k: min(i for i in needed if keys[i] == k))
     share = 0.95 / max(1, len(missing))  # progress budget per analysis; 5 % for building
