@@ -274,3 +274,23 @@ def test_tune_cli_rejects_a_bad_budget_list(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--budget", "0.5,1.5"])
     assert "--budget" in capsys.readouterr().err
+
+
+def test_the_studio_draws_predicted_points_open_and_says_how_many():
+    from ui.jobs import DONE, JobStatus
+    from ui.prune_tab import TuneHandlers
+
+    base = dict(macs=1.0, recorded_error=1.0, seconds=0.1, stage_sparsity=[0.3, 0.1, 0.5])
+    points = [
+        dict(base, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0, stage_sparsity=[0, 0, 0]),
+        dict(base, steps=20, allocation="measured", sparsity=0.5, macs_fraction=0.49, psnr=30.0, predicted=False),
+        dict(base, steps=25, allocation="measured", sparsity=0.6, macs_fraction=0.48, psnr=29.0, predicted=True),
+        dict(base, steps=25, allocation="paper", sparsity=0.6, macs_fraction=0.48, psnr=25.0, predicted=True),
+    ]
+    result = dict(budget=0.5, reference_steps=50, images=4, points=points, front=[0, 1], chosen=1, seconds=1.0)
+    figure, note, *_ = TuneHandlers.render(JobStatus("tune-1", "tune", DONE, result=result))
+    traces = {trace["name"]: trace for trace in json.loads(figure.plot)["data"]}
+    assert traces["measured"]["x"] == [0.49] and traces["measured, predicted"]["y"] == [29.0]
+    assert traces["measured, predicted"]["marker"]["symbol"] == "circle-open"
+    assert traces["paper, predicted"]["y"] == [25.0] and traces["paper"]["x"] == []
+    assert "2 of 4 candidates predicted" in note

@@ -18,7 +18,13 @@ re-solve of its kept weights and a short sampling run. Each is scored by its rec
 seeded images. Last, the best `cfg_top` candidates within the budget are sampled again at
 every guidance scale of `cfg_grid` (the paper reports that the best CFG rises with
 sparsity). The front is the candidates no other beats in both MACs and PSNR, the chosen
-point the best PSNR within the budget. docs/method.md §4.5 **[ours]**.
+point the best PSNR within the budget.
+
+Re-tuning at another budget predicts instead of sampling: per pruned method a
+`QualityModel` (MSE = MSE_dense(n) + κ·E^α) is fit to the points sampled so far (`memo`),
+every candidate's E comes from the cached analyses in milliseconds, and only the best
+predicted ones that can still win are pruned and sampled (`check`). docs/method.md §4.5
+**[ours]**.
 """
 
 from __future__ import annotations
