@@ -2,6 +2,7 @@
 
     python benchmarks/stages_k.py                                   # K = 3,4,5,6, S = 0.3, 8 images
     python benchmarks/stages_k.py --ks 2,3,4,5,6,8 --sparsity 0.5 --images 50 --calib-size 256
+    python benchmarks/stages_k.py --allocation measured --sparsity 0.5     # the same MACs placed by recorded error
 
 For each K the trajectory is divided by `divide_k_stages` (K = 3 is the M rule; more stages
 split the early and late ends, the middle stage stays whole), the same overall sparsity S
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=0.01)
     parser.add_argument("--calib-size", type=int, default=256, help="clean calibration images per stage (default 256)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allocation", choices=("paper", "measured"), default="paper",
+                        help="paper: each stage's score-weighted counts in every block; measured: the same MACs placed over "
+                        "stages × layers by recorded error (default paper)")
     args = parser.parse_args()
 
     import numpy as np
@@ -75,11 +79,12 @@ def main() -> None:
     dense = run_to_end(sample_loaded(loaded, labels, sample_config)).images
     dense_macs = sampling_macs(spec.shape, None, plan.step_counts)
     calibration = CalibrationConfig(size=args.calib_size, source=default_calibration_source(spec), seed=args.seed)
-    config = PruneConfig(calibration=calibration)
+    config = PruneConfig(calibration=calibration, allocation="measured" if args.allocation == "measured" else "per-stage")
     analyses: dict = {}
     print(
         f"{spec.name}, DDIM-{args.steps}, S = {args.sparsity}, M = {args.M}, λ = {args.lam}, "
-        f"{args.images} images, {args.calib_size} calibration images per stage, guidance {spec.default_cfg}"
+        f"{args.images} images, {args.calib_size} calibration images per stage, guidance {spec.default_cfg}, "
+        f"{args.allocation} allocation"
     )
     rows = []
     for K in args.ks:
@@ -87,19 +92,25 @@ def main() -> None:
         partition = divide_k_stages(curve, K, args.M)
         counts = partition.count_steps(plan.timesteps)
         allocation = allocate_k_stages(curve, partition, counts, args.sparsity, spec.shape)
-        staged = run_to_end(prune_k_stages(loaded, partition, allocation, config, analyses=analyses))
+        chosen: list = []
+        staged = run_to_end(prune_k_stages(loaded, partition, allocation, config, analyses=analyses, measured=chosen))
         images = run_to_end(sample_loaded(loaded, labels, sample_config, transformer=staged)).images
         quality = (mean_psnr(images, dense), float(np.mean(ssim(images, dense))))
-        rows.append((K, partition, counts, allocation, k_stage_macs(spec.shape, allocation) / dense_macs, *quality))
+        if chosen:  # measured: each stage's removed share of the prunable MACs
+            achieved = tuple(float(x) for x in chosen[0].sparsity)
+            macs = sum(n * (1.0 - a) for n, a in zip(counts, achieved)) / sum(counts)
+        else:
+            achieved, macs = tuple(allocation.achieved), k_stage_macs(spec.shape, allocation) / dense_macs
+        rows.append((K, partition, counts, achieved, macs, *quality))
         print(f"K = {K} done ({time.perf_counter() - start:.0f} s on a shared machine; not a timing)", flush=True)
 
     print()
     print("| K | stages τ (noisiest first) | steps | achieved sparsity | MACs / dense | PSNR (dB) | SSIM |")
     print("|---|---|---|---|---|---|---|")
-    for K, partition, counts, allocation, macs, psnr_value, ssim_value in rows:
+    for K, partition, counts, achieved, macs, psnr_value, ssim_value in rows:
         ranges = ", ".join("–" if r is None else f"{r[1]}–{r[0]}" for r in partition.ranges)
         steps = " / ".join(str(n) for n in counts)
-        sparsity = " / ".join(f"{a:.2f}" for a in allocation.achieved)
+        sparsity = " / ".join(f"{a:.2f}" for a in achieved)
         print(f"| {K} | {ranges} | {steps} | {sparsity} | {macs:.4f} | {psnr_value:.2f} | {ssim_value:.4f} |")
 
 

@@ -171,3 +171,32 @@ def test_pruning_four_stages_of_a_tiny_model(tiny_pixel_folder):
     result = run_to_end(sample_loaded(loaded, [1, 2], SampleConfig(10, 1.5, "ddim", 0), transformer=staged))
     assert np.isfinite(result.images).all()
     assert sorted(set(staged.stage_calls)) == [i for i in range(4) if counts[i] > 0]
+
+
+def test_three_measured_stages_prune_as_the_three_stage_engine(tiny_pixel_folder):
+    """K = 3 on eq. 1.4's stages with the measured rule: the same removals, sparsities and sampled images as
+    `prune_steps` (an independent path: plan, `measured_stages`, `build_staged`); a checkpoint record is refused."""
+    from mosaic_core.conquer.sampling import SampleConfig, sample_loaded
+    from mosaic_core.jobs import run_to_end
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.multistage_pruning import prune_k_stages
+    from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    plan = build_plan(loaded.spec, num_inference_steps=10, sparsity=0.4)
+    partition = StagePartition.from_bounds(plan.bounds)
+    allocation = allocate_k_stages(plan.curve(), partition, plan.step_counts, 0.4, loaded.spec.shape)
+    config = PruneConfig(CalibrationConfig(size=16, batch_size=8, source="samples", sample_steps=4), allocation="measured")
+    analyses, chosen = {}, []
+    staged = run_to_end(prune_k_stages(loaded, partition, allocation, config, analyses=analyses, measured=chosen))
+    reference = run_to_end(prune_steps(loaded, plan, config, analyses=analyses))
+    assert [dict(r) for r in chosen[0].removals] == [dict(r) for r in reference.measured.removals]
+    assert chosen[0].sparsity == pytest.approx(reference.measured.sparsity) and chosen[0].error == pytest.approx(reference.measured.error)
+    assert any(chosen[0].sparsity) and chosen[0].sparsity != chosen[0].paper_sparsity  # the rule moved something
+    labels, sample = [1, 2], SampleConfig(10, 1.5, "ddim", 0)
+    images = run_to_end(sample_loaded(loaded, labels, sample, transformer=staged)).images
+    expected = run_to_end(sample_loaded(loaded, labels, sample, transformer=reference.staged)).images
+    assert np.array_equal(images, expected)
+    with pytest.raises(ValueError, match="stores the paper's counts"):
+        run_to_end(prune_k_stages(loaded, partition, allocation, config, analyses=analyses, record=[]))

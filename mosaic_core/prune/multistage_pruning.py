@@ -17,16 +17,19 @@ from mosaic_core.conquer.multistage_denoiser import MultiStageDenoiser
 from mosaic_core.divide.multistage import StageAllocation, StagePartition
 from mosaic_core.jobs import Cancelled
 from mosaic_core.prune.calibration import clean_inputs
+from mosaic_core.prune.hessian import prunable_layers
 from mosaic_core.prune.stage_pruning import (
     PruneConfig,
     PruneEvent,
     StageAnalysis,
+    _kept_count,
     _network_key,
     _with_events,
     analyse_stage,
     analysis_key,
     stage_keeps,
     stage_weights,
+    uniform_layer_costs,
 )
 from mosaic_core.prune.surgery import sliced_model
 
@@ -40,24 +43,32 @@ def prune_k_stages(
     should_stop: Callable[[], bool] | None = None,
     analyses: dict[str, StageAnalysis] | None = None,
     record: list | None = None,
+    measured: list | None = None,
 ) -> Generator[PruneEvent, None, MultiStageDenoiser]:
     """Prune one network per stage of `partition` to `allocation`'s kept counts; yields `PruneEvent`s.
 
     `analyses` (key → StageAnalysis) is read and filled, as in `prune_steps`. `record`, when
     given, receives per stage None (the dense model) or (keeps per block, OBS weights by
-    layer name): what a checkpoint stores (`checkpoint.save_k_stages`).
+    layer name): what a checkpoint stores (`checkpoint.save_k_stages`, paper counts only).
+    `config.allocation` "measured" spreads the MACs the paper's counts remove over stages ×
+    layers by recorded error, as for three stages (docs/method.md §3.11, §12.4); `measured`,
+    when given, receives its `MeasuredStages`.
     """
     if len(allocation.step_counts) != partition.num_stages:
         raise ValueError(f"the allocation has {len(allocation.step_counts)} stages, the partition {partition.num_stages}")
-    if config.allocation != "per-stage":
-        raise ValueError(f"K-stage pruning spreads the stage's counts over blocks per-stage only, got {config.allocation!r}")
+    if config.allocation not in ("per-stage", "measured"):
+        raise ValueError(f"K-stage pruning allocates per-stage (the paper's counts) or measured, got {config.allocation!r}")
+    if config.allocation == "measured" and record is not None:
+        raise ValueError("a K-stage checkpoint stores the paper's counts per stage: prune with allocation per-stage to record one")
     analyses = {} if analyses is None else analyses
     shape = loaded.spec.shape
     stage_aware = config.calibration.mode == "snr"
-    needed = [
+    needed = paper_needed = [
         i for i in range(partition.num_stages)
         if allocation.step_counts[i] > 0 and (allocation.heads_kept[i] < shape.num_heads or allocation.units_kept[i] < shape.mlp_hidden)
     ]
+    if config.allocation == "measured" and needed:  # every stage with steps may take a share
+        needed = [i for i in range(partition.num_stages) if allocation.step_counts[i] > 0]
     t_ranges = {i: partition.ranges[i] if stage_aware else None for i in needed}
     keys = {i: analysis_key(loaded.weights_hash, t_ranges[i], config) for i in needed}
     missing = list(dict.fromkeys(keys[i] for i in needed if keys[i] not in analyses))
@@ -75,6 +86,14 @@ def prune_k_stages(
     yield PruneEvent("build", "", 0.95, message="building stage networks")
     start = time.perf_counter()
     dense = loaded.transformer
+    counts = None
+    if config.allocation == "measured" and needed:
+        chosen = _measured_k_stages(dense, allocation, {i: analyses[keys[i]] for i in needed}, paper_needed)
+        if measured is not None:
+            measured.append(chosen)
+        layers = prunable_layers(dense)
+        counts = {i: {layer.name: layer.num_groups - chosen.removals[i][layer.name] for layer in layers} for i in needed}
+        needed = [i for i in needed if any(chosen.removals[i].values())]  # the rest run the dense model
     built: dict[str, object] = {}
     networks = []
     for i in range(partition.num_stages):
@@ -86,7 +105,10 @@ def prune_k_stages(
         if should_stop is not None and should_stop():
             raise Cancelled("pruning cancelled")
         analysis = analyses[keys[i]]
-        keeps = stage_keeps(dense, analysis, allocation.heads_kept[i], allocation.units_kept[i])
+        if counts is not None:
+            keeps = stage_keeps(dense, analysis, 0, 0, counts[i])
+        else:
+            keeps = stage_keeps(dense, analysis, allocation.heads_kept[i], allocation.units_kept[i])
         weights = stage_weights(dense, analysis, keeps, config)
         network_key = _network_key(keeps, weights)
         if network_key not in built:
@@ -96,3 +118,20 @@ def prune_k_stages(
             record.append((keeps, weights))
     yield PruneEvent("build", "", 1.0, message=f"done in {time.perf_counter() - start:.1f} s")
     return MultiStageDenoiser(networks, partition)
+
+
+def _measured_k_stages(model, allocation: StageAllocation, analyses: dict[int, StageAnalysis], paper_stages: list[int]):
+    """`allocate_stages` for K stages: the paper counts' removed MACs placed by recorded error."""
+    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages
+
+    layers = prunable_layers(model)
+    costs = uniform_layer_costs(model)
+    stage_layers = [StageLayer(layer.name, layer.num_groups, costs[layer.name]) for layer in layers]
+    stages = len(allocation.step_counts)
+    paper = [
+        {layer.name: layer.num_groups - _kept_count(layer, allocation.heads_kept[i], allocation.units_kept[i], None) for layer in layers}
+        if i in paper_stages else {}
+        for i in range(stages)
+    ]
+    errors = [{name: t.errors for name, t in analyses[i].traces.items()} if i in analyses else None for i in range(stages)]
+    return allocate_stages(stage_layers, errors, allocation.step_counts, paper)

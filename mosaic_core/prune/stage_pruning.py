@@ -539,10 +539,15 @@ def prune_steps(
 
 def layer_costs(model: torch.nn.Module, plan: Plan) -> dict[str, float]:
     """MACs of one group of each prunable layer per token (blockwise plans: the shape's own figure)."""
-    layers = prunable_layers(model)
     if plan.allocation.layer_keeps is not None:
         return {layer.name: float(layer.macs_per_group) for layer in plan.shape.layers}
-    width = next(layer.num_groups * layer.group_size for layer in layers if layer.kind != "mlp")  # D = H·hd
+    return uniform_layer_costs(model)
+
+
+def uniform_layer_costs(model: torch.nn.Module) -> dict[str, float]:
+    """MACs of one group of each prunable layer per token, for blocks of one width D = H·hd (DiT, PixArt)."""
+    layers = prunable_layers(model)
+    width = next(layer.num_groups * layer.group_size for layer in layers if layer.kind != "mlp")
     return {layer.name: float(group_macs_per_token("mlp" if layer.kind == "mlp" else "attn", width, layer.group_size)) for layer in layers}
 
 
