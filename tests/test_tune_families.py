@@ -48,3 +48,27 @@ def test_the_tuner_runs_on_pixart(tmp_path):
     from tiny_pixart import write_tiny_pixart_folder
 
     _tune_and_check(write_tiny_pixart_folder(tmp_path / "pixart"))
+
+
+def test_a_unets_predicted_candidates_cost_what_its_built_networks_cost(tiny_sdxl_folder):
+    """On blockwise shapes too, a re-tune's predicted points carry the recorded error, MACs and stage sparsities
+    of the networks an exhaustive tune builds for them."""
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_sdxl_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=4, batch_size=4, source="samples", sample_steps=3))
+    analyses, memo = {}, {}
+    kwargs = dict(reference_steps=8, steps_grid=(4, 5, 6, 7, 8), images=1, analyses=analyses, scheduler="ddim",
+                  methods=("dense", "paper", "measured"))
+    tune(loaded, 0.6, config, memo=memo, **kwargs)
+    second = tune(loaded, 0.5, config, memo=memo, check=1, **kwargs)
+    exhaustive = {(p.steps, p.allocation): p for p in tune(loaded, 0.5, config, memo={}, check=0, **kwargs).points}
+    predicted = [p for p in second.points if p.predicted]
+    assert predicted
+    for p in predicted:
+        reference = exhaustive[(p.steps, p.allocation)]
+        assert p.recorded_error == pytest.approx(reference.recorded_error, rel=1e-9)
+        assert (p.macs, p.stage_sparsity) == (reference.macs, reference.stage_sparsity)
