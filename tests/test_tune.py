@@ -241,12 +241,12 @@ def test_retune_predicts_what_an_exhaustive_tune_measures_and_samples_at_most_ch
 
 
 def test_check_is_validated():
-    from mosaic_core.conquer.tune import _check_count
+    from mosaic_core.conquer.tune import check_count
 
-    assert _check_count(0) == 0 and _check_count(3) == 3
+    assert check_count(0) == 0 and check_count(3) == 3
     for bad in (-1, 65, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"check must be a whole number of candidates to sample in \[0, 64\]"):
-            _check_count(bad)
+            check_count(bad)
 
 
 @pytest.mark.slow

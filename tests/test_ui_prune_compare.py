@@ -282,9 +282,25 @@ def test_the_tuner_runs_as_a_job_through_the_api(client, small_pruned):
     assert measured["macs_fraction"] == pytest.approx(1 - removed, abs=1e-9) and measured["macs_fraction"] <= 0.5
 
 
+def test_a_later_budget_is_predicted_through_the_api_and_check_0_samples_everything(client):
+    methods = ["dense", "paper", "measured"]
+    for budget in (0.6, 0.45):  # the first leaves enough sampled points to fit (whatever ran before)
+        started = client.predict(budget=budget, methods=methods, **TUNE, api_name="/tune_start")
+        status, _ = _wait(client, "/tune_status", started["job_id"])
+        assert status["state"] == "done", status
+    result = status["result"]
+    assert any(p["predicted"] for p in result["points"]) and set(result["quality_models"]) == {"paper", "measured"}
+    assert not result["points"][result["chosen"]]["predicted"]
+    assert all(not result["points"][i]["predicted"] for i in result["front"])
+    started = client.predict(budget=0.4, methods=methods, check=0, **TUNE, api_name="/tune_start")
+    status, _ = _wait(client, "/tune_status", started["job_id"])
+    assert status["state"] == "done" and not any(p["predicted"] for p in status["result"]["points"])
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(budget=0.5, check=-1), r"check must be a whole number of candidates to sample in \[0, 64\] \(0: every one\), got -1"),
         (dict(budget=1.5), r"budget must be a fraction of the dense MACs in \(0, 1\]"),
         (dict(budget=0.5, methods=["dense", "magic"]), r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, got dense, magic"),
         (dict(budget=0.5, calibration_size=5000), r"calibration_size \(images per stage\) must be in \[16, 1024\], got 5000"),

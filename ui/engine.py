@@ -273,10 +273,10 @@ class StudioEngine:
                 self._sensitivities.pop(next(iter(self._sensitivities)))
         return result
 
-    def tune(self, spec: ModelSpec, budget: float, plan: Plan, config, should_stop=None, on_progress=None, methods=None):
+    def tune(self, spec: ModelSpec, budget: float, plan: Plan, config, should_stop=None, on_progress=None, methods=None, check=None):
         """`conquer.tune.tune` on the loaded model at `plan`'s sampler, steps (the reference), M, λ and c_x;
         the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing."""
-        from mosaic_core.conquer.tune import default_steps_grid, tune
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, default_steps_grid, tune
         from mosaic_core.prune.service import _JobAnalyses
 
         grid = default_steps_grid(plan.num_inference_steps)
@@ -288,7 +288,7 @@ class StudioEngine:
                 loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
                 scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
                 on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
-                methods=settings.TUNE_METHODS if methods is None else methods,
+                methods=settings.TUNE_METHODS if methods is None else methods, check=DEFAULT_CHECK if check is None else check,
             )
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:

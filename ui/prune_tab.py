@@ -345,14 +345,15 @@ class TuneHandlers:
         plan_request = PlanRequest.from_controls(*values[:n])
         return self.submit(owner, plan_request, values[n : n + 3], values[-1])
 
-    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None):
+    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None):
         """Check everything, then queue the tuner job; returns its id."""
-        from mosaic_core.conquer.tune import check_budget, check_methods
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, check_budget, check_count, check_methods
 
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"budget must be a fraction of the dense MACs in (0, 1], got {type(budget).__name__}")
         budget = check_budget(float(budget))
         methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
+        check = check_count(DEFAULT_CHECK if check is None else check)
         request = prune_request(plan_request, *calibration_values, "paper")
         spec = self.engine.resolve(plan_request.model)
         self.engine.require_weights(spec)
@@ -361,7 +362,7 @@ class TuneHandlers:
         def work(context):
             messages = iter(range(1, 10**6))
             result = self.engine.tune(
-                spec, budget, plan, config, should_stop=context.should_stop, methods=methods,
+                spec, budget, plan, config, should_stop=context.should_stop, methods=methods, check=check,
                 on_progress=lambda message: context.report(min(0.95, 0.05 * next(messages)), message),
             )
             return result.to_dict()
@@ -381,6 +382,7 @@ class TuneHandlers:
         calibration_size: int = settings.CALIBRATION_SIZE_DEFAULT,
         scorer: str = settings.SCORER_DEFAULT,
         methods: Optional[list[str]] = None,
+        check: Optional[int] = None,
         request: gr.Request = None,
     ) -> dict:
         """Start the budget tuner: the best steps × method at `budget` (a fraction of the dense MACs at
@@ -389,9 +391,12 @@ class TuneHandlers:
 
         `sampler` None is the model's own. `methods`: some of dense, cache, paper, measured,
         measured+cache (default dense, paper, measured: what the studio's controls can run).
+        `check`: once this server has sampled enough points for the model and settings, pruned
+        candidates are predicted from their recorded error and at most `check` of them sampled
+        (default 2; 0 samples every candidate); predicted points have `predicted: true`.
         """
         plan_request = PlanRequest.from_values(model, sampler, steps, M, lam, None, None, cx)
-        job_id = self.submit(owner_of(request), plan_request, (calibration, calibration_size, scorer), budget, methods)
+        job_id = self.submit(owner_of(request), plan_request, (calibration, calibration_size, scorer), budget, methods, check)
         return status_dict(self.engine.jobs.status(job_id, owner_of(request)), lambda result: result)
 
     @staticmethod

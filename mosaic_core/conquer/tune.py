@@ -176,7 +176,7 @@ def tune(
     start = time.perf_counter()
     budget = check_budget(budget)
     methods = check_methods(methods)
-    check = _check_count(check)
+    check = check_count(check)
     if allocations is not None:
         wanted = {ALLOCATION_NAMES.get(a, a) for a in allocations}
         methods = tuple(m for m in methods if m in ("dense", "cache") or m.split("+")[0] in wanted)
@@ -320,7 +320,8 @@ def tune(
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models)
 
 
-def _check_count(check) -> int:
+def check_count(check) -> int:
+    """`check` as an int, or ValueError unless it is a whole number in [0, 64]."""
     if isinstance(check, bool) or not isinstance(check, int) or not 0 <= check <= 64:
         raise ValueError(f"check must be a whole number of candidates to sample in [0, 64] (0: every one), got {check!r}")
     return check
