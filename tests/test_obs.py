@@ -210,3 +210,22 @@ def test_obs_properties_on_random_layers(out, num_groups, group_size, tokens, se
     h_damped, _ = damped_hessian(hessian, 0.01)
     total = layer_reconstruction_error(weight, sequential, h_damped)
     assert trace.cumulative_error(k) == pytest.approx(total, rel=1e-6, abs=1e-9 * scale**2)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_one_prepared_layer_solves_every_kept_set_as_sequential_obs_does(group_size):
+    """`prepare_layer` once, then every kept set of the greedy order: each equals the weights the sequential
+    removals reach (an independent path), and is what an unprepared call gives, bit for bit."""
+    from mosaic_core.prune.obs import prepare_layer
+
+    weight, hessian = correlated_layer(6, 16, seed=11)
+    prepared = prepare_layer(weight, hessian, 0.01)
+    num_groups = 16 // group_size
+    for k in range(num_groups):
+        trace, updated = obs_prune(weight, hessian, group_size, k)
+        keep = trace.kept_groups(k)
+        solved = reconstruct_weights(weight, None, keep, group_size, prepared=prepared)
+        torch.testing.assert_close(updated[:, group_columns(keep, group_size)], solved, rtol=1e-9, atol=1e-9)
+        assert torch.equal(solved, reconstruct_weights(weight, hessian, keep, group_size))
+    with pytest.raises(ValueError, match="prepared is for a"):
+        reconstruct_weights(weight[:, :8], None, [0], 1, prepared=prepared)

@@ -245,3 +245,30 @@ def test_per_block_allocation_spends_the_same_macs_with_less_error(pixel, analys
         assert all(len(k.heads) >= 1 and len(k.units) >= 1 for k in keeps)
     with pytest.raises(ValueError, match="per-block allocation needs the OBS scorer"):
         PruneConfig(allocation="per-block", scorer="magnitude")
+
+
+def test_the_prepared_layer_cache_stays_within_its_bound_and_returns_what_it_kept():
+    from dataclasses import dataclass
+
+    from mosaic_core.prune.stage_pruning import _PreparedCache
+
+    @dataclass
+    class Entry:
+        nbytes: int
+
+    cache = _PreparedCache(max_bytes=100)
+    computed = []
+
+    def entry(size):
+        def compute():
+            computed.append(size)
+            return Entry(size)
+        return compute
+
+    first = cache.get(("a",), entry(10))
+    assert cache.get(("a",), entry(10)) is first and computed == [10]  # the second call is a hit
+    for i in range(12):
+        cache.get(("b", i), entry(10))
+    assert cache._bytes <= 100 and ("a",) not in cache._entries  # the least recently used went first
+    big = cache.get(("big",), entry(60))  # more than an eighth of the bound: computed, not kept
+    assert big.nbytes == 60 and ("big",) not in cache._entries

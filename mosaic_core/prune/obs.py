@@ -96,6 +96,8 @@ __all__ = [
     "obs_prune",
     "obs_prune_order",
     "reconstruct_weights",
+    "prepare_layer",
+    "PreparedLayer",
     "magnitude_prune_order",
     "layer_reconstruction_error",
     "full_width_weight",
@@ -422,26 +424,51 @@ def reconstruct_weights(
     keep_groups: Iterable[int],
     group_size: int,
     damping: float = 0.01,
+    prepared: "PreparedLayer | None" = None,
 ) -> torch.Tensor:
     """Least-squares optimal weight on the kept columns: W'_S = W H_λ[:, S] (H_λ[S, S])⁻¹.
 
     Returns out × (len(keep_groups)·group_size) in `weight`'s dtype, columns in ascending
     group order. With the same damping this equals the weight that `obs_prune` reaches by
-    sequential removals (module docstring, step 4).
+    sequential removals (module docstring, step 4). `prepared` (`prepare_layer` of the same
+    weight, Hessian and damping) skips the work every kept set shares: one layer solved at
+    many sparsities (the tuner, the studio's slider) pays it once.
     """
     out_features, in_features, num_groups = _check_layer(weight, group_size)
-    _check_hessian(hessian, in_features)
     keep = _check_groups(keep_groups, num_groups, "keep_groups")
+    if prepared is None:
+        prepared = prepare_layer(weight, hessian, damping)
+    elif prepared.weight_times_hessian.shape != (out_features, in_features):
+        raise ValueError(f"prepared is for a {tuple(prepared.weight_times_hessian.shape)} layer, the weight is {out_features} × {in_features}")
     columns = group_columns(keep, group_size).to(weight.device)  # (|S|,)
     if columns.numel() == 0:
         return weight.new_zeros(out_features, 0)
-    with _few_threads_for_small_steps(weight.device, out_features, in_features):
-        w = weight.detach().to(torch.float64)  # out × in
-        h, _ = damped_hessian(hessian.to(weight.device), damping)
-        factor = _cholesky(h[columns][:, columns], damping)  # |S| × |S|
-        rhs = (w @ h[:, columns]).T  # |S| × out
-        kept = torch.cholesky_solve(rhs, factor).T  # out × |S|
+    h = prepared.damped_hessian
+    factor = _cholesky(h[columns][:, columns], prepared.damping)  # |S| × |S|
+    rhs = prepared.weight_times_hessian[:, columns].T  # |S| × out: (W H_λ)[:, S]
+    kept = torch.cholesky_solve(rhs, factor).T  # out × |S|
     return kept.to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class PreparedLayer:
+    """What every kept set of one layer shares: H_λ (float64, dead columns fixed) and W·H_λ."""
+
+    damped_hessian: torch.Tensor  # in × in
+    weight_times_hessian: torch.Tensor  # out × in
+    damping: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.damped_hessian.numel() * 8 + self.weight_times_hessian.numel() * 8
+
+
+def prepare_layer(weight: torch.Tensor, hessian: torch.Tensor, damping: float = 0.01) -> PreparedLayer:
+    """H_λ and W·H_λ of one layer (float64, on `weight`'s device), for `reconstruct_weights(prepared=...)`."""
+    _, in_features, _ = _check_layer(weight, 1)
+    _check_hessian(hessian, in_features)
+    h, _ = damped_hessian(hessian.to(weight.device), damping)
+    return PreparedLayer(h, weight.detach().to(torch.float64) @ h, float(damping))
 
 
 def magnitude_prune_order(weight: torch.Tensor, group_size: int, num_remove: int) -> PruneTrace:

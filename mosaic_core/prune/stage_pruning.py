@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Mapping
 
@@ -38,7 +41,7 @@ from mosaic_core.prune.hessian import hessian_steps, layer_weight, prunable_laye
 from mosaic_core.divide.shapes import MLP_KINDS
 from mosaic_core.distributed import Processes
 from mosaic_core.jobs import Cancelled, relay
-from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, reconstruct_weights
+from mosaic_core.prune.obs import PruneTrace, magnitude_prune_order, obs_prune_order, prepare_layer, reconstruct_weights
 from mosaic_core.prune.spill import SpilledHessians
 from mosaic_core.divide.cost import group_macs_per_token
 from mosaic_core.divide.plan import Plan
@@ -373,6 +376,49 @@ def _block_layers(model) -> list[dict[str, object]]:
     return [by_block[b] for b in sorted(by_block)]
 
 
+class _PreparedCache:
+    """A byte-bounded LRU of `obs.prepare_layer` results, shared by every stage build of this process.
+
+    Keyed by (analysis key, layer, damping, device): the analysis key hashes the base weights,
+    τ range and calibration, so an entry is valid for any build from that analysis. Re-solving
+    a stage at another sparsity (the tuner's candidates, the studio's slider) then costs one
+    Cholesky per layer instead of also re-damping H and re-multiplying W·H. Entries larger than
+    an eighth of the bound are computed and not kept (big models would only churn it).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._entries: "OrderedDict[tuple, object]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute: Callable[[], object]):
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = compute()
+        size = value.nbytes
+        if size * 8 > self.max_bytes:
+            return value
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = value
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, old = self._entries.popitem(last=False)
+                    self._bytes -= old.nbytes
+            return self._entries[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+_PREPARED = _PreparedCache(int(os.environ.get("MOSAIC_PREPARED_CACHE_BYTES", 256 * 2**20)))
+
+
 def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config: PruneConfig) -> dict[str, torch.Tensor]:
     """OBS: the least-squares kept weights of every layer that lost a group; magnitude: none."""
     if config.scorer != "obs":
@@ -385,7 +431,9 @@ def stage_weights(model, analysis: StageAnalysis, keeps: list[BlockKeep], config
             if kept is None or len(kept) == layer.num_groups:
                 continue  # nothing removed: keep the original weights bit for bit
             weight = layer_weight(modules, layer)
-            solved = reconstruct_weights(weight, analysis.hessians[layer.name].to(weight.device), kept, layer.group_size, config.damping)
+            prepared = _PREPARED.get((analysis.key, layer.name, float(config.damping), str(weight.device)),
+                                     lambda: prepare_layer(weight, analysis.hessians[layer.name], config.damping))
+            solved = reconstruct_weights(weight, None, kept, layer.group_size, config.damping, prepared=prepared)
             weights.update(split_solved_weight(modules, layer, solved.to(weight.dtype), len(kept)))
     return weights
 
