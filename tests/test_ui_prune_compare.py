@@ -282,7 +282,8 @@ def test_the_tuner_runs_as_a_job_through_the_api(client, small_pruned):
     assert measured["macs_fraction"] == pytest.approx(1 - removed, abs=1e-9) and measured["macs_fraction"] <= 0.5
 
 
-def test_a_later_budget_is_predicted_through_the_api_and_check_0_samples_everything(client):
+def test_a_later_budget_is_predicted_through_the_api_and_check_0_samples_everything(client, small_pruned):
+    # small_pruned first: its test asserts a fresh prune (nothing solved before it in this studio)
     methods = ["dense", "paper", "measured"]
     for budget in (0.6, 0.45):  # the first leaves enough sampled points to fit (whatever ran before)
         started = client.predict(budget=budget, methods=methods, **TUNE, api_name="/tune_start")
