@@ -294,3 +294,36 @@ def test_the_studio_draws_predicted_points_open_and_says_how_many():
     assert traces["measured, predicted"]["marker"]["symbol"] == "circle-open"
     assert traces["paper, predicted"]["y"] == [25.0] and traces["paper"]["x"] == []
     assert "2 of 4 candidates predicted" in note
+
+
+@pytest.mark.slow
+def test_the_studios_sampled_points_survive_a_restart_and_a_bad_file_is_resampled(tiny_pixel_folder, tmp_path):
+    from mosaic_core.conquer.tune import load_memo_points
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+    from ui.engine import StudioEngine
+
+    def engine():
+        return StudioEngine(cache_root=tmp_path / "cache", local_model_roots=[tiny_pixel_folder.parent])
+
+    first = engine()
+    spec = first.resolve(str(tiny_pixel_folder))
+    plan = build_plan(spec, 8)
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    tuned = first.tune(spec, 0.6, plan, config)
+    (saved,) = (tmp_path / "cache" / "tune").glob("*.json")
+    kept = load_memo_points(saved)
+    assert {p for p in kept.values()} >= {p for p in tuned.points}  # every point of the result, as it was
+    messages: list = []
+    second = engine().tune(spec, 0.45, plan, config, on_progress=messages.append)  # a new process, the same cache
+    assert any(p.predicted for p in second.points)
+    assert not [m for m in messages if m.startswith("dense,")]  # the fewer-steps points came from the file
+    saved.write_text("{not json")
+    messages.clear()
+    again = engine().tune(spec, 0.45, plan, config, on_progress=messages.append)
+    assert [m for m in messages if m.startswith("dense,")] and not any(p.predicted for p in again.points)
+    assert load_memo_points(saved)  # rewritten whole
+    other = tmp_path / "other.json"
+    other.write_text('{"format": 99, "entries": []}')
+    assert load_memo_points(other) == {} and load_memo_points(tmp_path / "missing.json") == {}

@@ -15,7 +15,9 @@ the Hessians/removal orders under `cache_root/analyses/`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -40,6 +42,8 @@ from mosaic_core.requests import PlanRequest, model_name, shorten
 from ui import settings
 from ui.jobs import JobRunner
 from ui.job_view import public_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -275,21 +279,33 @@ class StudioEngine:
 
     def tune(self, spec: ModelSpec, budget: float, plan: Plan, config, should_stop=None, on_progress=None, methods=None, check=None):
         """`conquer.tune.tune` on the loaded model at `plan`'s sampler, steps (the reference), M, λ and c_x;
-        the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing."""
-        from mosaic_core.conquer.tune import DEFAULT_CHECK, default_steps_grid, tune
+        the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing. The
+        points sampled are kept in `cache_root/tune/` per model, so after a restart later budgets are
+        predicted at once (docs/method.md §4.5)."""
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, default_steps_grid, load_memo_points, save_memo_points, tune
         from mosaic_core.prune.service import _JobAnalyses
 
         grid = default_steps_grid(plan.num_inference_steps)
         with self._compute_lock:
             loaded = self._load(spec)
+            name = hashlib.sha256(f"{spec.name}|{loaded.weights_hash}".encode()).hexdigest()[:16]
+            saved = self.cache_root / "tune" / f"{name}.json"
             if any(key[0][:2] != (spec.name, loaded.weights_hash) for key in self._tune_memo):
                 self._tune_memo.clear()  # another model: its images are of no use
-            return tune(
-                loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
-                scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
-                on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
-                methods=settings.TUNE_METHODS if methods is None else methods, check=DEFAULT_CHECK if check is None else check,
-            )
+            if not self._tune_memo:  # what was sampled for this model before a restart
+                self._tune_memo.update(load_memo_points(saved))
+            try:
+                return tune(
+                    loaded, budget, config, reference_steps=plan.num_inference_steps, steps_grid=grid, M=plan.M, lam=plan.lam,
+                    scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
+                    on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
+                    methods=settings.TUNE_METHODS if methods is None else methods, check=DEFAULT_CHECK if check is None else check,
+                )
+            finally:  # also what a cancelled tuning sampled; a cache that cannot be written only costs the next restart
+                try:
+                    save_memo_points(self._tune_memo, saved)
+                except OSError as error:
+                    log.warning("could not keep the tuner's points in %s: %s", saved, error)
 
     def stage_only_plan(self, spec: ModelSpec, plan: Plan, stage: int) -> Plan:
         """The plan that prunes only `stage` (0 early, 1 middle, 2 late) at its sparsity in `plan`."""

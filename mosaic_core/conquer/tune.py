@@ -510,3 +510,53 @@ def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs) ->
             return None
         sparsity += sparsity_resolution(plan.shape) if not hasattr(plan.shape, "layers") else 0.002
     return None
+
+
+MEMO_FORMAT = 1  # version of the sampled points a `tune` memo is saved as (`save_memo_points`)
+
+
+def save_memo_points(memo: dict, path) -> int:
+    """Write the memo's sampled points (fewer-steps and candidates; not the reference images) as JSON,
+    atomically; returns how many. Keys hash the model's weights, so a file only ever serves that model."""
+    from mosaic_core.atomic import write_json
+
+    entries = [
+        {"key": _jsonable(key), "point": asdict(point)}
+        for key, point in memo.items()
+        if isinstance(point, TunePoint) and key[1] in ("dense", "point")
+    ]
+    write_json(path, {"format": MEMO_FORMAT, "entries": entries})
+    return len(entries)
+
+
+def load_memo_points(path) -> dict:
+    """The points `save_memo_points` wrote, as memo entries; {} for a missing, unreadable or other-format file
+    (the tuner then samples them again)."""
+    import logging
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict) or data.get("format") != MEMO_FORMAT:
+            return {}
+        memo = {}
+        for entry in data["entries"]:
+            point = dict(entry["point"])
+            for name in ("stage_sparsity", "cache"):
+                if point.get(name) is not None:
+                    point[name] = tuple(point[name])
+            memo[_tupled(entry["key"])] = TunePoint(**point)
+        return memo
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logging.getLogger(__name__).warning("ignoring the tuner's saved points in %s: %s", path, error)
+        return {}
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _tupled(value):
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
