@@ -327,3 +327,20 @@ def test_the_studios_sampled_points_survive_a_restart_and_a_bad_file_is_resample
     other = tmp_path / "other.json"
     other.write_text('{"format": 99, "entries": []}')
     assert load_memo_points(other) == {} and load_memo_points(tmp_path / "missing.json") == {}
+
+
+@pytest.mark.slow
+def test_tune_cli_cache_keeps_hessians_and_points_for_the_next_command(tiny_pixel_folder, tmp_path, capsys):
+    from mosaic_core.cli import main
+
+    cache = tmp_path / "cache"
+    common = ["tune", "--model", str(tiny_pixel_folder), "--steps", "8", "--steps-grid", "4,5,6,7,8", "--methods", "dense,paper,measured",
+              "--calib-size", "8", "--calib-batch-size", "8", "--images", "2", "--device", "cpu", "--json", "--cache", str(cache)]
+    assert main(common + ["--budget", "0.6"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    analyses = sorted(p.name for p in (cache / "analyses").iterdir())
+    assert analyses and len(list((cache / "tune").glob("*.json"))) == 1 and not any(p["predicted"] for p in first["points"])
+    assert main(common + ["--budget", "0.45"]) == 0  # a new command: nothing in memory
+    second = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in (cache / "analyses").iterdir()) == analyses  # no new Hessians were gathered
+    assert any(p["predicted"] for p in second["points"]) and not second["points"][second["chosen"]]["predicted"]

@@ -15,7 +15,6 @@ the Hessians/removal orders under `cache_root/analyses/`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -282,14 +281,13 @@ class StudioEngine:
         the analyses come from (and go to) this engine's cache, so a second budget re-gathers nothing. The
         points sampled are kept in `cache_root/tune/` per model, so after a restart later budgets are
         predicted at once (docs/method.md §4.5)."""
-        from mosaic_core.conquer.tune import DEFAULT_CHECK, default_steps_grid, load_memo_points, save_memo_points, tune
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, default_steps_grid, load_memo_points, memo_path, save_memo_points, tune
         from mosaic_core.prune.service import _JobAnalyses
 
         grid = default_steps_grid(plan.num_inference_steps)
         with self._compute_lock:
             loaded = self._load(spec)
-            name = hashlib.sha256(f"{spec.name}|{loaded.weights_hash}".encode()).hexdigest()[:16]
-            saved = self.cache_root / "tune" / f"{name}.json"
+            saved = memo_path(self.cache_root, spec.name, loaded.weights_hash)
             if any(key[0][:2] != (spec.name, loaded.weights_hash) for key in self._tune_memo):
                 self._tune_memo.clear()  # another model: its images are of no use
             if not self._tune_memo:  # what was sampled for this model before a restart

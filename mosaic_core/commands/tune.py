@@ -5,6 +5,7 @@
     python -m mosaic_core tune --budget 0.3 --methods dense,measured,measured+cache --cfg-grid 1.0,1.5,2.0
     python -m mosaic_core tune --budget 0.5,0.3,0.7            # later budgets predicted, the best few sampled
     python -m mosaic_core tune --budget 0.5,0.3 --check 0      # sample every candidate, predict none
+    python -m mosaic_core tune --budget 0.5 --cache cache      # Hessians and sampled points kept for the next run
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def register(subparsers) -> None:
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
                         "before and at most K of them sampled (default 2); 0 samples every candidate")
+    parser.add_argument("--cache", default=None, metavar="DIR", type=text_of("--cache", limits.MAX_PATH_LENGTH),
+                        help="keep Hessians and sampled points under DIR (the studio's is cache/): a later tune of the same "
+                        "model and settings gathers no Hessians and predicts from its first budget")
     parser.add_argument("--time", action="store_true", help="add the measured sampling seconds of each point to the table")
     parser.add_argument("--out", default=None, metavar="FILE", type=text_of("--out", limits.MAX_PATH_LENGTH), help="write the result as JSON")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -141,6 +145,14 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     analyses: dict = {}
     memo: dict = {}
+    saved = None
+    if args.cache:
+        from mosaic_core.conquer.tune import load_memo_points, memo_path
+        from mosaic_core.prune.service import _JobAnalyses, analysis_store
+
+        analyses = _JobAnalyses(analysis_store(args.cache))
+        saved = memo_path(args.cache, spec.name, loaded.weights_hash)
+        memo.update(load_memo_points(saved))
     results = []
     for index, budget in enumerate(budgets):
         result = tune(
@@ -149,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
             cfg_grid=args.cfg_grid, cfg_top=args.cfg_top, analyses=analyses, memo=memo, **({} if args.check is None else {"check": args.check}),
         )
         results.append(result.to_dict())
+        if saved is not None:
+            from mosaic_core.conquer.tune import save_memo_points
+
+            save_memo_points(memo, saved)
         print(json.dumps(results[-1]) if args.json else format_tune(result, args.time) + ("\n" if index < len(budgets) - 1 else ""), flush=True)
     if args.out:
         write_json(args.out, results[0] if len(results) == 1 else {"results": results})

@@ -515,6 +515,14 @@ def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs) ->
 MEMO_FORMAT = 1  # version of the sampled points a `tune` memo is saved as (`save_memo_points`)
 
 
+def memo_path(cache_root, model_name: str, weights_hash: str):
+    """Where a cache root keeps one model's sampled tuner points: `tune/<16 hex of name and weights>.json`."""
+    import hashlib
+    from pathlib import Path
+
+    return Path(cache_root) / "tune" / f"{hashlib.sha256(f'{model_name}|{weights_hash}'.encode()).hexdigest()[:16]}.json"
+
+
 def save_memo_points(memo: dict, path) -> int:
     """Write the memo's sampled points (fewer-steps and candidates; not the reference images) as JSON,
     atomically; returns how many. Keys hash the model's weights, so a file only ever serves that model."""
