@@ -194,3 +194,23 @@ def test_allowed_roots_admit_only_folders_inside_them(tiny_pixel_folder, tmp_pat
     with pytest.raises(ValueError, match="unknown model"):
         resolve_model(str(root / ".." / ".." / tiny_pixel_folder.name), allowed_roots=[root])
     assert resolve_model("digits-dit", allowed_roots=[]).name == "digits-dit"  # registry names need no root
+
+
+@pytest.mark.slow
+def test_prune_cache_reuses_the_analyses_and_writes_the_same_networks(tiny_pixel_folder, tmp_path, capsys):
+    """A second prune with --cache gathers no Hessians, and its networks equal those of a prune without the cache."""
+    cache = tmp_path / "cache"
+    model = ["prune", "--model", str(tiny_pixel_folder), *PRUNE[2:]]
+    assert run([*model, "--sparsity", "0.4", "--cache", str(cache), "--out", str(tmp_path / "a")]) == 0
+    analyses = sorted(p.name for p in (cache / "analyses").iterdir())
+    assert analyses
+    capsys.readouterr()
+    assert run([*model, "--sparsity", "0.3", "--cache", str(cache), "--out", str(tmp_path / "b")]) == 0
+    assert "calibrate 0.0 s, hessian 0.0 s" in capsys.readouterr().out
+    assert sorted(p.name for p in (cache / "analyses").iterdir()) == analyses
+    assert run([*model, "--sparsity", "0.3", "--out", str(tmp_path / "c")]) == 0  # no cache: gathered afresh
+    cached, fresh = snapshot(tmp_path / "b"), snapshot(tmp_path / "c")
+    networks = [name for name in cached if name.endswith(".safetensors")]
+    assert networks and all(cached[name] == fresh[name] for name in networks)
+    assert run([*model, "--sparsity", "0.3", "--stages", "4", "--cache", str(cache), "--out", str(tmp_path / "d")]) == 2
+    assert "--cache keeps three-stage analyses" in one_error_line(capsys)

@@ -87,6 +87,11 @@ def register(subparsers) -> None:
         "--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),
         help="checkpoint folder to write: new, empty, or an earlier checkpoint (replaced atomically)",
     )
+    parser.add_argument(
+        "--cache", default=None, metavar="DIR", type=text_of("--cache", limits.MAX_PATH_LENGTH),
+        help="keep the Hessians and removal orders under DIR (the studio's is cache/): a later prune of the same "
+        "model and calibration at another sparsity gathers nothing (one process; three stages)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -103,9 +108,18 @@ def run(args: argparse.Namespace) -> int:
 
     check_checkpoint_folder(args.out, "--out")  # before any work: never prune for nothing
     if args.stages != 3:
+        if args.cache:
+            raise ValueError(f"--cache keeps three-stage analyses; --stages {args.stages} prunes without it")
         return run_k_stages(args)
     plan = plan_from_args(args)
     processes = current_processes(args.device)  # one process unless started by `accelerate launch`
+    analyses = None
+    if args.cache:
+        if processes.distributed:
+            raise ValueError("--cache works in one process; launch without accelerate, or drop --cache")
+        from mosaic_core.prune.service import _JobAnalyses, analysis_store
+
+        analyses = _JobAnalyses(analysis_store(args.cache))
     loaded = load_model(plan.model, device=process_device(args.device, processes), dtype=args.dtype)
     config = prune_config_from_args(args, loaded.spec)
     if processes.is_main:
@@ -119,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(" ".join(x for x in (event.phase, event.stage, event.layer or "") if x))
             bar.refresh()
 
-        result = run_to_end(prune_steps(loaded, plan, config, processes=processes), show)
+        result = run_to_end(prune_steps(loaded, plan, config, processes=processes, analyses=analyses), show)
     if not processes.is_main:  # its share of the Hessians is summed; rank 0 solves and writes
         return 0
     extra = {"processes": result.processes, "calibration_images_per_process": result.calibration_images}
