@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     memo: dict = {}
     saved = None
     if args.cache:
-        from mosaic_core.conquer.tune import load_memo_points, memo_path
+        from mosaic_core.conquer.tune import load_memo_points, memo_path, save_memo_points
         from mosaic_core.prune.service import _JobAnalyses, analysis_store
 
         analyses = _JobAnalyses(analysis_store(args.cache))
@@ -162,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
         )
         results.append(result.to_dict())
         if saved is not None:
-            from mosaic_core.conquer.tune import save_memo_points
-
             save_memo_points(memo, saved)
         print(json.dumps(results[-1]) if args.json else format_tune(result, args.time) + ("\n" if index < len(budgets) - 1 else ""), flush=True)
     if args.out:

@@ -222,9 +222,12 @@ def tune(
         images_n, seconds = run(point.steps, transformer, scale)
         return replace(point, psnr=mean_psnr(images_n, reference), seconds=seconds, guidance_scale=scale)
 
-    def recalled(key, point: TunePoint, build: Callable[[], object], scale: float = cfg) -> TunePoint:
-        """The memo's point for `key`, or `point` built and sampled now (and remembered)."""
-        key = (base, "point", setting, *key, scale)
+    def point_key(identity: tuple, scale: float = cfg) -> tuple:
+        return (base, "point", setting, *identity, scale)
+
+    def recalled(identity, point: TunePoint, build: Callable[[], object], scale: float = cfg) -> TunePoint:
+        """The memo's point for `identity`, or `point` built and sampled now (and remembered)."""
+        key = point_key(identity, scale)
         if key not in memo:
             memo[key] = scored(point, build(), scale)
         return memo[key]
@@ -263,8 +266,8 @@ def tune(
                     continue
             plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
             identity = (n, method, round(float(asked), 9)) + ((round(budget, 9),) if stacked else ())
-            if (base, "point", setting, *identity, cfg) in memo:
-                points.append(memo[(base, "point", setting, *identity, cfg)])
+            if point_key(identity) in memo:
+                points.append(memo[point_key(identity)])
                 continue
             config = replace(prune_config, allocation=_PRUNE_ALLOCATION[method])
             recorded = _recorded_allocation(loaded, plan, config, analyses) if fits.get(method) else None
@@ -332,12 +335,13 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
     could still beat the best PSNR sampled within the budget: its prediction plus the quality
     model's residual (at least `MIN_MARGIN_DB`) reaches it. The models are refit after each
     sample; the rest stay predicted."""
+    def predicted(models) -> list[TunePoint]:
+        return [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
+
     done: list[TunePoint] = []
-    pending = list(pending)
     while pending and len(done) < check:
         models = fit()
-        pending = [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
-        pending.sort(key=lambda p: -p.psnr)
+        pending = sorted(predicted(models), key=lambda p: -p.psnr)
         best = max((p.psnr for p in [*points, *done] if not p.predicted and p.macs_fraction <= budget + 1e-12), default=-math.inf)
         head = pending[0]
         if head.psnr + max(models[head.allocation].rmse, MIN_MARGIN_DB) < best:
@@ -345,8 +349,7 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
         say(f"{head.allocation}, {head.steps} steps, sparsity {head.sparsity:.3f} (predicted {head.psnr:.1f} dB)")
         done.append(sample(pending.pop(0)))
     if pending:  # the rest as predicted by the models of every point sampled
-        models = fit()
-        pending = [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
+        pending = predicted(fit())
     return done + pending
 
 

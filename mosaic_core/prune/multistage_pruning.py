@@ -22,9 +22,9 @@ from mosaic_core.prune.stage_pruning import (
     PruneConfig,
     PruneEvent,
     StageAnalysis,
-    _kept_count,
     _network_key,
     _with_events,
+    allocation_inputs,
     analyse_stage,
     analysis_key,
     stage_keeps,
@@ -88,10 +88,16 @@ def prune_k_stages(
     dense = loaded.transformer
     counts = None
     if config.allocation == "measured" and needed:
-        chosen = _measured_k_stages(dense, allocation, {i: analyses[keys[i]] for i in needed}, paper_needed)
+        from mosaic_core.prune.measured_allocation import allocate_stages
+
+        layers = prunable_layers(dense)
+        stage_layers, errors, paper = allocation_inputs(
+            layers, uniform_layer_costs(dense), {i: analyses[keys[i]] for i in needed}, allocation.heads_kept, allocation.units_kept,
+            paper_needed,
+        )
+        chosen = allocate_stages(stage_layers, errors, allocation.step_counts, paper)
         if measured is not None:
             measured.append(chosen)
-        layers = prunable_layers(dense)
         counts = {i: {layer.name: layer.num_groups - chosen.removals[i][layer.name] for layer in layers} for i in needed}
         needed = [i for i in needed if any(chosen.removals[i].values())]  # the rest run the dense model
     built: dict[str, object] = {}
@@ -119,19 +125,3 @@ def prune_k_stages(
     yield PruneEvent("build", "", 1.0, message=f"done in {time.perf_counter() - start:.1f} s")
     return MultiStageDenoiser(networks, partition)
 
-
-def _measured_k_stages(model, allocation: StageAllocation, analyses: dict[int, StageAnalysis], paper_stages: list[int]):
-    """`allocate_stages` for K stages: the paper counts' removed MACs placed by recorded error."""
-    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages
-
-    layers = prunable_layers(model)
-    costs = uniform_layer_costs(model)
-    stage_layers = [StageLayer(layer.name, layer.num_groups, costs[layer.name]) for layer in layers]
-    stages = len(allocation.step_counts)
-    paper = [
-        {layer.name: layer.num_groups - _kept_count(layer, allocation.heads_kept[i], allocation.units_kept[i], None) for layer in layers}
-        if i in paper_stages else {}
-        for i in range(stages)
-    ]
-    errors = [{name: t.errors for name, t in analyses[i].traces.items()} if i in analyses else None for i in range(stages)]
-    return allocate_stages(stage_layers, errors, allocation.step_counts, paper)

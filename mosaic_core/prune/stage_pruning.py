@@ -606,26 +606,14 @@ def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, S
     the stages the paper's counts prune (default: those with steps and a sparsity > 0).
     Returns `measured_allocation.MeasuredStages`; it takes milliseconds (no Hessian work).
     """
-    from mosaic_core.prune.measured_allocation import StageLayer, allocate_stages, merge_stage_allocations
+    from mosaic_core.prune.measured_allocation import allocate_stages, merge_stage_allocations
 
-    layers = prunable_layers(model)
-    costs = layer_costs(model, plan)
     if paper_stages is None:
         paper_stages = [i for i in range(3) if plan.step_counts[i] > 0 and plan.allocation.achieved[i] > 0]
-    paper = []
-    for i in range(3):
-        if i not in paper_stages:
-            paper.append({})
-            continue
-        keeps = plan.layer_keep_counts(i)
-        heads, units = plan.allocation.heads_kept[i], plan.allocation.units_kept[i]
-        paper.append({layer.name: layer.num_groups - _kept_count(layer, heads, units, keeps) for layer in layers})
-    errors = [
-        {name: trace.errors for name, trace in analyses[i].traces.items()} if i in analyses else None for i in range(3)
-    ]
-    stage_layers = [
-        StageLayer(layer.name, layer.num_groups, costs[layer.name], unit_multiple if layer.kind == "mlp" else 1) for layer in layers
-    ]
+    stage_layers, errors, paper = allocation_inputs(
+        prunable_layers(model), layer_costs(model, plan), analyses, plan.allocation.heads_kept, plan.allocation.units_kept,
+        paper_stages, unit_multiple, plan.layer_keep_counts,
+    )
     if plan.mode == "auto":  # the score chose the stage sparsities: the measured errors may move them
         return allocate_stages(stage_layers, errors, plan.step_counts, paper)
     # sparsities set per stage (manual, uniform, one stage only): each stage keeps its own budget
@@ -638,6 +626,26 @@ def measured_stages(model: torch.nn.Module, plan: Plan, analyses: Mapping[int, S
         for s in paper_stages
     ]
     return merge_stage_allocations(parts, paper_stages)
+
+
+def allocation_inputs(layers, costs: Mapping[str, float], analyses: Mapping[int, StageAnalysis], heads_kept, units_kept,
+                      paper_stages, unit_multiple: int = 1, layer_keeps: Callable[[int], Mapping[str, int] | None] = lambda i: None):
+    """What `allocate_stages` reads, for any number of stages (one per entry of `heads_kept`): the layers
+    with their group costs, each stage's recorded errors (None without an analysis), and the groups the
+    paper's counts remove in each of `paper_stages` ({} elsewhere)."""
+    from mosaic_core.prune.measured_allocation import StageLayer
+
+    stages = range(len(heads_kept))
+    paper = [
+        {layer.name: layer.num_groups - _kept_count(layer, heads_kept[i], units_kept[i], layer_keeps(i)) for layer in layers}
+        if i in paper_stages else {}
+        for i in stages
+    ]
+    errors = [{name: trace.errors for name, trace in analyses[i].traces.items()} if i in analyses else None for i in stages]
+    stage_layers = [
+        StageLayer(layer.name, layer.num_groups, costs[layer.name], unit_multiple if layer.kind == "mlp" else 1) for layer in layers
+    ]
+    return stage_layers, errors, paper
 
 
 def _images_per_process(clean: CleanSet, config: PruneConfig, processes: Processes) -> list[int]:
