@@ -462,8 +462,9 @@ def sliced_model(
     DiT, "down_blocks.1.attentions.0.transformer_blocks.0" for a UNet), one `BlockKeep`
     each in that order. `weights` maps output-projection names ("<block>.attn1.to_out.0",
     "<block>.ff.net.2", "<block>.attn2.to_out.0") to kept-column weights (e.g.
-    OBS-reconstructed). Embedders, norms, resnets and the config are the dense model's
-    own objects. The dense model is untouched.
+    OBS-reconstructed), and "<name>.bias" to a refit bias of such a layer (prune/refit.py).
+    Embedders, norms, resnets and the config are the dense model's own objects. The
+    dense model is untouched.
     """
     from mosaic_core.models.adapters.base import adapter_for_model
 
@@ -475,6 +476,9 @@ def sliced_model(
     modules = dict(dense_model.named_modules())
     layers = adapter.prunable_layers(dense_model)
     names = {part.key: layer.block for layer in layers for part in layer.parts}
+    # Refit biases (prune/refit.py): "<layer>.bias" of a single-module layer that lost groups.
+    refittable = {layer.name for layer in layers if len(layer.parts) == 1 and layer.parts[0].module == layer.name}
+    biases = {name: weights.pop(name) for name in list(weights) if name.endswith(".bias") and name[: -len(".bias")] in refittable}
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"unknown layer names in weights: {unknown}; expected names like {sorted(names)[:2]}")
@@ -482,7 +486,18 @@ def sliced_model(
     for index, (path, keep) in enumerate(zip(paths, keeps)):
         block_weights = {name[len(path) + 1 :]: value for name, value in weights.items() if names[name] == index}
         replacements[path] = adapter.slice_block(modules[path], keep, block_weights)
-    return replace_modules(dense_model, replacements)
+    model = replace_modules(dense_model, replacements)
+    sliced = dict(model.named_modules())
+    for name, value in sorted(biases.items()):
+        layer = name[: -len(".bias")]
+        linear = sliced[layer]
+        if linear is modules[layer] or linear.bias is None or tuple(value.shape) != tuple(linear.bias.shape):
+            raise ValueError(
+                f"{name}: a refit bias needs a layer that lost groups and has a bias of shape "
+                f"{tuple(modules[layer].bias.shape) if modules[layer].bias is not None else None}, got {tuple(value.shape)}"
+            )
+        linear.bias = _new_parameter(value.detach(), linear.bias)  # its own: the dense bias stays shared elsewhere
+    return model
 
 
 def slice_basic_block(block: nn.Module, keep: BlockKeep, weights: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
