@@ -223,12 +223,12 @@ class PruneRequest:
         return cls(plan, calibration, size, scorer, allocation)
 
     def config(self, spec: ModelSpec):
-        """The `PruneConfig`: calibration from the model's default image source."""
+        """The `PruneConfig`: calibration from the model's default image source; OBS prunes refit (as `prune`)."""
         from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
         from mosaic_core.prune.stage_pruning import PruneConfig
 
         calibration = CalibrationConfig(mode=self.calibration, size=self.calibration_size, source=default_calibration_source(spec))
-        return PruneConfig(calibration=calibration, scorer=self.scorer, allocation=self.allocation)
+        return PruneConfig(calibration=calibration, scorer=self.scorer, allocation=self.allocation, refit=self.scorer == "obs")
 
     def build(self, spec: ModelSpec) -> tuple[Plan, Any]:
         """(plan, prune config) for an already resolved model."""

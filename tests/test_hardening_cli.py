@@ -54,7 +54,7 @@ def test_prune_never_deletes_files_it_did_not_write(tiny_pixel_folder, tmp_path,
     second = json.loads((out / "manifest.json").read_text())
     assert first["plan"]["requested_sparsity"] == pytest.approx(0.4)
     assert second["plan"]["requested_sparsity"] == pytest.approx(0.2)
-    assert second["format_version"] == 2 and len(second["content_sha256"]) == 64
+    assert second["format_version"] == 4 and len(second["content_sha256"]) == 64  # prune refits by default: v4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "victim"]  # no temporary leftovers
 
 

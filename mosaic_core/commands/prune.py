@@ -66,9 +66,13 @@ def prune_config_from_args(args: argparse.Namespace, spec):
     if budget is not None and not budget > 0:
         raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
     allocation = getattr(args, "allocation", None) or ("measured" if args.scorer == "obs" else "per-stage")
+    refit = getattr(args, "refit", None)  # only `prune` has --refit; None: on for three OBS stages
+    if refit is None:
+        refit = args.scorer == "obs" and getattr(args, "stages", 3) == 3 and hasattr(args, "refit")
     return PruneConfig(
         calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=ALLOCATION_ALIASES.get(allocation, allocation),
         hessian_budget=None if budget is None else int(budget * 2**20), unit_multiple=getattr(args, "unit_multiple", 1),
+        refit=refit,
     )
 
 
@@ -86,6 +90,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),
         help="checkpoint folder to write: new, empty, or an earlier checkpoint (replaced atomically)",
+    )
+    parser.add_argument(
+        "--refit", action=argparse.BooleanOptionalAction, default=None,
+        help="after OBS, fit each stage network's pruned layers (weights and bias) again on the inputs the pruned "
+        "network itself produces, towards the dense layer's output (default: on for three stages with --scorer obs; "
+        "+1.1-1.2 dB PSNR to dense on digits-dit, one more calibration pass per network; written as a v4 checkpoint)",
     )
     parser.add_argument(
         "--cache", default=None, metavar="DIR", type=text_of("--cache", limits.MAX_PATH_LENGTH),
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     save_pruned(result, loaded, args.out, extra=extra)
     ledger = memory_ledger(loaded.transformer, result.staged)
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-    print(f"allocation: {config.allocation}")
+    print(f"allocation: {config.allocation}" + ("; refit on the pruned networks' own inputs" if config.refit else ""))
     if result.measured is not None:
         print(format_measured(result.measured))
     print(f"measured c_x = {result.cx:.4f}; {seconds}")
@@ -170,6 +180,8 @@ def run_k_stages(args: argparse.Namespace) -> int:
     from mosaic_core.prune.checkpoint import save_k_stages
     from mosaic_core.prune.multistage_pruning import prune_k_stages
 
+    if args.refit:
+        raise ValueError(f"--refit is done for three stages; --stages {args.stages} prunes without it (drop --refit)")
     if args.allocation not in (None, "per-stage", "paper"):
         raise ValueError(f"--stages {args.stages} prunes each stage's counts in every block (--allocation paper); got --allocation {args.allocation}")
     if current_processes(args.device).distributed:

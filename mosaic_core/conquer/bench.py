@@ -10,7 +10,8 @@
 | `mosaic-clean-calib`  | ablation: calibration on clean inputs (τ = 0)                     |
 | `mosaic-magnitude`    | ablation: magnitude scoring, no weight update                     |
 | `mosaic-per-block`    | `mosaic` with each stage's MACs spread over blocks by OBS error   |
-| `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error (the CLI's default prune) |
+| `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error, then refit (the CLI's default prune) |
+| `mosaic-measured-no-refit` | ablation: `mosaic-measured` with OBS weights alone (`prune --no-refit`); only when named |
 | `mosaic-measured-gemm`| `mosaic-measured` with kept MLP units in multiples of 16 (`--unit-multiple`); only when named |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
@@ -50,9 +51,10 @@ from mosaic_core.conquer.staged_denoiser import param_count
 
 METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
-    "mosaic-per-block", "mosaic-measured", "mosaic-measured-gemm", "mosaic-K-steps", "cache", "mosaic+cache",
+    "mosaic-per-block", "mosaic-measured", "mosaic-measured-no-refit", "mosaic-measured-gemm", "mosaic-K-steps", "cache",
+    "mosaic+cache",
 )
-OPT_IN_METHODS = ("mosaic-measured-gemm",)  # run only when --methods names them (the default bench is long already)
+OPT_IN_METHODS = ("mosaic-measured-gemm", "mosaic-measured-no-refit")  # run only when --methods names them (the default bench is long already)
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or its typical run (the
 # median) more than 20 % above its best (the min). Not max − min: one run of five hit by a
 # background job says nothing against the min; most runs far above it do.
@@ -253,10 +255,13 @@ def bench_steps(
         ("mosaic-clean-calib", mosaic_plan, PruneConfig(replace(calibration, mode="clean"))),
         ("mosaic-magnitude", mosaic_plan, PruneConfig(calibration, scorer="magnitude")),
         ("mosaic-per-block", mosaic_plan, PruneConfig(calibration, allocation="per-block")),
-        # the same MACs as `mosaic` (within one group), placed by measured_allocation
-        ("mosaic-measured", mosaic_plan, PruneConfig(calibration, allocation="measured")),
+        # the same MACs as `mosaic` (within one group), placed by measured_allocation, then refit:
+        # `prune`'s defaults; and the same without the refit (OBS weights alone)
+        ("mosaic-measured", mosaic_plan, PruneConfig(calibration, allocation="measured", refit=True)),
+        ("mosaic-measured-no-refit", mosaic_plan, PruneConfig(calibration, allocation="measured")),
         # the same, its kept MLP widths rounded to multiples the GEMM kernels tile evenly
-        ("mosaic-measured-gemm", mosaic_plan, PruneConfig(calibration, allocation="measured", unit_multiple=config.unit_multiple)),
+        ("mosaic-measured-gemm", mosaic_plan,
+         PruneConfig(calibration, allocation="measured", unit_multiple=config.unit_multiple, refit=True)),
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))

@@ -269,7 +269,7 @@ def tune(
             if point_key(identity) in memo:
                 points.append(memo[point_key(identity)])
                 continue
-            config = replace(prune_config, allocation=_PRUNE_ALLOCATION[method])
+            config = replace(prune_config, allocation=_PRUNE_ALLOCATION[method], refit=False)  # candidates: OBS alone (a refit costs a pass)
             recorded = _recorded_allocation(loaded, plan, config, analyses) if fits.get(method) else None
             if recorded is not None:  # predicted now, sampled only if it ranks among the best
                 error = recorded.error if method == "measured" else recorded.paper_error
@@ -463,7 +463,7 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
     if point.allocation in _PRUNE_ALLOCATION:
         plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx)
         analyses = {} if analyses is None else analyses
-        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation])
+        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation], refit=False)
         transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
     elif point.allocation not in ("dense", "cache"):
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")

@@ -18,6 +18,11 @@ stages are named "stage 0" (noisiest) … "stage K−1"; the rest is v2's, diges
 It loads as a `MultiStageDenoiser`. Three-stage checkpoints stay v2, so earlier readers
 keep reading them.
 
+Format v4 is v2 whose network files also hold refit biases (`prune`'s default refit,
+prune/refit.py): besides each sliced layer's kept weight, a tensor "<layer>.bias" replaces
+that layer's shared dense bias. A reader that knew only v2 would not apply them, so such a
+checkpoint says v4; a prune without refit still writes v2.
+
 Integrity. Format v2 adds `content_sha256`: the SHA-256 of the manifest's canonical JSON
 (sorted keys, no spaces) without that field. Since the manifest holds every tensor file's
 SHA-256, the digest covers the whole checkpoint: an edited field (two stages' networks
@@ -49,7 +54,8 @@ from mosaic_core.atomic import check_output_folder, replace_folder, sha256_file,
 FORMAT = "mosaicdiff-pruned"
 FORMAT_VERSION = 2  # v2: content_sha256 over the whole manifest (v1 had per-file hashes only)
 K_STAGE_FORMAT_VERSION = 3  # v3: K ≥ 2 stages of a `KStagePlan`; three-stage checkpoints are still written as v2
-READABLE_VERSIONS = (1, 2, 3)
+REFIT_FORMAT_VERSION = 4  # v4: v2 whose network files may hold refit biases "<layer>.bias" (prune/refit.py)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 DIGEST_FIELD = "content_sha256"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few hundred kB even for DiT-XL/2
@@ -85,9 +91,10 @@ def manifest_for(result, loaded, extra: dict[str, Any] | None = None) -> tuple[d
     """The manifest and the tensors of each distinct network of a `PruneResult`."""
     networks, tensors, stage_network = _distinct_networks(result.stage_networks, result.staged.networks())
     plan = result.plan.to_dict()
+    refit = any(name.endswith(".bias") for weights in tensors for name in weights)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": REFIT_FORMAT_VERSION if refit else FORMAT_VERSION,
         "base_model": loaded.spec.name,
         "base_weights_hash": loaded.weights_hash,
         "plan": plan,

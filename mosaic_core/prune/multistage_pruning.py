@@ -56,6 +56,8 @@ def prune_k_stages(
     """
     if len(allocation.step_counts) != partition.num_stages:
         raise ValueError(f"the allocation has {len(allocation.step_counts)} stages, the partition {partition.num_stages}")
+    if config.refit:
+        raise ValueError("refit is done for three-stage prunes; prune K stages without it (refit=False, `prune --no-refit`)")
     if config.allocation not in ("per-stage", "measured"):
         raise ValueError(f"K-stage pruning allocates per-stage (the paper's counts) or measured, got {config.allocation!r}")
     if config.allocation == "measured" and record is not None:

@@ -71,6 +71,8 @@ class PruneConfig:
     hessian_budget: int | None = None  # bytes of float64 Hessians held at once; None: every layer at once
     # measured allocation: keep MLP units in multiples of this (GEMM-friendly widths; 1 = any count)
     unit_multiple: int = 1
+    # refit each stage network's pruned layers on its own inputs after OBS (prune/refit.py; `prune`'s default)
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.scorer, str) or self.scorer not in SCORERS:
@@ -86,6 +88,10 @@ class PruneConfig:
             raise ValueError(f"unit multiple must be a whole number in [1, 256], got {limits.shown(self.unit_multiple)}")
         if self.unit_multiple > 1 and self.allocation != "measured":
             raise ValueError(f"a unit multiple rounds the measured allocation's kept MLP units; allocation is {self.allocation}")
+        if not isinstance(self.refit, bool):
+            raise ValueError(f"refit must be true or false, got {limits.shown(self.refit)}")
+        if self.refit and self.scorer != "obs":
+            raise ValueError("refit solves the kept weights again; it needs the obs scorer (magnitude keeps the dense weights)")
         if self.hessian_budget is not None and (isinstance(self.hessian_budget, bool) or int(self.hessian_budget) < 1):
             raise ValueError(f"hessian budget must be a positive number of bytes (or None), got {self.hessian_budget!r}")
 
@@ -97,6 +103,8 @@ class PruneConfig:
             value["hessian_budget"] = int(self.hessian_budget)
         if self.unit_multiple != 1:
             value["unit_multiple"] = int(self.unit_multiple)
+        if self.refit:
+            value["refit"] = True
         return value
 
 
@@ -164,6 +172,7 @@ def analysis_key(weights_hash: str, t_range, config: PruneConfig) -> str:
     settings.pop("allocation", None)  # how kept counts are spread does not change the Hessians
     settings.pop("hessian_budget", None)  # nor does gathering them a few blocks at a time
     settings.pop("unit_multiple", None)  # nor does rounding the kept widths
+    settings.pop("refit", None)  # nor does refitting the built networks
     payload = json.dumps({"weights": weights_hash, "t_range": t_range, **settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -573,8 +582,12 @@ def prune_steps(
         else:
             keeps = stage_keeps(loaded.transformer, analysis, plan.allocation.heads_kept[i], plan.allocation.units_kept[i], layer_keeps)
         stage_networks[i] = (keeps, stage_weights(loaded.transformer, analysis, keeps, config))
+    if config.refit:
+        refit_start = time.perf_counter()
+        clean = yield from _refit_stages(loaded, plan, config, stage_networks, t_ranges, clean, should_stop)
+        timings["refit"] = time.perf_counter() - refit_start
     staged = build_staged(loaded.transformer, plan, stage_networks)
-    timings["build"] = time.perf_counter() - start
+    timings["build"] = time.perf_counter() - start - timings.get("refit", 0.0)
     yield PruneEvent("build", "", 1.0, message="done")
     cx = clean.cx if clean is not None else next((analyses[keys[i]].cx for i in needed), float("nan"))
     used = {keys[i]: analyses[keys[i]] for i in needed}
@@ -583,6 +596,36 @@ def prune_steps(
         plan, config, staged, stage_networks, used, cx, timings, peak,
         processes=processes.count, calibration_images=seen, measured=measured,
     )
+
+
+def _refit_stages(loaded, plan: Plan, config: PruneConfig, stage_networks: list, t_ranges, clean, should_stop):
+    """Refit every pruned stage network on its own stage's calibration batches (prune/refit.py).
+
+    In place on `stage_networks`: each (keeps, weights) gains the refit weights and biases.
+    Runs in the calling (main) process over the whole calibration set, so the networks do
+    not depend on how many processes gathered the Hessians. Returns the clean set (made
+    here if the analyses came from a cache).
+    """
+    from mosaic_core.prune.refit import refit_weights
+    from mosaic_core.prune.surgery import sliced_model
+
+    pruned = [i for i, spec in enumerate(stage_networks) if spec is not None]
+    if pruned and clean is None:
+        clean = clean_inputs(loaded, config.calibration, should_stop=should_stop)
+    done: dict[tuple, tuple] = {}  # one refit per distinct network and τ range (a uniform plan: one in all)
+    for n, i in enumerate(pruned):
+        keeps, weights = stage_networks[i]
+        key = (_network_key(keeps, weights), t_ranges[i])
+        if key not in done:
+            yield PruneEvent("build", STAGE_NAMES[i], 0.95 + 0.04 * n / len(pruned), message=f"refitting the {STAGE_NAMES[i]} network")
+            batches = calibration_batches(
+                clean, _noising(loaded.scheduler_config), t_ranges[i], config.calibration, loaded.spec.null_class,
+                device=loaded.device, dtype=loaded.dtype,
+            )
+            network = sliced_model(loaded.transformer, keeps, weights)
+            done[key] = (keeps, {**weights, **refit_weights(loaded.transformer, network, batches, should_stop=should_stop)})
+        stage_networks[i] = done[key]
+    return clean
 
 
 def layer_costs(model: torch.nn.Module, plan: Plan) -> dict[str, float]:
