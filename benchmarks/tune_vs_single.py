@@ -11,7 +11,10 @@ chosen point and the best each single technique can do at the same budget are sa
 scored by PSNR to the dense model's images of the same noise:
 
     fewer-steps   the dense model at ⌊b·N⌋ steps
-    prune         the default prune (measured allocation) at N steps, sparsity raised until it fits b
+    prune         the default prune (measured allocation, refit) at N steps, sparsity raised until it fits b
+
+and, when the tuner chose a pruned point, `tuner+refit`: that point pruned as `prune` would
+write it (with the refit, which the tuner leaves out of its search to keep it fast).
     cache         the dense model at N steps with the block-reuse setting closest to b from below
 
 Printed: per budget, every row's steps, MACs (of dense), held-out PSNR, and the tuner's
@@ -86,12 +89,15 @@ def main() -> None:
         tuned_seconds = time.perf_counter() - t0
         chosen = result.points[result.chosen]
         entries = [("tuner", chosen.allocation, chosen, candidate_denoiser(loaded, chosen, config, analyses=analyses, **common))]
+        if chosen.allocation not in ("dense", "cache"):
+            entries.append(("tuner+refit", chosen.allocation, chosen,
+                            candidate_denoiser(loaded, chosen, config, analyses=analyses, refit=True, **common)))
         fewer = max(1, int(budget * n0 + 1e-9))
         entries.append(("fewer-steps", "dense", TunePoint(fewer, "dense", 0.0, dense_step * fewer, fewer / n0, 0, 0, 0), None))
         sparsity = _sparsity_within(spec, n0, DEFAULT_M, 0.01, scheduler, 1.0, 1.0 - budget, budget * dense_macs)
         if sparsity is not None:
             plan = build_plan(spec, n0, DEFAULT_M, 0.01, sparsity=sparsity, scheduler=scheduler)
-            pruned = run_to_end(prune_steps(loaded, plan, replace(config, allocation="measured"), analyses=analyses))
+            pruned = run_to_end(prune_steps(loaded, plan, replace(config, allocation="measured", refit=True), analyses=analyses))
             macs = sum(staged_step_macs(plan, pruned))
             entries.append(("prune", "measured", TunePoint(n0, "measured", plan.overall_sparsity, macs, macs / dense_macs, 0, 0, 0), pruned.staged))
         fit = match_cache_to_macs(num_blocks, [dense_step] * n0, budget * dense_macs, within=True)
@@ -104,14 +110,16 @@ def main() -> None:
             psnr = mean_psnr(held_out(point.steps, transformer), reference)
             measured.append(dict(budget=budget, row=name, method=method, steps=point.steps, macs=round(point.macs_fraction, 4),
                                  cache=point.cache, sparsity=round(point.sparsity, 4), psnr=round(psnr, 3),
-                                 validation_psnr=round(chosen.psnr, 3) if name == "tuner" else None))
-        best_single = max(m["psnr"] for m in measured if m["row"] != "tuner")
-        measured[0]["margin_db"] = round(measured[0]["psnr"] - best_single, 3)
+                                 validation_psnr=round(chosen.psnr, 3) if name.startswith("tuner") else None))
+        best_single = max(m["psnr"] for m in measured if not m["row"].startswith("tuner"))
+        for m in measured:
+            if m["row"].startswith("tuner"):
+                m["margin_db"] = round(m["psnr"] - best_single, 3)
         measured[0]["tune_seconds"] = round(tuned_seconds, 1)
         rows.extend(measured)
         for m in measured:
             reuse = "-" if m["cache"] is None else "{}:{}/{}".format(*m["cache"])
-            extra = f"  margin {m['margin_db']:+.2f} dB over the best single (tuned in {tuned_seconds:.0f} s)" if m["row"] == "tuner" else ""
+            extra = f"  margin {m['margin_db']:+.2f} dB over the best single (tuned in {tuned_seconds:.0f} s)" if "margin_db" in m else ""
             print(f"b={budget:.2f} {m['row']:<12} {m['method']:<15} steps {m['steps']:>3} sparsity {m['sparsity']:.3f} reuse {reuse:>6} "
                   f"MACs {m['macs']:.3f}  PSNR {m['psnr']:.2f} dB{extra}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")

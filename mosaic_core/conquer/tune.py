@@ -448,11 +448,13 @@ def fit_quality(rows: Sequence[tuple[int, float, float, float]], min_points: int
 
 
 def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, lam: float = 0.01, scheduler: str = "ddim",
-                       cx: float = 1.0, analyses: Optional[dict] = None, should_stop=None):
+                       cx: float = 1.0, analyses: Optional[dict] = None, should_stop=None, refit: bool = False):
     """The denoiser that realises `point` (None: the dense model), rebuilt from (cached) analyses.
 
     Sample it at `point.steps` steps and `point.guidance_scale`; the same plan, pruning and
-    reuse setting as when the point was tuned, so its images are the tuned ones.
+    reuse setting as when the point was tuned, so its images are the tuned ones. `refit`
+    adds what `prune` does by default after OBS (prune/refit.py): the networks `prune`
+    would write at this point, one calibration pass per network dearer.
     """
     from mosaic_core.conquer.caching import BlockReuse, CacheConfig
     from mosaic_core.conquer.sampling import run_to_end
@@ -463,7 +465,7 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
     if point.allocation in _PRUNE_ALLOCATION:
         plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx)
         analyses = {} if analyses is None else analyses
-        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation], refit=False)
+        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation], refit=bool(refit))
         transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
     elif point.allocation not in ("dense", "cache"):
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")
