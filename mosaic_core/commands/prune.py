@@ -66,9 +66,9 @@ def prune_config_from_args(args: argparse.Namespace, spec):
     if budget is not None and not budget > 0:
         raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
     allocation = getattr(args, "allocation", None) or ("measured" if args.scorer == "obs" else "per-stage")
-    refit = getattr(args, "refit", None)  # only `prune` has --refit; None: on for three OBS stages
+    refit = getattr(args, "refit", False)  # only `prune` has --refit; its default None: on for three OBS stages
     if refit is None:
-        refit = args.scorer == "obs" and getattr(args, "stages", 3) == 3 and hasattr(args, "refit")
+        refit = args.scorer == "obs" and args.stages == 3
     return PruneConfig(
         calibration=calibration, scorer=args.scorer, damping=args.damping, allocation=ALLOCATION_ALIASES.get(allocation, allocation),
         hessian_budget=None if budget is None else int(budget * 2**20), unit_multiple=getattr(args, "unit_multiple", 1),

@@ -234,6 +234,16 @@ class HessianAccumulator:
         self.count = int(round(float(count.item())))
 
 
+def run_calibration_batch(model: torch.nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, condition) -> None:
+    """One calibration batch through `model` in its family's own input form (packed tokens,
+    timestep units, condition kwargs), without gradients; hooks collect what they need."""
+    from mosaic_core.models.adapters import adapter_for_model, as_condition
+
+    adapter = adapter_for_model(model)
+    with torch.no_grad():
+        model(adapter.pack_latents(x_t), timestep=adapter.model_timestep(timestep), **as_condition(condition).model_kwargs())
+
+
 def hessian_bytes(layers: Iterable[PrunableLayer]) -> int:
     """Bytes of the float64 in × in running sums of `layers`."""
     return sum(8 * layer.in_features**2 for layer in layers)
@@ -320,13 +330,9 @@ class HessianCollector:
     def run(self, x_t: torch.Tensor, timestep: torch.Tensor, condition) -> None:
         """One calibration batch through the model: N×C×H×W inputs, (N,) timesteps and the
         condition (class labels (N,), or a family's condition object; `adapters.as_condition`)."""
-        from mosaic_core.models.adapters import adapter_for_model, as_condition
-
         if not self._handles:
             raise RuntimeError("HessianCollector.run must be called inside its `with` block")
-        adapter = adapter_for_model(self.model)
-        with torch.no_grad():  # the family's own input form: packed tokens, timestep units
-            self.model(adapter.pack_latents(x_t), timestep=adapter.model_timestep(timestep), **as_condition(condition).model_kwargs())
+        run_calibration_batch(self.model, x_t, timestep, condition)
         self.batches += 1
 
     def hessians(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ def refit_targets(dense: torch.nn.Module, pruned: torch.nn.Module) -> list[str]:
             continue  # groups across two modules (joint attention, fused projections): OBS weights stay
         module = pruned_modules.get(layer.name)
         if module is None or module is dense_modules[layer.name]:
-            continue  # nothing removed: the dense module itself
+            continue  # the dense model's own module (not sliced): never written
         names.append(layer.name)
     return names
 
@@ -81,7 +81,7 @@ def refit_weights(
     has one), in the layers' dtype; `pruned` itself is not changed (`sliced_model` builds
     with them).
     """
-    from mosaic_core.models.adapters import adapter_for_model, as_condition
+    from mosaic_core.prune.hessian import run_calibration_batch
 
     if not 0.0 < damping <= 1.0:
         raise ValueError(f"refit damping must be in (0, 1], got {damping}")
@@ -114,18 +114,13 @@ def refit_weights(
 
     handles = [dense_modules[n].register_forward_hook(keep_dense(n)) for n in names]
     handles += [pruned_modules[n].register_forward_pre_hook(accumulate(n)) for n in names]
-    adapter = adapter_for_model(dense)
     try:
-        with torch.no_grad():
-            for x_t, timestep, condition in _micro_batches(batches, rows):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("refit cancelled")
-                inputs = adapter.pack_latents(x_t)
-                kwargs = as_condition(condition).model_kwargs()
-                t = adapter.model_timestep(timestep)
-                dense(inputs, timestep=t, **kwargs)
-                pruned(inputs, timestep=t, **kwargs)
-                held.clear()
+        for x_t, timestep, condition in _micro_batches(batches, rows):
+            if should_stop is not None and should_stop():
+                raise Cancelled("refit cancelled")
+            run_calibration_batch(dense, x_t, timestep, condition)  # holds each target output
+            run_calibration_batch(pruned, x_t, timestep, condition)  # sums A and R against it
+            held.clear()
     finally:
         for handle in handles:
             handle.remove()
