@@ -24,6 +24,7 @@ t = σ·T times its family adapter's `timestep_scale` (1 for SD3, 1/1000 for Flu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -136,14 +137,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float) -> torch.Tensor:
-    """One guided ε prediction. x: N×C×H×W; condition, null: N samples each (adapters' conditions)."""
+def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float, rows_t: torch.Tensor | None = None) -> torch.Tensor:
+    """One guided ε prediction. x: N×C×H×W; condition, null: N samples each (adapters' conditions).
+    `rows_t`, if given, is the call's per-row timestep tensor itself (a `TrajectoryConditioning`'s)."""
     from mosaic_core.models.adapters import concat_conditions
     from mosaic_core.models.adapters.base import denoiser_adapter
 
     adapter = denoiser_adapter(model)  # the family's input form: packed tokens, timestep units
 
     def call(inputs: torch.Tensor, timestep: torch.Tensor, **kwargs):  # N×C×H×W in and out
+        timestep = rows_t if rows_t is not None and rows_t.shape[0] == inputs.shape[0] else timestep
         out = model(adapter.pack_latents(inputs), timestep=adapter.model_timestep(timestep), **kwargs)
         return type(out)(sample=adapter.unpack_latents(out.sample, inputs))
 
@@ -158,6 +161,24 @@ def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float)
     out = call(both, timestep=t.expand(both.shape[0]), **concat_conditions(condition, null).model_kwargs()).sample
     eps_cond, eps_uncond = out[:, :channels].chunk(2)
     return eps_uncond + g * (eps_cond - eps_uncond)
+
+
+def _trajectory_conditioning(model, timesteps, condition, null, g: float, device: torch.device):
+    """The `TrajectoryConditioning` of the calls `_denoise` will make, or None (nothing to precompute)."""
+    from mosaic_core.conquer.conditioning import TrajectoryConditioning
+    from mosaic_core.models.adapters import concat_conditions
+    from mosaic_core.models.adapters.base import denoiser_adapter
+
+    call_condition = condition if g == 1.0 else null if g == 0.0 else concat_conditions(condition, null)
+    labels = call_condition.model_kwargs().get("class_labels")
+    if labels is None or len(timesteps) == 0:
+        return None
+    if denoiser_adapter(model).timestep_scale != 1.0:  # the network would get t · scale, a new tensor
+        return None
+    rows = labels.shape[0]
+    per_call = torch.stack([t.to(device).expand(rows) for t in timesteps])
+    table = TrajectoryConditioning(model, per_call, labels)
+    return table if table else None
 
 
 def _pred_original(scheduler, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -202,6 +223,7 @@ def sample_steps(
     should_stop: Callable[[], bool] | None = None,
     index_offset: int = 0,
     image_seq_len: int | None = None,
+    precompute_conditioning: bool = True,
 ) -> Generator[StepEvent, None, SampleResult]:
     """Sample images for `labels`, yielding a `StepEvent` per step; returns a `SampleResult`.
 
@@ -215,6 +237,9 @@ def sample_steps(
     image j of this call draws its noise as image `index_offset + j` of the whole run, so a
     run split into batches (or over processes) gives the images of one call.
     `image_seq_len` (image tokens per sample) sets μ of a dynamically shifted flow schedule.
+    With `precompute_conditioning` (the default), a class-conditioned DiT's per-block adaLN
+    embedding and modulation of all steps run as one batched call inside step 0's time
+    (`conditioning.TrajectoryConditioning`; same values, less time per call).
 
     Every event carries x̂₀, the step's prediction of the clean sample: the scheduler's own
     `pred_original_sample` when it gives one (DDIM, DDPM, Euler); otherwise (DPM-Solver)
@@ -252,17 +277,21 @@ def sample_steps(
     seconds = []
     timesteps = scheduler.timesteps
     clip = float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample") else None
-    with torch.no_grad():
+    table = _trajectory_conditioning(model, timesteps, condition, null, config.guidance_scale, device) if precompute_conditioning else None
+    with torch.no_grad(), table if table is not None else contextlib.nullcontext():
         for i, t in enumerate(timesteps):
             if should_stop is not None and should_stop():
                 raise Cancelled("sampling cancelled")
             _synchronize(device)
             start = time.perf_counter()
+            if table is not None and i == 0:
+                table.precompute()  # the whole trajectory's conditioning, timed as part of step 0
             # 1. Scale the input (Euler, DPM need it; identity for DDIM/DDPM; flow schedulers have none).
             model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
             # 2. Guided ε (flow: v) prediction at this timestep (`_denoise` hands the denoiser t in its
             #    family's units, t · timestep_scale, and its packed input form).
-            eps = _denoise(model, model_input, t.to(device), condition, null, config.guidance_scale)
+            rows_t = None if table is None else table.call_timesteps[i]
+            eps = _denoise(model, model_input, t.to(device), condition, null, config.guidance_scale, rows_t)
             sigma = scheduler.sigmas[i] if flow else None  # σ of this step, before the update
             # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
             kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}
