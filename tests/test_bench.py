@@ -101,7 +101,10 @@ def test_methods_runs_only_the_named_rows_and_dense(tiny_pixel_folder):
     assert rows["cache"].macs == dense_macs // 6 * 3 + dense_macs // 6 * 3 // 2
     assert rows["cache"].images.shape[0] == 3 and not np.array_equal(rows["cache"].images, rows["dense"].images)
     assert all(len(r.seconds_all) == 2 for r in result.results)
-    assert rows["fewer-steps"].seconds == min(rows["fewer-steps"].seconds_all)  # CPU: the min
+    fewer = rows["fewer-steps"]
+    assert fewer.step_runs.shape == (2, fewer.num_inference_steps)
+    assert fewer.seconds == pytest.approx(fewer.step_runs.min(axis=0).sum())  # CPU: the floor
+    assert fewer.seconds <= min(fewer.seconds_all) + 1e-12 and result.statistic == "floor"
     table = markdown_table(result, loaded)
     assert "| 1.00 | ref | dense |" in table and "DeepCache-style" in table
 
@@ -124,6 +127,48 @@ def test_timing_statistics_and_flags_on_injected_timings():
     # one slow run of five (a background job) leaves the median at the min: no flag
     outlier = timing_statistics([1.0, 1.02, 1.01, 1.6, 1.03])
     assert outlier.spread == pytest.approx(0.6) and timing_flags(1.0, outlier.excess) == ()
+
+
+def test_floor_sums_each_steps_least_time_and_checks_its_halves():
+    from mosaic_core.conquer.bench import MAX_FLOOR_SPLIT, floor_flags, timing_statistics
+
+    # three steps, four runs; every run was disturbed somewhere, no run is clean end to end
+    runs = [[1.0, 5.0, 1.0], [4.0, 1.0, 1.0], [1.0, 1.0, 6.0], [1.1, 1.0, 1.0]]
+    stats = timing_statistics([sum(r) for r in runs], runs)
+    assert stats.min == pytest.approx(3.1) and stats.floor == pytest.approx(3.0)  # 1 + 1 + 1 < the best whole run
+    # even runs 0, 2: floor 1 + 1 + 1; odd runs 1, 3: 1.1 + 1 + 1 -> 0.1 / 3 apart
+    assert stats.floor_split == pytest.approx(0.1 / 3)
+    assert timing_statistics([2.0], [[1.0, 1.0]]).floor_split == 0.0 and timing_statistics([2.0]).floor is None
+    with pytest.raises(ValueError, match="one row per run"):
+        timing_statistics([2.0, 2.0], [[1.0, 1.0]])
+    assert floor_flags(0.95, 0.02) == ()
+    assert floor_flags(0.95, MAX_FLOOR_SPLIT + 0.05) == ("floors of even/odd runs 15% apart > 10%",)
+    assert floor_flags(1.3, 0.0, reference_split=0.2) == (
+        "measured/ideal 1.30 outside [0.5, 1.1]", "dense floors of even/odd runs 20% apart > 10%",
+    )
+
+
+def test_summarise_timing_uses_the_floor_with_per_step_times():
+    from mosaic_core.conquer.bench import BenchConfig, summarise_timing
+    from mosaic_core.conquer.compare import MethodResult
+
+    def row(name, macs, runs):
+        runs = np.asarray(runs, dtype=float)
+        totals = list(runs.sum(axis=1))
+        return MethodResult(name, runs.shape[1], np.zeros((1, 2, 2, 1), np.uint8), np.zeros(1), float(np.median(totals)), totals,
+                            np.median(runs, axis=0), {}, macs, 1, ideal_speedup=100 / macs, step_runs=runs)
+
+    plan = build_plan(load_model("digits-dit", device="cpu").spec, 2, sparsity=0.3)
+    quality = [row("dense", 100, [[9.0, 9.0]]), row("pruned", 50, [[9.0, 9.0]])]
+    # dense: each step's best 0.5 in a different run; pruned: 0.26 + 0.26
+    timed = [row("dense", 100, [[0.5, 0.9], [0.9, 0.5], [0.5, 0.9], [0.9, 0.5]]),
+             row("pruned", 50, [[0.26, 0.4], [0.4, 0.26], [0.26, 0.4], [0.4, 0.26]])]
+    result = summarise_timing(plan, BenchConfig(), quality, timed, cpu=True)
+    by = {r.name: r for r in result.results}
+    assert result.statistic == "floor" and by["pruned"].speedup == pytest.approx(1.0 / 0.52)
+    assert result.flags["pruned"] == ()  # 1.92 of 2.00 ideal, even and odd runs agree
+    assert by["pruned"].seconds == pytest.approx(0.52)
+    assert summarise_timing(plan, BenchConfig(), quality, timed, cpu=False).statistic == "median"
 
 
 def test_summarise_timing_uses_the_min_and_flags_implausible_rows():

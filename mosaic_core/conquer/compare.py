@@ -84,6 +84,15 @@ class MethodResult:
     ssim: float | None = None
     info: dict = field(default_factory=dict)
     peak_memory: int | None = None  # bytes: CUDA max_memory_allocated over its runs; None on CPU
+    step_runs: np.ndarray | None = field(default=None, repr=False)  # runs × steps seconds of the timed runs
+
+    @property
+    def floor_seconds(self) -> float:
+        """Σ over steps of each step's least time over the runs (its least-disturbed time; the
+        whole-run min needs one run that nothing disturbed at all)."""
+        if self.step_runs is None or not len(self.step_runs):
+            return self.seconds
+        return float(np.min(self.step_runs, axis=0).sum())
 
     def row(self) -> dict:
         """A JSON-ready summary (no images)."""
@@ -94,6 +103,7 @@ class MethodResult:
             "params": int(self.params),
             "seconds": round(self.seconds, 4),
             "seconds_all": [round(s, 4) for s in self.seconds_all],
+            "floor_seconds": round(self.floor_seconds, 4),
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "speedup": round(self.speedup, 4),
             "ideal_speedup": round(self.ideal_speedup, 4),
@@ -199,6 +209,7 @@ def compare_steps(
                 ssim=float(metrics.ssim(images, reference_images).mean()) if min(images.shape[1:3]) >= 7 else None,
                 info=dict(contender.info),
                 peak_memory=peaks[contender.name],
+                step_runs=np.stack(runs),
             )
         )
     base = next(r for r in results if r.name == reference)

@@ -5,7 +5,7 @@ its own timestep + label embedding e_ℓ = emb_ℓ(t, y) and a linear m_ℓ = W_
 split into six shift/scale/gate vectors (diffusers' `AdaLayerNormZero`); the final layer
 embeds (t, y) once more with block 0's embedder. None of it depends on the latents, and a
 sampler knows every timestep and label in advance, so the work of all N steps can run as
-one batched call per block instead of N small ones (docs/method.md §9, eq. 9.1).
+one batched call per block instead of N small ones (docs/method.md §9, eq. 9.2).
 
 The values are the same as the per-call ones (the same modules on the same inputs; rows of a
 batched linear are independent). What changes is time: on a CPU the per-block embedding
