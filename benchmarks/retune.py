@@ -10,6 +10,7 @@ twice, one after the other on the same cached Hessians:
 
     predicted   `tune(check=2)`: pruned candidates ranked by the quality model fit to the
                 points sampled at earlier budgets; only the best few are pruned and sampled
+                (`--check-seconds S`: a second one only if it should end within S seconds)
     exhaustive  `tune(check=0)`: every candidate pruned and sampled (its own memo)
 
 Printed per budget: the seconds of each (the first predicted one gathers the Hessians),
@@ -45,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=settings.TUNE_IMAGES)
     parser.add_argument("--check", type=int, default=2)
+    parser.add_argument("--check-seconds", type=float, default=settings.TUNE_CHECK_SECONDS or 0.0, help="0: no time bound")
     parser.add_argument("--calib-size", type=int, default=settings.CALIBRATION_SIZE_DEFAULT)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
@@ -63,12 +65,14 @@ def main() -> None:
         for name, check in (("predicted", args.check), ("exhaustive", 0)):
             messages: list[str] = []
             started = time.perf_counter()
-            result = tune(loaded, budget, config, analyses=analyses, memo=memos[name], check=check, on_progress=messages.append, **common)
+            bound = args.check_seconds if name == "predicted" and args.check_seconds > 0 else None
+            result = tune(loaded, budget, config, analyses=analyses, memo=memos[name], check=check, check_seconds=bound,
+                          on_progress=messages.append, **common)
             seconds = time.perf_counter() - started
             chosen = result.points[result.chosen]
             row[name] = dict(
                 seconds=round(seconds, 2), sampled=sum(1 for m in messages if not m.startswith("dense")),
-                predicted=sum(1 for p in result.points if p.predicted), steps=chosen.steps, method=chosen.allocation,
+                predicted=sum(1 for p in result.points if p.predicted), unchecked=result.unchecked, steps=chosen.steps, method=chosen.allocation,
                 psnr=round(chosen.psnr, 3), macs=round(chosen.macs_fraction, 4), models=result.quality_models,
             )
         row["regret_db"] = round(row["exhaustive"]["psnr"] - row["predicted"]["psnr"], 3)
@@ -89,6 +93,7 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(model=spec.name, sampler=common["scheduler"], steps=args.steps, images=args.images, check=args.check,
+                    check_seconds=args.check_seconds,
                     calib_size=args.calib_size, methods=list(settings.TUNE_METHODS), torch_threads=_threads())
         out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
         lines = [
@@ -96,15 +101,18 @@ def main() -> None:
             "",
             f"The studio's tuner setting ({', '.join(settings.TUNE_METHODS)}; {args.images} validation images; calibration "
             f"{args.calib_size}), budgets in the order run, on one set of cached Hessians. Wall seconds on a "
-            f"{_threads()}-thread CPU. Made by `python benchmarks/retune.py --budgets {args.budgets} --out {args.out}`.",
+            f"{_threads()}-thread CPU. Predicted: at most {args.check} candidates checked"
+            + (f", a second only if it should end within {args.check_seconds:g} s" if args.check_seconds > 0 else "")
+            + f"; *left* counts those the time bound left predicted. Made by `python benchmarks/retune.py --budgets {args.budgets} "
+            f"--check-seconds {args.check_seconds:g} --out {args.out}`.",
             "",
-            "| budget | predicted: s | sampled | choice | PSNR dB | exhaustive: s | sampled | choice | PSNR dB | regret dB |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| budget | predicted: s | sampled | left | choice | PSNR dB | exhaustive: s | sampled | choice | PSNR dB | regret dB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             p, e = r["predicted"], r["exhaustive"]
             note = " (gathers Hessians)" if r["first"] else ""
-            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['steps']} {p['method']} | {p['psnr']:.2f} | "
+            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['unchecked']} | {p['steps']} {p['method']} | {p['psnr']:.2f} | "
                          f"{e['seconds']:.2f} | {e['sampled']} | {e['steps']} {e['method']} | {e['psnr']:.2f} | {r['regret_db']:+.2f} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

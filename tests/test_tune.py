@@ -344,3 +344,60 @@ def test_tune_cli_cache_keeps_hessians_and_points_for_the_next_command(tiny_pixe
     second = json.loads(capsys.readouterr().out)
     assert sorted(p.name for p in (cache / "analyses").iterdir()) == analyses  # no new Hessians were gathered
     assert any(p["predicted"] for p in second["points"]) and not second["points"][second["chosen"]]["predicted"]
+
+
+def _pending_points(errors):
+    from mosaic_core.conquer.tune import TunePoint
+
+    return [TunePoint(40, "measured", 0.3, 1.0, 0.5, e, 0.0, 0.0, target_sparsity=0.3 + i / 100, predicted=True)
+            for i, e in enumerate(errors)]
+
+
+def test_check_seconds_bounds_the_candidates_checked_after_the_first():
+    """A deadline already behind stops the checking after the first candidate and says how many it left;
+    without a deadline the same candidates are all checked (`check` of them, best predicted first)."""
+    import time
+
+    from mosaic_core.conquer.tune import QualityModel, TunePoint, _check_predicted
+
+    model = QualityModel(alpha=1.0, log_kappa=-3.0, rmse=0.5, count=6)
+    dense = {40: 40.0}
+    sampled_before = [TunePoint(40, "dense", 0.0, 1.0, 0.5, 0.0, 10.0, 0.0)]  # a poor sampled point: every candidate may win
+
+    def run(deadline):
+        sampled = []
+
+        def sample(point):
+            time.sleep(0.01)  # a candidate costs time: the bound compares against the slowest so far
+            sampled.append(point.target_sparsity)
+            return TunePoint(**{**point.__dict__, "predicted": False, "psnr": 30.0})
+
+        points, unchecked = _check_predicted(_pending_points([1e-4, 1e-3, 1e-2]), sampled_before, 3, 0.6,
+                                             lambda: {"measured": model}, dense, sample, lambda message: None, deadline)
+        return sampled, unchecked, points
+
+    sampled, unchecked, points = run(None)
+    assert sampled == [0.30, 0.31, 0.32] and unchecked == 0  # least recorded error first
+    sampled, unchecked, points = run(time.perf_counter())  # the bound is already spent
+    assert sampled == [0.30] and unchecked == 2
+    assert [p.predicted for p in points] == [False, True, True] and len(points) == 3
+    sampled, unchecked, _ = run(time.perf_counter() + 60.0)  # a bound far off changes nothing
+    assert sampled == [0.30, 0.31, 0.32] and unchecked == 0
+
+
+def test_check_seconds_is_validated(tiny_pixel_folder):
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    for bad in (0, -1.0, float("nan"), True, "3", 4000):
+        with pytest.raises(ValueError, match=r"check_seconds must be a number of seconds in \(0, 3600\]"):
+            tune(loaded, 0.5, PruneConfig(), reference_steps=4, check_seconds=bad)
+
+
+def test_tune_cli_refuses_a_bad_check_seconds():
+    from conftest import run_cli
+
+    done = run_cli("tune", "--budget", "0.5", "--check-seconds", "0")
+    assert done.returncode == 2 and "--check-seconds" in done.stderr and "0" in done.stderr and "Traceback" not in done.stderr

@@ -415,6 +415,9 @@ class TuneHandlers:
         predicted = sum(1 for p in result["points"] if p.get("predicted"))
         if predicted:
             note += f" {predicted} of {len(result['points'])} candidates predicted from their recorded error, not sampled (open markers)."
+        if result.get("unchecked"):
+            note += (f" {result['unchecked']} more could still win but were left predicted by "
+                     f"the time bound of {settings.TUNE_CHECK_SECONDS} s.")
         if best.get("cache"):
             note += " Block reuse: full step every {}, first {}/last {} blocks always run (Compare runs without it).".format(*best["cache"])
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"

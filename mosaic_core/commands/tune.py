@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
                         "before and at most K of them sampled (default 2); 0 samples every candidate")
+    parser.add_argument("--check-seconds", type=float_in("--check-seconds", 0.001, 3600.0), default=None, metavar="S",
+                        help="sample a second predicted candidate only if it should end within S seconds of the budget's start "
+                        "(default: no bound; the studio uses 3)")
     parser.add_argument("--cache", default=None, metavar="DIR", type=text_of("--cache", limits.MAX_PATH_LENGTH),
                         help="keep Hessians and sampled points under DIR (the studio's is cache/): a later tune of the same "
                         "model and settings gathers no Hessians and predicts from its first budget")
@@ -118,6 +121,8 @@ def format_tune(result, show_time: bool = False) -> str:
         models = "; ".join(f"{m}: MSE = MSE_dense + 10^{q['log_kappa']:g}·E^{q['alpha']:g} (residual {q['rmse']:.2f} dB, {q['count']} points)"
                            for m, q in (result.quality_models or {}).items())
         lines.append(f"~ predicted from its recorded error, not sampled (never on the front nor chosen); {models}")
+    if result.unchecked:
+        lines.append(f"{result.unchecked} predicted candidates that could still win were left unsampled by --check-seconds")
     if result.chosen is None:
         lines.append("no candidate fits the budget: raise it or add smaller step counts")
     lines.append(f"tuned in {result.seconds:.2f} s")
@@ -159,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
             cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or METHODS,
             cfg_grid=args.cfg_grid, cfg_top=args.cfg_top, analyses=analyses, memo=memo, **({} if args.check is None else {"check": args.check}),
+            check_seconds=args.check_seconds,
         )
         results.append(result.to_dict())
         if saved is not None:

@@ -92,6 +92,7 @@ class TuneResult:
     seconds: float  # wall time of this tuning
     guidance_scale: Optional[float] = None  # the CFG of the dense reference
     quality_models: Optional[dict] = None  # method -> `QualityModel` fields, fit to every point sampled so far (predicted points use it)
+    unchecked: int = 0  # predicted candidates that still promised to win but were left unsampled by `check_seconds`
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -100,6 +101,7 @@ class TuneResult:
             "guidance_scale": self.guidance_scale,
             "points": [asdict(p) for p in self.points], "front": list(self.front), "chosen": self.chosen,
             "seconds": round(self.seconds, 3), "quality_models": dict(self.quality_models or {}),
+            "unchecked": self.unchecked,
         }
 
 
@@ -153,6 +155,7 @@ def tune(
     cfg_grid: Sequence[float] = (),
     cfg_top: int = 2,
     check: int = DEFAULT_CHECK,
+    check_seconds: Optional[float] = None,
 ) -> TuneResult:
     """Search steps × method (× CFG) at `budget` (fraction of dense MACs at `reference_steps`); module docstring.
 
@@ -163,7 +166,10 @@ def tune(
     narrows the pruned methods as `methods` does. `check` K > 0: a pruned method whose quality
     model can be fit from the memo's earlier points is predicted, and at most its K best
     candidates, only while one still promises to beat the best sampled, are pruned and sampled;
-    0 samples every candidate.
+    0 samples every candidate. `check_seconds` bounds that checking in time: after the first
+    predicted candidate, the next is sampled only if it should finish (at the cost of the
+    slowest one checked so far) within `check_seconds` of the call's start; the rest stay
+    predicted and `TuneResult.unchecked` counts the ones the time bound left out.
     """
     from mosaic_core.conquer.caching import BlockReuse, match_cache_to_macs
     from mosaic_core.conquer.conditions import conditions_for, default_values
@@ -177,6 +183,9 @@ def tune(
     budget = check_budget(budget)
     methods = check_methods(methods)
     check = check_count(check)
+    if check_seconds is not None and (isinstance(check_seconds, bool) or not isinstance(check_seconds, (int, float))
+                                      or not math.isfinite(check_seconds) or not 0 < check_seconds <= 3600):
+        raise ValueError(f"check_seconds must be a number of seconds in (0, 3600], got {check_seconds!r}")
     if allocations is not None:
         wanted = {ALLOCATION_NAMES.get(a, a) for a in allocations}
         methods = tuple(m for m in methods if m in ("dense", "cache") or m.split("+")[0] in wanted)
@@ -293,14 +302,15 @@ def tune(
                 points.append(recalled(identity, cached, lambda staged=result.staged, config=fit[0]: BlockReuse(staged, config)))
             else:
                 points.append(recalled(identity, point[0], lambda staged=point[1].staged: staged))
-    points.extend(_check_predicted(
+    checked, unchecked = _check_predicted(
         pending, points, check, budget, lambda: _fit_methods(memo, base, setting, cfg, check), dense_psnr,
         lambda p: recalled(
             (p.steps, p.allocation, round(p.target_sparsity, 9)), replace(p, predicted=False),
             lambda: candidate_denoiser(loaded, p, prune_config, **common),
         ),
-        say,
-    ))
+        say, None if check_seconds is None else start + float(check_seconds),
+    )
+    points.extend(checked)
     order = {m: i for i, m in enumerate(METHODS)}
     points.sort(key=lambda p: (p.steps, order[p.allocation]))
     # the best few sampled within the budget again at every other guidance scale of the grid
@@ -320,7 +330,7 @@ def tune(
     fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
     models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
-    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models)
+    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked)
 
 
 def check_count(check) -> int:
@@ -330,15 +340,19 @@ def check_count(check) -> int:
     return check
 
 
-def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, say) -> list[TunePoint]:
+def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, say, deadline=None) -> tuple[list[TunePoint], int]:
     """Sample the predicted candidates best first, at most `check` of them, while the next one
     could still beat the best PSNR sampled within the budget: its prediction plus the quality
     model's residual (at least `MIN_MARGIN_DB`) reaches it. The models are refit after each
-    sample; the rest stay predicted."""
+    sample; the rest stay predicted. With a `deadline` (perf_counter seconds), a candidate after
+    the first is sampled only if it should end by then at the cost of the slowest one so far.
+    Returns the points and how many candidates the deadline left unchecked."""
     def predicted(models) -> list[TunePoint]:
         return [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
 
     done: list[TunePoint] = []
+    slowest = 0.0
+    unchecked = 0
     while pending and len(done) < check:
         models = fit()
         pending = sorted(predicted(models), key=lambda p: -p.psnr)
@@ -346,11 +360,17 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
         head = pending[0]
         if head.psnr + max(models[head.allocation].rmse, MIN_MARGIN_DB) < best:
             break  # nothing left promises to beat what was sampled
+        if done and deadline is not None and time.perf_counter() + slowest > deadline:
+            unchecked = sum(1 for p in pending if p.psnr + max(models[p.allocation].rmse, MIN_MARGIN_DB) >= best)
+            unchecked = min(unchecked, check - len(done))
+            break  # out of time: the rest stay predicted
         say(f"{head.allocation}, {head.steps} steps, sparsity {head.sparsity:.3f} (predicted {head.psnr:.1f} dB)")
+        began = time.perf_counter()
         done.append(sample(pending.pop(0)))
+        slowest = max(slowest, time.perf_counter() - began)
     if pending:  # the rest as predicted by the models of every point sampled
         pending = predicted(fit())
-    return done + pending
+    return done + pending, unchecked
 
 
 def _fit_methods(memo, base, setting, cfg, check) -> dict:
