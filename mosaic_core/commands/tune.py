@@ -91,7 +91,7 @@ def register(subparsers) -> None:
                         "before and at most K of them sampled (default 2); 0 samples every candidate")
     parser.add_argument("--check-seconds", type=float_in("--check-seconds", 0.001, 3600.0), default=None, metavar="S",
                         help="sample a second predicted candidate only if it should end within S seconds of the budget's start "
-                        "(default: no bound; the studio uses 3)")
+                        "(default: no bound, as in the studio; docs/method.md §4.5 has what 3 s cost)")
     parser.add_argument("--cache", default=None, metavar="DIR", type=text_of("--cache", limits.MAX_PATH_LENGTH),
                         help="keep Hessians and sampled points under DIR (the studio's is cache/): a later tune of the same "
                         "model and settings gathers no Hessians and predicts from its first budget")
