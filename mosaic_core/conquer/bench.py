@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mosaic_core.prune.calibration import CalibrationConfig
-from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps
+from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps, floor_seconds
 from mosaic_core.jobs import relay
 from mosaic_core.limits import shown
 from mosaic_core.divide.plan import Plan, build_plan
@@ -103,10 +103,6 @@ class TimingStats:
     floor_split: float = 0.0
 
 
-def _floor(step_runs: np.ndarray) -> float:
-    return float(step_runs.min(axis=0).sum())
-
-
 def timing_statistics(seconds: Sequence[float], step_runs: np.ndarray | Sequence[Sequence[float]] | None = None) -> TimingStats:
     """Min, median, max and relative spread of a row's timed runs, and with `step_runs`
     (runs × steps seconds) their floor and its split-half agreement (ValueError when none)."""
@@ -119,9 +115,9 @@ def timing_statistics(seconds: Sequence[float], step_runs: np.ndarray | Sequence
         steps = np.asarray(step_runs, dtype=np.float64)
         if steps.ndim != 2 or steps.shape[0] != values.size or not np.all(np.isfinite(steps)) or np.any(steps < 0):
             raise ValueError(f"per-step times must be runs × steps non-negative seconds, one row per run; got shape {steps.shape}")
-        floor = _floor(steps)
+        floor = floor_seconds(steps)
         if steps.shape[0] >= 2 and floor > 0:
-            split = abs(_floor(steps[0::2]) - _floor(steps[1::2])) / floor
+            split = abs(floor_seconds(steps[0::2]) - floor_seconds(steps[1::2])) / floor
     return TimingStats(low, median, high, (high - low) / low, int(values.size), (median - low) / low, floor, split)
 
 
@@ -382,12 +378,12 @@ def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult
         r.stage_seconds = by_name[r.name].stage_seconds
         r.seconds = getattr(stats, statistic)
         r.speedup = getattr(reference, statistic) / getattr(stats, statistic)
-        ratio = r.speedup / r.ideal_speedup if r.name != "dense" else 1.0
-        reference_check = r.name != "dense"
+        dense = r.name == "dense"  # the reference: judged on its own spread only
+        ratio = 1.0 if dense else r.speedup / r.ideal_speedup
         if statistic == "floor":
-            flags[r.name] = floor_flags(ratio, stats.floor_split, reference.floor_split if reference_check else 0.0)
+            flags[r.name] = floor_flags(ratio, stats.floor_split, 0.0 if dense else reference.floor_split)
         else:
-            flags[r.name] = timing_flags(ratio, stats.excess, reference.excess if reference_check else 0.0)
+            flags[r.name] = timing_flags(ratio, stats.excess, 0.0 if dense else reference.excess)
     return BenchResult(plan, config, results, timing, statistic, flags)
 
 

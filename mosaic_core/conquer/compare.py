@@ -62,6 +62,13 @@ class CompareEvent:
     fraction: float
 
 
+def floor_seconds(step_runs: np.ndarray) -> float:
+    """Σ over steps of each step's least time over the runs (runs × steps seconds): the
+    least-disturbed trajectory time, where the min of whole runs needs one run that nothing
+    disturbed at all (docs/method.md eq. 9.1)."""
+    return float(np.min(step_runs, axis=0).sum())
+
+
 @dataclass
 class MethodResult:
     """Measurements of one contender."""
@@ -88,11 +95,10 @@ class MethodResult:
 
     @property
     def floor_seconds(self) -> float:
-        """Σ over steps of each step's least time over the runs (its least-disturbed time; the
-        whole-run min needs one run that nothing disturbed at all)."""
+        """`floor_seconds` of its timed runs (its `seconds` when none were kept)."""
         if self.step_runs is None or not len(self.step_runs):
             return self.seconds
-        return float(np.min(self.step_runs, axis=0).sum())
+        return floor_seconds(self.step_runs)
 
     def row(self) -> dict:
         """A JSON-ready summary (no images)."""
