@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     succeeded = False
     try:
+        from mosaic_core.allocator import steady_allocator
+
+        steady_allocator()  # freed activations stay in the heap (mosaic_core/allocator.py)
         code = int(args.func(args) or 0)
         succeeded = True
         return code
