@@ -42,6 +42,36 @@ def test_compare_reports_consistent_numbers(tiny_pixel_folder):
         compare(loaded, contenders, [0], SampleConfig(6), repeats=0)
 
 
+def test_compare_with_the_floor_reports_each_steps_least_time_over_the_runs(tiny_pixel_folder):
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    plan = build_plan(loaded.spec, num_inference_steps=5, sparsity=0.0)
+    contenders = [
+        Contender("dense", loaded.transformer, 5, plan.macs_dense, 100),
+        Contender("three-steps", loaded.transformer, 3, plan.macs_dense * 3 // 5, 100),
+    ]
+    results = compare(loaded, contenders, [0, 1], SampleConfig(5, 1.5), repeats=3, statistic="floor")
+    for r in results:
+        runs = r.step_runs
+        assert runs.shape == (3, r.num_inference_steps)
+        least = sum(min(runs[i, k] for i in range(3)) for k in range(runs.shape[1]))  # step by step, by hand
+        assert r.seconds == pytest.approx(least) and r.statistic == "floor" and r.row()["statistic"] == "floor"
+        assert r.seconds <= min(r.seconds_all) + 1e-12  # never above the best whole run
+    dense, fewer = results
+    assert fewer.speedup == pytest.approx(dense.seconds / fewer.seconds)
+    with pytest.raises(ValueError, match=r"statistic must be one of median, floor, got 'mean'"):
+        compare(loaded, contenders, [0], SampleConfig(5), repeats=1, statistic="mean")
+
+
+def test_timing_statistic_is_the_floor_on_a_cpu_and_the_median_on_a_gpu():
+    import torch
+
+    from mosaic_core.conquer.compare import timing_statistic
+
+    assert timing_statistic(torch.device("cpu")) == "floor"
+    assert timing_statistic(torch.device("cuda", 0)) == "median"
+    assert timing_statistic("cuda") == "median"
+
+
 @pytest.mark.slow
 def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_path):
     out = tmp_path / "bench"

@@ -201,6 +201,7 @@ def test_compare_endpoint_measures_dense_and_staged(client, small_pruned):
         assert 0 <= row["accuracy"] <= 1 and math.isfinite(row["fd"])
     assert 10 < staged["psnr"] < 100 and 0 < staged["ssim"] < 1  # close to dense, not identical
     assert dense["psnr"] == 100.0  # the reference against itself (capped)
+    assert dense["statistic"] == staged["statistic"] == "floor"  # a CPU: the studio times as `bench` does
 
 
 def test_prune_one_stage_only_goes_through_the_cache(client):
@@ -517,3 +518,15 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
     assert page.locator("#mosaic-per-stage input").is_checked()
     # the front chart drew the candidates and the budget line
     page.wait_for_selector("#mosaic-tune-front .js-plotly-plot", state="attached", timeout=10_000)
+
+
+def test_compare_caption_names_the_timing_statistic():
+    from types import SimpleNamespace
+
+    from ui.compare_tab import _statistic_words
+
+    floor = [SimpleNamespace(statistic="floor")]
+    median = [SimpleNamespace(statistic="median")]
+    assert _statistic_words(floor, 3) == "floor of 3 timed runs (Σ of each step's least time)"
+    assert _statistic_words(median, 3) == "median of 3 timed runs"
+    assert _statistic_words(floor, 1) == "1 timed run"  # one run: both statistics are that run

@@ -155,6 +155,14 @@ def _fmt(value, spec: str, none: str = "—") -> str:
     return none if value is None else format(value, spec)
 
 
+def _statistic_words(results, repeats: int) -> str:
+    """How the seconds were taken over the timed runs, in the caption's words."""
+    runs = f"{repeats} timed run{'s' if repeats > 1 else ''}"
+    if repeats > 1 and results and results[0].statistic == "floor":
+        return f"floor of {runs} (Σ of each step's least time)"
+    return f"median of {runs}" if repeats > 1 else runs
+
+
 def compare_table_html(run: CompareRun) -> str:
     """Per-stage and total seconds, speed-up measured and ideal, accuracy, FD, PSNR and SSIM."""
     request = run.request
@@ -188,8 +196,7 @@ def compare_table_html(run: CompareRun) -> str:
     labels = request.labels
     caption = (
         f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · cfg {sample.guidance_scale:g} · "
-        f"{len(labels)} images ({html.escape(conditions_text(request.request))}) · seed {sample.seed} · seconds: median of {request.repeats} "
-        f"timed run{'s' if request.repeats > 1 else ''} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
+        f"{len(labels)} images ({html.escape(conditions_text(request.request))}) · seed {sample.seed} · seconds: {_statistic_words(run.results, request.repeats)} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
         f" ({request.config.calibration.mode}, {request.config.calibration.size} images, {request.config.scorer})"
     )
     note = ""
@@ -544,7 +551,7 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
                 seed = gr.Number(settings.COMPARE_SEED_DEFAULT, label="Seed", precision=0, minimum=0, elem_id="mosaic-compare-seed")
             cfg = gr.Slider(*settings.CFG_RANGE, value=settings.CFG_DEFAULT, step=settings.CFG_STEP, label="CFG (guidance scale)", elem_id="mosaic-compare-cfg")
             repeats = gr.Slider(
-                *settings.REPEATS_RANGE, value=settings.REPEATS_DEFAULT, step=1, label="Timed runs (median)",
+                *settings.REPEATS_RANGE, value=settings.REPEATS_DEFAULT, step=1, label="Timed runs (CPU: floor, GPU: median)",
                 elem_id="mosaic-compare-repeats",
             )
             only_stage = gr.Radio(

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from mosaic_core.conquer.compare import compare_steps, dense_and_staged
+from mosaic_core.conquer.compare import compare_steps, dense_and_staged, timing_statistic
 from mosaic_core.conquer.conditions import conditions_for
 from mosaic_core.conquer.trajectory import Trajectory, trajectory_steps
 from mosaic_core.divide.noise_schedule import ScoreCurve
@@ -323,6 +323,9 @@ class StudioEngine:
     ) -> list:
         """Dense vs `pruned` on the same conditions and seeds: `compare.MethodResult`s, dense first.
 
+        Seconds are each contender's floor over its timed runs on a CPU, the median on a GPU
+        (`timing_statistic`), as `bench` reports them.
+
         `labels` are class ids, or prompts for a text-to-image model (embedded once, with
         `negative_prompt` as the unconditional branch, and shared by both contenders).
         """
@@ -330,7 +333,10 @@ class StudioEngine:
             loaded = self._load(pruned.spec)
             conditions = conditions_for(loaded, labels, negative_prompt)
             contenders = dense_and_staged(loaded.transformer, pruned.staged, pruned.plan)
-            generator = compare_steps(loaded, contenders, conditions, sample_config, repeats=repeats, should_stop=should_stop)
+            statistic = timing_statistic(loaded.device)
+            generator = compare_steps(
+                loaded, contenders, conditions, sample_config, repeats=repeats, should_stop=should_stop, statistic=statistic,
+            )
             return run_to_end(generator, on_event)
 
 

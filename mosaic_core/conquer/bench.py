@@ -377,6 +377,7 @@ def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult
         r.step_runs = by_name[r.name].step_runs
         r.stage_seconds = by_name[r.name].stage_seconds
         r.seconds = getattr(stats, statistic)
+        r.statistic = statistic
         r.speedup = getattr(reference, statistic) / getattr(stats, statistic)
         dense = r.name == "dense"  # the reference: judged on its own spread only
         ratio = 1.0 if dense else r.speedup / r.ideal_speedup

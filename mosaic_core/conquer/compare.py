@@ -62,6 +62,14 @@ class CompareEvent:
     fraction: float
 
 
+STATISTICS = ("median", "floor")  # what `compare_steps` reports as a contender's seconds
+
+
+def timing_statistic(device) -> str:
+    """"floor" on a CPU (other processes only add time), "median" on a GPU, as `bench` times."""
+    return "median" if getattr(device, "type", str(device)) == "cuda" else "floor"
+
+
 def floor_seconds(step_runs: np.ndarray) -> float:
     """Σ over steps of each step's least time over the runs (runs × steps seconds): the
     least-disturbed trajectory time, where the min of whole runs needs one run that nothing
@@ -92,6 +100,7 @@ class MethodResult:
     info: dict = field(default_factory=dict)
     peak_memory: int | None = None  # bytes: CUDA max_memory_allocated over its runs; None on CPU
     step_runs: np.ndarray | None = field(default=None, repr=False)  # runs × steps seconds of the timed runs
+    statistic: str = "median"  # what `seconds` is over the timed runs (`STATISTICS`)
 
     @property
     def floor_seconds(self) -> float:
@@ -110,6 +119,7 @@ class MethodResult:
             "seconds": round(self.seconds, 4),
             "seconds_all": [round(s, 4) for s in self.seconds_all],
             "floor_seconds": round(self.floor_seconds, 4),
+            "statistic": self.statistic,
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "speedup": round(self.speedup, 4),
             "ideal_speedup": round(self.ideal_speedup, 4),
@@ -145,17 +155,23 @@ def compare_steps(
     warmup: bool = True,
     reference: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    statistic: str = "median",
 ) -> Generator[CompareEvent, None, list[MethodResult]]:
     """Sample and time every contender on the same labels and seeds; returns their results.
 
     `config.num_inference_steps` is ignored: each contender has its own step count.
     `reference` names the contender whose images PSNR/SSIM compare against, and whose
-    seconds and MACs define the speed-ups (default: the first).
+    seconds and MACs define the speed-ups (default: the first). `statistic` is what a
+    result's `seconds` is over its timed runs: "median" of the run totals, or "floor", the
+    sum of each step's least time (eq. 9.1; what a CPU should use, other processes only add
+    time). With one run both are that run.
     """
     from mosaic_core.conquer import metrics as metrics
 
     if not contenders:
         raise ValueError("nothing to compare: give at least one contender")
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     if isinstance(repeats, bool) or int(repeats) != repeats or not 1 <= repeats <= 20:
         raise ValueError(f"repeats must be a whole number in [1, 20], got {repeats!r}")
     labels = labels if hasattr(labels, "model_kwargs") else np.asarray(labels)  # class ids, or a family's condition (prompts)
@@ -197,13 +213,14 @@ def compare_steps(
         totals = [float(r.sum()) for r in runs]
         step_seconds = np.median(np.stack(runs), axis=0)
         images = first[contender.name].images
+        seconds = floor_seconds(np.stack(runs)) if statistic == "floor" else float(np.median(totals))
         results.append(
             MethodResult(
                 name=contender.name,
                 num_inference_steps=contender.num_inference_steps,
                 images=images,
                 labels=first[contender.name].labels,
-                seconds=float(np.median(totals)),
+                seconds=seconds,
                 seconds_all=totals,
                 step_seconds=step_seconds,
                 stage_seconds=_stage_seconds(step_seconds, contender.step_stages),
@@ -216,6 +233,7 @@ def compare_steps(
                 info=dict(contender.info),
                 peak_memory=peaks[contender.name],
                 step_runs=np.stack(runs),
+                statistic=statistic,
             )
         )
     base = next(r for r in results if r.name == reference)
