@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
+    from mosaic_core.allocator import steady_allocator
+
+    steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
     from mosaic_core.conquer.tune import tune
     from mosaic_core.divide.stages import DEFAULT_M
     from mosaic_core.models.loading import load_model

@@ -39,6 +39,9 @@ def parse_ks(text: str) -> list[int]:
 
 
 def main() -> None:
+    from mosaic_core.allocator import steady_allocator
+
+    steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
     """Parse the arguments, prune and sample each K, print one table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="digits-dit")

@@ -34,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
+    from mosaic_core.allocator import steady_allocator
+
+    steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
     from dataclasses import replace
 
     from mosaic_core.conquer.caching import BlockReuse, match_cache_to_macs
