@@ -132,6 +132,15 @@ def test_unpruned_modules_are_shared_and_pruned_ones_are_new():
     assert all(block.attn1.heads == HEADS for block in model.transformer_blocks)
 
 
+def test_a_sliced_model_keeps_the_dense_models_mode_in_every_module():
+    model = tiny_dit().eval()
+    pruned = sliced_model(model, [BlockKeep((0, 2), tuple(range(64)))] * 2)
+    assert [name for name, module in pruned.named_modules() if module.training] == []
+    model.train()
+    pruned = sliced_model(model, [BlockKeep((1,), tuple(range(32)))] * 2)
+    assert all(module.training for module in pruned.modules())
+
+
 def test_mask_block_zeroes_removed_columns():
     model = tiny_dit()
     block = model.transformer_blocks[0]

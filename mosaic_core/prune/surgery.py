@@ -243,6 +243,7 @@ def slice_attention(
     to_out = getattr(attn, "to_out", None)
     if to_out is not None and len(to_out) > 0:
         new.to_out = nn.ModuleList([_slice_columns(to_out[0], cols, out_weight, name), *to_out[1:]])  # dropout shared
+        new.to_out.train(to_out.training)  # a new container takes the original's mode (eval stays eval)
     elif out_weight is not None:
         raise ValueError(f"{name} was given for an attention without an output projection")
     if getattr(attn, "to_add_out", None) is not None:
@@ -272,6 +273,7 @@ def slice_feed_forward(ff: nn.Module, units: Sequence[int], out_weight: torch.Te
     new_out = _slice_columns(ff.net[2], unit_cols, out_weight, name)
     new = _shallow_copy(ff)
     new.net = nn.ModuleList([new_act, ff.net[1], new_out, *ff.net[3:]])  # dropouts shared
+    new.net.train(ff.net.training)
     return new
 
 
