@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
-import threading
 
 MMAP_THRESHOLD = 32 << 20  # bytes; glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD = 1 << 30  # bytes of free heap top kept before trimming
@@ -43,21 +43,16 @@ _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers (glibc malloc.h)
 _M_MMAP_THRESHOLD = -3
 ENV = "MOSAIC_ALLOCATOR"
 
-_LOCK = threading.Lock()
-_STATE: dict[str, str] = {}
 
-
+@functools.cache
 def steady_allocator() -> str:
     """Apply the steady-heap settings once per process; returns what was done.
 
     "steady" (set now or earlier in this process), "system" (`MOSAIC_ALLOCATOR=system`),
-    or "unsupported" (not glibc, or `mallopt` refused a value).
+    or "unsupported" (not glibc, or `mallopt` refused a value). Two threads racing here
+    would at worst set the same two values twice.
     """
-    with _LOCK:
-        if "state" in _STATE:
-            return _STATE["state"]
-        _STATE["state"] = state = _apply()
-        return state
+    return _apply()
 
 
 def _apply() -> str:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from mosaic_core.prune.calibration import CalibrationConfig
-from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps, floor_seconds
+from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps, floor_seconds, timing_statistic
 from mosaic_core.jobs import relay
 from mosaic_core.limits import shown
 from mosaic_core.divide.plan import Plan, build_plan
@@ -358,7 +358,7 @@ def bench_steps(
         ),
         lambda event: BenchEvent("time", event.contender, 0.5 + 0.5 * event.fraction),
     )
-    return summarise_timing(mosaic_plan, config, results, timed, loaded.device.type != "cuda")
+    return summarise_timing(mosaic_plan, config, results, timed, timing_statistic(loaded.device) == "floor")
 
 
 def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult], timed: list[MethodResult], cpu: bool) -> BenchResult:
