@@ -1,0 +1,241 @@
+"""cache-dit's DBCache on a diffusers DiT: the caching library people use, as a contender.
+
+cache-dit (PyPI, pinned in requirements.txt) caches across steps at run time. Its DBCache
+mode runs the first `fn` blocks of every step; when the relative L1 change of what they
+added, against the last step that ran in full, is below `threshold`, the middle blocks do
+not run and their cached residual is added instead (the last `bn` blocks always run).
+The first `warmup` steps always run in full. Which steps skip is decided by the data, so
+the cost of a run is only known after it: `CacheDiT` counts the blocks that ran.
+
+It drives diffusers' `DiTTransformer2DModel` through cache-dit's own DiT patch (its
+`DiTPatchFunctor`: diffusers' forward reads the first block's embedder, which cache-dit's
+block wrapper would hide). cache-dit rewires the model it is given, so `CacheDiT` hands it
+a copy whose modules are new and whose parameters are the dense model's own: no weight
+memory is added and the dense model keeps its forward. docs/method.md §9.
+
+Block-linear MACs of a run: every DiT block costs the same, so a trajectory of n calls in
+which b block calls ran costs (b / (n · blocks)) of the dense run at the same steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Generator, Sequence
+
+import torch
+from torch import nn
+
+from mosaic_core.conquer.staged_denoiser import call_denoiser
+from mosaic_core.limits import shown
+
+CACHE_DIT_VERSION = "1.5.3"
+
+
+@dataclass(frozen=True)
+class DBCacheSetting:
+    """DBCache: residual-change `threshold`, `fn` first / `bn` last blocks always run, `warmup` full steps.
+
+    `threshold` None: to be matched to a MACs target (`threshold_search`) before it runs.
+    """
+
+    threshold: float | None = 0.08
+    fn: int = 1
+    bn: int = 0
+    warmup: int = 8
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 <= self.threshold <= 10
+        ):
+            raise ValueError(f"cache-dit threshold must be a number in [0, 10], got {shown(self.threshold)}")
+        for name, low in (("fn", 1), ("bn", 0), ("warmup", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1000:
+                raise ValueError(f"cache-dit {name} must be a whole number in [{low}, 1000], got {shown(value)}")
+
+    def label(self) -> str:
+        threshold = "matched" if self.threshold is None else f"{self.threshold:.3g}"
+        return (f"cache-dit {CACHE_DIT_VERSION} DBCache F{self.fn}B{self.bn}, residual threshold {threshold}, "
+                f"first {self.warmup} steps full; skipped steps decided per run, MACs as run")
+
+
+def import_cache_dit():
+    """The `cache_dit` module, or RuntimeError saying how to install it."""
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")  # read at its import; it logs each context to stdout (JSON output too)
+    try:
+        import cache_dit
+    except ImportError as error:
+        raise RuntimeError(
+            f"the cache-dit row needs cache-dit=={CACHE_DIT_VERSION}: pip install -r requirements.txt "
+            f"(it is pinned there beside torch, so pip cannot replace torch for it)"
+        ) from error
+    return cache_dit
+
+
+def sharing_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` with new submodules and the same parameter and buffer tensors."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+class CacheDiT(nn.Module):
+    """A diffusers DiT with cache-dit's DBCache: a denoiser to sample like any other.
+
+    A call whose timestep is not below the previous one starts a new trajectory: cache-dit's
+    context is refreshed (nothing is reused across trajectories). `trajectories` holds, per
+    finished or running trajectory, [calls, block calls that ran].
+    """
+
+    def __init__(self, transformer: nn.Module, setting: DBCacheSetting, num_inference_steps: int) -> None:
+        super().__init__()
+        try:
+            from diffusers import DiTTransformer2DModel
+        except ImportError:  # pragma: no cover - diffusers is a dependency
+            DiTTransformer2DModel = ()
+        if not isinstance(transformer, DiTTransformer2DModel):
+            raise ValueError(
+                "cache-dit rows serve diffusers' DiTTransformer2DModel (cache-dit's DiT patch), "
+                f"got {type(transformer).__name__}; the DeepCache-style `cache` rows serve every family"
+            )
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a whole number ≥ 1, got {shown(num_inference_steps)}")
+        if setting.threshold is None:
+            raise ValueError("a cache-dit setting needs its threshold before it runs (threshold_search matches one to a MACs target)")
+        cache_dit = import_cache_dit()
+        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+        from cache_dit.caching.patch_functors import DiTPatchFunctor
+
+        self.setting = setting
+        self.num_inference_steps = num_inference_steps
+        self.num_blocks = len(transformer.transformer_blocks)
+        self.trajectories: list[list[int]] = []
+        self._last_timestep: float | None = None
+        model = sharing_copy(transformer)
+        for block in model.transformer_blocks:
+            block.register_forward_pre_hook(self._ran)
+        adapter = BlockAdapter(
+            transformer=model, blocks=model.transformer_blocks, forward_pattern=ForwardPattern.Pattern_3,
+            patch_functor=DiTPatchFunctor(), check_forward_pattern=True,
+        )
+        cache_dit.enable_cache(adapter, cache_config=self._config(DBCacheConfig))
+        self.denoiser = model  # the name wrappers hold their denoiser by (adapters.base.denoiser_adapter)
+
+    def _config(self, config_type):
+        s = self.setting
+        return config_type(
+            Fn_compute_blocks=s.fn, Bn_compute_blocks=s.bn, residual_diff_threshold=float(s.threshold),
+            max_warmup_steps=s.warmup, num_inference_steps=self.num_inference_steps,
+        )
+
+    def _ran(self, module, args) -> None:
+        if self.trajectories:
+            self.trajectories[-1][1] += 1
+
+    def __getattr__(self, name: str):
+        """Attributes not on the wrapper come from the DiT (a sampler reads config, dtype, device)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            denoiser = self.__dict__.get("_modules", {}).get("denoiser")
+            if denoiser is None or name.startswith("_"):
+                raise
+            return getattr(denoiser, name)
+
+    def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
+        t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None
+        if not self.trajectories or t is None or self._last_timestep is None or t >= self._last_timestep:
+            from cache_dit import DBCacheConfig
+
+            import_cache_dit().refresh_context(self.denoiser, cache_config=self._config(DBCacheConfig))
+            self.trajectories.append([0, 0])
+        self._last_timestep = t
+        self.trajectories[-1][0] += 1
+        return call_denoiser(self.denoiser, hidden_states, timestep, args, return_dict, kwargs)
+
+    def computed_fraction(self, trajectory: int = -1) -> float:
+        """Share of the dense run's block calls that ran in a trajectory (the last by default)."""
+        if not self.trajectories:
+            raise ValueError("no trajectory sampled yet")
+        calls, ran = self.trajectories[trajectory]
+        return ran / (calls * self.num_blocks)
+
+
+def probe_fraction(sample: Callable[[nn.Module], object], transformer: nn.Module, setting: DBCacheSetting, steps: int) -> float:
+    """The computed fraction of one trajectory sampled by `sample(denoiser)` with `setting`."""
+    row = CacheDiT(transformer, setting, steps)
+    sample(row)
+    return row.computed_fraction()
+
+
+def threshold_search(
+    sample: Callable[[nn.Module], object],
+    transformer: nn.Module,
+    steps: int,
+    target: float,
+    base: DBCacheSetting = DBCacheSetting(),
+    probes: int = 7,
+) -> Generator[tuple[float, float], None, tuple[DBCacheSetting, float]]:
+    """Search the DBCache threshold whose run by `sample` computes the largest share of the
+    dense blocks that is ≤ `target`; yields (threshold, share) after each probe and returns
+    (`base` with that threshold, its share).
+
+    Bisection on the threshold in [0, 1] (a larger threshold skips more), `probes` runs; of
+    equal shares the least threshold wins. When no probe is within the target (the warm-up
+    and the always-run blocks alone exceed it), threshold 1 is returned with its share.
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ValueError(f"target must be a fraction of the dense MACs in (0, 1], got {shown(target)}")
+    low, high = 0.0, 1.0
+    best: tuple[DBCacheSetting, float] | None = None
+    for _ in range(max(1, int(probes))):
+        middle = (low + high) / 2
+        setting = replace(base, threshold=middle)
+        fraction = probe_fraction(sample, transformer, setting, steps)
+        yield middle, fraction
+        if fraction <= target + 1e-12:
+            if best is None or fraction > best[1] or (fraction == best[1] and middle < best[0].threshold):
+                best = (setting, fraction)
+            high = middle
+        else:
+            low = middle
+    if best is None:
+        setting = replace(base, threshold=1.0)
+        return setting, probe_fraction(sample, transformer, setting, steps)
+    return best
+
+
+def match_threshold(sample, transformer, steps: int, target: float, base: DBCacheSetting = DBCacheSetting(), probes: int = 7):
+    """`threshold_search` run to the end: (setting, share of the dense blocks it computed)."""
+    from mosaic_core.jobs import run_to_end
+
+    return run_to_end(threshold_search(sample, transformer, steps, target, base, probes))
+
+
+def parse_dbcache(text: str | None) -> DBCacheSetting | None:
+    """'0.08' or '0.08,1,0,8' (threshold[,fn,bn,warmup]) -> DBCacheSetting; threshold 'auto': matched
+    to a MACs target (None); None/'' -> None (the default setting, matched)."""
+    if text is None or not str(text).strip():
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) not in (1, 4):
+        raise ValueError(f"--cache-dit takes THRESHOLD or THRESHOLD,FN,BN,WARMUP (THRESHOLD may be auto), got {shown(text)}")
+    try:
+        threshold = None if parts[0].lower() == "auto" else float(parts[0])
+        whole = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise ValueError(
+            f"--cache-dit takes THRESHOLD or THRESHOLD,FN,BN,WARMUP (a number or auto, then whole numbers), got {shown(text)}"
+        ) from None
+    return DBCacheSetting(threshold, *whole) if whole else DBCacheSetting(threshold)
+
+
+def sampling_macs(dense_macs: float, fraction: float) -> int:
+    """Block-linear MACs of a run that computed `fraction` of the dense run's blocks."""
+    return int(round(float(dense_macs) * float(fraction)))
+
+
+__all__: Sequence[str] = (
+    "DBCacheSetting", "CacheDiT", "match_threshold", "threshold_search", "parse_dbcache", "probe_fraction", "sharing_copy", "sampling_macs",
+)
