@@ -85,7 +85,7 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     report = json.loads((out / "bench.json").read_text())
     names = [row["name"] for row in report["methods"]]
     assert names == [
-        "dense", "fewer-steps", "cache", "uniform", "mosaic", "mosaic+cache", "mosaic-random-calib", "mosaic-clean-calib",
+        "dense", "fewer-steps", "cache", "cache-dit", "uniform", "mosaic", "mosaic+cache", "mosaic-random-calib", "mosaic-clean-calib",
         "mosaic-magnitude", "mosaic-per-block", "mosaic-measured", "mosaic-3-steps",
     ]
     for row in report["methods"]:
@@ -105,6 +105,31 @@ def test_bench_command_writes_json_markdown_and_samples(tiny_pixel_folder, tmp_p
     assert abs(rows["fewer-steps"]["macs"] - rows["mosaic"]["macs"]) <= per_step / 2
     table = (out / "bench.md").read_text()
     assert "| mosaic |" in table and "Ranked by PSNR" in table and "command: `python -m mosaic_core bench" in table
+
+
+def test_the_cache_dit_row_is_matched_within_mosaics_macs_and_costed_by_what_ran(tiny_pixel_folder):
+    from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
+    from mosaic_core.conquer.cache_dit_row import DBCacheSetting
+    from mosaic_core.conquer.sampling import run_to_end
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = BenchConfig(
+        sparsity=0.4, num_inference_steps=12, num_images=3, time_images=2, repeats=1, reduced_steps=None,
+        methods=("cache-dit",), threads=1, cache_dit=DBCacheSetting(None, fn=1, bn=0, warmup=2),
+    )
+    result = run_to_end(bench_steps(loaded, config))
+    rows = {r.name: r for r in result.results}
+    assert list(rows) == ["dense", "cache-dit"]
+    plan = build_plan(loaded.spec, 12, sparsity=0.4)
+    row = rows["cache-dit"]
+    share, timing_share = row.macs / plan.macs_dense, 1 / row.ideal_speedup  # the quality run's, the timed runs'
+    assert timing_share <= plan.macs_staged / plan.macs_dense + 1e-9  # matched from below
+    # whole block calls of 12 steps × 2 blocks, at least the 2 full steps and block 0 of the others
+    for value in (timing_share, share):
+        assert value * 24 == pytest.approx(round(value * 24), abs=1e-6) and value >= (2 * 2 + 10) / 24 - 1e-9
+    assert row.info["computed_share"] == round(share, 4) and row.info["computed_share_timing"] == round(timing_share, 4)
+    assert not np.array_equal(row.images, rows["dense"].images)
+    assert "cache-dit row: cache-dit 1.5.3 DBCache F1B0" in markdown_table(result, loaded)
 
 
 def test_bench_rejects_bad_values_clearly(tmp_path):

@@ -102,6 +102,7 @@ def test_bench_samples_prompts_and_its_dense_row_is_the_pipelines_images(sdxl, p
     result = run_to_end(bench_steps(sdxl, config))
     rows = {r.name: r for r in result.results}
     assert {"dense", "fewer-steps", "uniform", "mosaic", "mosaic-magnitude"} <= set(rows)
+    assert "cache-dit" not in rows  # cache-dit's patch serves DiT; unnamed, the row is left out for a UNet
     dense = rows["dense"]
     assert dense.labels.tolist() == [-1, -1] and dense.accuracy is None and dense.psnr == 100.0
     with torch.no_grad():
@@ -110,3 +111,13 @@ def test_bench_samples_prompts_and_its_dense_row_is_the_pipelines_images(sdxl, p
     np.testing.assert_allclose(dense.images.astype(np.float64), reference * 255, atol=1.0)
     assert rows["mosaic"].ideal_speedup == pytest.approx(result.plan.ideal_speedup, rel=1e-6)
     assert rows["mosaic"].images.shape == dense.images.shape
+
+
+def test_naming_the_cache_dit_row_for_a_unet_is_refused_in_one_line(sdxl):
+    from mosaic_core.conquer.bench import BenchConfig, bench_steps
+    from mosaic_core.jobs import run_to_end
+
+    config = BenchConfig(sparsity=0.3, num_inference_steps=STEPS, num_images=1, repeats=1, reduced_steps=None,
+                         scheduler="euler", methods=("cache-dit",))
+    with pytest.raises(ValueError, match="serves diffusers' DiTTransformer2DModel, this model's denoiser is UNet2DConditionModel"):
+        run_to_end(bench_steps(sdxl, config))

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
     parser.add_argument("--methods", default=None, metavar="A,B,...", help="run only these rows (dense, the reference, always runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, pinned before timing (default: torch's current count, pinned and reported)")
     parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
+    parser.add_argument("--cache-dit", default=None, metavar="THRESHOLD[,FN,BN,WARMUP]",
+                        help="DBCache setting of the cache-dit row; THRESHOLD auto is matched to mosaic's MACs (default: auto,1,0,8)")
     parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=16, metavar="N",
                         help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16)")
     parser.add_argument("--reduced-steps", type=int, default=None,
@@ -165,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
 
     from mosaic_core.conquer.bench import parse_methods
     from mosaic_core.conquer.caching import parse_cache
+    from mosaic_core.conquer.cache_dit_row import parse_dbcache
 
-    methods, cache = parse_methods(args.methods), parse_cache(args.cache)  # validate first
+    methods, cache, cache_dit = parse_methods(args.methods), parse_cache(args.cache), parse_dbcache(args.cache_dit)  # validate first
     spec = resolve_model(args.model)
     scheduler = args.scheduler or model_default_sampler(spec)
     build_plan(spec, args.steps, args.M, args.lam, sparsity=args.sparsity, scheduler=scheduler)
@@ -188,12 +191,13 @@ def run(args: argparse.Namespace) -> int:
         time_images=args.time_n,
         threads=pin_threads(args.threads),
         cache=cache,
+        cache_dit=cache_dit,
         unit_multiple=args.unit_multiple,
     )
     with tqdm(total=1000, desc="bench", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 
         def show(event) -> None:
-            bar.n = int(1000 * (0.15 * event.fraction if event.phase == "prune" else 0.15 + 0.85 * event.fraction))
+            bar.n = int(1000 * (0.15 * event.fraction if event.phase in ("prune", "match") else 0.15 + 0.85 * event.fraction))
             bar.set_postfix_str(f"{event.phase} {event.method}")
             bar.refresh()
 

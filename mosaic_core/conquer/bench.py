@@ -16,7 +16,7 @@
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
 | `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
-| `cache-dit`           | not a row yet: cache-dit cannot drive diffusers' DiT (docs/method.md §9) |
+| `cache-dit`           | dense with cache-dit's DBCache (the library), threshold matched to `mosaic`'s MACs; DiT only |
 
 `--methods a,b` runs only the named rows (and `dense`, the reference, always).
 Quality is judged on `n` images; time on `time_n` (fewer) images, `repeats` interleaved
@@ -52,7 +52,7 @@ from mosaic_core.conquer.staged_denoiser import param_count
 METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
     "mosaic-per-block", "mosaic-measured", "mosaic-measured-no-refit", "mosaic-measured-gemm", "mosaic-K-steps", "cache",
-    "mosaic+cache",
+    "mosaic+cache", "cache-dit",
 )
 OPT_IN_METHODS = ("mosaic-measured-gemm", "mosaic-measured-no-refit")  # run only when --methods names them (the default bench is long already)
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or its typical run (the
@@ -165,6 +165,7 @@ class BenchConfig:
     time_images: int = 8  # images per timed run (quality uses num_images)
     threads: int | None = None  # torch.set_num_threads before timing (None: leave as is)
     cache: "CacheConfig | None" = None  # None: matched to mosaic's MACs
+    cache_dit: "DBCacheSetting | None" = None  # the cache-dit row's DBCache; None (or threshold None): threshold matched to mosaic's MACs
     unit_multiple: int = 16  # kept MLP units of the mosaic-measured-gemm row are multiples of this
 
     def __post_init__(self) -> None:
@@ -190,7 +191,7 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class BenchEvent:
-    """Progress: `phase` is prune | sample, with the method and a fraction of the phase."""
+    """Progress: `phase` is prune | match (the cache-dit threshold search) | sample | time, with the method and a fraction of the phase."""
 
     phase: str
     method: str
@@ -315,6 +316,10 @@ def bench_steps(
         contenders.append(
             Contender("cache", BlockReuse(dense, cache_config), n_steps, macs, param_count(dense), info={"note": cache_config.label()})
         )
+    cache_dit_row = None
+    if config.wants("cache-dit") and _serves_cache_dit(dense, config):
+        cache_dit_row, contender = yield from _cache_dit_contender(loaded, config, mosaic_plan, should_stop)
+        contenders.append(contender)
     analyses: dict = {}
     for index, (name, plan, prune_config) in enumerate(variants):
         result = yield from relay(
@@ -350,6 +355,10 @@ def bench_steps(
         compare_steps(loaded, contenders, labels, sample_config, repeats=1, warmup=False, should_stop=should_stop),
         lambda event: BenchEvent("sample", event.contender, 0.5 * event.fraction),
     )
+    if cache_dit_row is not None:  # its cost is decided per run: the quality run's MACs rank it
+        row = next(r for r in results if r.name == "cache-dit")
+        row.macs = sampling_macs_of(mosaic_plan.macs_dense, cache_dit_row.computed_fraction())
+        row.info["computed_share"] = round(cache_dit_row.computed_fraction(), 4)
     # 2. Timing: warm-up + `repeats` interleaved runs on a few images.
     timed = yield from relay(
         compare_steps(
@@ -359,6 +368,64 @@ def bench_steps(
         lambda event: BenchEvent("time", event.contender, 0.5 + 0.5 * event.fraction),
     )
     return summarise_timing(mosaic_plan, config, results, timed, timing_statistic(loaded.device) == "floor")
+
+
+def _serves_cache_dit(dense, config: BenchConfig) -> bool:
+    """Whether the cache-dit row can run on `dense` (a diffusers DiT); ValueError when it was named and cannot."""
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    if isinstance(dense, DiTTransformer2DModel):
+        return True
+    if config.methods is not None:
+        raise ValueError(
+            f"the cache-dit row serves diffusers' DiTTransformer2DModel, this model's denoiser is {type(dense).__name__}; "
+            "the DeepCache-style `cache` rows serve every family"
+        )
+    return False
+
+
+def sampling_macs_of(dense_macs: int, share: float) -> int:
+    from mosaic_core.conquer.cache_dit_row import sampling_macs
+
+    return sampling_macs(dense_macs, share)
+
+
+def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
+    """(the `CacheDiT`, its Contender): the DBCache threshold searched on the timing images (the
+    same noise as the timed runs, so those run the probed schedule) for the largest share of
+    the dense blocks within `mosaic`'s MACs, unless `config.cache_dit` fixes the setting."""
+    from mosaic_core.conquer.cache_dit_row import CacheDiT, DBCacheSetting, probe_fraction, threshold_search
+    from mosaic_core.conquer.sampling import run_to_end, sample_loaded
+
+    labels = conditions_for(loaded, default_values(loaded.spec, config.time_images))
+    sample_config = SampleConfig(config.num_inference_steps, config.guidance_scale, config.scheduler, config.seed)
+    dense = loaded.transformer
+
+    def sample(row) -> None:
+        run_to_end(sample_loaded(loaded, labels, sample_config, transformer=row, should_stop=should_stop))
+
+    if config.cache_dit is None or config.cache_dit.threshold is None:
+        base = config.cache_dit or DBCacheSetting()
+        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base)
+        probes = 7
+        done = 0
+        while True:
+            try:
+                next(search)
+            except StopIteration as stop:
+                setting, share = stop.value
+                break
+            done += 1
+            yield BenchEvent("match", "cache-dit", min(1.0, done / probes))
+    else:
+        setting = config.cache_dit
+        share = probe_fraction(sample, dense, setting, config.num_inference_steps)
+    row = CacheDiT(dense, setting, config.num_inference_steps)
+    macs = sampling_macs_of(plan.macs_dense, share)
+    info = {"note": setting.label(), "threshold": setting.threshold, "computed_share_timing": round(share, 4)}
+    return row, Contender("cache-dit", row, config.num_inference_steps, macs, param_count(dense), info=info)
 
 
 def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult], timed: list[MethodResult], cpu: bool) -> BenchResult:
@@ -449,9 +516,15 @@ def markdown_table(result: BenchResult, loaded) -> str:
         f"mosaic stages: steps {'/'.join(map(str, allocation.step_counts))}, sparsity "
         f"{'/'.join(f'{a:.2f}' for a in allocation.achieved)} (early/middle/late).",
     ]
-    notes = sorted({r.info["note"] for r in result.results if "cache" in r.name and "note" in r.info})
+    notes = sorted({r.info["note"] for r in result.results if r.name in ("cache", "mosaic+cache") and "note" in r.info})
     if notes:
-        lines.append(f"cache rows: {'; '.join(notes)} (written here; cache-dit cannot drive this family yet).")
+        lines.append(f"cache rows: {'; '.join(notes)} (written here).")
+    for r in result.results:
+        if r.name == "cache-dit":
+            lines.append(
+                f"cache-dit row: {r.info['note']}. MACs of the quality run ({r.info.get('computed_share', 0):.3f} of the dense "
+                f"blocks ran); its ideal speed-up is the timed runs' ({r.info.get('computed_share_timing', 0):.3f})."
+            )
     return "\n".join(lines) + "\n"
 
 
