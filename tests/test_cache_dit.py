@@ -29,7 +29,7 @@ def test_threshold_zero_never_skips_and_is_the_dense_model_bit_for_bit():
     with torch.no_grad():
         for t in TIMESTEPS:
             assert torch.equal(_call(row, x, t, y), _call(model, x, t, y))
-    assert row.trajectories == [[6, 24]] and row.computed_fraction() == 1.0
+    assert row.computed_fraction() == 1.0 and row.trajectories[0][0] == 6
 
 
 def test_skipped_steps_equal_a_hand_built_residual_reference():
@@ -80,7 +80,7 @@ def test_a_new_trajectory_reuses_nothing_from_the_last():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert [calls for calls, _ in row.trajectories] == [4, 1, 4]
     # bn = 1: a skipping step runs the first and the last block, 2 of 3
-    assert row.trajectories[0][1] == 3 + 3 * 2
+    assert row.computed_fraction(0) == (3 + 3 * 2) / (4 * 3) and row.computed_fraction(1) == 1.0
 
 
 def test_the_dense_model_keeps_its_forward_and_shares_every_weight():
@@ -111,9 +111,9 @@ def test_in_a_sampler_threshold_zero_gives_the_dense_images_and_matching_stays_w
     assert share >= (2 * 4 + 6 * 1) / (8 * 4)
     assert probe_fraction(run, model, setting, 8) == share  # the search reports what the setting does
     probes = list(_drain(threshold_search(run, model, 8, 0.6, DBCacheSetting(warmup=2), probes=4)))
-    low, high = 0.0, 1.0  # bisection on [0, 1]: a probe within the target moves the upper end down
+    low, high = 1e-3, 1.0  # geometric bisection: a probe within the target moves the upper end down
     for threshold, fraction in probes:
-        assert threshold == (low + high) / 2
+        assert threshold == pytest.approx((low * high) ** 0.5, rel=1e-12)
         low, high = (low, threshold) if fraction <= 0.6 else (threshold, high)
 
 
@@ -142,3 +142,48 @@ def test_bad_settings_and_families_are_refused_clearly():
         CacheDiT(tiny_pixel_dit(), DBCacheSetting(None), 4)
     with pytest.raises(ValueError, match=r"target must be a fraction of the dense MACs in \(0, 1\], got 1.5"):
         match_threshold(lambda row: None, tiny_pixel_dit(), 4, 1.5)
+
+
+def test_a_staged_model_gets_a_context_per_network_and_costs_each_networks_own_blocks():
+    from mosaic_core.conquer.staged_denoiser import StagedDiT
+    from mosaic_core.prune.surgery import BlockKeep, sliced_model
+
+    dense = tiny_pixel_dit(num_layers=4)  # D = 32, 4 heads of 8, 128 MLP units
+    pruned = sliced_model(dense, [BlockKeep(heads=(0, 2), units=tuple(range(0, 128, 2))) for _ in range(4)])
+    staged = StagedDiT(pruned, dense, dense, t_min=0, t_max=650)  # 900, 800, 700: pruned; 600, 500, 400: dense
+    # the cost model per token and block: 4·D·h·hd + 2·D·u
+    dense_block, pruned_block = 4 * 32 * 4 * 8 + 2 * 32 * 128, 4 * 32 * 2 * 8 + 2 * 32 * 64
+    x, y = _inputs()
+    with torch.no_grad():
+        exact = CacheDiT(staged, DBCacheSetting(0.0, warmup=1), 6, dense=dense)
+        for t in TIMESTEPS:
+            assert torch.equal(_call(exact, x, t, y), _call(staged, x, t, y))
+        assert exact.computed_fraction() == (3 * 4 * pruned_block + 3 * 4 * dense_block) / (6 * 4 * dense_block)
+        skipping = CacheDiT(staged, DBCacheSetting(10.0, warmup=1), 6, dense=dense)
+        got = [_call(skipping, x, t, y) for t in TIMESTEPS]
+        # the dense network's first call, at 600, has nothing cached of its own: a full step
+        assert torch.equal(got[3], _call(staged, x, 600, y)) and not torch.equal(got[4], _call(staged, x, 500, y))
+    # each network: one full call, then two that run block 0 only
+    expected = (4 + 2) * pruned_block + (4 + 2) * dense_block
+    assert skipping.computed_fraction() == expected / (6 * 4 * dense_block)
+
+
+def test_sample_cli_stacks_cache_dit_and_refuses_what_it_cannot_do(tiny_pixel_folder, tmp_path):
+    from conftest import run_cli
+    from mosaic_core.conquer.images import load_samples
+
+    common = ("sample", "--model", str(tiny_pixel_folder), "--n", "2", "--steps", "6", "--seed", "3")
+    assert run_cli(*common, "--out", str(tmp_path / "dense.npz")).returncode == 0
+    exact = run_cli(*common, "--cache-dit", "0,1,0,1", "--out", str(tmp_path / "exact.npz"))
+    assert exact.returncode == 0 and "cache-dit ran 1.000 of the dense block-linear MACs" in exact.stdout
+    skipping = run_cli(*common, "--cache-dit", "10,1,0,1", "--out", str(tmp_path / "skip.npz"))
+    # 2 blocks: one full step, then five that run block 0 only: (2 + 5) / 12
+    assert skipping.returncode == 0 and f"cache-dit ran {7 / 12:.3f} of the dense" in skipping.stdout
+    dense, _ = load_samples(tmp_path / "dense.npz")
+    assert np.array_equal(load_samples(tmp_path / "exact.npz")[0], dense)
+    assert not np.array_equal(load_samples(tmp_path / "skip.npz")[0], dense)
+    both = run_cli(*common, "--cache", "2", "--cache-dit", "0.1", "--out", str(tmp_path / "b.npz"))
+    assert both.returncode == 2 and "give --cache (DeepCache-style) or --cache-dit, not both" in both.stderr
+    auto = run_cli(*common, "--cache-dit", "auto", "--out", str(tmp_path / "a.npz"))
+    assert auto.returncode == 2 and "give sample a threshold" in auto.stderr
+    assert not (tmp_path / "b.npz").exists() and not (tmp_path / "a.npz").exists()

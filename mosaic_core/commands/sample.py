@@ -68,6 +68,11 @@ def register(subparsers) -> None:
         help="DeepCache-style block-output reuse: a full step every INTERVAL, the first/last blocks always run "
         "(default 1,1); stacks with --pruned (docs/method.md §8)",
     )
+    parser.add_argument(
+        "--cache-dit", default=None, metavar="THRESHOLD[,FN,BN,WARMUP]",
+        help="cache-dit's DBCache (diffusers DiT only): skip the blocks after the first FN while their residual changes "
+        "less than THRESHOLD (default 1,0,8); stacks with --pruned (docs/method.md §9)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -97,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
         read_manifest(args.pruned)
     from mosaic_core.conquer.caching import parse_cache
 
-    cache = parse_cache(args.cache)
+    from mosaic_core.conquer.cache_dit_row import parse_dbcache
+
+    cache, cache_dit = parse_cache(args.cache), parse_dbcache(args.cache_dit)
+    if cache is not None and cache_dit is not None:
+        raise ValueError("give --cache (DeepCache-style) or --cache-dit, not both: each already skips work across steps")
+    if cache_dit is not None and cache_dit.threshold is None:
+        raise ValueError("--cache-dit auto matches a MACs target, which only bench has; give sample a threshold, e.g. --cache-dit 0.08")
     config = SampleConfig(
         num_inference_steps=args.steps if args.steps is not None else spec.default_steps,
         guidance_scale=args.cfg if args.cfg is not None else spec.default_cfg,
@@ -117,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.conquer.caching import BlockReuse
 
         transformer = BlockReuse(transformer if transformer is not None else loaded.transformer, cache)
+    if cache_dit is not None:
+        from mosaic_core.conquer.cache_dit_row import CacheDiT
+
+        transformer = CacheDiT(transformer if transformer is not None else loaded.transformer, cache_dit,
+                               config.num_inference_steps, dense=loaded.transformer)
     if loaded.adapter.conditioning == "text":
         if not args.prompt:
             raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" (repeat it for several prompts)")
@@ -140,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
         save_grid(args.grid, images, columns=min(spec.num_classes or len(images), 10))
     where = f" by {processes.count} processes" if processes.distributed else ""
     print(f"wrote {len(images)} images to {args.out}{where} in {seconds:.1f} s")
+    if cache_dit is not None and transformer.trajectories:
+        shares = [transformer.computed_fraction(i) for i in range(len(transformer.trajectories))]
+        print(f"cache-dit ran {np.mean(shares):.3f} of the dense block-linear MACs (this process's batches: "
+              f"{min(shares):.3f}–{max(shares):.3f})")
     if args.metrics:
         from mosaic_core.conquer.metrics import class_accuracy, digit_fd
 

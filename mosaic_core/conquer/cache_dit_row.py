@@ -9,17 +9,21 @@ the cost of a run is only known after it: `CacheDiT` counts the blocks that ran.
 
 It drives diffusers' `DiTTransformer2DModel` through cache-dit's own DiT patch (its
 `DiTPatchFunctor`: diffusers' forward reads the first block's embedder, which cache-dit's
-block wrapper would hide). cache-dit rewires the model it is given, so `CacheDiT` hands it
-a copy whose modules are new and whose parameters are the dense model's own: no weight
-memory is added and the dense model keeps its forward. docs/method.md §9.
+block wrapper would hide), and a staged denoiser of DiT networks with one cache-dit context
+per stage network: pruning thins every step, caching skips work across steps. cache-dit
+rewires the model it is given, so `CacheDiT` hands it a copy whose modules are new and
+whose parameters are the original's: no weight memory is added and the original keeps its
+forward. docs/method.md §9.
 
-Block-linear MACs of a run: every DiT block costs the same, so a trajectory of n calls in
-which b block calls ran costs (b / (n · blocks)) of the dense run at the same steps.
+Block-linear MACs of a run: a trajectory of n calls costs the MACs of the blocks that ran,
+each at its own (pruned) width, against n calls of the dense network (eq. 9.3).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Sequence
@@ -31,6 +35,7 @@ from mosaic_core.conquer.staged_denoiser import call_denoiser
 from mosaic_core.limits import shown
 
 CACHE_DIT_VERSION = "1.5.3"
+SEARCH_RANGE = (1e-3, 1.0)  # thresholds `threshold_search` bisects, geometrically
 
 
 @dataclass(frozen=True)
@@ -80,58 +85,104 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-class CacheDiT(nn.Module):
-    """A diffusers DiT with cache-dit's DBCache: a denoiser to sample like any other.
+def block_linear_macs(block: nn.Module) -> int:
+    """Per-token MACs of a DiT block's prunable linears (attention q, k, v, out; MLP in, out):
+    the cost model's 4·D·h·hd + 2·D·u for the block as it is (pruned or dense)."""
+    total = 0
+    for part in ("attn1", "ff"):
+        for layer in getattr(block, part).modules():
+            if isinstance(layer, nn.Linear):
+                total += layer.in_features * layer.out_features
+    return total
 
-    A call whose timestep is not below the previous one starts a new trajectory: cache-dit's
-    context is refreshed (nothing is reused across trajectories). `trajectories` holds, per
-    finished or running trajectory, [calls, block calls that ran].
+
+def _distinct_networks(denoiser: nn.Module) -> list[nn.Module]:
+    networks = getattr(denoiser, "networks", None)
+    found = list(networks()) if callable(networks) else [denoiser]
+    unique: dict[int, nn.Module] = {}
+    for network in found:
+        unique.setdefault(id(network), network)
+    return list(unique.values())
+
+
+def _dit_class():
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return ()
+    return DiTTransformer2DModel
+
+
+class CacheDiT(nn.Module):
+    """A diffusers DiT, or a staged denoiser of DiT networks, with cache-dit's DBCache: a
+    denoiser to sample like any other.
+
+    Each distinct network gets its own cache-dit context (a staged model's stage networks
+    differ, and a residual of one network is useless to another). A call whose timestep is
+    not below the previous one starts a new trajectory: every context is refreshed, the
+    network of that first call with `setting.warmup` full steps, the others with none (a
+    network's first call has nothing cached, so it runs in full anyway). `trajectories`
+    holds, per trajectory, [calls, MACs per token of the blocks that ran]; `dense` (default:
+    the denoiser itself) is the network whose full call the shares are of.
     """
 
-    def __init__(self, transformer: nn.Module, setting: DBCacheSetting, num_inference_steps: int) -> None:
+    def __init__(self, denoiser: nn.Module, setting: DBCacheSetting, num_inference_steps: int,
+                 dense: nn.Module | None = None) -> None:
         super().__init__()
-        try:
-            from diffusers import DiTTransformer2DModel
-        except ImportError:  # pragma: no cover - diffusers is a dependency
-            DiTTransformer2DModel = ()
-        if not isinstance(transformer, DiTTransformer2DModel):
-            raise ValueError(
-                "cache-dit rows serve diffusers' DiTTransformer2DModel (cache-dit's DiT patch), "
-                f"got {type(transformer).__name__}; the DeepCache-style `cache` rows serve every family"
-            )
+        dit = _dit_class()
+        dense = denoiser if dense is None else dense
+        for network in [dense, *_distinct_networks(denoiser)]:
+            if not isinstance(network, dit):
+                raise ValueError(
+                    "cache-dit rows serve diffusers' DiTTransformer2DModel (cache-dit's DiT patch), "
+                    f"got {type(network).__name__}; the DeepCache-style `cache` rows serve every family"
+                )
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a whole number ≥ 1, got {shown(num_inference_steps)}")
         if setting.threshold is None:
             raise ValueError("a cache-dit setting needs its threshold before it runs (threshold_search matches one to a MACs target)")
         cache_dit = import_cache_dit()
-        from cache_dit import BlockAdapter, DBCacheConfig, ForwardPattern
+        from cache_dit import BlockAdapter, ForwardPattern
         from cache_dit.caching.patch_functors import DiTPatchFunctor
 
         self.setting = setting
         self.num_inference_steps = num_inference_steps
-        self.num_blocks = len(transformer.transformer_blocks)
+        self.dense_step_macs = sum(block_linear_macs(block) for block in dense.transformer_blocks)
+        self.num_blocks = len(dense.transformer_blocks)
         self.trajectories: list[list[int]] = []
         self._last_timestep: float | None = None
-        model = sharing_copy(transformer)
-        for block in model.transformer_blocks:
-            block.register_forward_pre_hook(self._ran)
-        adapter = BlockAdapter(
-            transformer=model, blocks=model.transformer_blocks, forward_pattern=ForwardPattern.Pattern_3,
-            patch_functor=DiTPatchFunctor(), check_forward_pattern=True,
-        )
-        cache_dit.enable_cache(adapter, cache_config=self._config(DBCacheConfig))
+        model = sharing_copy(denoiser)
+        networks = _distinct_networks(model)
+        for network in networks:
+            for block in network.transformer_blocks:
+                block.register_forward_pre_hook(functools.partial(self._ran, block_linear_macs(block)))
+            adapter = BlockAdapter(
+                transformer=network, blocks=network.transformer_blocks, forward_pattern=ForwardPattern.Pattern_3,
+                patch_functor=DiTPatchFunctor(), check_forward_pattern=True,
+            )
+            cache_dit.enable_cache(adapter, cache_config=self._config(setting.warmup))
         self.denoiser = model  # the name wrappers hold their denoiser by (adapters.base.denoiser_adapter)
+        self._networks = tuple(networks)  # not registered twice: they are submodules of `denoiser`
 
-    def _config(self, config_type):
+    def _config(self, warmup: int):
+        from cache_dit import DBCacheConfig
+
         s = self.setting
-        return config_type(
+        return DBCacheConfig(
             Fn_compute_blocks=s.fn, Bn_compute_blocks=s.bn, residual_diff_threshold=float(s.threshold),
-            max_warmup_steps=s.warmup, num_inference_steps=self.num_inference_steps,
+            max_warmup_steps=warmup, num_inference_steps=self.num_inference_steps,
         )
 
-    def _ran(self, module, args) -> None:
+    def _ran(self, macs: int, module, args) -> None:
         if self.trajectories:
-            self.trajectories[-1][1] += 1
+            self.trajectories[-1][1] += macs
+
+    def _first_network(self, timestep) -> nn.Module:
+        stage_index = getattr(self.denoiser, "stage_index", None)
+        if stage_index is None or timestep is None:
+            return self.denoiser
+        stage = int(stage_index(timestep.detach().cpu() if torch.is_tensor(timestep) else timestep).reshape(-1)[0])
+        return self.denoiser.networks()[stage]
 
     def __getattr__(self, name: str):
         """Attributes not on the wrapper come from the DiT (a sampler reads config, dtype, device)."""
@@ -146,25 +197,27 @@ class CacheDiT(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
         t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None
         if not self.trajectories or t is None or self._last_timestep is None or t >= self._last_timestep:
-            from cache_dit import DBCacheConfig
-
-            import_cache_dit().refresh_context(self.denoiser, cache_config=self._config(DBCacheConfig))
+            first = self._first_network(timestep)
+            cache_dit = import_cache_dit()
+            for network in self._networks:
+                cache_dit.refresh_context(network, cache_config=self._config(self.setting.warmup if network is first else 0))
             self.trajectories.append([0, 0])
         self._last_timestep = t
         self.trajectories[-1][0] += 1
         return call_denoiser(self.denoiser, hidden_states, timestep, args, return_dict, kwargs)
 
     def computed_fraction(self, trajectory: int = -1) -> float:
-        """Share of the dense run's block calls that ran in a trajectory (the last by default)."""
+        """Block-linear MACs of a trajectory (the last by default) as a share of the dense network's at the same calls."""
         if not self.trajectories:
             raise ValueError("no trajectory sampled yet")
         calls, ran = self.trajectories[trajectory]
-        return ran / (calls * self.num_blocks)
+        return ran / (calls * self.dense_step_macs)
 
 
-def probe_fraction(sample: Callable[[nn.Module], object], transformer: nn.Module, setting: DBCacheSetting, steps: int) -> float:
-    """The computed fraction of one trajectory sampled by `sample(denoiser)` with `setting`."""
-    row = CacheDiT(transformer, setting, steps)
+def probe_fraction(sample: Callable[[nn.Module], object], transformer: nn.Module, setting: DBCacheSetting, steps: int,
+                   dense: nn.Module | None = None) -> float:
+    """The computed share (of `dense`'s MACs) of one trajectory sampled by `sample(denoiser)` with `setting`."""
+    row = CacheDiT(transformer, setting, steps, dense)
     sample(row)
     return row.computed_fraction()
 
@@ -176,23 +229,26 @@ def threshold_search(
     target: float,
     base: DBCacheSetting = DBCacheSetting(),
     probes: int = 7,
+    dense: nn.Module | None = None,
 ) -> Generator[tuple[float, float], None, tuple[DBCacheSetting, float]]:
     """Search the DBCache threshold whose run by `sample` computes the largest share of the
-    dense blocks that is ≤ `target`; yields (threshold, share) after each probe and returns
+    dense MACs (`dense`'s; default `transformer`'s) that is ≤ `target`; yields (threshold, share) after each probe and returns
     (`base` with that threshold, its share).
 
-    Bisection on the threshold in [0, 1] (a larger threshold skips more), `probes` runs; of
-    equal shares the least threshold wins. When no probe is within the target (the warm-up
-    and the always-run blocks alone exceed it), threshold 1 is returned with its share.
+    Bisection on the threshold, geometric in [10⁻³, 1] (a larger threshold skips more; the
+    thresholds that matter span decades, cache-dit's default is 0.08), `probes` runs: 7 give
+    steps of 6 %. Of equal shares the least threshold wins. When no probe is within the
+    target (the warm-up and the always-run blocks alone exceed it), threshold 1 is returned
+    with its share.
     """
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target must be a fraction of the dense MACs in (0, 1], got {shown(target)}")
-    low, high = 0.0, 1.0
+    low, high = SEARCH_RANGE
     best: tuple[DBCacheSetting, float] | None = None
     for _ in range(max(1, int(probes))):
-        middle = (low + high) / 2
+        middle = math.sqrt(low * high)
         setting = replace(base, threshold=middle)
-        fraction = probe_fraction(sample, transformer, setting, steps)
+        fraction = probe_fraction(sample, transformer, setting, steps, dense)
         yield middle, fraction
         if fraction <= target + 1e-12:
             if best is None or fraction > best[1] or (fraction == best[1] and middle < best[0].threshold):
@@ -202,15 +258,16 @@ def threshold_search(
             low = middle
     if best is None:
         setting = replace(base, threshold=1.0)
-        return setting, probe_fraction(sample, transformer, setting, steps)
+        return setting, probe_fraction(sample, transformer, setting, steps, dense)
     return best
 
 
-def match_threshold(sample, transformer, steps: int, target: float, base: DBCacheSetting = DBCacheSetting(), probes: int = 7):
-    """`threshold_search` run to the end: (setting, share of the dense blocks it computed)."""
+def match_threshold(sample, transformer, steps: int, target: float, base: DBCacheSetting = DBCacheSetting(), probes: int = 7,
+                    dense: nn.Module | None = None):
+    """`threshold_search` run to the end: (setting, share of the dense MACs it computed)."""
     from mosaic_core.jobs import run_to_end
 
-    return run_to_end(threshold_search(sample, transformer, steps, target, base, probes))
+    return run_to_end(threshold_search(sample, transformer, steps, target, base, probes, dense))
 
 
 def parse_dbcache(text: str | None) -> DBCacheSetting | None:
