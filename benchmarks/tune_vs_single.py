@@ -5,7 +5,7 @@
 
 For each budget b (a fraction of the dense MACs at N = --steps DDIM steps) the tuner
 (`mosaic_core.conquer.tune`, all methods: fewer steps, block reuse, paper and measured
-pruning, pruning with reuse) searches on --val-images validation images (seed 0). Then its
+pruning, pruning with block reuse, pruning with cache-dit) searches on --val-images validation images (seed 0). Then its
 chosen point and the best each single technique can do at the same budget are sampled on
 --test-images **held-out** images (seed --test-seed, other noise than the tuner saw) and
 scored by PSNR to the dense model's images of the same noise:
@@ -16,6 +16,8 @@ scored by PSNR to the dense model's images of the same noise:
 and, when the tuner chose a pruned point, `tuner+refit`: that point pruned as `prune` would
 write it (with the refit, which the tuner leaves out of its search to keep it fast).
     cache         the dense model at N steps with the block-reuse setting closest to b from below
+    cache-dit     the dense model at N steps with cache-dit's DBCache, its threshold matched to b
+                  on the validation images (its held-out MACs are counted as run, and reported)
 
 Printed: per budget, every row's steps, MACs (of dense), held-out PSNR, and the tuner's
 margin over the best single technique. Not a test: it prints figures and asserts nothing;
@@ -39,6 +41,7 @@ def main() -> None:
     steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
     from dataclasses import replace
 
+    from mosaic_core.conquer.cache_dit_row import CacheDiT, match_threshold
     from mosaic_core.conquer.caching import BlockReuse, match_cache_to_macs
     from mosaic_core.conquer.conditions import conditions_for, default_values
     from mosaic_core.conquer.metrics import mean_psnr
@@ -108,11 +111,24 @@ def main() -> None:
             entries.append(("cache", "cache", TunePoint(n0, "cache", 0.0, fit[1], fit[1] / dense_macs, 0, 0, 0,
                                                        cache=(fit[0].interval, fit[0].keep_first, fit[0].keep_last)),
                             BlockReuse(loaded.transformer, fit[0])))
+        # cache-dit alone: its DBCache threshold matched to the budget on the validation images
+        validation = conditions_for(loaded, default_values(spec, args.val_images))
+        setting, share = match_threshold(
+            lambda row: run_to_end(sample_loaded(loaded, validation, SampleConfig(n0, cfg, scheduler, 0), transformer=row)),
+            loaded.transformer, n0, budget,
+        )
+        if share <= budget + 1e-9:
+            entries.append(("cache-dit", "cache-dit", TunePoint(n0, "cache-dit", 0.0, share * dense_macs, share, 0, 0, 0,
+                                                               cache_dit=(setting.threshold, setting.fn, setting.bn, setting.warmup)),
+                            CacheDiT(loaded.transformer, setting, n0)))
         measured = []
         for name, method, point, transformer in entries:
             psnr = mean_psnr(held_out(point.steps, transformer), reference)
-            measured.append(dict(budget=budget, row=name, method=method, steps=point.steps, macs=round(point.macs_fraction, 4),
-                                 cache=point.cache, sparsity=round(point.sparsity, 4), psnr=round(psnr, 3),
+            macs = point.macs_fraction
+            if isinstance(transformer, CacheDiT):  # which steps skip depends on the images: the held-out run's cost
+                macs = transformer.computed_fraction() * point.steps / n0
+            measured.append(dict(budget=budget, row=name, method=method, steps=point.steps, macs=round(macs, 4),
+                                 cache=point.cache, cache_dit=point.cache_dit, sparsity=round(point.sparsity, 4), psnr=round(psnr, 3),
                                  validation_psnr=round(chosen.psnr, 3) if name.startswith("tuner") else None))
         best_single = max(m["psnr"] for m in measured if not m["row"].startswith("tuner"))
         for m in measured:
@@ -122,6 +138,7 @@ def main() -> None:
         rows.extend(measured)
         for m in measured:
             reuse = "-" if m["cache"] is None else "{}:{}/{}".format(*m["cache"])
+            reuse = reuse if m["cache_dit"] is None else f"δ{m['cache_dit'][0]:.3g}"
             extra = f"  margin {m['margin_db']:+.2f} dB over the best single (tuned in {tuned_seconds:.0f} s)" if "margin_db" in m else ""
             print(f"b={budget:.2f} {m['row']:<12} {m['method']:<15} steps {m['steps']:>3} sparsity {m['sparsity']:.3f} reuse {reuse:>6} "
                   f"MACs {m['macs']:.3f}  PSNR {m['psnr']:.2f} dB{extra}", flush=True)
@@ -144,6 +161,8 @@ def main() -> None:
         ]
         for m in rows:
             reuse = "-" if m["cache"] is None else "every {}, first {}/last {}".format(*m["cache"])
+            if m["cache_dit"] is not None:
+                reuse = "cache-dit δ {:.3g}, F{}B{}, first {} full".format(*m["cache_dit"])
             margin = f"{m['margin_db']:+.2f} dB" if "margin_db" in m else ""
             lines.append(f"| {m['budget']:.2f} | {m['row']} | {m['method']} | {m['steps']} | {m['sparsity']:.3f} | {reuse} | "
                          f"{m['macs']:.3f} | {m['psnr']:.2f} | {margin} |")

@@ -126,18 +126,19 @@ def test_every_method_meets_the_budget_and_its_point_can_be_rebuilt(tiny_pixel_f
     result = tune(loaded, 0.6, config, reference_steps=8, steps_grid=(4, 6, 8), images=2, analyses=analyses,
                   methods=METHODS, guidance_scale=1.5, cfg_grid=(1.0,), cfg_top=1, **common)
     kinds = {p.allocation for p in result.points}
-    assert {"dense", "cache", "paper", "measured", "measured+cache"} <= kinds
+    assert {"dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit"} <= kinds
     for p in result.points:
         if p.allocation != "dense":
             assert p.macs_fraction <= 0.6 + 1e-12, p
         assert (p.cache is not None) == p.allocation.endswith("cache")
+        assert (p.cache_dit is not None) == (p.allocation == "measured+cache-dit")
     retried = [p for p in result.points if p.guidance_scale == 1.0]
     assert len(retried) == 1  # the best one, again at the other scale of the grid
 
     labels = labels_for(2, loaded.spec.num_classes)
     reference = run_to_end(sample_loaded(loaded, labels, SampleConfig(8, 1.5, "ddim", 0))).images
-    for method in ("cache", "measured", "measured+cache"):
-        point = next(p for p in result.points if p.allocation == method)
+    for method in ("cache", "measured", "measured+cache", "measured+cache-dit"):
+        point = next(p for p in result.points if p.allocation == method and p.guidance_scale == 1.5)
         denoiser = candidate_denoiser(loaded, point, config, analyses=analyses, **common)
         images = run_to_end(sample_loaded(loaded, labels, SampleConfig(point.steps, point.guidance_scale, "ddim", 0), transformer=denoiser)).images
         assert mean_psnr(images, reference) == pytest.approx(point.psnr, abs=1e-9), method
@@ -148,7 +149,7 @@ def test_tuner_methods_are_checked():
     from mosaic_core.conquer.tune import check_methods
 
     assert check_methods("measured,dense") == ("dense", "measured")  # in the tuner's order
-    with pytest.raises(ValueError, match=r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, got speed"):
+    with pytest.raises(ValueError, match=r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, got speed"):
         check_methods(["speed"])
     with pytest.raises(ValueError, match="got none"):
         check_methods("")
@@ -401,3 +402,19 @@ def test_tune_cli_refuses_a_bad_check_seconds():
 
     done = run_cli("tune", "--budget", "0.5", "--check-seconds", "0")
     assert done.returncode == 2 and "--check-seconds" in done.stderr and "0" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cache_dit_is_refused_by_name_for_other_families_and_its_points_survive_the_memo_file(tmp_path):
+    from torch import nn
+
+    from mosaic_core.conquer.tune import TunePoint, _serves_cache_dit, load_memo_points, save_memo_points
+
+    with pytest.raises(ValueError, match="measured\\+cache-dit needs diffusers' DiTTransformer2DModel .* denoiser is Linear"):
+        _serves_cache_dit(nn.Linear(2, 2), explicit=True)
+    assert _serves_cache_dit(nn.Linear(2, 2), explicit=False) is False  # among all methods: left out
+    point = TunePoint(40, "measured+cache-dit", 0.2, 1.0e9, 0.48, 3.5, 39.8, 1.2, (0.3, 0.1, 0.2), 1.25,
+                      target_sparsity=0.19, cache_dit=(0.075, 1, 0, 6))
+    key = (("digits-dit", "abc", "ddim", 4, 0, 1.25), "point", (50,), 40, "measured+cache-dit", 0.19, 0.5, 1.25)
+    path = tmp_path / "memo.json"
+    assert save_memo_points({key: point}, path) == 1
+    assert load_memo_points(path) == {key: point}

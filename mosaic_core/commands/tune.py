@@ -85,7 +85,7 @@ def register(subparsers) -> None:
                         help="also sample the best --cfg-top candidates at these guidance scales (default: none)")
     parser.add_argument("--cfg-top", type=int_in("--cfg-top", 1, 16), default=2, help="candidates re-tried on --cfg-grid (default 2)")
     parser.add_argument("--methods", type=_methods, default=None, metavar="A,B,...",
-                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache (default all)")
+                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache, measured+cache-dit (default all)")
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
                         "before and at most K of them sampled (default 2); 0 samples every candidate")
@@ -103,7 +103,7 @@ def register(subparsers) -> None:
 
 def format_tune(result, show_time: bool = False) -> str:
     """The candidates as a table: front points marked *, the chosen one ->."""
-    head = f"{'':2} {'steps':>5} {'method':<14} {'sparsity':>8} {'reuse':>7} {'cfg':>5} {'MACs':>7} {'rec. error':>11} {'PSNR dB':>8}"
+    head = f"{'':2} {'steps':>5} {'method':<18} {'sparsity':>8} {'reuse':>7} {'cfg':>5} {'MACs':>7} {'rec. error':>11} {'PSNR dB':>8}"
     lines = [
         f"budget {result.budget:.3f} of dense MACs at {result.reference_steps} steps, cfg {result.guidance_scale:g}; "
         f"{result.images} validation images", head + ("  seconds" if show_time else ""),
@@ -112,11 +112,13 @@ def format_tune(result, show_time: bool = False) -> str:
     for index, p in enumerate(result.points):
         mark = "->" if index == result.chosen else ("* " if index in front else ("~ " if p.predicted else "  "))
         reuse = "-" if p.cache is None else "{}:{}/{}".format(*p.cache)
-        line = (f"{mark} {p.steps:>5} {p.allocation:<14} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
+        if p.cache_dit is not None:
+            reuse = f"δ{p.cache_dit[0]:.3g}"
+        line = (f"{mark} {p.steps:>5} {p.allocation:<18} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
                 f"{p.recorded_error:>11.4g} {p.psnr:>8.2f}")
         lines.append(line + (f" {p.seconds:>8.2f}" if show_time else ""))
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "
-                 "reuse = full step every I, first/last blocks always run")
+                 "reuse = full step every I, first/last blocks always run; δ = cache-dit's DBCache threshold")
     if any(p.predicted for p in result.points):
         models = "; ".join(f"{m}: MSE = MSE_dense + 10^{q['log_kappa']:g}·E^{q['alpha']:g} (residual {q['rmse']:.2f} dB, {q['count']} points)"
                            for m, q in (result.quality_models or {}).items())

@@ -10,6 +10,9 @@ speed-up k is b = 1/k). Every sampler step count n of a grid can meet it several
     paper, measured  pruned at sparsity s̄(n) = 1 − b·N₀/n (step-weighted, eq. 2.1) when
                      s̄(n) ≤ 0.9, with the paper's allocation or the measured one
     measured+cache   pruned (measured) at half of s̄(n), block reuse spending the rest
+    measured+cache-dit  pruned (measured) at half of s̄(n), cache-dit's DBCache spending the
+                     rest: its threshold bisected on the validation images until the run's
+                     MACs fit (conquer/cache_dit_row.py; diffusers' DiT only)
 
 The stage boundaries are τ ranges that do not depend on n, so one set of cached analyses
 (Hessians and recorded OBS errors, per stage) serves every candidate: a candidate costs a
@@ -38,7 +41,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 ALLOCATION_NAMES = {"per-stage": "paper", "measured": "measured"}
-METHODS = ("dense", "cache", "paper", "measured", "measured+cache")
+METHODS = ("dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit")
+CACHE_DIT_PROBES = 6  # threshold bisection runs per measured+cache-dit candidate (geometric: steps of 12 %)
+CACHE_DIT_WARMUP = 0.16  # full steps first, as a share of the steps: cache-dit's default 8 of 50
 DEFAULT_CHECK = 2  # predicted candidates sampled at most per tuning (`tune(check=...)`)
 MIN_MARGIN_DB = 1.0  # a predicted candidate is sampled while prediction + max(residual, this) reaches the best sampled
 GRID_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -53,7 +58,7 @@ def default_steps_grid(reference_steps: int) -> list[int]:
     return sorted({max(1, round(f * int(reference_steps))) for f in GRID_FRACTIONS})
 
 
-_PRUNE_ALLOCATION = {"paper": "per-stage", "measured": "measured", "measured+cache": "measured"}
+_PRUNE_ALLOCATION = {"paper": "per-stage", "measured": "measured", "measured+cache": "measured", "measured+cache-dit": "measured"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,8 @@ class TunePoint:
     """One candidate: steps, how it meets the budget, its MACs and its quality.
 
     `allocation` names the method (for JSON readers of earlier versions the field keeps its
-    name): "dense" (fewer steps), "cache", "paper", "measured" or "measured+cache".
+    name): "dense" (fewer steps), "cache", "paper", "measured", "measured+cache" or
+    "measured+cache-dit".
     """
 
     steps: int
@@ -77,6 +83,7 @@ class TunePoint:
     cache: Optional[tuple[int, int, int]] = None  # block reuse: (interval, keep_first, keep_last)
     target_sparsity: float = 0.0  # the sparsity its plan was asked for (rebuilds it: `candidate_denoiser`)
     predicted: bool = False  # psnr is the quality model's prediction from recorded_error; never sampled
+    cache_dit: Optional[tuple[float, int, int, int]] = None  # cache-dit's DBCache: (threshold, fn, bn, warmup)
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,43 @@ def tune(
             memo[key] = scored(point, build(), scale)
         return memo[key]
 
+    serves_cache_dit = _serves_cache_dit(dense, explicit="measured+cache-dit" in methods and methods != METHODS)
+
+    def cache_dit_point(n: int, asked: float) -> list[TunePoint]:
+        """The measured+cache-dit candidate at n steps: pruned at `asked`, the DBCache threshold
+        bisected on the validation images until the run fits the budget; [] when none fits."""
+        from mosaic_core.conquer.cache_dit_row import DBCacheSetting, threshold_search
+
+        identity = (n, "measured+cache-dit", round(float(asked), 9), round(budget, 9))
+        if point_key(identity) in memo:
+            return [memo[point_key(identity)]]
+        plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
+        say(f"measured+cache-dit, {n} steps, sparsity {plan.overall_sparsity:.3f}")
+        config = replace(prune_config, allocation="measured", refit=False)
+        point, result = _pruned_point(loaded, plan, config, "measured+cache-dit", float(asked), analyses, should_stop, dense_macs)
+        runs = {}
+
+        def probe(row) -> None:
+            runs[row.setting.threshold] = run(n, row)
+
+        base = DBCacheSetting(None, warmup=max(1, round(CACHE_DIT_WARMUP * n)))
+        search = threshold_search(probe, result.staged, n, budget * reference_steps / n, base, CACHE_DIT_PROBES, dense=dense)
+        while True:
+            try:
+                threshold, share = next(search)
+            except StopIteration as stop:
+                setting, share = stop.value
+                break
+            say(f"measured+cache-dit, {n} steps, threshold {threshold:.3g}: {share * n / reference_steps:.3f} of the MACs")
+        macs = share * dense_step * n
+        if macs > budget_macs * (1 + 1e-9):
+            return []  # the warm-up and the always-run blocks alone exceed the budget
+        images_n, seconds = runs[setting.threshold]
+        point = replace(point, macs=float(macs), macs_fraction=float(macs / dense_macs), psnr=mean_psnr(images_n, reference),
+                        seconds=seconds, guidance_scale=cfg, cache_dit=(float(setting.threshold), setting.fn, setting.bn, setting.warmup))
+        memo[point_key(identity)] = point
+        return [point]
+
     dense_psnr = {}
     points, pending = [], []
     fits = _fit_methods(memo, base, setting, cfg, check)
@@ -262,6 +306,8 @@ def tune(
                 say(f"cache, {n} steps, full every {fit[0].interval}")
                 point = TunePoint(n, "cache", 0.0, float(fit[1]), fit[1] / dense_macs, 0.0, 0.0, 0.0, cache=_cache_tuple(fit[0]))
                 points.append(recalled((n, "cache", point.cache), point, lambda config=fit[0]: BlockReuse(dense, config)))
+        if "measured+cache-dit" in methods and serves_cache_dit and target / 2 <= MAX_SPARSITY:
+            points.extend(cache_dit_point(n, target / 2))
         for method in ("paper", "measured", "measured+cache"):
             if method not in methods:
                 continue
@@ -331,6 +377,22 @@ def tune(
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
     models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked)
+
+
+def _serves_cache_dit(dense, explicit: bool) -> bool:
+    """Whether cache-dit can run on `dense` (a diffusers DiT); ValueError when it cannot and was asked for by name."""
+    try:
+        from diffusers import DiTTransformer2DModel
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    if isinstance(dense, DiTTransformer2DModel):
+        return True
+    if explicit:
+        raise ValueError(
+            f"measured+cache-dit needs diffusers' DiTTransformer2DModel (cache-dit's DiT patch), this model's denoiser is "
+            f"{type(dense).__name__}; measured+cache (DeepCache-style) serves every family"
+        )
+    return False
 
 
 def check_count(check) -> int:
@@ -491,6 +553,11 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")
     if point.cache is not None:
         transformer = BlockReuse(loaded.transformer if transformer is None else transformer, CacheConfig(*point.cache))
+    if point.cache_dit is not None:
+        from mosaic_core.conquer.cache_dit_row import CacheDiT, DBCacheSetting
+
+        transformer = CacheDiT(loaded.transformer if transformer is None else transformer, DBCacheSetting(*point.cache_dit),
+                               point.steps, dense=loaded.transformer)
     return transformer
 
 
@@ -575,7 +642,7 @@ def load_memo_points(path) -> dict:
         memo = {}
         for entry in data["entries"]:
             point = dict(entry["point"])
-            for name in ("stage_sparsity", "cache"):
+            for name in ("stage_sparsity", "cache", "cache_dit"):
                 if point.get(name) is not None:
                     point[name] = tuple(point[name])
             memo[_tupled(entry["key"])] = TunePoint(**point)
