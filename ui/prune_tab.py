@@ -390,7 +390,8 @@ class TuneHandlers:
         `result` holds every candidate (`points`), the Pareto `front` and the `chosen` index.
 
         `sampler` None is the model's own. `methods`: some of dense, cache, paper, measured,
-        measured+cache (default dense, paper, measured: what the studio's controls can run).
+        measured+cache, measured+cache-dit (default dense, paper, measured: what the studio's
+        controls can run).
         `check`: once this server has sampled enough points for the model and settings, pruned
         candidates are predicted from their recorded error and at most `check` of them sampled
         (default 2; 0 samples every candidate); predicted points have `predicted: true`.
@@ -420,6 +421,8 @@ class TuneHandlers:
                      f"the time bound of {settings.TUNE_CHECK_SECONDS} s.")
         if best.get("cache"):
             note += " Block reuse: full step every {}, first {}/last {} blocks always run (Compare runs without it).".format(*best["cache"])
+        if best.get("cache_dit"):
+            note += " cache-dit: DBCache threshold {:.3g}, F{}B{}, first {} steps full (Compare runs without it).".format(*best["cache_dit"])
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"
         sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
         return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation))
