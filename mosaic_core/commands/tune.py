@@ -85,7 +85,8 @@ def register(subparsers) -> None:
                         help="also sample the best --cfg-top candidates at these guidance scales (default: none)")
     parser.add_argument("--cfg-top", type=int_in("--cfg-top", 1, 16), default=2, help="candidates re-tried on --cfg-grid (default 2)")
     parser.add_argument("--methods", type=_methods, default=None, metavar="A,B,...",
-                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache, measured+cache-dit (default all)")
+                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache, measured+cache-dit "
+                        "(default all but measured+cache-dit: 6 sampling runs per candidate, and the least reliable choice)")
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
                         "before and at most K of them sampled (default 2); 0 samples every candidate")
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     {"results": [...]}.
     """
     from mosaic_core.atomic import write_json
-    from mosaic_core.conquer.tune import METHODS, check_budget, tune
+    from mosaic_core.conquer.tune import DEFAULT_METHODS, check_budget, tune
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
 
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     for index, budget in enumerate(budgets):
         result = tune(
             loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
-            cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or METHODS,
+            cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or DEFAULT_METHODS,
             cfg_grid=args.cfg_grid, cfg_top=args.cfg_top, analyses=analyses, memo=memo, **({} if args.check is None else {"check": args.check}),
             check_seconds=args.check_seconds,
         )

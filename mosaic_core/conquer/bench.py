@@ -396,7 +396,7 @@ def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
     """(the `CacheDiT`, its Contender): the DBCache threshold searched on the timing images (the
     same noise as the timed runs, so those run the probed schedule) for the largest share of
     the dense blocks within `mosaic`'s MACs, unless `config.cache_dit` fixes the setting."""
-    from mosaic_core.conquer.cache_dit_row import CacheDiT, DBCacheSetting, probe_fraction, threshold_search
+    from mosaic_core.conquer.cache_dit_row import SEARCH_PROBES, CacheDiT, DBCacheSetting, probe_fraction, threshold_search
     from mosaic_core.conquer.sampling import run_to_end, sample_loaded
 
     labels = conditions_for(loaded, default_values(loaded.spec, config.time_images))
@@ -408,8 +408,8 @@ def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
 
     if config.cache_dit is None or config.cache_dit.threshold is None:
         base = config.cache_dit or DBCacheSetting()
-        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base)
-        probes = 7
+        probes = SEARCH_PROBES
+        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base, probes)
         done = 0
         while True:
             try:
