@@ -119,5 +119,5 @@ def test_naming_the_cache_dit_row_for_a_unet_is_refused_in_one_line(sdxl):
 
     config = BenchConfig(sparsity=0.3, num_inference_steps=STEPS, num_images=1, repeats=1, reduced_steps=None,
                          scheduler="euler", methods=("cache-dit",))
-    with pytest.raises(ValueError, match="serves diffusers' DiTTransformer2DModel, this model's denoiser is UNet2DConditionModel"):
+    with pytest.raises(ValueError, match=r"the cache-dit row needs diffusers' DiTTransformer2DModel \(cache-dit's DiT patch\), this model's denoiser is UNet2DConditionModel"):
         run_to_end(bench_steps(sdxl, config))

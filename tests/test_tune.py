@@ -407,11 +407,12 @@ def test_tune_cli_refuses_a_bad_check_seconds():
 def test_cache_dit_is_refused_by_name_for_other_families_and_its_points_survive_the_memo_file(tmp_path):
     from torch import nn
 
-    from mosaic_core.conquer.tune import TunePoint, _serves_cache_dit, load_memo_points, save_memo_points
+    from mosaic_core.conquer.cache_dit_row import serves_cache_dit
+    from mosaic_core.conquer.tune import TunePoint, load_memo_points, save_memo_points
 
     with pytest.raises(ValueError, match="measured\\+cache-dit needs diffusers' DiTTransformer2DModel .* denoiser is Linear"):
-        _serves_cache_dit(nn.Linear(2, 2), explicit=True)
-    assert _serves_cache_dit(nn.Linear(2, 2), explicit=False) is False  # among all methods: left out
+        serves_cache_dit(nn.Linear(2, 2), True, "measured+cache-dit")
+    assert serves_cache_dit(nn.Linear(2, 2), False, "measured+cache-dit") is False  # among all methods: left out
     point = TunePoint(40, "measured+cache-dit", 0.2, 1.0e9, 0.48, 3.5, 39.8, 1.2, (0.3, 0.1, 0.2), 1.25,
                       target_sparsity=0.19, cache_dit=(0.075, 1, 0, 6))
     key = (("digits-dit", "abc", "ddim", 4, 0, 1.25), "point", (50,), 40, "measured+cache-dit", 0.19, 0.5, 1.25)

@@ -263,6 +263,7 @@ def bench_steps(
     phase of a shared machine hits all alike). Speed-up = t_dense / t_method with t the min
     of the runs on a CPU (other processes only ever add time), the median on a GPU.
     """
+    from mosaic_core.conquer.cache_dit_row import serves_cache_dit
     from mosaic_core.conquer.caching import BlockReuse, cache_schedule, cached_sampling_macs, match_cache_to_macs
     from mosaic_core.models.adapters import adapter_for_model
 
@@ -317,7 +318,7 @@ def bench_steps(
             Contender("cache", BlockReuse(dense, cache_config), n_steps, macs, param_count(dense), info={"note": cache_config.label()})
         )
     cache_dit_row = None
-    if config.wants("cache-dit") and _serves_cache_dit(dense, config):
+    if config.wants("cache-dit") and serves_cache_dit(dense, config.methods is not None, "the cache-dit row"):
         cache_dit_row, contender = yield from _cache_dit_contender(loaded, config, mosaic_plan, should_stop)
         contenders.append(contender)
     analyses: dict = {}
@@ -368,22 +369,6 @@ def bench_steps(
         lambda event: BenchEvent("time", event.contender, 0.5 + 0.5 * event.fraction),
     )
     return summarise_timing(mosaic_plan, config, results, timed, timing_statistic(loaded.device) == "floor")
-
-
-def _serves_cache_dit(dense, config: BenchConfig) -> bool:
-    """Whether the cache-dit row can run on `dense` (a diffusers DiT); ValueError when it was named and cannot."""
-    try:
-        from diffusers import DiTTransformer2DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    if isinstance(dense, DiTTransformer2DModel):
-        return True
-    if config.methods is not None:
-        raise ValueError(
-            f"the cache-dit row serves diffusers' DiTTransformer2DModel, this model's denoiser is {type(dense).__name__}; "
-            "the DeepCache-style `cache` rows serve every family"
-        )
-    return False
 
 
 def sampling_macs_of(dense_macs: int, share: float) -> int:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 from torch import nn
 
-from mosaic_core.conquer.staged_denoiser import call_denoiser
+from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser
 from mosaic_core.limits import shown
 
 CACHE_DIT_VERSION = "1.5.3"
@@ -114,7 +114,20 @@ def _dit_class():
     return DiTTransformer2DModel
 
 
-class CacheDiT(nn.Module):
+def serves_cache_dit(dense: nn.Module, named: bool, what: str) -> bool:
+    """Whether cache-dit can run on `dense` (a diffusers DiT). When it cannot: ValueError if
+    `what` (e.g. "the cache-dit row") was asked for by name, else False (left out)."""
+    if isinstance(dense, _dit_class()):
+        return True
+    if named:
+        raise ValueError(
+            f"{what} needs diffusers' DiTTransformer2DModel (cache-dit's DiT patch), this model's denoiser is "
+            f"{type(dense).__name__}; the DeepCache-style block reuse serves every family"
+        )
+    return False
+
+
+class CacheDiT(DenoiserWrapper):
     """A diffusers DiT, or a staged denoiser of DiT networks, with cache-dit's DBCache: a
     denoiser to sample like any other.
 
@@ -184,16 +197,6 @@ class CacheDiT(nn.Module):
             return self.denoiser
         stage = int(stage_index(timestep.detach().cpu() if torch.is_tensor(timestep) else timestep).reshape(-1)[0])
         return self.denoiser.networks()[stage]
-
-    def __getattr__(self, name: str):
-        """Attributes not on the wrapper come from the DiT (a sampler reads config, dtype, device)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            denoiser = self.__dict__.get("_modules", {}).get("denoiser")
-            if denoiser is None or name.startswith("_"):
-                raise
-            return getattr(denoiser, name)
 
     def forward(self, hidden_states: torch.Tensor, timestep=None, *args: Any, return_dict: bool = True, **kwargs: Any):
         t = float(torch.as_tensor(timestep).reshape(-1)[0]) if timestep is not None else None
@@ -297,5 +300,5 @@ def sampling_macs(dense_macs: float, fraction: float) -> int:
 
 
 __all__: Sequence[str] = (
-    "DBCacheSetting", "CacheDiT", "match_threshold", "threshold_search", "parse_dbcache", "probe_fraction", "sharing_copy", "sampling_macs",
+    "DBCacheSetting", "CacheDiT", "serves_cache_dit", "match_threshold", "threshold_search", "parse_dbcache", "probe_fraction", "sharing_copy", "sampling_macs",
 )

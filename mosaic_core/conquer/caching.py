@@ -32,7 +32,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
-from mosaic_core.conquer.staged_denoiser import call_denoiser
+from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser
 from mosaic_core.limits import shown
 
 
@@ -101,7 +101,7 @@ def cached_sampling_macs(step_macs: Sequence[int], full: Sequence[bool], compute
     return int(round(sum(m if f else m * c for m, f, c in zip(step_macs, full, fractions))))
 
 
-class BlockReuse(nn.Module):
+class BlockReuse(DenoiserWrapper):
     """Wraps a denoiser (dense or staged) with DeepCache-style block-output reuse (see module doc).
 
     Calls are counted from `reset()`; a call whose timestep is not below the previous one
@@ -120,17 +120,6 @@ class BlockReuse(nn.Module):
         self._last_timestep: float | None = None
         self._calls = 0
         self._full = True
-
-    # a pipeline reads config/dtype/device and other attributes from its denoiser
-    def __getattr__(self, name: str):
-        """Attributes not on the wrapper come from the wrapped denoiser."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            denoiser = self.__dict__.get("_modules", {}).get("denoiser")
-            if denoiser is None or name.startswith("_"):
-                raise
-            return getattr(denoiser, name)
 
     def reset(self) -> None:
         """Forget residuals and the call count: the next call is full."""

@@ -187,6 +187,21 @@ def call_denoiser(network: nn.Module, hidden_states, timestep, args: tuple, retu
     return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
 
 
+class DenoiserWrapper(nn.Module):
+    """Base of a module that wraps a denoiser held as its submodule `denoiser` (the name
+    `adapters.base.denoiser_adapter` unwraps): attributes it lacks come from that denoiser,
+    as a pipeline reads config, dtype, device and more from its denoiser."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            denoiser = self.__dict__.get("_modules", {}).get("denoiser")
+            if denoiser is None or name.startswith("_"):
+                raise
+            return getattr(denoiser, name)
+
+
 StagedDenoiser = StagedDiT  # the family-neutral name; StagedDiT stays for existing callers
 
 

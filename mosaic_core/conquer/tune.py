@@ -253,7 +253,9 @@ def tune(
             memo[key] = scored(point, build(), scale)
         return memo[key]
 
-    serves_cache_dit = _serves_cache_dit(dense, explicit="measured+cache-dit" in methods and methods != METHODS)
+    from mosaic_core.conquer.cache_dit_row import serves_cache_dit
+
+    cache_dit_served = "measured+cache-dit" in methods and serves_cache_dit(dense, methods != METHODS, "measured+cache-dit")
 
     def cache_dit_point(n: int, asked: float) -> list[TunePoint]:
         """The measured+cache-dit candidate at n steps: pruned at `asked`, the DBCache threshold
@@ -311,7 +313,7 @@ def tune(
                 say(f"cache, {n} steps, full every {fit[0].interval}")
                 point = TunePoint(n, "cache", 0.0, float(fit[1]), fit[1] / dense_macs, 0.0, 0.0, 0.0, cache=_cache_tuple(fit[0]))
                 points.append(recalled((n, "cache", point.cache), point, lambda config=fit[0]: BlockReuse(dense, config)))
-        if "measured+cache-dit" in methods and serves_cache_dit and target / 2 <= MAX_SPARSITY:
+        if cache_dit_served and target / 2 <= MAX_SPARSITY:
             points.extend(cache_dit_point(n, target / 2))
         for method in ("paper", "measured", "measured+cache"):
             if method not in methods:
@@ -382,22 +384,6 @@ def tune(
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
     models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked)
-
-
-def _serves_cache_dit(dense, explicit: bool) -> bool:
-    """Whether cache-dit can run on `dense` (a diffusers DiT); ValueError when it cannot and was asked for by name."""
-    try:
-        from diffusers import DiTTransformer2DModel
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    if isinstance(dense, DiTTransformer2DModel):
-        return True
-    if explicit:
-        raise ValueError(
-            f"measured+cache-dit needs diffusers' DiTTransformer2DModel (cache-dit's DiT patch), this model's denoiser is "
-            f"{type(dense).__name__}; measured+cache (DeepCache-style) serves every family"
-        )
-    return False
 
 
 def check_count(check) -> int:
