@@ -30,6 +30,7 @@ and reused by every method that needs them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 from dataclasses import dataclass, field, replace
@@ -263,7 +264,7 @@ def bench_steps(
     phase of a shared machine hits all alike). Speed-up = t_dense / t_method with t the min
     of the runs on a CPU (other processes only ever add time), the median on a GPU.
     """
-    from mosaic_core.conquer.cache_dit_row import serves_cache_dit
+    from mosaic_core.conquer.cache_dit_row import cache_dit_macs, serves_cache_dit
     from mosaic_core.conquer.caching import BlockReuse, cache_schedule, cached_sampling_macs, match_cache_to_macs
     from mosaic_core.models.adapters import adapter_for_model
 
@@ -358,7 +359,7 @@ def bench_steps(
     )
     if cache_dit_row is not None:  # its cost is decided per run: the quality run's MACs rank it
         row = next(r for r in results if r.name == "cache-dit")
-        row.macs = sampling_macs_of(mosaic_plan.macs_dense, cache_dit_row.computed_fraction())
+        row.macs = cache_dit_macs(mosaic_plan.macs_dense, cache_dit_row.computed_fraction())
         row.info["computed_share"] = round(cache_dit_row.computed_fraction(), 4)
     # 2. Timing: warm-up + `repeats` interleaved runs on a few images.
     timed = yield from relay(
@@ -371,17 +372,11 @@ def bench_steps(
     return summarise_timing(mosaic_plan, config, results, timed, timing_statistic(loaded.device) == "floor")
 
 
-def sampling_macs_of(dense_macs: int, share: float) -> int:
-    from mosaic_core.conquer.cache_dit_row import sampling_macs
-
-    return sampling_macs(dense_macs, share)
-
-
 def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
     """(the `CacheDiT`, its Contender): the DBCache threshold searched on the timing images (the
     same noise as the timed runs, so those run the probed schedule) for the largest share of
     the dense blocks within `mosaic`'s MACs, unless `config.cache_dit` fixes the setting."""
-    from mosaic_core.conquer.cache_dit_row import SEARCH_PROBES, CacheDiT, DBCacheSetting, probe_fraction, threshold_search
+    from mosaic_core.conquer.cache_dit_row import SEARCH_PROBES, CacheDiT, DBCacheSetting, cache_dit_macs, probe_fraction, threshold_search
     from mosaic_core.conquer.sampling import run_to_end, sample_loaded
 
     labels = conditions_for(loaded, default_values(loaded.spec, config.time_images))
@@ -393,22 +388,14 @@ def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
 
     if config.cache_dit is None or config.cache_dit.threshold is None:
         base = config.cache_dit or DBCacheSetting()
-        probes = SEARCH_PROBES
-        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base, probes)
-        done = 0
-        while True:
-            try:
-                next(search)
-            except StopIteration as stop:
-                setting, share = stop.value
-                break
-            done += 1
-            yield BenchEvent("match", "cache-dit", min(1.0, done / probes))
+        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base, SEARCH_PROBES)
+        done = itertools.count(1)
+        setting, share = yield from relay(search, lambda probe: BenchEvent("match", "cache-dit", min(1.0, next(done) / SEARCH_PROBES)))
     else:
         setting = config.cache_dit
         share = probe_fraction(sample, dense, setting, config.num_inference_steps)
     row = CacheDiT(dense, setting, config.num_inference_steps)
-    macs = sampling_macs_of(plan.macs_dense, share)
+    macs = cache_dit_macs(plan.macs_dense, share)
     info = {"note": setting.label(), "threshold": setting.threshold, "computed_share_timing": round(share, 4)}
     return row, Contender("cache-dit", row, config.num_inference_steps, macs, param_count(dense), info=info)
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 from torch import nn
 
-from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser
+from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser, distinct_networks
 from mosaic_core.limits import shown
 
 CACHE_DIT_VERSION = "1.5.3"
@@ -97,15 +97,6 @@ def block_linear_macs(block: nn.Module) -> int:
     return total
 
 
-def _distinct_networks(denoiser: nn.Module) -> list[nn.Module]:
-    networks = getattr(denoiser, "networks", None)
-    found = list(networks()) if callable(networks) else [denoiser]
-    unique: dict[int, nn.Module] = {}
-    for network in found:
-        unique.setdefault(id(network), network)
-    return list(unique.values())
-
-
 def _dit_class():
     try:
         from diffusers import DiTTransformer2DModel
@@ -145,7 +136,7 @@ class CacheDiT(DenoiserWrapper):
         super().__init__()
         dit = _dit_class()
         dense = denoiser if dense is None else dense
-        for network in [dense, *_distinct_networks(denoiser)]:
+        for network in [dense, *distinct_networks(denoiser)]:
             if not isinstance(network, dit):
                 raise ValueError(
                     "cache-dit rows serve diffusers' DiTTransformer2DModel (cache-dit's DiT patch), "
@@ -162,11 +153,10 @@ class CacheDiT(DenoiserWrapper):
         self.setting = setting
         self.num_inference_steps = num_inference_steps
         self.dense_step_macs = sum(block_linear_macs(block) for block in dense.transformer_blocks)
-        self.num_blocks = len(dense.transformer_blocks)
         self.trajectories: list[list[int]] = []
         self._last_timestep: float | None = None
         model = sharing_copy(denoiser)
-        networks = _distinct_networks(model)
+        networks = distinct_networks(model)
         for network in networks:
             for block in network.transformer_blocks:
                 block.register_forward_pre_hook(functools.partial(self._ran, block_linear_macs(block)))
@@ -294,11 +284,11 @@ def parse_dbcache(text: str | None) -> DBCacheSetting | None:
     return DBCacheSetting(threshold, *whole) if whole else DBCacheSetting(threshold)
 
 
-def sampling_macs(dense_macs: float, fraction: float) -> int:
+def cache_dit_macs(dense_macs: float, fraction: float) -> int:
     """Block-linear MACs of a run that computed `fraction` of the dense run's blocks."""
     return int(round(float(dense_macs) * float(fraction)))
 
 
 __all__: Sequence[str] = (
-    "DBCacheSetting", "CacheDiT", "serves_cache_dit", "match_threshold", "threshold_search", "parse_dbcache", "probe_fraction", "sharing_copy", "sampling_macs",
+    "DBCacheSetting", "CacheDiT", "serves_cache_dit", "match_threshold", "threshold_search", "parse_dbcache", "probe_fraction", "sharing_copy", "cache_dit_macs",
 )

@@ -32,7 +32,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch import nn
 
-from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser
+from mosaic_core.conquer.staged_denoiser import DenoiserWrapper, call_denoiser, distinct_networks
 from mosaic_core.limits import shown
 
 
@@ -127,14 +127,6 @@ class BlockReuse(DenoiserWrapper):
         self._network, self._last_timestep, self._calls = None, None, 0
         self.history.clear()
 
-    def _networks(self) -> list[nn.Module]:
-        networks = getattr(self.denoiser, "networks", None)
-        found = list(networks()) if callable(networks) else [self.denoiser]
-        unique: dict[int, nn.Module] = {}
-        for network in found:
-            unique.setdefault(id(network), network)
-        return list(unique.values())
-
     def _wrap(self, index: int, forward):
         def cached_forward(hidden_states, *args, **kwargs):
             if not self._full and index in self._residuals:
@@ -173,7 +165,7 @@ class BlockReuse(DenoiserWrapper):
             self._network = None if running is None else id(running)  # None: a mixed batch stores nothing
         patched: dict[int, nn.Module] = {}
         try:
-            for network in self._networks():
+            for network in distinct_networks(self.denoiser):
                 paths = adapter_for_model(network).block_paths(network)
                 for index in self.cache_config.cached_blocks(len(paths)):
                     block = network.get_submodule(paths[index])

@@ -187,6 +187,17 @@ def call_denoiser(network: nn.Module, hidden_states, timestep, args: tuple, retu
     return network(hidden_states, timestep=timestep, return_dict=return_dict, **kwargs)
 
 
+def distinct_networks(denoiser: nn.Module) -> list[nn.Module]:
+    """The networks a denoiser runs, each once: a staged denoiser's `networks()` (stages may
+    share one), or the denoiser itself."""
+    networks = getattr(denoiser, "networks", None)
+    found = list(networks()) if callable(networks) else [denoiser]
+    unique: dict[int, nn.Module] = {}
+    for network in found:
+        unique.setdefault(id(network), network)
+    return list(unique.values())
+
+
 class DenoiserWrapper(nn.Module):
     """Base of a module that wraps a denoiser held as its submodule `denoiser` (the name
     `adapters.base.denoiser_adapter` unwraps): attributes it lacks come from that denoiser,

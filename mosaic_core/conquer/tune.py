@@ -276,13 +276,8 @@ def tune(
 
         base = DBCacheSetting(None, warmup=max(1, round(CACHE_DIT_WARMUP * n)))
         search = threshold_search(probe, result.staged, n, budget * reference_steps / n, base, CACHE_DIT_PROBES, dense=dense)
-        while True:
-            try:
-                threshold, share = next(search)
-            except StopIteration as stop:
-                setting, share = stop.value
-                break
-            say(f"measured+cache-dit, {n} steps, threshold {threshold:.3g}: {share * n / reference_steps:.3f} of the MACs")
+        setting, share = run_to_end(search, lambda probed: say(
+            f"measured+cache-dit, {n} steps, threshold {probed[0]:.3g}: {probed[1] * n / reference_steps:.3f} of the MACs"))
         macs = share * dense_step * n
         if macs > budget_macs * (1 + 1e-9):
             return []  # the warm-up and the always-run blocks alone exceed the budget
