@@ -9,6 +9,7 @@ from mosaic_core.conquer.cache_dit_row import (
     CacheDiT, DBCacheSetting, match_threshold, parse_dbcache, probe_fraction, threshold_search,
 )
 from mosaic_core.conquer.sampling import SampleConfig, sample
+from mosaic_core.jobs import run_to_end
 
 TIMESTEPS = (900, 800, 700, 600, 500, 400)
 
@@ -115,6 +116,13 @@ def test_in_a_sampler_threshold_zero_gives_the_dense_images_and_matching_stays_w
     for threshold, fraction in probes:
         assert threshold == pytest.approx((low * high) ** 0.5, rel=1e-12)
         low, high = (low, threshold) if fraction <= 0.6 else (threshold, high)
+    # a bracket narrows the interval; when nothing in it fits, its upper end is the answer
+    probes = list(_drain(threshold_search(run, model, 8, 0.6, DBCacheSetting(warmup=2), probes=3, bracket=(0.01, 0.04))))
+    assert probes[0][0] == pytest.approx(0.02, rel=1e-12)
+    everything = run_to_end(threshold_search(run, model, 8, 0.5, DBCacheSetting(warmup=2), probes=2, bracket=(1e-9, 1e-8)))
+    assert everything[0].threshold == 1e-8 and everything[1] == probe_fraction(run, model, DBCacheSetting(1e-8, warmup=2), 8) > 0.5
+    with pytest.raises(ValueError, match=r"bracket must be two thresholds 0 < low < high <= 10, got \(0.5, 0.1\)"):
+        run_to_end(threshold_search(run, model, 8, 0.5, bracket=(0.5, 0.1)))
 
 
 def _drain(generator):

@@ -373,31 +373,52 @@ def bench_steps(
 
 
 def _cache_dit_contender(loaded, config: BenchConfig, plan: Plan, should_stop):
-    """(the `CacheDiT`, its Contender): the DBCache threshold searched on the timing images (the
-    same noise as the timed runs, so those run the probed schedule) for the largest share of
-    the dense blocks within `mosaic`'s MACs, unless `config.cache_dit` fixes the setting."""
-    from mosaic_core.conquer.cache_dit_row import SEARCH_PROBES, CacheDiT, DBCacheSetting, cache_dit_macs, probe_fraction, threshold_search
+    """(the `CacheDiT`, its Contender), unless `config.cache_dit` fixes the setting: the DBCache
+    threshold whose quality run computes the largest share of the dense blocks within
+    `mosaic`'s MACs. cache-dit decides its skips per batch from the batch's residuals, so
+    the share depends on the images: a search on the timing images (cheap; the same noise as
+    the timed runs) finds the neighbourhood, a second one on the quality images themselves
+    (`REFINE_PROBES` runs within a factor `REFINE_SPAN`) sets the threshold, so the row is
+    ranked at the MACs it was matched to. Its ideal speed-up is the timed runs' share."""
+    from mosaic_core.conquer.cache_dit_row import (
+        REFINE_PROBES, REFINE_SPAN, SEARCH_PROBES, CacheDiT, DBCacheSetting, cache_dit_macs, probe_fraction, threshold_search,
+    )
     from mosaic_core.conquer.sampling import run_to_end, sample_loaded
 
-    labels = conditions_for(loaded, default_values(loaded.spec, config.time_images))
     sample_config = SampleConfig(config.num_inference_steps, config.guidance_scale, config.scheduler, config.seed)
     dense = loaded.transformer
+    steps = config.num_inference_steps
 
-    def sample(row) -> None:
-        run_to_end(sample_loaded(loaded, labels, sample_config, transformer=row, should_stop=should_stop))
+    def sampler(images: int):
+        labels = conditions_for(loaded, default_values(loaded.spec, images))
+        return lambda row: run_to_end(sample_loaded(loaded, labels, sample_config, transformer=row, should_stop=should_stop))
 
+    timing, quality = sampler(config.time_images), sampler(config.num_images)
+    info = {}
     if config.cache_dit is None or config.cache_dit.threshold is None:
         base = config.cache_dit or DBCacheSetting()
-        search = threshold_search(sample, dense, config.num_inference_steps, plan.macs_staged / plan.macs_dense, base, SEARCH_PROBES)
+        target = plan.macs_staged / plan.macs_dense
+        refine = config.num_images != config.time_images  # the same images: the first search already ran them
+        total = SEARCH_PROBES + (REFINE_PROBES if refine else 0)
         done = itertools.count(1)
-        setting, share = yield from relay(search, lambda probe: BenchEvent("match", "cache-dit", min(1.0, next(done) / SEARCH_PROBES)))
+        progress = lambda probe: BenchEvent("match", "cache-dit", min(1.0, next(done) / total))  # noqa: E731
+        setting, share = yield from relay(threshold_search(timing, dense, steps, target, base, SEARCH_PROBES), progress)
+        if refine:
+            first = setting.threshold
+            bracket = (first / REFINE_SPAN, min(10.0, first * REFINE_SPAN))
+            setting, quality_share = yield from relay(
+                threshold_search(quality, dense, steps, target, base, REFINE_PROBES, bracket=bracket), progress
+            )
+            info["threshold_timing_images"] = first
+            info["computed_share_matched"] = round(quality_share, 4)
+            share = probe_fraction(timing, dense, setting, steps)
     else:
         setting = config.cache_dit
-        share = probe_fraction(sample, dense, setting, config.num_inference_steps)
-    row = CacheDiT(dense, setting, config.num_inference_steps)
+        share = probe_fraction(timing, dense, setting, steps)
+    row = CacheDiT(dense, setting, steps)
     macs = cache_dit_macs(plan.macs_dense, share)
-    info = {"note": setting.label(), "threshold": setting.threshold, "computed_share_timing": round(share, 4)}
-    return row, Contender("cache-dit", row, config.num_inference_steps, macs, param_count(dense), info=info)
+    info = {"note": setting.label(), "threshold": setting.threshold, "computed_share_timing": round(share, 4), **info}
+    return row, Contender("cache-dit", row, steps, macs, param_count(dense), info=info)
 
 
 def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult], timed: list[MethodResult], cpu: bool) -> BenchResult:
@@ -493,9 +514,13 @@ def markdown_table(result: BenchResult, loaded) -> str:
         lines.append(f"cache rows: {'; '.join(notes)} (written here).")
     for r in result.results:
         if r.name == "cache-dit":
+            matched = (
+                f" Threshold matched on the quality images (the search on the timing images gave {r.info['threshold_timing_images']:.3g})."
+                if "threshold_timing_images" in r.info else ""
+            )
             lines.append(
                 f"cache-dit row: {r.info['note']}. MACs of the quality run ({r.info.get('computed_share', 0):.3f} of the dense "
-                f"blocks ran); its ideal speed-up is the timed runs' ({r.info.get('computed_share_timing', 0):.3f})."
+                f"blocks ran); its ideal speed-up is the timed runs' ({r.info.get('computed_share_timing', 0):.3f}).{matched}"
             )
     return "\n".join(lines) + "\n"
 

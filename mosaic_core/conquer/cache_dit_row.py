@@ -37,6 +37,10 @@ from mosaic_core.limits import shown
 CACHE_DIT_VERSION = "1.5.3"
 SEARCH_RANGE = (1e-3, 1.0)  # thresholds `threshold_search` bisects, geometrically
 SEARCH_PROBES = 10  # its default runs: the last interval spans 0.7 % of the threshold
+# `bench`'s second search, on the quality images: a factor REFINE_SPAN either side of the
+# first search's threshold, REFINE_PROBES runs (the last interval spans 2.2 % of the threshold)
+REFINE_SPAN = 2.0
+REFINE_PROBES = 6
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,7 @@ def threshold_search(
     base: DBCacheSetting = DBCacheSetting(),
     probes: int = SEARCH_PROBES,
     dense: nn.Module | None = None,
+    bracket: tuple[float, float] | None = None,
 ) -> Generator[tuple[float, float], None, tuple[DBCacheSetting, float]]:
     """Search the DBCache threshold whose run by `sample` computes the largest share of the
     dense MACs (`dense`'s; default `transformer`'s) that is ≤ `target`; yields (threshold, share) after each probe and returns
@@ -233,13 +238,17 @@ def threshold_search(
     thresholds that matter span decades, cache-dit's default is 0.08), `probes` runs: after k the
     interval spans a factor 1000^(1/2^k) (k = 7: 6 %; 10: 0.7 %). The run's share is a step
     function of the threshold with steps ~1 % apart (0.0703 kept 0.683 of digits-dit's MACs,
-    0.071 only 0.667), so fewer probes can land a step below the target. Of equal shares the least threshold wins. When no probe is within the
-    target (the warm-up and the always-run blocks alone exceed it), threshold 1 is returned
-    with its share.
+    0.071 only 0.667), so fewer probes can land a step below the target. Of equal shares the least threshold wins.
+    `bracket` (low, high) narrows the interval, for a second search near a first one's answer.
+    When no probe is within the target (the warm-up and the always-run blocks alone exceed
+    it, or the bracket is too low), the interval's upper end is returned with its share.
     """
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target must be a fraction of the dense MACs in (0, 1], got {shown(target)}")
-    low, high = SEARCH_RANGE
+    low, high = SEARCH_RANGE if bracket is None else (float(bracket[0]), float(bracket[1]))
+    if not 0 < low < high <= 10:
+        raise ValueError(f"bracket must be two thresholds 0 < low < high <= 10, got {shown(bracket)}")
+    top = high
     best: tuple[DBCacheSetting, float] | None = None
     for _ in range(max(1, int(probes))):
         middle = math.sqrt(low * high)
@@ -253,7 +262,7 @@ def threshold_search(
         else:
             low = middle
     if best is None:
-        setting = replace(base, threshold=1.0)
+        setting = replace(base, threshold=top)
         return setting, probe_fraction(sample, transformer, setting, steps, dense)
     return best
 
