@@ -167,6 +167,25 @@ def test_methods_runs_only_the_named_rows_and_dense(tiny_pixel_folder):
     assert "| 1.00 | ref | dense |" in table and "DeepCache-style" in table
 
 
+def test_rows_are_ranked_within_the_least_budget_they_fit_under():
+    """A budget is a ceiling with 0.01 of slack: a matched cache at 0.667 of dense competes at
+    0.70 with mosaic and 35-of-50 fewer-steps, 0.705 still does, an overshoot to 0.717 does not."""
+    from mosaic_core.conquer.bench import budget_of, rank_by_budget
+    from mosaic_core.conquer.compare import MethodResult
+
+    assert [budget_of(f) for f in (1.0, 0.70, 35 / 50, 0.667, 0.705, 0.717, 0.651, 0.64, 0.6)] == [
+        1.0, 0.70, 0.70, 0.70, 0.70, 0.75, 0.65, 0.65, 0.60,
+    ]
+
+    def row(name, macs, psnr):
+        empty = np.zeros(0)
+        return MethodResult(name, 50, empty, empty, 1.0, [1.0], empty, {}, macs, 1, psnr=psnr)
+
+    rows = [row("dense", 1000, None), row("a", 700, 40.0), row("b", 667, 41.0), row("c", 730, 50.0), row("d", 500, 30.0)]
+    ranked = [(budget, [r.name for r in group]) for budget, group in rank_by_budget(rows, 1000)]
+    assert ranked == [(1.0, ["dense"]), (0.75, ["c"]), (0.70, ["b", "a"]), (0.5, ["d"])]
+
+
 def test_timing_statistics_and_flags_on_injected_timings():
     from mosaic_core.conquer.bench import timing_flags, timing_statistics
 

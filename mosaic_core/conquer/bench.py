@@ -31,6 +31,7 @@ and reused by every method that needs them.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import platform
 from dataclasses import dataclass, field, replace
@@ -448,15 +449,23 @@ def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult
     return BenchResult(plan, config, results, timing, statistic, flags)
 
 
-def rank_by_budget(rows: Sequence[MethodResult], macs_dense: int) -> list[tuple[float, list[MethodResult]]]:
-    """Rows grouped by MACs budget (fraction of dense, to the nearest 0.05), largest first; within one, best PSNR first.
+def budget_of(macs_fraction: float) -> float:
+    """The MACs budget a row competes in: the least multiple of 0.05 it does not exceed by more than 0.01.
 
-    Whole steps and whole cache intervals only approximate a budget (35 of 50 steps is
-    0.70, a matched cache 0.67), so rows within 0.025 of one twentieth compete together.
+    A budget is a ceiling ("at most this much of dense"), so a row that spends less competes
+    with those that spend up to the budget: a cache-dit threshold matched to 0.70 that lands
+    on 0.667 is ranked against mosaic's 0.70, not against the 0.65 rows. The 0.01 of slack
+    absorbs rounding of whole steps and cache intervals (0.705 -> 0.70); a row that spends
+    0.717 spent more than 0.70 and competes at 0.75.
     """
+    return math.ceil(round(20 * (macs_fraction - 0.01), 6)) / 20
+
+
+def rank_by_budget(rows: Sequence[MethodResult], macs_dense: int) -> list[tuple[float, list[MethodResult]]]:
+    """Rows grouped by MACs budget (`budget_of`), largest first; within one, best PSNR first."""
     groups: dict[float, list[MethodResult]] = {}
     for r in rows:
-        groups.setdefault(round(20 * r.macs / macs_dense) / 20, []).append(r)
+        groups.setdefault(budget_of(r.macs / macs_dense), []).append(r)
     ordered = []
     for budget in sorted(groups, reverse=True):
         ordered.append((budget, sorted(groups[budget], key=lambda r: (r.name != "dense", -(r.psnr if r.psnr is not None else -1e9)))))
