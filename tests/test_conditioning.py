@@ -154,3 +154,30 @@ def test_bad_table_shapes_are_refused_with_the_shapes_given():
         TrajectoryConditioning(model, torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match=r"\(2, 4\) and \(3,\)"):
         TrajectoryConditioning(model, torch.zeros(2, 4, dtype=torch.long), torch.tensor([1, 2, 3]))
+
+
+def test_a_plain_dit_block_under_a_table_computes_diffusers_values_and_others_keep_their_forward():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = tiny_pixel_dit(seed=8)
+    steps = torch.tensor([[700, 700, 700]])
+    labels = torch.tensor([2, 5, 10])
+    x = torch.randn(3, 16, model.transformer_blocks[0].norm1.linear.in_features, generator=torch.Generator().manual_seed(2))
+    odd = model.transformer_blocks[1]
+    odd.attn1.set_processor(AttnProcessor())  # a processor the fast path does not reproduce
+    with torch.no_grad(), TrajectoryConditioning(model, steps, labels) as table:
+        table.precompute()
+        t = table.call_timesteps[0]
+        assert [name for name in patched(model) if name.startswith("transformer_blocks.") and name.count(".") == 1] == [
+            f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks)) if i != 1
+        ]
+        for block in model.transformer_blocks:
+            fast = block(x, timestep=t, class_labels=labels)
+            # diffusers' own forward, its norm answered from the same table
+            reference = type(block).forward(block, x, timestep=t, class_labels=labels)
+            assert torch.equal(fast, reference)
+        block = model.transformer_blocks[0]
+        block.train()  # dropout would act: diffusers' forward runs
+        assert torch.equal(block(x, timestep=t, class_labels=labels), type(block).forward(block, x, timestep=t, class_labels=labels))
+        block.eval()
+    assert patched(model) == [] and conditioning._BLOCKS == {}
