@@ -59,8 +59,9 @@ from ui.prune_tab import PruneSection, describe_prune_event, prune_request, prun
 
 COMPARE_TEXT = """
 ## 5 · Compare: dense vs staged, same seeds
-Both models sample the same class labels (or prompts, for a text-to-image model) from the same initial noise. Seconds are the median
-of the timed runs after a short warm-up, split by stage; the ideal speed-up is the MACs ratio.
+Both models sample the same class labels (or prompts, for a text-to-image model) from the same initial noise. Seconds are
+the timed runs' floor on a CPU (each step's least time over the runs, summed: a shared machine only ever adds time) and
+their median on a GPU, after a short warm-up, split by stage; the ideal speed-up is the MACs ratio.
 PSNR and SSIM compare each staged image with the dense image of the same seed; accuracy and
 the Fréchet distance (digit classifier features) apply to the digit model.
 """
@@ -97,7 +98,7 @@ class CompareJob:
 
     @property
     def repeats(self) -> int:
-        """Timed runs (the median is reported)."""
+        """Timed runs (their floor is reported on a CPU, their median on a GPU)."""
         return self.request.repeats
 
 
