@@ -516,6 +516,20 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
         f"() => document.querySelector('input[aria-label=\"number input for Steps\"]').value === '{chosen_steps}'", timeout=10_000
     )
     assert page.locator("#mosaic-per-stage input").is_checked()
+    # and the plan view follows them (no release event fires for a value set by a handler): the
+    # stage table counts the chosen steps and the cost panel requests the sliders' sparsities
+    sliders = [float(page.get_by_label(f"number input for {name} sparsity").input_value()) for name in ("early", "middle", "late")]
+    page.wait_for_function(
+        """([steps, sliders]) => {
+            const caption = document.querySelector('#mosaic-stage-table caption')?.textContent || '';
+            const requested = [...document.querySelectorAll('#mosaic-cost td[data-field=requested]')].map(c => +c.textContent);
+            return caption.endsWith(` ${steps} steps`) && requested.length === 3
+                && requested.every((value, i) => Math.abs(value - sliders[i]) < 1.5e-3);
+        }""",
+        arg=[chosen_steps, sliders], timeout=20_000,
+    )
+    counts = [int(c) for c in page.locator("#mosaic-stage-table td[data-field=steps]").all_inner_texts()]
+    assert sum(counts) == chosen_steps, counts
     # the front chart drew the candidates and the budget line
     page.wait_for_selector("#mosaic-tune-front .js-plotly-plot", state="attached", timeout=10_000)
 

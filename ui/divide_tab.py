@@ -146,6 +146,7 @@ class DivideSection:
     drag_box: gr.Textbox
     edge_drag_box: gr.Textbox
     edges_state: gr.State  # None (edges from M) or [τ_lo, τ_hi] set by dragging an edge line
+    replan_box: gr.Textbox  # hidden: a section that sets the controls itself writes a new value here to re-plan
     demo: gr.Blocks  # the page: later sections add their own load events to it
 
     @property
@@ -442,13 +443,14 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     drag_box = gr.Textbox(visible="hidden", elem_id=DRAG_ELEM_ID, label="dragged M")
     edge_drag_box = gr.Textbox(visible="hidden", elem_id=EDGE_DRAG_ELEM_ID, label="dragged edge")
     edges_state = gr.State(None)
+    replan_box = gr.Textbox(visible="hidden", elem_id="mosaic-replan", label="re-plan request")
 
     section = DivideSection(
         model=model, folder=folder, sampler=sampler, steps=steps, M=M, lam=lam, cx=cx, sparsity=sparsity,
         per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
         status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
         dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
-        teaching_note=teaching_note, drag_box=drag_box, edge_drag_box=edge_drag_box, edges_state=edges_state, demo=demo,
+        teaching_note=teaching_note, drag_box=drag_box, edge_drag_box=edge_drag_box, edges_state=edges_state, replan_box=replan_box, demo=demo,
     )
     controls, outputs = section.controls, section.plan_outputs
     quiet = dict(show_progress="minimal", trigger_mode="always_last")
@@ -468,6 +470,10 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     api_inputs = [gr.JSON(visible=False, label=name) for name in CONTROL_NAMES]
     api_button = gr.Button(visible=False)
     api_button.click(handlers.divide, inputs=api_inputs, outputs=outputs, api_name="divide", **quiet)
+    # Controls set by another section's result (the tuner's chosen point) fire no release or
+    # input event, so that section also writes a new value into this hidden box: the plan
+    # view is redrawn from the controls as they are now.
+    replan_box.change(handlers.divide, inputs=controls, outputs=outputs, api_visibility="private", **quiet)
     drag_box.change(handlers.drag, inputs=[drag_box, *controls], outputs=[M, edges_state, *outputs], api_visibility="private", **quiet)
     edge_drag_box.change(
         handlers.drag_edges, inputs=[edge_drag_box, *controls], outputs=[edges_state, *outputs], api_visibility="private", **quiet

@@ -402,12 +402,13 @@ class TuneHandlers:
 
     @staticmethod
     def render(status: JobStatus) -> tuple:
-        """The front chart, a one-line note, and the chosen steps / stage sparsities / allocation."""
+        """The front chart, a one-line note, the chosen steps / stage sparsities / allocation, and a
+        re-plan request (the Divide section's hidden box) so the plan view follows the new controls."""
         result = status.result
         figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
         if result["chosen"] is None:
             note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
-            return (figure, note, *(gr.skip() for _ in range(6)))
+            return (figure, note, *(gr.skip() for _ in range(7)))
         best = result["points"][result["chosen"]]
         note = (
             f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
@@ -425,7 +426,8 @@ class TuneHandlers:
             note += " cache-dit: DBCache threshold {:.3g}, F{}B{}, first {} steps full (Compare runs without it).".format(*best["cache_dit"])
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"
         sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
-        return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation))
+        replan = gr.update(value=f"{status.job_id} {best['steps']} {best['stage_sparsity']}")  # redraws the plan view
+        return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation), replan)
 
 
 def summary_of(outcome: dict) -> dict:
@@ -490,7 +492,7 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     tune_handlers = TuneHandlers(engine, tune_view)
     tune_view.wire(
         tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
-        render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation],
+        render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box],
     )
     tune_view.register_api(user_errors(tune_handlers.start_api), lambda result: result)
     view.wire(
