@@ -21,7 +21,7 @@ server that restricts local folders resolves the name itself and calls `build(sp
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional, Sequence
 
 from mosaic_core import limits
@@ -252,6 +252,7 @@ class CompareRequest:
     only_stage: str = ONLY_STAGE_CHOICES[0]
     prompts: tuple[str, ...] = ()  # one prompt per image (the list repeated to `count`); () for class models
     negative_prompt: str = ""
+    dense_steps: Optional[int] = None  # the dense reference's sampler steps; None: the plan's own
 
     @classmethod
     def from_values(
@@ -266,12 +267,16 @@ class CompareRequest:
         only_stage: Any = ONLY_STAGE_CHOICES[0],
         prompts: Any = None,
         negative_prompt: Any = "",
+        dense_steps: Any = None,
         *,
         conditioning: str = "class",
         count_range: tuple[int, int] = (1, limits.MAX_IMAGES),
         repeats_range: tuple[int, int] = (1, limits.MAX_REPEATS),
     ) -> "CompareRequest":
         """A checked request; `labels` ('0-9', '1,3,5') or `prompts` (one per line, or a list) are parsed bounded.
+
+        `dense_steps` (None or 0: the plan's steps) samples the dense reference at another step
+        count, e.g. the tuner's reference when the tuner chose fewer steps for the staged model.
 
         `conditioning` is the model's (`ModelSpec.conditioning`): "class" reads `labels` and
         refuses prompts; "text" reads `prompts` and `negative_prompt` and ignores `labels`.
@@ -294,12 +299,16 @@ class CompareRequest:
         cfg = limits.check_float("cfg (guidance scale)", real_number("cfg (guidance scale)", cfg, f"in [0, {MAX_GUIDANCE:g}]"), 0.0, MAX_GUIDANCE)
         repeats = limits.check_int("repeats", repeats, *repeats_range)
         only_stage = choice("only_stage", only_stage, ONLY_STAGE_CHOICES, "only_stage choice")
+        if dense_steps is not None and not isinstance(dense_steps, bool) and dense_steps == 0:
+            dense_steps = None  # 0: the plan's own steps (the studio's box)
+        if dense_steps is not None:
+            dense_steps = limits.check_int("dense_steps (0: the plan's steps)", dense_steps, 1, limits.MAX_STEPS)
         return cls(
             prune,
             tuple(ids[i % len(ids)] for i in range(count)) if ids else (),
             seed, cfg, repeats, only_stage,
             tuple(texts[i % len(texts)] for i in range(count)) if texts else (),
-            negative,
+            negative, dense_steps,
         )
 
     @property
@@ -320,6 +329,16 @@ class CompareRequest:
     def staged_plan(self, spec: ModelSpec, plan: Plan) -> Plan:
         """The plan of the staged contender: `plan`, or the plan pruning only the chosen stage."""
         return plan if self.stage < 0 else stage_only_plan(spec, plan, self.stage)
+
+    def dense_plan(self, spec: ModelSpec, plan: Plan) -> Plan:
+        """The plan the dense reference samples: `plan`, or the same request at `dense_steps`
+        (its step stages split the dense time per stage; its dense MACs set the ideal speed-up)."""
+        if self.dense_steps is None or self.dense_steps == plan.num_inference_steps:
+            return plan
+        try:
+            return replace(self.prune.plan, steps=self.dense_steps).build(spec)
+        except ValueError as error:
+            raise ValueError(f"dense_steps: {error}") from None
 
     def sample_config(self, plan: Plan):
         """The `SampleConfig` both contenders sample with."""

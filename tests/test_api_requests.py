@@ -87,6 +87,26 @@ def test_prune_and_compare_requests_check_their_own_values():
             CompareRequest.from_values(prune, 10, **kwargs)
 
 
+def test_a_compare_request_can_sample_its_dense_reference_at_other_steps():
+    spec = resolve_model(MODEL)
+    prune = PruneRequest.from_values(PlanRequest.from_values(MODEL, steps=10, sparsity=0.3))
+    plan = prune.plan.build(spec)
+    for unset in (None, 0, 10):  # 0 is the studio's "the plan's steps"; the plan's own count is no other plan
+        assert CompareRequest.from_values(prune, 10, dense_steps=unset).dense_plan(spec, plan) is plan
+    reference = CompareRequest.from_values(prune, 10, dense_steps=25).dense_plan(spec, plan)
+    assert reference.num_inference_steps == 25 and len(reference.step_stages) == 25
+    # the same schedule and stages at 25 steps: the per-step MACs of the dense network are the same
+    assert reference.macs_dense / 25 == pytest.approx(plan.macs_dense / 10)
+    assert (reference.M, reference.bounds.middle) == (plan.M, plan.bounds.middle)
+    for value, message in [
+        (-1, r"dense_steps \(0: the plan's steps\) must be in \[1, 1000\], got -1"),
+        (2.5, r"dense_steps \(0: the plan's steps\) must be a whole number in \[1, 1000\], got 2\.5"),
+        ("50", r"dense_steps \(0: the plan's steps\) must be a whole number in \[1, 1000\], got '50'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            CompareRequest.from_values(prune, 10, dense_steps=value)
+
+
 def test_a_text_model_compares_prompts_repeated_to_the_count_with_a_negative_prompt():
     prune = PruneRequest.from_values(PlanRequest.from_values("sdxl-base", steps=10, sparsity=0.3))
     text = dict(conditioning="text")

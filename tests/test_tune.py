@@ -78,11 +78,13 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
                  psnr=30.0, seconds=0.1, stage_sparsity=[0.55, 0.2, 0.95])
     dense = dict(point, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0, stage_sparsity=[0, 0, 0])
     result = dict(budget=0.5, reference_steps=50, images=4, points=[dense, point], front=[0, 1], chosen=1, seconds=1.0)
-    figure, note, steps, per_stage, early, middle, late, allocation, replan = TuneHandlers.render(
+    figure, note, steps, per_stage, early, middle, late, allocation, replan, reference = TuneHandlers.render(
         JobStatus("tune-1", "tune", DONE, result=result)
     )
     assert steps["value"] == 20 and per_stage["value"] is True and allocation["value"] == "measured"
     assert replan["value"].startswith("tune-1 ")  # a new value per job: the Divide section re-plans on its change
+    assert reference["value"] == "tune-1 50"  # Compare's dense reference: the steps the point was scored against
+    assert "Compare samples dense at the tuner's 50 steps" in note
     assert (early["value"], middle["value"], late["value"]) == (0.55, 0.2, 0.9)  # a slider holds at most 0.9
     assert "20 steps, measured" in note
     traces = {trace["name"]: trace for trace in json.loads(figure.plot)["data"]}

@@ -204,6 +204,24 @@ def test_compare_endpoint_measures_dense_and_staged(client, small_pruned):
     assert dense["statistic"] == staged["statistic"] == "floor"  # a CPU: the studio times as `bench` does
 
 
+def test_compare_can_take_its_dense_reference_at_the_tuners_steps(client, small_pruned):
+    # the staged model at the plan's 10 steps against dense at 20: the tuner's framing, fewer steps and pruning
+    started = client.predict(**SMALL, labels="0-1", seed=0, count=2, repeats=1, dense_steps=2 * STEPS, api_name="/compare_start")
+    status, _ = _wait(client, "/compare_status", started["job_id"])
+    assert status["state"] == "done", status
+    dense, staged = status["result"]["rows"]
+    assert (dense["steps"], staged["steps"]) == (2 * STEPS, STEPS)
+    staged_plan, dense_plan = _plan(), build_plan(MODEL, 2 * STEPS, 0.55, 0.01, sparsity=0.3)
+    assert dense["macs"] == dense_plan.macs_dense and staged["macs"] == staged_plan.macs_staged
+    assert staged["ideal_speedup"] == pytest.approx(dense_plan.macs_dense / staged_plan.macs_staged, rel=1e-3)
+    # the dense reference's seconds are split over its own 20 steps' stages
+    assert sum(dense["stage_seconds"].values()) == pytest.approx(dense["seconds"], rel=1e-3)
+    # and PSNR is against that reference: dense at 20 steps is not the dense image at 10 steps
+    same = client.predict(**SMALL, labels="0-1", seed=0, count=2, repeats=1, api_name="/compare_start")
+    same_status, _ = _wait(client, "/compare_status", same["job_id"])
+    assert same_status["result"]["rows"][1]["psnr"] != staged["psnr"]
+
+
 def test_prune_one_stage_only_goes_through_the_cache(client):
     started = client.predict(
         **SMALL, labels="4", seed=1, count=2, cfg=1.5, repeats=1, only_stage="late only", api_name="/compare_start"
@@ -253,6 +271,7 @@ def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(cl
         ("/compare_start", dict(seed=-1), r"seed must be in \[0, 2147483647\], got -1"),
         ("/compare_start", dict(only_stage="first only"), r"unknown only_stage choice 'first only': choose one of 'all stages'"),
         ("/compare_start", dict(sparsity=0.6), r"no pruned model for this plan and these prune settings yet"),
+        ("/compare_start", dict(dense_steps=-5), r"dense_steps \(0: the plan's steps\) must be in \[1, 1000\], got -5"),
     ],
 )
 def test_bad_values_are_errors_naming_the_value(client, api, kwargs, message):
@@ -530,6 +549,11 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
     )
     counts = [int(c) for c in page.locator("#mosaic-stage-table td[data-field=steps]").all_inner_texts()]
     assert sum(counts) == chosen_steps, counts
+    # Compare's dense reference is set to the steps the tuner scored against (it starts at 0: the plan's)
+    page.wait_for_function(
+        f"() => document.querySelector('input[aria-label=\"Dense reference steps\"], #mosaic-compare-dense-steps input')?.value === '{STEPS}'",
+        timeout=10_000,
+    )
     # the front chart drew the candidates and the budget line
     page.wait_for_selector("#mosaic-tune-front .js-plotly-plot", state="attached", timeout=10_000)
 

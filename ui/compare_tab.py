@@ -28,10 +28,12 @@ closer to dense) are joined and starred.
 | Cancel              | `JobView` cancel                 | `compare_cancel`                   |
 | history x-axis      | `history_figure`          | private                            |
 | model picked        | `CompareHandlers.select_model`   | private (label or prompt boxes)    |
+| tuner chose a point | `reference_steps`                | private (Dense reference steps)    |
 
 `compare_start` takes the plan and prune settings, then `labels, seed, count, cfg, repeats,
 only_stage` (the original positional order, unchanged) and, for text-to-image models,
-`prompts` (text, one per line, or a list) and `negative_prompt`.
+`prompts` (text, one per line, or a list) and `negative_prompt`; `allocation` and
+`dense_steps` (the dense reference's steps; the plan's when left out) come last.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class CompareJob:
     plan: Plan  # the plan of the staged model (the stage-only variant when one is chosen)
     config: object  # PruneConfig
     sample_config: object  # SampleConfig
+    dense_plan: Optional[Plan] = None  # the dense reference's plan when it samples other steps (`dense_steps`)
 
     @property
     def variant(self) -> str:
@@ -196,7 +199,9 @@ def compare_table_html(run: CompareRun) -> str:
     plan = request.plan
     labels = request.labels
     caption = (
-        f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps · cfg {sample.guidance_scale:g} · "
+        f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps"
+        + (f" (dense reference: {request.dense_plan.num_inference_steps})" if request.dense_plan is not None else "")
+        + f" · cfg {sample.guidance_scale:g} · "
         f"{len(labels)} images ({html.escape(conditions_text(request.request))}) · seed {sample.seed} · seconds: {_statistic_words(run.results, request.repeats)} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
         f" ({request.config.calibration.mode}, {request.config.calibration.size} images, {request.config.scorer})"
     )
@@ -220,7 +225,9 @@ def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
     staged = next(r for r in run.results if r.name == "staged")
     calibration = request.config.calibration
     settings_text = (
-        f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} {request.plan.num_inference_steps}, "
+        f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} {request.plan.num_inference_steps}"
+        + (f" vs dense {request.dense_plan.num_inference_steps}" if request.dense_plan is not None else "")
+        + ", "
         f"cfg {request.sample_config.guidance_scale:g}, {calibration.mode}/{calibration.size}/{request.config.scorer}, "
         f"{len(request.labels)} img"
     )
@@ -360,7 +367,7 @@ class CompareHandlers:
     def resolve(self, plan_request: PlanRequest, prune_values: tuple, compare_values: tuple, hidden_ignored: bool = False) -> CompareJob:
         """Check every value (ValueError naming it) and decide which staged model to compare.
 
-        `compare_values`: labels, seed, count, cfg, repeats, only_stage[, prompts, negative_prompt].
+        `compare_values`: labels, seed, count, cfg, repeats, only_stage[, prompts, negative_prompt[, dense_steps]].
         With `hidden_ignored` (the page: a class model's prompt boxes are hidden, not empty),
         the prompt boxes of a class model are not read.
         """
@@ -368,7 +375,7 @@ class CompareHandlers:
         spec = self.engine.resolve(plan_request.model)
         values = list(compare_values)
         if hidden_ignored and spec.conditioning != "text":
-            values = values[:6]
+            values = [*values[:6], None, "", *values[8:]]
         request = CompareRequest.from_values(  # every value checked before "no weights" can answer instead
             prune_request_, spec.num_classes, *values, conditioning=spec.conditioning,
             count_range=settings.COMPARE_COUNT_RANGE, repeats_range=settings.REPEATS_RANGE,
@@ -376,6 +383,8 @@ class CompareHandlers:
         self.engine.require_weights(spec)
         plan, config = prune_request_.build(spec)
         sample_config = request.sample_config(plan)
+        dense_plan = request.dense_plan(spec, plan)
+        dense_plan = None if dense_plan is plan else dense_plan
         if request.stage >= 0:
             plan = request.staged_plan(spec, plan)
         elif not (
@@ -387,7 +396,7 @@ class CompareHandlers:
                 "no pruned model for this plan and these prune settings yet: press “Start pruning” in section 4 "
                 "first (or pick one stage only, which prunes inside the comparison)"
             )
-        return CompareJob(request, spec, plan, config, sample_config)
+        return CompareJob(request, spec, plan, config, sample_config, dense_plan)
 
     def submit(self, owner: Optional[str], job: CompareJob) -> str:
         """Queue the comparison for `owner` (after any prune job of the same plan, FIFO)."""
@@ -407,7 +416,7 @@ class CompareHandlers:
             results = engine.compare(
                 pruned, job.labels, job.sample_config, job.repeats, should_stop=context.should_stop,
                 on_event=lambda event: context.report(share + (1 - share) * event.fraction, describe_compare_event(event)),
-                negative_prompt=job.negative_prompt,
+                negative_prompt=job.negative_prompt, dense_plan=job.dense_plan,
             )
             context.report(1.0, "measured")
             return CompareRun(job, prune_summary(pruned), results)
@@ -416,7 +425,7 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (13), the Prune controls (4) and the Compare controls (8) → a queued job."""
+        """Compare: the Divide controls (13), the Prune controls (4) and the Compare controls (9) → a queued job."""
         n = PLAN_CONTROL_COUNT
         plan = PlanRequest.from_controls(*values[:n])
         return self.submit(owner, self.resolve(plan, values[n : n + 4], values[n + 4 :], hidden_ignored=True))  # 4 prune controls
@@ -473,17 +482,20 @@ class CompareHandlers:
         negative_prompt: str = "",
         request: gr.Request = None,
         allocation: Optional[str] = None,
+        dense_steps: Optional[int] = None,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
         `labels` is '0-9' or '1,3,5' (repeated to `count` images); `only_stage` is one of
         'all stages', 'early only', 'middle only', 'late only'. A text-to-image model takes
         `prompts` instead of labels (text, one prompt per line, or a list; repeated to `count`)
-        and an optional `negative_prompt`. Poll `compare_status`.
+        and an optional `negative_prompt`. `dense_steps` samples the dense reference at that
+        many steps (None or 0: `steps`), e.g. the tuner's reference when it chose fewer steps;
+        speed-ups, MACs and PSNR are then against it. Poll `compare_status`.
         """
         return self.start_edges_api(
             model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer,
-            labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request, allocation,
+            labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request, allocation, dense_steps,
         )
 
     def start_edges_api(
@@ -510,6 +522,7 @@ class CompareHandlers:
         negative_prompt: str = "",
         request: gr.Request = None,
         allocation: Optional[str] = None,
+        dense_steps: Optional[int] = None,
     ) -> dict:
         """`compare_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
         training timesteps (None: from M). Poll `compare_status`.
@@ -517,10 +530,16 @@ class CompareHandlers:
         plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
         job = self.resolve(
             plan, (calibration, calibration_size, scorer, allocation),
-            (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt),
+            (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt, dense_steps),
         )
         owner = owner_of(request)
         return status_dict(self.engine.jobs.status(self.submit(owner, job), owner), compare_summary)
+
+
+def reference_steps(token: str):
+    """Compare's dense reference steps from the tuner's "<job> <steps>" (unchanged when empty)."""
+    parts = (token or "").split()
+    return gr.update(value=int(parts[-1])) if parts and parts[-1].isdigit() else gr.update()
 
 
 def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> None:
@@ -559,6 +578,10 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
                 list(settings.STAGE_ONLY_CHOICES), value=settings.STAGE_ONLY_CHOICES[0], label="Prune one stage only",
                 info="the other stages stay dense: which stage hurts?", elem_id="mosaic-compare-stage",
             )
+            dense_steps = gr.Number(
+                0, label="Dense reference steps", precision=0, minimum=0, maximum=limits.MAX_STEPS,
+                info="0: the plan's steps · the tuner sets the steps it scored against", elem_id="mosaic-compare-dense-steps",
+            )
             view.layout("Compare")
         with gr.Column(scale=3, min_width=420):
             history_plot = gr.Plot(history_figure([]), label="Run history", elem_id="mosaic-history-plot")
@@ -574,9 +597,13 @@ def build_compare_section(engine: StudioEngine, divide, prune: PruneSection) -> 
     history = gr.State([])
     view.wire(
         handlers.start,
-        [*divide.controls, *prune.controls, labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt],
+        [*divide.controls, *prune.controls, labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt, dense_steps],
         handlers.render, render_inputs=[history, axis],
         render_outputs=[dense_gallery, staged_gallery, table, history, history_plot],
+    )
+    # the tuner's chosen point was scored against dense at its reference steps: compare against the same
+    prune.tune_reference.change(
+        reference_steps, inputs=[prune.tune_reference], outputs=[dense_steps], show_progress="hidden", api_visibility="private",
     )
     axis.change(history_figure, inputs=[history, axis], outputs=[history_plot], show_progress="hidden", api_visibility="private")
     model_boxes = dict(inputs=[divide.model, divide.folder], outputs=[labels, prompts, negative_prompt, cfg], api_visibility="private")

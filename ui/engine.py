@@ -320,8 +320,11 @@ class StudioEngine:
         should_stop: Optional[Callable[[], bool]] = None,
         on_event: Optional[Callable[[Any], None]] = None,
         negative_prompt: str = "",
+        dense_plan=None,
     ) -> list:
         """Dense vs `pruned` on the same conditions and seeds: `compare.MethodResult`s, dense first.
+
+        `dense_plan` samples the dense reference at its step count (default: the pruned plan's).
 
         Seconds are each contender's floor over its timed runs on a CPU, the median on a GPU
         (`timing_statistic`), as `bench` reports them.
@@ -332,7 +335,7 @@ class StudioEngine:
         with self._compute_lock:
             loaded = self._load(pruned.spec)
             conditions = conditions_for(loaded, labels, negative_prompt)
-            contenders = dense_and_staged(loaded.transformer, pruned.staged, pruned.plan)
+            contenders = dense_and_staged(loaded.transformer, pruned.staged, pruned.plan, dense_plan)
             statistic = timing_statistic(loaded.device)
             generator = compare_steps(
                 loaded, contenders, conditions, sample_config, repeats=repeats, should_stop=should_stop, statistic=statistic,

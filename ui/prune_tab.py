@@ -190,6 +190,7 @@ class PruneSection:
     result: gr.HTML
     cache_note: gr.Markdown
     handlers: "PruneHandlers"
+    tune_reference: gr.Textbox  # hidden: "<job> <steps>", the dense steps the tuner's chosen point was scored against
 
     @property
     def controls(self) -> list:
@@ -402,13 +403,14 @@ class TuneHandlers:
 
     @staticmethod
     def render(status: JobStatus) -> tuple:
-        """The front chart, a one-line note, the chosen steps / stage sparsities / allocation, and a
-        re-plan request (the Divide section's hidden box) so the plan view follows the new controls."""
+        """The front chart, a one-line note, the chosen steps / stage sparsities / allocation, a
+        re-plan request (the Divide section's hidden box) so the plan view follows the new controls,
+        and the reference steps the point was scored against (Compare's dense reference follows them)."""
         result = status.result
         figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
         if result["chosen"] is None:
             note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
-            return (figure, note, *(gr.skip() for _ in range(7)))
+            return (figure, note, *(gr.skip() for _ in range(8)))
         best = result["points"][result["chosen"]]
         note = (
             f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
@@ -427,7 +429,13 @@ class TuneHandlers:
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"
         sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
         replan = gr.update(value=f"{status.job_id} {best['steps']} {best['stage_sparsity']}")  # redraws the plan view
-        return (figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation), replan)
+        reference = gr.update(value=f"{status.job_id} {result['reference_steps']}")  # Compare's dense reference steps
+        if best["steps"] != result["reference_steps"]:
+            note += f" Compare samples dense at the tuner's {result['reference_steps']} steps against it."
+        return (
+            figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation), replan,
+            reference,
+        )
 
 
 def summary_of(outcome: dict) -> dict:
@@ -486,13 +494,17 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 tune_view = JobView(engine, "tune", "No tuning yet.", done_title="Tuning", nothing_running="No tuning job is running.")
                 tune_view.layout("Best at this budget", start_variant="secondary")
                 tune_note = gr.Markdown(elem_id="mosaic-tune-note")
+                tune_reference = gr.Textbox(visible="hidden", elem_id="mosaic-tune-reference", label="tuner reference steps")
             with gr.Column(scale=3, min_width=420):
                 front_plot = gr.Plot(label="Tuner: PSNR to dense over MACs", elem_id="mosaic-tune-front")
-    section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers)
+    section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers, tune_reference)
     tune_handlers = TuneHandlers(engine, tune_view)
     tune_view.wire(
         tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
-        render_outputs=[front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box],
+        render_outputs=[
+            front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box,
+            tune_reference,
+        ],
     )
     tune_view.register_api(user_errors(tune_handlers.start_api), lambda result: result)
     view.wire(

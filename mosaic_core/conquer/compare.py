@@ -41,12 +41,17 @@ class Contender:
 
 
 
-def dense_and_staged(dense: torch.nn.Module, staged: torch.nn.Module, plan) -> list[Contender]:
-    """The two contenders of a staged-vs-dense comparison of `plan` (dense first, same steps)."""
+def dense_and_staged(dense: torch.nn.Module, staged: torch.nn.Module, plan, dense_plan=None) -> list[Contender]:
+    """The two contenders of a staged-vs-dense comparison of `plan` (dense first, same steps).
+
+    `dense_plan` (the same schedule at another step count) sets the dense reference's steps,
+    MACs and step stages instead: staged at the tuner's 40 steps against dense at its 50.
+    """
     from mosaic_core.conquer.staged_denoiser import param_count
 
+    reference = plan if dense_plan is None else dense_plan
     return [
-        Contender("dense", dense, plan.num_inference_steps, plan.macs_dense, param_count(dense), plan.step_stages),
+        Contender("dense", dense, reference.num_inference_steps, reference.macs_dense, param_count(dense), reference.step_stages),
         Contender("staged", staged, plan.num_inference_steps, plan.macs_staged, param_count(staged), plan.step_stages),
     ]
 
