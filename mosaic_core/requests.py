@@ -223,12 +223,18 @@ class PruneRequest:
         return cls(plan, calibration, size, scorer, allocation)
 
     def config(self, spec: ModelSpec):
-        """The `PruneConfig`: calibration from the model's default image source; OBS prunes refit (as `prune`)."""
+        """The `PruneConfig`: calibration from the model's default image source; OBS prunes refit (as `prune`);
+        kept widths rounded for the device the model loads on (`default_unit_multiple`: a GPU's tiles)."""
+        from mosaic_core.models.loading import default_device
         from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
-        from mosaic_core.prune.stage_pruning import PruneConfig
+        from mosaic_core.prune.stage_pruning import PruneConfig, default_unit_multiple
 
         calibration = CalibrationConfig(mode=self.calibration, size=self.calibration_size, source=default_calibration_source(spec))
-        return PruneConfig(calibration=calibration, scorer=self.scorer, allocation=self.allocation, refit=self.scorer == "obs")
+        unit_multiple = default_unit_multiple(default_device(), self.allocation, getattr(spec.shape, "mlp_hidden", None))
+        return PruneConfig(
+            calibration=calibration, scorer=self.scorer, allocation=self.allocation, refit=self.scorer == "obs",
+            unit_multiple=unit_multiple,
+        )
 
     def build(self, spec: ModelSpec) -> tuple[Plan, Any]:
         """(plan, prune config) for an already resolved model."""

@@ -52,6 +52,36 @@ def test_unsupported_devices_are_one_clear_error():
             resolve_device("cuda")
 
 
+def test_kept_widths_round_to_gpu_tiles_by_default_only_on_cuda():
+    import argparse
+
+    from mosaic_core.commands.prune import add_prune_arguments, prune_config_from_args
+    from mosaic_core.conquer.tune import _candidate_config
+    from mosaic_core.models.registry import resolve_model
+    from mosaic_core.prune.stage_pruning import default_unit_multiple
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects need no GPU
+    assert default_unit_multiple(cuda, "measured", 4608) == 64 and default_unit_multiple("cuda:1", "measured", 768) == 64
+    assert default_unit_multiple(cpu, "measured", 4608) == 1
+    assert default_unit_multiple(cuda, "per-stage", 4608) == 1  # the paper's allocation cannot round
+    assert default_unit_multiple(cuda, "measured", 96) == 1 and default_unit_multiple(cuda, "measured", 4600) == 1
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    spec = resolve_model("facebook/DiT-XL-2-256")
+
+    def config(argv, device):
+        return prune_config_from_args(parser.parse_args(argv), spec, device)
+
+    assert config([], cuda).unit_multiple == 64 and config([], cpu).unit_multiple == 1
+    assert config(["--unit-multiple", "1"], cuda).unit_multiple == 1  # asked for: kept
+    assert config(["--unit-multiple", "16"], cpu).unit_multiple == 16
+    assert config(["--allocation", "paper"], cuda).unit_multiple == 1
+    # the tuner's paper candidates drop the rounding instead of failing PruneConfig's check
+    rounded = config([], cuda)
+    assert _candidate_config(rounded, "per-stage", False).unit_multiple == 1
+    assert _candidate_config(rounded, "measured", True).unit_multiple == 64
+
+
 def test_bad_device_or_dtype_stops_sample_before_loading(tmp_path):
     # A folder with no weights at all: the device/dtype error must come first (nothing is loaded).
     (tmp_path / "model").mkdir()

@@ -355,7 +355,9 @@ class TuneHandlers:
         budget = check_budget(float(budget))
         methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
         check = check_count(DEFAULT_CHECK if check is None else check)
-        request = prune_request(plan_request, *calibration_values, "paper")
+        # measured: the config's kept-width rounding is the measured allocation's (a GPU's tiles); the
+        # tuner sets each candidate's own allocation
+        request = prune_request(plan_request, *calibration_values, "measured" if calibration_values[2] == "obs" else "paper")
         spec = self.engine.resolve(plan_request.model)
         self.engine.require_weights(spec)
         plan, config = request.build(spec)

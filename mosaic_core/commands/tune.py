@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     budgets = [check_budget(b) for b in args.budget] if args.budget is not None else [check_budget(1.0 / k) for k in args.speedup]
     steps = args.steps or 50
     grid = args.steps_grid  # None: default_steps_grid(steps)
-    config = prune_config_from_args(args, spec)
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
+    config = prune_config_from_args(args, spec, loaded.device)
     analyses: dict = {}
     memo: dict = {}
     saved = None

@@ -66,6 +66,12 @@ def default_steps_grid(reference_steps: int) -> list[int]:
 _PRUNE_ALLOCATION = {"paper": "per-stage", "measured": "measured", "measured+cache": "measured", "measured+cache-dit": "measured"}
 
 
+def _candidate_config(prune_config, allocation: str, refit: bool):
+    """`prune_config` for one candidate: its allocation and refit; a unit multiple rounds only the measured one."""
+    unit_multiple = prune_config.unit_multiple if allocation == "measured" else 1
+    return replace(prune_config, allocation=allocation, refit=refit, unit_multiple=unit_multiple)
+
+
 @dataclass(frozen=True)
 class TunePoint:
     """One candidate: steps, how it meets the budget, its MACs and its quality.
@@ -267,7 +273,7 @@ def tune(
             return [memo[point_key(identity)]]
         plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
         say(f"measured+cache-dit, {n} steps, sparsity {plan.overall_sparsity:.3f}")
-        config = replace(prune_config, allocation="measured", refit=False)
+        config = _candidate_config(prune_config, "measured", False)
         point, result = _pruned_point(loaded, plan, config, "measured+cache-dit", float(asked), analyses, should_stop, dense_macs)
         runs = {}
 
@@ -326,7 +332,7 @@ def tune(
             if point_key(identity) in memo:
                 points.append(memo[point_key(identity)])
                 continue
-            config = replace(prune_config, allocation=_PRUNE_ALLOCATION[method], refit=False)  # candidates: OBS alone (a refit costs a pass)
+            config = _candidate_config(prune_config, _PRUNE_ALLOCATION[method], False)  # candidates: OBS alone (a refit costs a pass)
             recorded = _recorded_allocation(loaded, plan, config, analyses) if fits.get(method) else None
             if recorded is not None:  # predicted now, sampled only if it ranks among the best
                 error = recorded.error if method == "measured" else recorded.paper_error
@@ -533,7 +539,7 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
     if point.allocation in _PRUNE_ALLOCATION:
         plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx)
         analyses = {} if analyses is None else analyses
-        config = replace(prune_config, allocation=_PRUNE_ALLOCATION[point.allocation], refit=bool(refit))
+        config = _candidate_config(prune_config, _PRUNE_ALLOCATION[point.allocation], bool(refit))
         transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
     elif point.allocation not in ("dense", "cache"):
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")
