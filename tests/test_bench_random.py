@@ -56,11 +56,47 @@ def test_plan_speedup_is_steps_weighted_time_ratio():
     assert result.speedup("median") == pytest.approx(sum(n) * 2.0 / (n[0] * 0.5 + n[1] * 2.0 + n[2] * 0.9))
 
 
+def test_rounded_widths_are_counted_from_the_sliced_networks_themselves():
+    from mosaic_core.conquer.bench import plan_with_unit_multiple, random_bench_steps
+    from mosaic_core.jobs import run_to_end
+    from mosaic_core.prune.surgery import sliced_model
+
+    spec = resolve_model("digits-dit")  # 6 blocks, 6 heads of 32, 768 MLP units, 64 tokens
+    plan = build_plan(spec, 50, sparsity=0.5)
+    assert plan_with_unit_multiple(plan, 1) is plan
+    assert any(u % 64 for u in plan.allocation.units_kept)  # the paper's widths are ragged here
+    config = RandomBenchConfig(sparsities=(0.5,), batch=2, calls=1, repeats=1, unit_multiple=64)
+    timed = run_to_end(random_bench_steps(spec, config)).timings[0]
+    rounded = timed.plan
+    assert rounded.allocation.heads_kept == plan.allocation.heads_kept and rounded.step_counts == plan.step_counts
+    for units, before in zip(rounded.allocation.units_kept, plan.allocation.units_kept):
+        assert units % 64 == 0 and abs(units - before) <= 32
+    # MACs per call from the weight shapes of real sliced networks: the six prunable linears × tokens
+    dense, _ = random_weights_model(spec, torch.device("cpu"), torch.float32)
+
+    def linear_macs(model):
+        names = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
+        modules = dict(model.named_modules())
+        return sum(modules[f"transformer_blocks.{b}.{n}"].weight.numel() for b in range(6) for n in names) * 64
+
+    generator = torch.Generator().manual_seed(0)
+    stage_macs = [
+        linear_macs(sliced_model(dense, random_keeps(6, 6, 768, heads, units, generator)))
+        for heads, units in zip(rounded.allocation.heads_kept, rounded.allocation.units_kept)
+    ]
+    n = rounded.step_counts
+    assert rounded.macs_staged == sum(k * m for k, m in zip(n, stage_macs))
+    assert rounded.ideal_speedup == pytest.approx(sum(n) * linear_macs(dense) / rounded.macs_staged)
+    assert [t.units_kept for t in timed.stages if t is not None] == [u for u in rounded.allocation.units_kept if u < 768]
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 0.9\], got 0.95"):
         RandomBenchConfig(sparsities=(0.95,))
     with pytest.raises(ValueError, match=r"--batch must be a whole number in \[1, 1024\], got 0"):
         RandomBenchConfig(batch=0)
+    with pytest.raises(ValueError, match=r"--unit-multiple must be a whole number in \[1, 256\], got 0"):
+        RandomBenchConfig(unit_multiple=0)
 
 
 @pytest.mark.slow  # a real `python -m mosaic_core bench` process

@@ -39,8 +39,9 @@ def register(subparsers) -> None:
     parser.add_argument("--cache", default=None, metavar="INTERVAL[,FIRST,LAST]", help="block-reuse setting of the cache rows (default: matched to mosaic's MACs)")
     parser.add_argument("--cache-dit", default=None, metavar="THRESHOLD[,FN,BN,WARMUP]",
                         help="DBCache setting of the cache-dit row; THRESHOLD auto is matched to mosaic's MACs (default: auto,1,0,8)")
-    parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=16, metavar="N",
-                        help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16)")
+    parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=None, metavar="N",
+                        help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16); with "
+                        "--random-weights, round each plan's kept units to multiples of N (default: the plan's own)")
     parser.add_argument("--reduced-steps", type=int, default=None,
                         help="steps of the mosaic-K-steps row, below --steps; 0 to skip (default 20 when --steps is above 20, else skipped)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
@@ -112,7 +113,7 @@ def run_random(args: argparse.Namespace) -> int:
     config = RandomBenchConfig(
         sparsities=parse_sparsities(args.sparsities), num_inference_steps=args.steps, batch=args.batch,
         calls=args.calls, repeats=args.repeats, seed=args.seed, M=args.M, lam=args.lam, scheduler=args.scheduler or model_default_sampler(spec),
-        compile=args.compile,
+        compile=args.compile, unit_multiple=args.unit_multiple or 1,
     )
     if not current_processes(device).is_main:
         return 0  # timing is one device's business: under `accelerate launch` only rank 0 benchmarks
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         threads=pin_threads(args.threads),
         cache=cache,
         cache_dit=cache_dit,
-        unit_multiple=args.unit_multiple,
+        unit_multiple=args.unit_multiple or 16,
     )
     with tqdm(total=1000, desc="bench", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 

@@ -570,6 +570,7 @@ class RandomBenchConfig:
     lam: float = 0.01
     scheduler: str = "ddim"
     compile: bool = False
+    unit_multiple: int = 1  # kept MLP units rounded to multiples of this (`plan_with_unit_multiple`; 1: the plan's)
 
     def __post_init__(self) -> None:
         if not self.sparsities:
@@ -577,10 +578,10 @@ class RandomBenchConfig:
         for value in self.sparsities:
             if not 0.0 <= float(value) <= 0.9:
                 raise ValueError(f"each sparsity must be in [0, 0.9], got {value}")
-        for name, low, high in (("batch", 1, 1024), ("calls", 1, 100), ("repeats", 1, 50)):
+        for name, low, high in (("batch", 1, 1024), ("calls", 1, 100), ("repeats", 1, 50), ("unit_multiple", 1, 256)):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or not low <= value <= high:
-                raise ValueError(f"--{name} must be a whole number in [{low}, {high}], got {value!r}")
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number in [{low}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -731,6 +732,27 @@ def random_weights_model(spec, device: torch.device, dtype: torch.dtype, seed: i
     return model, exact
 
 
+def plan_with_unit_multiple(plan: Plan, multiple: int) -> Plan:
+    """`plan` with each stage's kept MLP units rounded to the nearest multiple of `multiple` (at
+    least one multiple; a stage that keeps all keeps all), its achieved sparsities and staged MACs
+    recounted: what a prune with that unit multiple builds (§3.11), for timing by shapes."""
+    from mosaic_core.divide.cost import block_macs_per_step, sampling_macs
+
+    if multiple == 1:
+        return plan
+    shape, allocation = plan.shape, plan.allocation
+    units = tuple(
+        u if u >= shape.mlp_hidden else min(shape.mlp_hidden, max(multiple, multiple * round(u / multiple)))
+        for u in allocation.units_kept
+    )
+    dense = block_macs_per_step(shape)
+    achieved = tuple(1.0 - block_macs_per_step(shape, h, u) / dense for h, u in zip(allocation.heads_kept, units))
+    counts = allocation.step_counts
+    overall = sum(n * a for n, a in zip(counts, achieved)) / max(sum(counts), 1)
+    rounded = replace(allocation, units_kept=units, achieved=achieved, overall_achieved=overall)
+    return replace(plan, allocation=rounded, macs_staged=sampling_macs(shape, list(zip(allocation.heads_kept, units)), counts))
+
+
 def random_keeps(num_blocks: int, num_heads: int, num_units: int, heads_kept: int, units_kept: int, generator: torch.Generator):
     """Per block, a random sorted set of `heads_kept` heads and `units_kept` MLP units."""
     from mosaic_core.prune.surgery import BlockKeep
@@ -798,6 +820,7 @@ def random_bench_steps(
     timings = []
     for index, sparsity in enumerate(config.sparsities):
         plan = build_plan(spec, config.num_inference_steps, config.M, config.lam, sparsity=sparsity, scheduler=config.scheduler)
+        plan = plan_with_unit_multiple(plan, config.unit_multiple)
         allocation = plan.allocation
         # The distinct stage networks of this plan (equal sizes share one network, as build_staged does).
         networks: dict[tuple[int, int], torch.nn.Module] = {}
@@ -853,7 +876,8 @@ def random_markdown_table(result: RandomBenchResult) -> str:
     lines = [
         f"**{result.model}** with random weights ({'its real config' if result.exact_config else 'shapes from the registry'}), "
         f"{result.device} {result.dtype}, {torch.get_num_threads()} threads, batch {cfg.batch} rows per call, "
-        f"{cfg.calls} calls × {cfg.repeats} interleaved rounds{', torch.compile' if cfg.compile else ''}; "
+        f"{cfg.calls} calls × {cfg.repeats} interleaved rounds{', torch.compile' if cfg.compile else ''}"
+        f"{f', kept MLP units rounded to multiples of {cfg.unit_multiple}' if cfg.unit_multiple > 1 else ''}; "
         f"speed-ups from the {why}. Plans at {cfg.scheduler.upper()}-{cfg.num_inference_steps}.",
         "",
         "Quality columns are left out: the weights are random, so accuracy, FD, PSNR and SSIM would measure nothing.",
@@ -992,6 +1016,7 @@ def profile_random_networks(spec, config: RandomBenchConfig, device, dtype) -> l
     profiles = [NetworkProfile(0.0, "dense", shape.num_heads, shape.mlp_hidden, total, attention, mlp)]
     for sparsity in config.sparsities:
         plan = build_plan(spec, config.num_inference_steps, config.M, config.lam, sparsity=sparsity, scheduler=config.scheduler)
+        plan = plan_with_unit_multiple(plan, config.unit_multiple)
         done = set()
         for i in range(3):
             key = (plan.allocation.heads_kept[i], plan.allocation.units_kept[i])
