@@ -736,6 +736,7 @@ def plan_with_unit_multiple(plan: Plan, multiple: int) -> Plan:
     """`plan` with each stage's kept MLP units rounded to the nearest multiple of `multiple` (at
     least one multiple; a stage that keeps all keeps all), its achieved sparsities and staged MACs
     recounted: what a prune with that unit multiple builds (§3.11), for timing by shapes."""
+    from mosaic_core.divide.allocation import _step_weighted_mean
     from mosaic_core.divide.cost import block_macs_per_step, sampling_macs
 
     if multiple == 1:
@@ -748,8 +749,7 @@ def plan_with_unit_multiple(plan: Plan, multiple: int) -> Plan:
     dense = block_macs_per_step(shape)
     achieved = tuple(1.0 - block_macs_per_step(shape, h, u) / dense for h, u in zip(allocation.heads_kept, units))
     counts = allocation.step_counts
-    overall = sum(n * a for n, a in zip(counts, achieved)) / max(sum(counts), 1)
-    rounded = replace(allocation, units_kept=units, achieved=achieved, overall_achieved=overall)
+    rounded = replace(allocation, units_kept=units, achieved=achieved, overall_achieved=_step_weighted_mean(achieved, counts))
     return replace(plan, allocation=rounded, macs_staged=sampling_macs(shape, list(zip(allocation.heads_kept, units)), counts))
 
 
