@@ -206,6 +206,42 @@ def test_quality_model_recovers_the_curve_it_was_drawn_from():
     assert fit_quality([(20, d, e, s) for d, e, s in zip(dense, error, sampled)]) is None
 
 
+@pytest.mark.parametrize("rho", [-0.4, 0.3])
+def test_quality_model_recovers_how_the_two_errors_interact(rho):
+    """Rows whose pruned and fewer-steps errors are correlated vectors give back ρ; the fit with ρ
+    forced to 0 cannot match them.
+
+    The reference is built from images, not from the model's formula: each row's pruned image
+    is dense + a + b, with a the fewer-steps error and b the pruning error, b drawn with
+    correlation ρ to a and E chosen so that ‖b‖² = κ·E^α."""
+    import numpy as np
+
+    from mosaic_core.conquer.tune import fit_quality
+
+    rng = np.random.default_rng(1)
+    pixels = 200_000
+    alpha, kappa = 1.5, 10.0**-5.0
+    rows = []
+    for steps, dense_psnr, error in zip(rng.integers(10, 50, 14), rng.uniform(30.0, 40.0, 14), rng.uniform(2.0, 150.0, 14)):
+        a = rng.standard_normal(pixels)
+        a *= np.sqrt(10.0 ** (-dense_psnr / 10.0) / np.mean(a * a))  # ‖a‖² = MSE of the dense run at these steps
+        noise = rng.standard_normal(pixels)
+        noise -= a * (noise @ a) / (a @ a)  # orthogonal to a
+        unit_a, unit_noise = a / np.sqrt(np.mean(a * a)), noise / np.sqrt(np.mean(noise * noise))
+        b = np.sqrt(kappa * error**alpha) * (rho * unit_a + np.sqrt(1 - rho**2) * unit_noise)
+        rows.append((int(steps), float(dense_psnr), float(error), float(-10 * np.log10(np.mean((a + b) ** 2)))))
+    model = fit_quality(rows)
+    assert model.rho == pytest.approx(rho) and model.alpha == 1.5 and model.log_kappa == pytest.approx(-5.0, abs=0.051)
+    assert model.rmse < 0.05
+    # with the errors forced independent, the best fit leaves a residual the interaction explains
+    independent = min(
+        np.sqrt(np.mean([(model_psnr - r[3]) ** 2 for model_psnr, r in zip(
+            [-10 * np.log10(10 ** (-r[1] / 10) + 10 ** lk * r[2] ** a) for r in rows], rows)]))
+        for a in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0) for lk in np.arange(-8.0, -2.0, 0.05)
+    )
+    assert independent > 5 * model.rmse
+
+
 @pytest.mark.slow
 def test_retune_predicts_what_an_exhaustive_tune_measures_and_samples_at_most_check(tiny_pixel_folder):
     """At a second budget the pruned candidates are predicted: their recorded errors and MACs equal those of the
