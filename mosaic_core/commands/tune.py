@@ -121,7 +121,7 @@ def format_tune(result, show_time: bool = False) -> str:
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "
                  "reuse = full step every I, first/last blocks always run; δ = cache-dit's DBCache threshold")
     if any(p.predicted for p in result.points):
-        models = "; ".join(f"{m}: MSE = D + P + 2·{q.get('rho', 0.0):g}·√(D·P), D = MSE_dense, P = 10^{q['log_kappa']:g}·E^{q['alpha']:g} "
+        models = "; ".join(f"{m}: MSE = D + P + 2·({q.get('rho', 0.0):g})·√(D·P), D = MSE_dense, P = 10^{q['log_kappa']:g}·E^{q['alpha']:g} "
                            f"(residual {q['rmse']:.2f} dB, {q['count']} points)"
                            for m, q in (result.quality_models or {}).items())
         lines.append(f"~ predicted from its recorded error, not sampled (never on the front nor chosen); {models}")
