@@ -11,7 +11,10 @@ calls `cancel`. Nothing here imports gradio.
     runner.cancel(job_id, owner=session)  # queued: never runs; running: context.should_stop() turns True
 
 One compute job at a time (torch already uses every core: two jobs would halve each other,
-docs/method.md §6), in submission order. A job reports progress with `context.report(fraction,
+docs/method.md §6), in submission order, and all of them on one thread: each thread that
+runs a parallel torch op gets an OpenMP team of its own, and with two teams on a 2-core
+machine every sampling call ran 1.7× slower (docs/method.md §9, `benchmarks/threads.py`).
+Event handlers therefore never call torch themselves. A job reports progress with `context.report(fraction,
 message)` and stops cooperatively: engine loops poll `context.should_stop` and raise
 `mosaic_core.jobs.Cancelled`, which ends the job as *cancelled*. Any other exception ends
 it as *failed*, with the message kept for the UI (the traceback goes to the server log
