@@ -64,6 +64,9 @@ COMPARE_TEXT = """
 Both models sample the same class labels (or prompts, for a text-to-image model) from the same initial noise. Seconds are
 the timed runs' floor on a CPU (each step's least time over the runs, summed: a shared machine only ever adds time) and
 their median on a GPU, after a short warm-up, split by stage; the ideal speed-up is the MACs ratio.
+Measured stays below ideal by the work pruning does not shrink: LayerNorms, the adaLN modulation and residual adds,
+copies (14 % of a dense digits-dit call on a 2-core CPU, docs/method.md §9), and on a GPU the kernel launches
+of small batches (§3.11).
 PSNR and SSIM compare each staged image with the dense image of the same seed; accuracy and
 the Fréchet distance (digit classifier features) apply to the digit model.
 """
