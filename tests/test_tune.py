@@ -77,10 +77,13 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     point = dict(steps=20, allocation="measured", sparsity=0.5, macs=1.0, macs_fraction=0.49, recorded_error=1.0,
                  psnr=30.0, seconds=0.1, stage_sparsity=[0.55, 0.2, 0.95])
     dense = dict(point, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0, stage_sparsity=[0, 0, 0])
-    result = dict(budget=0.5, reference_steps=50, images=4, points=[dense, point], front=[0, 1], chosen=1, seconds=1.0)
-    figure, note, steps, per_stage, early, middle, late, allocation, replan, reference = TuneHandlers.render(
+    result = dict(budget=0.5, reference_steps=50, images=4, points=[dense, point], front=[0, 1], chosen=1, seconds=1.0,
+                  model="digits-dit", sampler="ddim")
+    figure, note, steps, per_stage, early, middle, late, allocation, replan, reference, memory = TuneHandlers.render(
         JobStatus("tune-1", "tune", DONE, result=result)
     )
+    # what the next tuning reads: it keeps the reference 50 while the plan holds the chosen 20 steps
+    assert memory == {"model": "digits-dit", "sampler": "ddim", "steps": 20, "reference_steps": 50}
     assert steps["value"] == 20 and per_stage["value"] is True and allocation["value"] == "measured"
     assert replan["value"].startswith("tune-1 ")  # a new value per job: the Divide section re-plans on its change
     assert reference["value"] == "tune-1 50"  # Compare's dense reference: the steps the point was scored against

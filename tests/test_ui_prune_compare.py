@@ -556,6 +556,39 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
     )
     # the front chart drew the candidates and the budget line
     page.wait_for_selector("#mosaic-tune-front .js-plotly-plot", state="attached", timeout=10_000)
+    # tuning again at another budget keeps the first tuning's reference (not the chosen steps now in
+    # the Steps box): the budget still means a fraction of dense at STEPS steps
+    assert chosen_steps < STEPS, "the first tuning must choose fewer steps than its reference for this check to mean anything"
+    first_job = page.locator("#mosaic-tune-reference textarea, #mosaic-tune-reference input").first.input_value().split()[0]
+    _set_number(page, "MAC budget (fraction of dense)", 0.7)
+    done = _click_and_wait(page, "#mosaic-tune-start", "#mosaic-tune-job", ("done", "failed", "cancelled"), timeout=180_000)
+    assert done["state"] == "done", done
+    page.wait_for_function(
+        """(first) => {
+            const box = document.querySelector('#mosaic-tune-reference textarea, #mosaic-tune-reference input');
+            return box && box.value && box.value.split(' ')[0] !== first;
+        }""", arg=first_job, timeout=10_000,
+    )
+    second = page.locator("#mosaic-tune-reference textarea, #mosaic-tune-reference input").first.input_value().split()
+    assert int(second[1]) == STEPS, second
+    note = page.locator("#mosaic-tune-note").inner_text()
+    macs = float(re.search(r"MACs ([0-9.]+) of dense", note).group(1))
+    assert macs <= 0.7 + 1e-9, note
+
+
+def test_a_second_tuning_keeps_the_first_ones_reference_until_the_user_sets_the_steps():
+    from ui.prune_tab import tuner_reference_steps
+
+    memory = {"model": "digits-dit", "sampler": "ddim", "steps": 40, "reference_steps": 50}
+    # the plan still holds the chosen 40 steps: the budget stays a fraction of dense at 50
+    assert tuner_reference_steps(memory, "digits-dit", "ddim", 40) == 50
+    # the user set other steps, or another model or sampler: their plan's steps are the reference
+    assert tuner_reference_steps(memory, "digits-dit", "ddim", 30) == 30
+    assert tuner_reference_steps(memory, "other-model", "ddim", 40) == 40
+    assert tuner_reference_steps(memory, "digits-dit", "dpm-solver++", 40) == 40
+    # no tuning yet, or a memory of another shape (a reloaded page): the plan's steps
+    assert tuner_reference_steps(None, "digits-dit", "ddim", 40) == 40
+    assert tuner_reference_steps({"steps": 40}, "digits-dit", "ddim", 40) == 40
 
 
 def test_compare_caption_names_the_timing_statistic():

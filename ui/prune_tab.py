@@ -30,7 +30,7 @@ from __future__ import annotations
 import html
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import gradio as gr
@@ -333,6 +333,25 @@ class PruneHandlers:
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
 
 
+def tuner_reference_steps(memory: Optional[dict], model: str, sampler: str, steps: int) -> int:
+    """The dense step count a tuning's budget is a fraction of.
+
+    A tuning fills the plan's steps with the steps it chose (say 40 of a 50-step reference).
+    Pressing "Best at this budget" again must not take those 40 as the new reference: the
+    budget would silently mean 0.5 × 40 = 20 dense steps' worth of MACs, and every candidate
+    would be sampled again instead of re-tuned. So while the plan still holds the steps the
+    last tuning chose, for the same model and sampler (`memory`, as `TuneHandlers.render`
+    keeps it), the reference stays that tuning's; once the user sets the steps (or the model
+    or sampler) themselves, their steps are the reference.
+    """
+    if (
+        isinstance(memory, dict) and memory.get("model") == model and memory.get("sampler") == sampler
+        and memory.get("steps") == steps and isinstance(memory.get("reference_steps"), int)
+    ):
+        return memory["reference_steps"]
+    return steps
+
+
 class TuneHandlers:
     """The "best at this budget" control: a tuner job, its front, and the chosen point into the controls."""
 
@@ -341,13 +360,15 @@ class TuneHandlers:
         self.view = view
 
     def start(self, owner, *values):
-        """Divide controls, calibration controls (no allocation: the tuner tries both), budget → a queued job."""
+        """Divide controls, calibration controls (no allocation: the tuner tries both), budget, the last
+        tuning's memory (`render`) → a queued job."""
         n = PLAN_CONTROL_COUNT
         plan_request = PlanRequest.from_controls(*values[:n])
-        return self.submit(owner, plan_request, values[n : n + 3], values[-1])
+        return self.submit(owner, plan_request, values[n : n + 3], values[n + 3], memory=values[n + 4])
 
-    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None):
-        """Check everything, then queue the tuner job; returns its id."""
+    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None, memory=None):
+        """Check everything, then queue the tuner job; returns its id. `memory`: the last tuning's
+        (`tuner_reference_steps` decides whether its reference steps still hold)."""
         from mosaic_core.conquer.tune import DEFAULT_CHECK, check_budget, check_count, check_methods
 
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
@@ -361,6 +382,9 @@ class TuneHandlers:
         spec = self.engine.resolve(plan_request.model)
         self.engine.require_weights(spec)
         plan, config = request.build(spec)
+        reference = tuner_reference_steps(memory, spec.name, plan.scheduler, plan.num_inference_steps)
+        if reference != plan.num_inference_steps:
+            plan, config = replace(request, plan=replace(request.plan, steps=reference)).build(spec)
 
         def work(context):
             messages = iter(range(1, 10**6))
@@ -368,7 +392,7 @@ class TuneHandlers:
                 spec, budget, plan, config, should_stop=context.should_stop, methods=methods, check=check,
                 on_progress=lambda message: context.report(min(0.95, 0.05 * next(messages)), message),
             )
-            return result.to_dict()
+            return {**result.to_dict(), "model": spec.name, "sampler": plan.scheduler}
 
         return self.engine.jobs.submit(work, label="tune", owner=owner)
 
@@ -407,12 +431,13 @@ class TuneHandlers:
     def render(status: JobStatus) -> tuple:
         """The front chart, a one-line note, the chosen steps / stage sparsities / allocation, a
         re-plan request (the Divide section's hidden box) so the plan view follows the new controls,
-        and the reference steps the point was scored against (Compare's dense reference follows them)."""
+        the reference steps the point was scored against (Compare's dense reference follows them),
+        and the memory the next tuning reads (`tuner_reference_steps`)."""
         result = status.result
         figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
         if result["chosen"] is None:
             note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
-            return (figure, note, *(gr.skip() for _ in range(8)))
+            return (figure, note, *(gr.skip() for _ in range(9)))
         best = result["points"][result["chosen"]]
         note = (
             f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
@@ -433,10 +458,13 @@ class TuneHandlers:
         replan = gr.update(value=f"{status.job_id} {best['steps']} {best['stage_sparsity']}")  # redraws the plan view
         reference = gr.update(value=f"{status.job_id} {result['reference_steps']}")  # Compare's dense reference steps
         if best["steps"] != result["reference_steps"]:
-            note += f" Compare samples dense at the tuner's {result['reference_steps']} steps against it."
+            note += (f" Compare samples dense at the tuner's {result['reference_steps']} steps against it, and the next"
+                     f" tuning keeps {result['reference_steps']} as its reference until you change the steps.")
+        memory = {"model": result.get("model"), "sampler": result.get("sampler"), "steps": best["steps"],
+                  "reference_steps": result["reference_steps"]}
         return (
             figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation), replan,
-            reference,
+            reference, memory,
         )
 
 
@@ -485,7 +513,8 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
         gr.Markdown(
             "Spend a fraction of the dense MACs at the plan's steps as well as possible: every step count meets it "
             "dense (fewer steps) or pruned (paper or measured allocation), each scored by PSNR to dense on 4 seeded "
-            "images. The chosen point fills the steps and the stage sparsities above."
+            "images. The chosen point fills the steps and the stage sparsities above; tuning again keeps the first "
+            "tuning's dense steps as the reference until you change the steps yourself."
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=340):
@@ -497,15 +526,16 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 tune_view.layout("Best at this budget", start_variant="secondary")
                 tune_note = gr.Markdown(elem_id="mosaic-tune-note")
                 tune_reference = gr.Textbox(visible="hidden", elem_id="mosaic-tune-reference", label="tuner reference steps")
+                tune_memory = gr.State(None)  # the last tuning's model, sampler, chosen and reference steps
             with gr.Column(scale=3, min_width=420):
                 front_plot = gr.Plot(label="Tuner: PSNR to dense over MACs", elem_id="mosaic-tune-front")
     section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers, tune_reference)
     tune_handlers = TuneHandlers(engine, tune_view)
     tune_view.wire(
-        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget], tune_handlers.render,
+        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget, tune_memory], tune_handlers.render,
         render_outputs=[
             front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box,
-            tune_reference,
+            tune_reference, tune_memory,
         ],
     )
     tune_view.register_api(user_errors(tune_handlers.start_api), lambda result: result)
