@@ -94,6 +94,28 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     assert traces["Pareto front"]["x"] == [0.2, 0.49] and traces["chosen"]["y"] == [30.0]
 
 
+def test_the_tuner_chart_spans_the_candidates_not_the_references_capped_psnr():
+    """The dense run at the reference steps scores the metric's cap (100 dB, identical images); the
+    y axis must span the candidates (here 20-30 dB) so their differences stay visible."""
+    from ui.charts import tune_front_figure
+
+    base = dict(allocation="measured", sparsity=0.5, macs=1.0, recorded_error=1.0, seconds=0.1, stage_sparsity=[0.5, 0.2, 0.9])
+    points = [
+        dict(base, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0),
+        dict(base, steps=20, macs_fraction=0.49, psnr=30.0),
+        dict(base, steps=50, allocation="dense", sparsity=0.0, macs_fraction=1.0, psnr=100.0),  # the reference
+    ]
+    result = dict(budget=0.5, reference_steps=50, points=points, front=[0, 1, 2], chosen=1)
+    layout = tune_front_figure(result).to_plotly_json()["layout"]
+    low, high = layout["yaxis"]["range"]
+    assert low < 20.0 and 30.0 < high < 40.0
+    assert any("dense at 50 steps" in a["text"] for a in layout["annotations"])
+    # without a reference point among them, plotly's own range (none set)
+    del points[2]
+    result["front"] = [0, 1]
+    assert "range" not in tune_front_figure(result).to_plotly_json()["layout"]["yaxis"]
+
+
 @pytest.mark.slow
 def test_retuning_at_another_budget_reuses_the_analyses_and_the_dense_runs(tiny_pixel_folder):
     from mosaic_core.conquer.tune import tune

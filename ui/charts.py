@@ -23,6 +23,7 @@ plotly renderer passes to `Plotly.react`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -480,11 +481,25 @@ def tune_front_figure(result: dict) -> go.Figure:
             )
         )
     figure.add_vline(x=result["budget"], line=dict(color="#E45756", dash="dash", width=1.5))
+    yaxis = dict(title=dict(text="PSNR to dense (dB)"), gridcolor="#eef1f4", fixedrange=True)
+    # The dense run at the reference steps is the reference itself: its PSNR is the metric's cap
+    # (identical images), far above every candidate, and would squash their 1-2 dB differences
+    # into a flat line. The axis spans the candidates; the reference is named at the top edge.
+    reference = [p for p in points if p["allocation"] == "dense" and p["steps"] == result.get("reference_steps")]
+    others = [p["psnr"] for p in points if p not in reference and math.isfinite(p["psnr"])]
+    if reference and others:
+        low, high = min(others), max(others)
+        pad = max(1.0, 0.08 * (high - low))
+        yaxis["range"] = [low - pad, high + 2 * pad]
+        figure.add_annotation(
+            x=reference[0]["macs_fraction"], xref="x", y=1.0, yref="paper", xanchor="right", yanchor="top", showarrow=False,
+            text=f"↑ dense at {reference[0]['steps']} steps: the reference", font=dict(size=11, color="#52606d"),
+        )
     figure.update_layout(
         height=settings.SMALL_CHART_HEIGHT, font=FONT, plot_bgcolor="white", paper_bgcolor="white", dragmode=False,
         margin=dict(l=58, r=16, t=30, b=48),
         xaxis=dict(title=dict(text="MACs (fraction of dense)"), gridcolor="#eef1f4", fixedrange=True),
-        yaxis=dict(title=dict(text="PSNR to dense (dB)"), gridcolor="#eef1f4", fixedrange=True),
+        yaxis=yaxis,
         legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0, font=dict(size=11)),
     )
     return figure
