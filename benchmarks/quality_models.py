@@ -55,10 +55,11 @@ BETAS = np.arange(-1.0, 4.01, 0.5)
 
 
 def _psnr(dense_psnr, error, steps, alpha, log_kappa, rho=0.0, beta=0.0, reference_steps=50):
-    mse_dense = 10.0 ** (-np.asarray(dense_psnr, float) / 10.0)
-    pruning = 10.0 ** np.asarray(log_kappa) * np.maximum(error, 0.0) ** alpha * (np.asarray(steps, float) / reference_steps) ** beta
-    mse = mse_dense + pruning + 2.0 * rho * np.sqrt(mse_dense * pruning)
-    return -10.0 * np.log10(np.maximum(mse, 1e-12))
+    """The tuner's (4.15) (`tune._model_psnr`), with P scaled by (n/N₀)^β: a κ of κ·(n/N₀)^β."""
+    from mosaic_core.conquer.tune import _model_psnr
+
+    log_kappa = np.asarray(log_kappa) + beta * np.log10(np.asarray(steps, float) / reference_steps)
+    return _model_psnr(np.asarray(dense_psnr, float), np.asarray(error, float), alpha, log_kappa, rho)
 
 
 @dataclass
