@@ -87,6 +87,35 @@ def test_staged_networks_share_one_table_and_match_the_plain_sampler():
     assert patched(staged) == []
 
 
+@pytest.mark.parametrize("how", ["module", "stage network"])
+def test_a_compiled_model_samples_on_one_graph_without_the_table(how):
+    # TorchDynamo (with its eager backend: the guards, not inductor's code, are what is tested)
+    # guards on the table's timestep tensors by identity: with the table, each step of a
+    # compiled model compiled a graph of its own (8 for 12 steps, then eager).
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    dense = tiny_pixel_dit(seed=4)
+    if how == "module":
+        model = tiny_pixel_dit(seed=4)
+        model.compile(backend="eager")
+        reference = dense
+    else:
+        pruned = sliced_model(dense, [BlockKeep(heads=(0, 2), units=tuple(range(64)))] * 2)
+        compiled = sliced_model(dense, [BlockKeep(heads=(0, 2), units=tuple(range(64)))] * 2)
+        compiled.compile(backend="eager")
+        model, reference = StagedDiT(dense, compiled, dense, 300, 700), StagedDiT(dense, pruned, dense, 300, 700)
+    plain, _ = final_latents(reference, [1, 6], False, num_inference_steps=12, guidance_scale=1.5)
+    torch._dynamo.reset()
+    counters.clear()
+    fast, _ = final_latents(model, [1, 6], True, num_inference_steps=12, guidance_scale=1.5)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs == 1
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    assert patched(model) == []
+
+
 def test_a_call_that_is_not_the_tables_runs_the_modules_own_forward():
     model = tiny_pixel_dit(seed=4)
     steps = torch.tensor([[900, 900], [500, 500]])

@@ -163,6 +163,16 @@ def _denoise(model, x: torch.Tensor, t: torch.Tensor, condition, null, g: float,
     return eps_uncond + g * (eps_cond - eps_uncond)
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` or any module inside it runs through `torch.compile` (`torch.compile(m)`
+    or `m.compile()`). Such a model samples without `TrajectoryConditioning`: TorchDynamo
+    guards on the identity of the table's per-step timestep tensors, so every step would
+    compile a new graph until the recompile limit (8) sent the rest back to eager."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+
+
 def _trajectory_conditioning(model, timesteps, condition, null, g: float, device: torch.device):
     """The `TrajectoryConditioning` of the calls `_denoise` will make, or None (nothing to precompute)."""
     from mosaic_core.conquer.conditioning import TrajectoryConditioning
@@ -174,6 +184,8 @@ def _trajectory_conditioning(model, timesteps, condition, null, g: float, device
     if labels is None or len(timesteps) == 0:
         return None
     if denoiser_adapter(model).timestep_scale != 1.0:  # the network would get t · scale, a new tensor
+        return None
+    if is_compiled(model):  # the table's lookup by tensor identity would recompile the graph every step
         return None
     rows = labels.shape[0]
     per_call = torch.stack([t.to(device).expand(rows) for t in timesteps])
@@ -239,7 +251,8 @@ def sample_steps(
     `image_seq_len` (image tokens per sample) sets μ of a dynamically shifted flow schedule.
     With `precompute_conditioning` (the default), a class-conditioned DiT's per-block adaLN
     embedding and modulation of all steps run as one batched call inside step 0's time
-    (`conditioning.TrajectoryConditioning`; same values, less time per call).
+    (`conditioning.TrajectoryConditioning`; same values, less time per call); not for a model
+    that runs through `torch.compile` (`is_compiled`), which computes it inside its graph.
 
     Every event carries x̂₀, the step's prediction of the clean sample: the scheduler's own
     `pred_original_sample` when it gives one (DDIM, DDPM, Euler); otherwise (DPM-Solver)
