@@ -268,6 +268,41 @@ def test_summarise_timing_uses_the_min_and_flags_implausible_rows():
     assert {r.name: r for r in median.results}["good"].speedup == pytest.approx(1.05 / 0.78)
 
 
+def test_comparison_flags_judge_a_studio_comparison_as_bench_judges_its_rows():
+    from mosaic_core.conquer.bench import comparison_flags
+    from mosaic_core.conquer.compare import MethodResult
+
+    def row(name, ideal, runs, statistic="floor"):
+        runs = np.asarray(runs, dtype=float)
+        totals = runs.sum(axis=1)
+        seconds = float(runs.min(axis=0).sum()) if statistic == "floor" else float(np.median(totals))
+        return MethodResult(name, runs.shape[1], np.zeros(0), np.zeros(0), seconds, list(totals), np.zeros(0), {}, 1, 1,
+                            ideal_speedup=ideal, step_runs=runs, statistic=statistic)
+
+    def compared(dense, staged):
+        staged.speedup = dense.seconds / staged.seconds
+        return comparison_flags([dense, staged])
+
+    dense = [[1.0, 1.0], [1.0, 1.0]]  # floor 2.0 s
+    # staged floor 1.1 s: 1.82× against 2.00× ideal (0.91) is a result; against 1.43× ideal (1.27) it is not
+    assert compared(row("dense", 1.0, dense), row("staged", 2.0, [[0.6, 0.5], [0.6, 0.5]])) == {"dense": (), "staged": ()}
+    assert compared(row("dense", 1.0, dense), row("staged", 1.43, [[0.6, 0.5], [0.6, 0.5]]))["staged"] == (
+        "measured/ideal 1.27 outside [0.5, 1.1]",
+    )
+    # one timed run: nothing to split, only the ratio is judged
+    assert compared(row("dense", 1.0, [[1.0, 1.0]]), row("staged", 2.0, [[0.5, 0.6]]))["staged"] == ()
+    # the staged run's even and odd halves disagree: floors 1.1 and 1.5 s, 36 % of the 1.1 s floor
+    flags = compared(row("dense", 1.0, dense), row("staged", 2.0, [[0.6, 0.5], [0.8, 0.7]]))
+    assert flags["staged"] == ("floors of even/odd runs 36% apart > 10%",) and flags["dense"] == ()
+    # dense's halves disagree: both rows carry it (staged through its reference)
+    flags = compared(row("dense", 1.0, [[1.0, 1.0], [1.5, 1.5]]), row("staged", 2.0, [[0.6, 0.5], [0.6, 0.5]]))
+    assert flags["dense"] == ("floors of even/odd runs 50% apart > 10%",)
+    assert flags["staged"] == ("dense floors of even/odd runs 50% apart > 10%",)
+    # a GPU comparison (median): judged by the median's excess over the min instead
+    gpu = compared(row("dense", 1.0, [[1.0], [1.0], [1.0]], "median"), row("staged", 2.0, [[0.5], [0.8], [0.8]], "median"))
+    assert gpu["staged"] == ("median 60% above min > 20%",)
+
+
 def test_parse_methods_rejects_unknown_names():
     from mosaic_core.conquer.bench import parse_methods
 

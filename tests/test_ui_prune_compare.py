@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import numpy as np
 import pytest
 from conftest import free_port
 import torch
@@ -202,6 +203,8 @@ def test_compare_endpoint_measures_dense_and_staged(client, small_pruned):
     assert 10 < staged["psnr"] < 100 and 0 < staged["ssim"] < 1  # close to dense, not identical
     assert dense["psnr"] == 100.0  # the reference against itself (capped)
     assert dense["statistic"] == staged["statistic"] == "floor"  # a CPU: the studio times as `bench` does
+    # one timed run: the only flag is an implausible measured/ideal (outside [0.5, 1.1])
+    assert dense["flags"] == [] and bool(staged["flags"]) == (not 0.5 <= staged["measured_over_ideal"] <= 1.1)
 
 
 def test_compare_can_take_its_dense_reference_at_the_tuners_steps(client, small_pruned):
@@ -601,3 +604,38 @@ def test_compare_caption_names_the_timing_statistic():
     assert _statistic_words(floor, 3) == "floor of 3 timed runs (Σ of each step's least time)"
     assert _statistic_words(median, 3) == "median of 3 timed runs"
     assert _statistic_words(floor, 1) == "1 timed run"  # one run: both statistics are that run
+
+
+def test_the_compare_table_flags_a_timing_that_is_not_a_result():
+    from types import SimpleNamespace
+
+    from mosaic_core.conquer.compare import MethodResult
+    from ui.compare_tab import compare_table_html, history_entry
+
+    def row(name, ideal, runs):
+        runs = np.asarray(runs, dtype=float)
+        return MethodResult(name, 2, np.zeros((1, 2, 2, 1), np.uint8), np.zeros(1), float(runs.min(axis=0).sum()),
+                            list(runs.sum(axis=1)), runs.min(axis=0), {"early": 0.0, "middle": 0.0, "late": 0.0}, 1, 1,
+                            ideal_speedup=ideal, step_runs=runs, statistic="floor", psnr=40.0, ssim=0.99)
+
+    def run(staged_ideal):
+        dense, staged = row("dense", 1.0, [[1.0, 1.0]]), row("staged", staged_ideal, [[0.5, 0.5]])
+        staged.speedup = 2.0  # 2.0 s / 1.0 s
+        request = SimpleNamespace(
+            variant="all stages", labels=[0], repeats=1, dense_plan=None, negative_prompt="",
+            plan=SimpleNamespace(model=MODEL, scheduler="ddim", num_inference_steps=2, overall_sparsity=0.3),
+            sample_config=SimpleNamespace(guidance_scale=1.5, seed=0), request=SimpleNamespace(prompts=(), labels=(0,)),
+            config=SimpleNamespace(calibration=SimpleNamespace(mode="snr", size=16), scorer="obs"),
+        )
+        return SimpleNamespace(request=request, pruned={}, results=[dense, staged])
+
+    fine = compare_table_html(run(2.0))  # 2.00× measured against 2.00× ideal
+    assert 'data-flags=""' in fine and "⚠" not in fine and "mosaic-compare-flags" not in fine
+    flagged = run(1.43)  # 2.00× measured against 1.43× ideal: 1.40, not a result
+    html = compare_table_html(flagged)
+    assert 'data-field="ratio">1.40 ⚠</td>' in html
+    assert 'data-flags="measured/ideal 1.40 outside [0.5, 1.1]"' in html
+    assert 'id="mosaic-compare-flags"' in html and "Raise “Timed runs”" in html
+    entry = history_entry("job", 3, flagged)
+    assert entry["label"].endswith("⚠") and entry["flags"] == ["measured/ideal 1.40 outside [0.5, 1.1]"]
+    assert history_entry("job", 3, run(2.0))["flags"] == []

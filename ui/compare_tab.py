@@ -170,10 +170,19 @@ def _statistic_words(results, repeats: int) -> str:
     return f"median of {runs}" if repeats > 1 else runs
 
 
+def timing_flags_of(run: CompareRun) -> dict[str, tuple[str, ...]]:
+    """Per row, why its timing is not a result: `bench`'s flags (measured/ideal outside the
+    plausible range, timed runs that disagree), from the run's own timed runs."""
+    from mosaic_core.conquer.bench import comparison_flags
+
+    return comparison_flags(run.results)
+
+
 def compare_table_html(run: CompareRun) -> str:
     """Per-stage and total seconds, speed-up measured and ideal, accuracy, FD, PSNR and SSIM."""
     request = run.request
     sample = request.sample_config
+    flags = timing_flags_of(run)
     rows = []
     for result in run.results:
         is_dense = result.name == "dense"
@@ -192,10 +201,14 @@ def compare_table_html(run: CompareRun) -> str:
             "psnr": "ref" if is_dense else _fmt(result.psnr, ".1f"),
             "ssim": "ref" if is_dense else _fmt(result.ssim, ".3f"),
         }
+        row_flags = flags.get(result.name, ())
+        if row_flags:
+            cells["ratio"] += " ⚠"
         cell = lambda field: f'<td data-method="{result.name}" data-field="{field}">{cells[field]}</td>'  # noqa: E731
         name = "dense" if is_dense else f"staged · {request.variant}"
         rows.append(
-            f'<tr data-method="{result.name}"><td><b>{html.escape(name)}</b></td>{cell("steps")}{stages}'
+            f'<tr data-method="{result.name}" data-flags="{html.escape(" · ".join(row_flags))}">'
+            f'<td><b>{html.escape(name)}</b></td>{cell("steps")}{stages}'
             f'{cell("seconds")}{cell("speedup")}{cell("ideal")}{cell("ratio")}{cell("accuracy")}{cell("fd")}'
             f'{cell("psnr")}{cell("ssim")}</tr>'
         )
@@ -211,6 +224,14 @@ def compare_table_html(run: CompareRun) -> str:
     note = ""
     if len(labels) < 50 and any(r.fd is not None for r in run.results):
         note = f'<p class="mosaic-note">A Fréchet distance over {len(labels)} images is rough: compare it between runs of equal size.</p>'
+    flagged = [f"{'dense' if name == 'dense' else 'staged'}: {'; '.join(why)}" for name, why in flags.items() if why]
+    if flagged:
+        note += (
+            '<p class="mosaic-note mosaic-flagged" id="mosaic-compare-flags">⚠ These speed-ups are not a result '
+            f"({html.escape(' · '.join(flagged))}): something else ran on the machine during the timed runs, "
+            "or too few runs were timed to tell. Raise “Timed runs” and compare again on a quiet machine. "
+            "The images and their quality are unaffected.</p>"
+        )
     head = "".join(f"<th>{name} s</th>" for name in STAGE_NAMES)
     return (
         '<div class="mosaic-panel" id="mosaic-compare-table">'
@@ -226,6 +247,7 @@ def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
     request = run.request
     dense = next(r for r in run.results if r.name == "dense")
     staged = next(r for r in run.results if r.name == "staged")
+    flags = tuple(why for rows in timing_flags_of(run).values() for why in rows)
     calibration = request.config.calibration
     settings_text = (
         f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} {request.plan.num_inference_steps}"
@@ -238,7 +260,9 @@ def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
         "job": job_id,
         "run": number,
         "variant": request.variant,
-        "label": f"#{number} {request.variant.replace(' stages', '').replace(' only', '')} S={request.plan.overall_sparsity:.2f}",
+        "label": f"#{number} {request.variant.replace(' stages', '').replace(' only', '')} S={request.plan.overall_sparsity:.2f}"
+        + (" ⚠" if flags else ""),
+        "flags": list(flags),  # why the staged row's timing is not a result (`timing_flags_of`)
         "settings": settings_text,
         "seconds": staged.seconds,
         "dense_seconds": dense.seconds,
@@ -343,7 +367,9 @@ def history_figure(history: Optional[list], axis: str = AXES[0]) -> go.Figure:
 
 
 def compare_summary(run: CompareRun) -> dict:
-    """What the API returns about a comparison (no images: their shape and labels)."""
+    """What the API returns about a comparison (no images: their shape and labels); each row's
+    `flags` say why its timing is not a result (empty: none)."""
+    flags = timing_flags_of(run)
     return {
         "variant": run.request.variant,
         "labels": list(run.request.request.labels),  # class ids ([] for a text-to-image model)
@@ -351,7 +377,7 @@ def compare_summary(run: CompareRun) -> dict:
         "negative_prompt": run.request.negative_prompt,
         "num_images": len(run.request.labels),
         "image_shape": list(run.results[0].images.shape[1:]),
-        "rows": [result.row() for result in run.results],
+        "rows": [{**result.row(), "flags": list(flags.get(result.name, ()))} for result in run.results],
         "pruned": {k: v for k, v in run.pruned.items() if k in ("key", "source", "stages", "overall_sparsity")},
     }
 

@@ -440,13 +440,29 @@ def summarise_timing(plan: Plan, config: BenchConfig, results: list[MethodResult
         r.seconds = getattr(stats, statistic)
         r.statistic = statistic
         r.speedup = getattr(reference, statistic) / getattr(stats, statistic)
-        dense = r.name == "dense"  # the reference: judged on its own spread only
-        ratio = 1.0 if dense else r.speedup / r.ideal_speedup
-        if statistic == "floor":
-            flags[r.name] = floor_flags(ratio, stats.floor_split, 0.0 if dense else reference.floor_split)
-        else:
-            flags[r.name] = timing_flags(ratio, stats.excess, 0.0 if dense else reference.excess)
+        flags[r.name] = row_flags(r, stats, reference, statistic)
     return BenchResult(plan, config, results, timing, statistic, flags)
+
+
+def row_flags(result: MethodResult, stats: TimingStats, reference: TimingStats, statistic: str) -> tuple[str, ...]:
+    """Why `result`'s speed-up (taken by `statistic`) is not a result: `floor_flags` for the
+    floor, `timing_flags` otherwise; the reference row `dense` is judged on its own spread only."""
+    dense = result.name == "dense"
+    ratio = 1.0 if dense else result.speedup / result.ideal_speedup
+    if statistic == "floor":
+        return floor_flags(ratio, stats.floor_split, 0.0 if dense else reference.floor_split)
+    return timing_flags(ratio, stats.excess, 0.0 if dense else reference.excess)
+
+
+def comparison_flags(results: Sequence[MethodResult]) -> dict[str, tuple[str, ...]]:
+    """`row_flags` of every row of a `compare_steps` run (whose first row, `dense`, is the
+    reference), from each row's own timed runs and statistic: what `bench` flags, for a
+    comparison made elsewhere (the studio's Compare)."""
+    reference = next(r for r in results if r.name == "dense")
+    reference_stats = timing_statistics(reference.seconds_all, reference.step_runs)
+    return {
+        r.name: row_flags(r, timing_statistics(r.seconds_all, r.step_runs), reference_stats, r.statistic) for r in results
+    }
 
 
 def budget_of(macs_fraction: float) -> float:
