@@ -16,7 +16,7 @@ from mosaic_core.models.adapters import adapter_for_model
 from mosaic_core.models.adapters.flux import GUIDANCE, encode_prompts, flux_condition, pack_latents, unpack_latents
 from mosaic_core.prune.hessian import collect_hessians, prunable_layers
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
-from tiny_joint import random_keeps, tiny_flux_parts
+from tiny_joint import check_reuse_against_hooks, random_keeps, tiny_flux_parts
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,20 @@ def test_flux_entries_plan_from_their_shipped_configs():
         assert spec.shape.macs() == 19 * double + 38 * single
         assert spec.shape.num_heads == 57 * 24 and spec.shape.mlp_hidden == (19 * 2 + 38) * 4 * D
     assert resolve_model("flux-schnell").default_steps == 4
+
+
+def test_block_reuse_skips_the_joint_blocks_and_adds_both_streams_residuals(parts):
+    # the joint blocks return (encoder_hidden_states, hidden_states): reuse stored nothing
+    # for them and ran every block on every step while counting their MACs as saved
+    model = parts["transformer"]
+    x0, t, condition = _inputs(parts, seed=0)
+    x1, _, _ = _inputs(parts, seed=1)
+    adapter = adapter_for_model(model)
+
+    def call(m, inputs):  # `_run`, with the adapter of the model a wrapper wraps
+        x, timestep = inputs
+        with torch.no_grad():
+            out = m(adapter.pack_latents(x), timestep=timestep * adapter.timestep_scale, **condition.model_kwargs()).sample
+        return adapter.unpack_latents(out, x)
+
+    check_reuse_against_hooks(model, call, (x0, t), (x1, t * 0.98), ["transformer_blocks.1", "single_transformer_blocks.0"])

@@ -17,7 +17,7 @@ from mosaic_core.models.adapters.sd3 import encode_prompts, joint_condition
 from mosaic_core.prune.hessian import collect_hessians, layer_weight, prunable_layers, split_solved_weight
 from mosaic_core.prune.obs import reconstruct_weights
 from mosaic_core.prune.surgery import BlockKeep, sliced_model
-from tiny_joint import random_keeps, tiny_sd3_parts
+from tiny_joint import check_reuse_against_hooks, random_keeps, tiny_sd3_parts
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +267,13 @@ def test_images_decode_with_the_vaes_shift_as_the_pipeline_does(parts):
     assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1  # rounding of [-1, 1] vs [0, 1]
     shifted_wrong = decode_images(latents - 0.1 * parts["vae"].config.scaling_factor, parts["vae"])
     assert np.abs(shifted_wrong.astype(int) - ours.astype(int)).max() > 1  # the shift is visible at this size
+
+
+def test_block_reuse_skips_the_joint_blocks_and_adds_both_streams_residuals(parts):
+    # the joint blocks return (encoder_hidden_states, hidden_states): reuse stored nothing
+    # for them and ran every block on every step while counting their MACs as saved
+    model = parts["transformer"]
+    x0, t, condition = _inputs(parts, seed=0)
+    x1, _, _ = _inputs(parts, seed=1)
+    call = lambda m, inputs: _run(m, inputs[0], inputs[1], condition)  # noqa: E731
+    check_reuse_against_hooks(model, call, (x0, t), (x1, t * 0.98), ["transformer_blocks.1"])

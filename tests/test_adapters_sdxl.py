@@ -230,3 +230,32 @@ def test_sdxl_pipeline_runs_the_staged_unet_in_the_plans_stages(parts, tiny_sdxl
     result = images(staged)
     assert result.shape == (1, 32, 32, 3) and np.isfinite(result).all()
     assert staged.stage_calls == [STAGE_NAMES[s] for s in plan.step_stages]
+
+
+def test_call_order_is_the_order_a_call_runs_the_blocks_and_reuse_keeps_the_ends(parts, condition):
+    # named_modules lists a UNet's mid block after its up blocks; it runs between them, so
+    # "the last block always runs" kept the mid block and cached the block that runs last
+    from mosaic_core.conquer.caching import BlockReuse, CacheConfig
+    from mosaic_core.models.adapters import adapter_for_model
+
+    unet = parts["unet"]
+    adapter = adapter_for_model(unet)
+    ran = []
+    hooks = [unet.get_submodule(p).register_forward_pre_hook(lambda m, a, p=p: ran.append(p)) for p in adapter.block_paths(unet)]
+    x, t = _inputs()
+    _run(unet, x, t, condition)
+    order = adapter.call_order(unet)
+    assert order == list(dict.fromkeys(ran)) and sorted(order) == sorted(adapter.block_paths(unet))
+    assert order != adapter.block_paths(unet)  # this UNet has a mid block to move
+    for hook in hooks:
+        hook.remove()
+    ran.clear()  # a block that runs calls its self-attention; a cached one returns before it
+    hooks = [unet.get_submodule(p).attn1.register_forward_pre_hook(lambda m, a, p=p: ran.append(p)) for p in order]
+    wrapped = BlockReuse(unet, CacheConfig(interval=2, keep_first=1, keep_last=1))
+    _run(wrapped, x, t, condition)
+    assert ran == order
+    ran.clear()
+    _run(wrapped, x, t - 10, condition)  # a cached call: only the first and the last block run
+    for hook in hooks:
+        hook.remove()
+    assert wrapped.history == [True, False] and ran == [order[0], order[-1]]

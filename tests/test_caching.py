@@ -170,3 +170,19 @@ def test_sample_command_with_cache_equals_block_reuse_in_process(tiny_pixel_fold
     bad_command = [sys.executable, "-m", "mosaic_core", "sample", "--model", str(tiny_pixel_folder), "--cache", "x", "--out", str(tmp_path / "b.npz")]
     bad = subprocess.run(bad_command, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--cache must be INTERVAL" in bad.stderr
+
+
+def test_a_block_whose_output_reuse_cannot_rebuild_is_refused_by_name():
+    # a block that returned neither its hidden states nor a joint block's pair was run on
+    # every step while the row counted its MACs as saved
+    from mosaic_core.conquer.caching import _residual
+
+    hidden = torch.zeros(2, 4, 8)
+    with pytest.raises(ValueError, match=r"block blocks\.3 returns dict, .*DeepCache-style reuse cannot skip it"):
+        _residual({"sample": hidden}, (None, hidden), "blocks.3")
+    with pytest.raises(ValueError, match="returns a tuple of 3"):
+        _residual((hidden, hidden, hidden), (hidden, hidden), "blocks.3")
+    ones = torch.ones(2, 4, 8)
+    assert torch.equal(_residual(ones, (None, hidden), "b"), ones)
+    encoder, image = _residual((None, ones), (torch.zeros(2, 3, 8), hidden), "b")
+    assert encoder is None and torch.equal(image, ones)

@@ -103,3 +103,55 @@ def random_keeps(adapter, model, seed: int, fraction: float = 0.5):
         kept = sorted(torch.randperm(layer.num_groups, generator=generator)[:count].tolist())
         by_block.setdefault(layer.block, {})[KEEP_FIELDS[layer.kind]] = tuple(kept)
     return [BlockKeep(**by_block[b]) for b in sorted(by_block)]
+
+
+def check_reuse_against_hooks(model, call, inputs_full, inputs_cached, cached_paths):
+    """DeepCache-style reuse on a joint-block model, against a reference built with hooks.
+
+    `call(model, inputs)` makes one denoiser call. The reference records, at the full call,
+    each of `cached_paths`' two streams in and out; at the cached call it lets the blocks
+    run but hooks replace each one's output with its inputs plus the full call's
+    (context, image) residual. `BlockReuse(interval 2, keep first/last 1)` must give the
+    same output, and must not run the cached blocks at all.
+    """
+    from mosaic_core.conquer.caching import BlockReuse, CacheConfig
+
+    blocks = [model.get_submodule(path) for path in cached_paths]
+    residuals = {}
+
+    def record(index):
+        def hook(module, args, kwargs, out):
+            encoder, hidden = kwargs.get("encoder_hidden_states"), kwargs["hidden_states"]
+            residuals[index] = (None if out[0] is None else out[0] - encoder, out[1] - hidden)
+        return hook
+
+    def replay(index):
+        def hook(module, args, kwargs, out):
+            encoder, hidden = kwargs.get("encoder_hidden_states"), kwargs["hidden_states"]
+            r_encoder, r_hidden = residuals[index]
+            return (None if r_encoder is None else encoder + r_encoder, hidden + r_hidden)
+        return hook
+
+    hooks = [block.register_forward_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    full_reference = call(model, inputs_full)
+    for hook in hooks:
+        hook.remove()
+    hooks = [block.register_forward_hook(replay(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    cached_reference = call(model, inputs_cached)
+    for hook in hooks:
+        hook.remove()
+    dense_cached = call(model, inputs_cached)
+
+    runs = []
+    counters = [block.attn.register_forward_hook(lambda m, a, o: runs.append(1)) for block in blocks]
+    wrapped = BlockReuse(model, CacheConfig(interval=2, keep_first=1, keep_last=1))
+    full = call(wrapped, inputs_full)
+    ran_full = len(runs)
+    cached = call(wrapped, inputs_cached)
+    for hook in counters:
+        hook.remove()
+    assert wrapped.history == [True, False]
+    assert (ran_full, len(runs)) == (len(blocks), len(blocks))  # the cached call ran none of them
+    torch.testing.assert_close(full, full_reference, rtol=0, atol=0)
+    torch.testing.assert_close(cached, cached_reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cached, dense_cached, rtol=1e-4, atol=1e-5)  # reuse really changed the call

@@ -6,8 +6,9 @@ block added to its input at the last full step instead of computing it (DeepCach
 al. 2024, reuses a UNet's deep features the same way; this is our block-level version,
 written here, labelled "DeepCache-style" wherever it is reported; docs/method.md §9).
 
-For each cached block i (every block of the family adapter's `block_paths` except the
-first `keep_first` and the last `keep_last`):
+For each cached block i (every block of the family adapter's `block_paths`, in the order a
+call runs them (`call_order`: a UNet's down, mid, up), except the first `keep_first` and
+the last `keep_last`):
 
     full step k₀:    y_i = block_i(x_i),           r_i ← y_i − x_i   (stored)
     cached step k:   y_i = x_i + r_i                                   (block not run)
@@ -101,6 +102,31 @@ def cached_sampling_macs(step_macs: Sequence[int], full: Sequence[bool], compute
     return int(round(sum(m if f else m * c for m, f, c in zip(step_macs, full, fractions))))
 
 
+def _fits(residual: torch.Tensor | None, x: torch.Tensor | None) -> bool:
+    """Whether a stored residual can be added to this call's stream (None: the block returned none)."""
+    return residual is None or (x is not None and residual.shape == x.shape)
+
+
+def _residual(out: Any, streams: tuple, path: str):
+    """What block `path` added on a full step: y − x for a block that returns its new hidden
+    states, (y_enc − x_enc, y − x) for a joint block's (encoder_hidden_states, hidden_states)
+    (None where the block returns no context, as SD3's last block). Any other output is
+    refused: the block would run on every step while its MACs were counted as saved."""
+    encoder, hidden = streams
+    if torch.is_tensor(out) and out.shape == hidden.shape:
+        return out - hidden
+    if (
+        isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[1]) and out[1].shape == hidden.shape
+        and (out[0] is None or (torch.is_tensor(encoder) and out[0].shape == encoder.shape))
+    ):
+        return (None if out[0] is None else out[0] - encoder, out[1] - hidden)
+    form = type(out).__name__ if not isinstance(out, tuple) else f"a tuple of {len(out)}"
+    raise ValueError(
+        f"block {path} returns {form}, not its hidden states (or a joint block's (encoder_hidden_states, "
+        "hidden_states) called by keyword): DeepCache-style reuse cannot skip it; drop --cache for this model"
+    )
+
+
 class BlockReuse(DenoiserWrapper):
     """Wraps a denoiser (dense or staged) with DeepCache-style block-output reuse (see module doc).
 
@@ -115,7 +141,7 @@ class BlockReuse(DenoiserWrapper):
         self.cache_config = config
         self.enabled = enabled
         self.history: list[bool] = []
-        self._residuals: dict[int, torch.Tensor] = {}
+        self._residuals: dict[int, Any] = {}  # block index -> residual, or a joint block's (context, image) pair
         self._network: int | None = None  # id of the network whose residuals are stored
         self._last_timestep: float | None = None
         self._calls = 0
@@ -127,16 +153,22 @@ class BlockReuse(DenoiserWrapper):
         self._network, self._last_timestep, self._calls = None, None, 0
         self.history.clear()
 
-    def _wrap(self, index: int, forward):
+    def _wrap(self, index: int, path: str, forward):
         def cached_forward(hidden_states, *args, **kwargs):
+            # A joint block (SD3, Flux) takes both streams and returns (encoder_hidden_states,
+            # hidden_states); every other block maps hidden_states to its new value.
+            streams = (kwargs.get("encoder_hidden_states"), hidden_states)
             if not self._full and index in self._residuals:
                 residual = self._residuals[index]
-                if residual.shape == hidden_states.shape:
+                if isinstance(residual, tuple):
+                    if all(_fits(r, x) for r, x in zip(residual, streams)):
+                        return tuple(None if r is None else x + r for r, x in zip(residual, streams))
+                elif residual.shape == hidden_states.shape:
                     return hidden_states + residual
                 self._full = True  # the batch changed shape: this call computes (and stores) instead
             out = forward(hidden_states, *args, **kwargs)
-            if self._full and self._network is not None and torch.is_tensor(out) and out.shape == hidden_states.shape:
-                self._residuals[index] = out - hidden_states
+            if self._full and self._network is not None:
+                self._residuals[index] = _residual(out, streams, path)
             return out
 
         return cached_forward
@@ -166,11 +198,11 @@ class BlockReuse(DenoiserWrapper):
         patched: dict[int, nn.Module] = {}
         try:
             for network in distinct_networks(self.denoiser):
-                paths = adapter_for_model(network).block_paths(network)
+                paths = adapter_for_model(network).call_order(network)
                 for index in self.cache_config.cached_blocks(len(paths)):
                     block = network.get_submodule(paths[index])
                     if id(block) not in patched:  # a block shared by two networks is patched once
-                        block.forward = self._wrap(index, block.forward)
+                        block.forward = self._wrap(index, paths[index], block.forward)
                         patched[id(block)] = block
             out = call_denoiser(self.denoiser, hidden_states, timestep, args, return_dict, kwargs)
         finally:

@@ -176,6 +176,12 @@ class FamilyAdapter:
             raise ValueError(f"{type(model).__name__} has no prunable blocks ({', '.join(self.block_classes)})")
         return paths
 
+    def call_order(self, model: nn.Module) -> list[str]:
+        """`block_paths` in the order a forward call runs the blocks (what "the first and last
+        blocks" of block-output reuse mean); the same list unless the family's modules are
+        registered in another order than they run."""
+        return self.block_paths(model)
+
     def block_layers(self, path: str, block: nn.Module) -> list[tuple]:
         """(kind, output projection path, group size, groups[, parts]) of one block's prunable layers.
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from mosaic_core.divide.shapes import BlockwiseShape, LayerShape
 from mosaic_core.models.adapters.base import FamilyAdapter, register_adapter
@@ -196,6 +197,11 @@ class SDXLAdapter(FamilyAdapter):
         return dataclasses.replace(
             condition, negative_prompt_embeds=negative.prompt_embeds, negative_pooled_prompt_embeds=negative.pooled_prompt_embeds
         )
+
+    def call_order(self, model: nn.Module) -> list[str]:
+        """Down, mid, then up blocks: a UNet registers `mid_block` after `up_blocks` but runs it between."""
+        rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+        return sorted(self.block_paths(model), key=lambda path: rank.get(path.split(".", 1)[0], 1))
 
     def shape_from_config(self, config: Mapping[str, Any], **context: Any) -> BlockwiseShape:
         """Per-layer costs of the UNet's transformer blocks (`unet_layer_shapes`)."""
