@@ -233,3 +233,18 @@ def test_block_reuse_skips_the_joint_blocks_and_adds_both_streams_residuals(part
         return adapter.unpack_latents(out, x)
 
     check_reuse_against_hooks(model, call, (x0, t), (x1, t * 0.98), ["transformer_blocks.1", "single_transformer_blocks.0"])
+
+
+def test_block_macs_add_up_to_the_cost_shapes_macs(parts):
+    # each block's MACs from the cost shape's own layers, for the dense and a sliced network
+    from mosaic_core.conquer.caching import block_macs
+
+    model = parts["transformer"]
+    shape = adapter_for_model(model).shape_from_config(model.config, latent_size=8, context_tokens=16)
+    per_block = block_macs(model, shape)
+    by_block = [sum(l.num_groups * l.macs_per_group for l in shape.layers if l.block == b) for b in range(4)]
+    assert per_block == by_block and sum(per_block) == shape.macs()
+    keeps = random_keeps(adapter_for_model(model), model, seed=3)
+    sliced = sliced_model(model, keeps)
+    kept = [layer.num_groups for layer in adapter_for_model(sliced).prunable_layers(sliced)]
+    assert sum(block_macs(sliced, shape)) == shape.macs(kept) < shape.macs()

@@ -259,3 +259,18 @@ def test_call_order_is_the_order_a_call_runs_the_blocks_and_reuse_keeps_the_ends
     for hook in hooks:
         hook.remove()
     assert wrapped.history == [True, False] and ran == [order[0], order[-1]]
+
+
+def test_block_macs_are_each_levels_own_in_call_order(parts):
+    # a UNet's blocks differ in width and tokens from level to level (this tiny one has one
+    # level): the cost shape's own layers, reordered as a call runs them
+    from mosaic_core.conquer.caching import block_macs
+    from mosaic_core.models.adapters import adapter_for_model
+
+    unet = parts["unet"]
+    adapter = adapter_for_model(unet)
+    shape = adapter.shape_from_config(unet.config)
+    paths = adapter.block_paths(unet)
+    by_path = {paths[b]: sum(l.num_groups * l.macs_per_group for l in shape.layers if l.block == b) for b in range(len(paths))}
+    per_block = block_macs(unet, shape)
+    assert per_block == [by_path[p] for p in adapter.call_order(unet)] and sum(per_block) == shape.macs()

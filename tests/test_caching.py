@@ -186,3 +186,35 @@ def test_a_block_whose_output_reuse_cannot_rebuild_is_refused_by_name():
     assert torch.equal(_residual(ones, (None, hidden), "b"), ones)
     encoder, image = _residual((None, ones), (torch.zeros(2, 3, 8), hidden), "b")
     assert encoder is None and torch.equal(image, ones)
+
+
+def test_a_cached_call_computes_its_running_blocks_share_of_the_macs():
+    from mosaic_core.conquer.caching import computed_share, match_cache_to_macs
+
+    config = CacheConfig(interval=2, keep_first=1, keep_last=1)
+    assert computed_share(config, [1, 3, 3, 1]) == pytest.approx(0.25)  # blocks 1, 2 skipped: 6 of 8 MACs
+    assert computed_share(config, [1, 1, 1, 1]) == pytest.approx(0.5)  # equal blocks: blocks run / all
+    # two steps, the second cached: with the heavy middle blocks skipped, 1 + 0.25 of two steps' MACs
+    setting, macs = match_cache_to_macs(4, [100, 100], 125, macs_by_block=[1, 3, 3, 1])
+    assert (setting.interval, list(setting.cached_blocks(4)), macs) == (2, [1, 2], 125)
+    _, equal = match_cache_to_macs(4, [100, 100], 125)
+    assert equal == 150  # counted as equal blocks the same skip would save only half a step
+    with pytest.raises(ValueError, match="must list all 4 blocks"):
+        match_cache_to_macs(4, [100, 100], 125, macs_by_block=[1, 3, 3])
+
+
+def test_block_macs_of_a_dit_add_up_to_the_plans_macs_per_call():
+    from mosaic_core.conquer.caching import block_macs
+    from mosaic_core.divide.cost import sampling_macs
+    from mosaic_core.divide.shapes import TransformerShape
+
+    dense = tiny_pixel_dit(num_layers=3)
+    shape = TransformerShape.from_dit_config(dense.config)
+    per_block = block_macs(dense, shape)
+    assert len(per_block) == 3 and len(set(per_block)) == 1
+    assert sum(per_block) == sampling_macs(shape, None, [1, 0, 0])
+    keeps = [BlockKeep(heads=(0,), units=tuple(range(10))), BlockKeep(heads=(0, 1, 2, 3), units=tuple(range(128))),
+             BlockKeep(heads=(1, 2), units=tuple(range(64)))]
+    sliced = block_macs(sliced_model(dense, keeps), shape)
+    # per token, D = 32: a head 4·D·8 = 1024 MACs, a unit 2·D = 64; a dense block 4 heads + 128 units = 12288
+    assert [m * 12288 for m in sliced] == [per_block[0] * (1024 + 10 * 64), per_block[1] * 12288, per_block[2] * (2048 + 64 * 64)]

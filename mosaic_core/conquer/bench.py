@@ -266,7 +266,9 @@ def bench_steps(
     of the runs on a CPU (other processes only ever add time), the median on a GPU.
     """
     from mosaic_core.conquer.cache_dit_row import cache_dit_macs, serves_cache_dit
-    from mosaic_core.conquer.caching import BlockReuse, cache_schedule, cached_sampling_macs, match_cache_to_macs
+    from mosaic_core.conquer.caching import (
+        BlockReuse, block_macs, cache_schedule, cached_sampling_macs, computed_share, match_cache_to_macs,
+    )
     from mosaic_core.models.adapters import adapter_for_model
 
     if config.threads is not None:
@@ -310,11 +312,14 @@ def bench_steps(
             Contender("fewer-steps", dense, fewer, dense_macs_per_step * fewer, param_count(dense), info={"note": f"{fewer} steps"})
         )
     num_blocks = len(adapter_for_model(dense).block_paths(dense))
+    dense_blocks = block_macs(dense, mosaic_plan.shape)  # what a cached step of each block saves
     cache_config = config.cache
     if want_cache and cache_config is None:  # matched to mosaic's MACs with the dense network
-        cache_config, _ = match_cache_to_macs(num_blocks, [dense_macs_per_step] * n_steps, mosaic_plan.macs_staged)
-    computed = None if cache_config is None else 1 - len(cache_config.cached_blocks(num_blocks)) / num_blocks
+        cache_config, _ = match_cache_to_macs(
+            num_blocks, [dense_macs_per_step] * n_steps, mosaic_plan.macs_staged, macs_by_block=dense_blocks
+        )
     if config.wants("cache"):
+        computed = computed_share(cache_config, dense_blocks)
         macs = cached_sampling_macs([dense_macs_per_step] * n_steps, cache_schedule(n_steps, cache_config.interval), computed)
         contenders.append(
             Contender("cache", BlockReuse(dense, cache_config), n_steps, macs, param_count(dense), info={"note": cache_config.label()})
@@ -342,9 +347,11 @@ def bench_steps(
                 Contender(name, result.staged, plan.num_inference_steps, plan.macs_staged, staged_params, step_stages=plan.step_stages, info=info)
             )
         if name == "mosaic" and config.wants("mosaic+cache"):
-            networks = [id(result.staged.networks()[s]) for s in plan.step_stages]
+            stage_networks = result.staged.networks()
+            shares = [computed_share(cache_config, block_macs(network, plan.shape)) for network in stage_networks]
+            networks = [id(stage_networks[s]) for s in plan.step_stages]
             full = cache_schedule(plan.num_inference_steps, cache_config.interval, networks)
-            macs = cached_sampling_macs(_stage_step_macs(plan), full, computed)
+            macs = cached_sampling_macs(_stage_step_macs(plan), full, [shares[s] for s in plan.step_stages])
             contenders.append(
                 Contender(
                     "mosaic+cache", BlockReuse(result.staged, cache_config), plan.num_inference_steps, macs, staged_params,

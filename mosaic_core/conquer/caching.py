@@ -92,6 +92,43 @@ def cache_schedule(num_steps: int, interval: int, step_networks: Sequence[Hashab
     return full
 
 
+def block_macs(network: nn.Module, shape) -> list[int]:
+    """Block-linear MACs of one call of each of `network`'s blocks, in call order (`call_order`):
+    the groups each prunable layer of the network keeps, at the plan's cost per group
+    (`shape`: a `TransformerShape`, whose blocks share one cost per head and per unit, or a
+    `BlockwiseShape`, which has each layer's own)."""
+    from mosaic_core.divide.cost import group_macs_per_token
+    from mosaic_core.divide.shapes import MLP_KINDS, BlockwiseShape
+    from mosaic_core.models.adapters import adapter_for_model
+
+    adapter = adapter_for_model(network)
+    paths = adapter.block_paths(network)
+    per_block = [0] * len(paths)
+    if isinstance(shape, BlockwiseShape):
+        cost = {layer.name: layer.macs_per_group for layer in shape.layers}
+    for layer in adapter.prunable_layers(network):
+        if isinstance(shape, BlockwiseShape):
+            if layer.name not in cost:
+                raise ValueError(f"layer {layer.name} of the network is not in the plan's cost shape")
+            per_group = cost[layer.name]
+        else:
+            kind = "mlp" if layer.kind in MLP_KINDS else "attn"
+            per_group = shape.num_tokens * group_macs_per_token(kind, shape.hidden_size, shape.head_dim)
+        per_block[layer.block] += layer.num_groups * per_group
+    index = {path: i for i, path in enumerate(paths)}
+    return [per_block[index[path]] for path in adapter.call_order(network)]
+
+
+def computed_share(config: CacheConfig, macs: Sequence[int]) -> float:
+    """The share of a call's block-linear MACs that a cached call still computes: its blocks
+    that run, weighted by `macs` (each block's, in call order; equal MACs give blocks run /
+    all blocks)."""
+    total = float(sum(macs))
+    if total <= 0:
+        return 1.0
+    return 1.0 - sum(macs[i] for i in config.cached_blocks(len(macs))) / total
+
+
 def cached_sampling_macs(step_macs: Sequence[int], full: Sequence[bool], computed_fraction: Sequence[float] | float) -> int:
     """Σ_k MACs of step k: all of it on full steps, `computed_fraction` of it on cached ones.
 
@@ -223,7 +260,7 @@ def centred_config(num_blocks: int, cached: int, interval: int) -> CacheConfig:
 
 def match_cache_to_macs(
     num_blocks: int, step_macs: Sequence[int], target_macs: float, step_networks: Sequence[Hashable] | None = None,
-    within: bool = False,
+    within: bool = False, macs_by_block: Sequence[int] | dict[Hashable, Sequence[int]] | None = None,
 ) -> tuple[CacheConfig, int] | None:
     """The centred reuse setting (interval 2..5, 1..L−2 cached blocks) whose MACs come closest to `target_macs`.
 
@@ -232,15 +269,27 @@ def match_cache_to_macs(
     shorter interval. With `within`, only settings at or under `target_macs` count (the
     closest from below; None when even the most caching costs more).
 
-    Returns the setting and its MACs (`cached_sampling_macs`, computed fraction = blocks
-    run / all blocks: exact for a homogeneous stack such as DiT's).
+    Returns the setting and its MACs (`cached_sampling_macs`). A cached step computes the
+    `computed_share` of its MACs: by `macs_by_block` (`block_macs` of every block in call
+    order: one list for every step, or one per network of `step_networks`), or, without
+    it, blocks run / all blocks, which is exact only when every block costs the same.
     """
+    if macs_by_block is None:
+        macs_by_block = [1] * num_blocks
+    if isinstance(macs_by_block, dict):
+        if step_networks is None:
+            raise ValueError("MACs per block by network need the network of every step (step_networks)")
+        per_step = [macs_by_block[network] for network in step_networks]
+    else:
+        per_step = [macs_by_block] * len(step_macs)
+    if any(len(macs) != num_blocks for macs in per_step):
+        raise ValueError(f"MACs per block must list all {num_blocks} blocks")
     best: tuple[float, CacheConfig, int] | None = None
     for interval in range(2, 6):
         full = cache_schedule(len(step_macs), interval, step_networks)
         for cached in range(1, max(2, num_blocks - 1)):
             config = centred_config(num_blocks, min(cached, num_blocks), interval)
-            macs = cached_sampling_macs(step_macs, full, 1 - len(config.cached_blocks(num_blocks)) / num_blocks)
+            macs = cached_sampling_macs(step_macs, full, [computed_share(config, m) for m in per_step])
             if within and macs > target_macs:
                 continue
             gap = abs(macs - target_macs)

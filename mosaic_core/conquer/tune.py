@@ -189,7 +189,7 @@ def tune(
     slowest one checked so far) within `check_seconds` of the call's start; the rest stay
     predicted and `TuneResult.unchecked` counts the ones the time bound left out.
     """
-    from mosaic_core.conquer.caching import BlockReuse, match_cache_to_macs
+    from mosaic_core.conquer.caching import BlockReuse, block_macs, match_cache_to_macs
     from mosaic_core.conquer.conditions import conditions_for, default_values
     from mosaic_core.conquer.metrics import mean_psnr
     from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_loaded
@@ -217,6 +217,7 @@ def tune(
     labels = conditions_for(loaded, default_values(loaded.spec, images))
     dense = loaded.transformer
     num_blocks = len(adapter_for_model(dense).block_paths(dense))
+    dense_blocks = block_macs(dense, loaded.spec.shape)  # what a cached step of each block saves
 
     def say(message: str) -> None:
         if should_stop is not None and should_stop():
@@ -309,7 +310,7 @@ def tune(
         if target <= 0:
             continue  # dense already fits
         if "cache" in methods:
-            fit = match_cache_to_macs(num_blocks, [dense_step] * n, budget_macs, within=True)
+            fit = match_cache_to_macs(num_blocks, [dense_step] * n, budget_macs, within=True, macs_by_block=dense_blocks)
             if fit is not None:
                 say(f"cache, {n} steps, full every {fit[0].interval}")
                 point = TunePoint(n, "cache", 0.0, float(fit[1]), fit[1] / dense_macs, 0.0, 0.0, 0.0, cache=_cache_tuple(fit[0]))
@@ -349,7 +350,8 @@ def tune(
                 result = point[1]
                 step_macs = _step_macs(plan, result.measured)
                 networks = [id(result.staged.networks()[s]) for s in plan.step_stages]
-                fit = match_cache_to_macs(num_blocks, step_macs, budget_macs, networks, within=True)
+                by_network = {id(network): block_macs(network, plan.shape) for network in result.staged.networks()}
+                fit = match_cache_to_macs(num_blocks, step_macs, budget_macs, networks, within=True, macs_by_block=by_network)
                 if fit is None:
                     continue
                 cached = replace(point[0], macs=float(fit[1]), macs_fraction=fit[1] / dense_macs, cache=_cache_tuple(fit[0]))
