@@ -248,3 +248,30 @@ def test_block_macs_add_up_to_the_cost_shapes_macs(parts):
     sliced = sliced_model(model, keeps)
     kept = [layer.num_groups for layer in adapter_for_model(sliced).prunable_layers(sliced)]
     assert sum(block_macs(sliced, shape)) == shape.macs(kept) < shape.macs()
+
+
+def test_guidance_other_than_1_is_refused_for_a_distilled_model(parts, tmp_path, capsys):
+    # Flux's null() is its condition: a cfg of 3 sampled both branches (twice the work) and
+    # gave the images of cfg 1; `tune --cfg-grid` sampled every candidate again for nothing
+    from diffusers import FluxPipeline
+
+    from mosaic_core.cli import main
+    from mosaic_core.conquer.sampling import SampleConfig, sample_steps
+    from mosaic_core.jobs import run_to_end
+    from tiny_joint import FLUX_SCHEDULER
+
+    condition = flux_condition(parts, ["a red fox"], 8, GUIDANCE, max_sequence_length=16)
+    config = {**FLUX_SCHEDULER, "_class_name": "FlowMatchEulerDiscreteScheduler"}
+    for cfg, fine in ((3.0, False), (0.0, False), (1.0, True)):
+        steps = sample_steps(parts["transformer"], config, condition, SampleConfig(2, cfg, "flow-euler"), num_classes=0,
+                             sample_shape=(4, 8, 8), image_seq_len=16)
+        if fine:
+            assert run_to_end(steps).images.shape[0] == 1
+        else:
+            with pytest.raises(ValueError, match=rf"cfg \(guidance scale\) must be 1 for this model, got {cfg:g}: Flux is guidance-distilled"):
+                run_to_end(steps)
+    folder = tmp_path / "flux"
+    FluxPipeline(**parts).save_pretrained(folder)
+    code = main(["tune", "--model", str(folder), "--budget", "0.5", "--steps", "4", "--cfg-grid", "2", "--calib-size", "2", "--images", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is guidance-distilled (Flux): it samples at cfg 1 only" in err and "Traceback" not in err

@@ -271,6 +271,11 @@ def sample_steps(
     else:
         y = check_labels(labels, num_classes)
         condition = ClassCondition(y.to(device), num_classes)
+    if config.guidance_scale != 1.0 and not getattr(condition, "unconditional", True):
+        raise ValueError(
+            f"cfg (guidance scale) must be 1 for this model, got {config.guidance_scale:g}: Flux is guidance-distilled, "
+            "with no unconditional branch to guide against (FLUX.1-dev is fed FluxPipeline's distilled guidance 3.5)"
+        )
     check_sampler_fits(config.scheduler, scheduler_config)
     flow = config.scheduler in FLOW_SAMPLERS
     scheduler = make_scheduler(config.scheduler, scheduler_config)

@@ -215,6 +215,11 @@ def tune(
     grid_cfgs = sorted({float(g) for g in cfg_grid} - {cfg})
     analyses = {} if analyses is None else analyses
     labels = conditions_for(loaded, default_values(loaded.spec, images))
+    if not getattr(labels, "unconditional", True) and (cfg != 1.0 or grid_cfgs):
+        raise ValueError(
+            f"'{loaded.spec.name}' is guidance-distilled (Flux): it samples at cfg 1 only, so there is no guidance "
+            f"scale to tune; drop --cfg-grid and --cfg (got cfg {cfg:g}, grid {[*grid_cfgs]})"
+        )
     dense = loaded.transformer
     num_blocks = len(adapter_for_model(dense).block_paths(dense))
     dense_blocks = block_macs(dense, loaded.spec.shape)  # what a cached step of each block saves

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,7 @@ class FluxCondition:
     guidance: torch.Tensor | None  # (N,) for guidance-distilled models, else None
     latent_height: int  # H, W of the N×C×H×W latents (before 2×2 packing)
     latent_width: int
+    unconditional: ClassVar[bool] = False  # no unconditional branch: classifier-free guidance cannot run
 
     @property
     def batch_size(self) -> int:
