@@ -118,6 +118,14 @@ def test_wrong_base_and_damaged_files_are_refused(pixel, analyses, tmp_path):
     other = load_model(str(other_folder), device="cpu")
     with pytest.raises(ValueError, match="was pruned from"):
         load_pruned(folder, other)
+    # the same weights named by another path (a copy here; a relative path or a link alike)
+    # are the same model: a checkpoint was refused when the name differed, hashes equal
+    copy = tmp_path / "copy of the base"
+    shutil.copytree(pixel.spec.path, copy)
+    same = load_model(str(copy), device="cpu")
+    assert same.spec.name != pixel.spec.name and same.weights_hash == pixel.weights_hash
+    for a, b in zip(_outputs(result.staged), _outputs(load_pruned(folder, same))):
+        assert torch.equal(a, b)
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     tensor_file = damaged / "network_0.safetensors"

@@ -348,7 +348,9 @@ def load_pruned(folder: str | Path, loaded):
 
     folder = Path(folder)
     manifest = read_manifest(folder)
-    if manifest["base_model"] != loaded.spec.name or manifest["base_weights_hash"] != loaded.weights_hash:
+    # The weights decide, not the name: a folder named by another path (relative, a copy, a
+    # link) holds the same model when its safetensors hash the same.
+    if manifest["base_weights_hash"] != loaded.weights_hash:
         raise ValueError(
             f"checkpoint {folder} was pruned from '{manifest['base_model'][:200]}' (weights {manifest['base_weights_hash'][:64]}), "
             f"not from the loaded '{loaded.spec.name}' (weights {loaded.weights_hash}): prune this model again"
