@@ -10,7 +10,9 @@ Names resolve in this order:
 1. a built-in entry (`digits-dit`, `facebook/DiT-XL-2-256`, `facebook/DiT-XL-2-512`,
    `sdxl-base`, `pixart-sigma`, `sd3-medium`, `flux-dev`, `flux-schnell`: the public denoiser
    and scheduler configs of SDXL-base-1.0, PixArt-Σ-XL-2-1024-MS, SD3-medium, FLUX.1-dev and
-   FLUX.1-schnell ship in `assets/configs/<name>/`);
+   FLUX.1-schnell ship in `assets/configs/<name>/`). When its weights are found locally
+   (`hub_folder`), the copy's own denoiser config gives the shape; a copy whose shape
+   fields contradict the shipped config is refused, naming the field and both values;
 2. a local folder in diffusers' layout (`scheduler/scheduler_config.json` and the denoiser's
    `transformer/config.json` or `unet/config.json`), or a folder holding a bare
    `scheduler_config.json` next to the denoiser's `config.json`. The config's `_class_name`
@@ -20,7 +22,9 @@ A server that resolves names sent by remote users passes `allowed_roots`: a loca
 must then lie (after resolving symlinks) inside one of them. Every refusal of a local
 folder — missing, not a folder, unreadable, outside the roots, no usable scheduler
 config — has the same message, so a caller cannot learn which paths exist, and no error
-repeats what a config file contains (only the names of its fields).
+repeats what a config file contains (only the names of its fields). The one exception is a
+registry entry's local copy, a folder of the server's own (models directory, HF cache): the
+shape field where it contradicts the shipped config is shown with both values.
 """
 
 from __future__ import annotations
@@ -397,12 +401,97 @@ def _inside(folder: Path, roots: list[Path]) -> bool:
     return any(folder == root or root in folder.parents for root in roots)
 
 
+# Denoiser config fields that fix the shapes of the weights (diffusers' names, every family), in the order checked.
+_SHAPE_FIELDS = (
+    "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim",
+    "block_out_channels", "layers_per_block", "transformer_layers_per_block",
+    "down_block_types", "mid_block_type", "up_block_types",
+    "in_channels", "out_channels", "patch_size", "sample_size", "pos_embed_max_size",
+    "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "caption_channels", "cross_attention_dim",
+    "projection_class_embeddings_input_dim", "addition_embed_type", "addition_time_embed_dim",
+    "num_embeds_ada_norm", "norm_type", "use_additional_conditions", "use_linear_projection",
+    "dual_attention_layers", "guidance_embeds",
+)
+# The `ModelSpec` fields a registry entry takes from its local copy's config (the weights' shape).
+_FOLDER_SPEC_FIELDS = ("shape", "num_classes", "in_channels", "sample_size", "image_seq_len")
+
+
+def _shown(value: Any) -> str:
+    """A config value as JSON, cut to 60 characters (a field of the server's own files, never a user's)."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+def _entry_in_folder(spec: ModelSpec, folder: Path) -> ModelSpec:
+    """A registry entry whose weights are in a local folder, specced from that folder's own denoiser config.
+
+    The folder's config is the truth: planning, MACs and sampling must match its weights. An
+    entry that ships a transcribed config (`config_path`) must agree with it on every shape
+    field both give (`_SHAPE_FIELDS`): a copy that disagrees is either another model or proof
+    that the transcription is wrong, and only the user can tell which, so it is a ValueError
+    naming the entry, the folder, the first differing field and both values. An entry without
+    a shipped config (DiT-XL/2) takes the folder's shape, as a plain folder does. A copy
+    without a denoiser config keeps the entry's spec: the loader says what is missing.
+    """
+    from mosaic_core.models.adapters import adapter_for_class, adapter_named, denoiser_class_name, supported_classes
+
+    adapter = adapter_named(spec.family)
+    where = f"{adapter.denoiser_folder}/config.json"
+    config_file = folder / where
+    what = f"registry entry '{spec.name}'"
+    if not _is_file(config_file):
+        return ModelSpec(**{**spec.__dict__, "path": str(folder)})
+    try:
+        config = _read_json(config_file)
+    except _Unusable:
+        raise ValueError(
+            f"{what}: the {where} of its local copy {folder} is not a readable JSON object of at most "
+            f"{limits.MAX_CONFIG_BYTES} bytes: replace it with the model's own config"
+        ) from None
+    class_name = denoiser_class_name(config)
+    supported = isinstance(class_name, str) and class_name in supported_classes()
+    if not supported or adapter_for_class(class_name) is not adapter:
+        # a class name is shown only when it looks like one, as for a plain folder
+        shown = isinstance(class_name, str) and class_name.isidentifier() and len(class_name) <= 80
+        raise ValueError(
+            f"{what} is a {adapter.name} model, but the {where} of its local copy {folder} names "
+            f"{f'a {class_name}' if shown else 'no supported class'}: put the {spec.hub_id or spec.name} weights there, "
+            f"or give the folder's path as the model to use it as a model of its own"
+        )
+    if spec.config_path:
+        shipped = _read_json(Path(spec.config_path))
+        for key in _SHAPE_FIELDS:
+            expected, found = shipped.get(key), config.get(key)
+            if expected is not None and found is not None and expected != found:
+                shipped_file = Path(spec.config_path)
+                if PROJECT_ROOT in shipped_file.parents:
+                    shipped_file = shipped_file.relative_to(PROJECT_ROOT)
+                raise ValueError(
+                    f"{what} does not match its local copy {folder}: '{key}' is {_shown(expected)} in the shipped config "
+                    f"({shipped_file}) but {_shown(found)} in the folder's {where}; put the {spec.hub_id or spec.name} weights "
+                    f"there, correct the shipped config if the folder is the real model, or give the folder's path as the "
+                    f"model to use it as a model of its own"
+                )
+    if adapter.name == "dit":
+        _check_fields(config, _TRANSFORMER_INTS, {}, f"{what} (the {where} of its local copy {folder})")
+    try:
+        fields = adapter.spec_fields(config, folder)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError(
+            f"{what}: the {class_name} config of its local copy {folder} lacks fields or has fields of the wrong type"
+        ) from None
+    own = {key: fields[key] for key in _FOLDER_SPEC_FIELDS if key in fields}
+    return ModelSpec(**{**spec.__dict__, **own, "path": str(folder)})
+
+
 def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> ModelSpec:
     """The `ModelSpec` for a registry name or a local diffusers folder.
 
     `allowed_roots` (None = any folder) restricts local folders to those inside one of the
     given roots. Raises ValueError naming the model and the allowed choices when it is
-    neither; the message is the same whatever the reason a folder was refused.
+    neither; the message is the same whatever the reason a folder was refused. A registry
+    entry whose weights are found locally (`hub_folder`) is specced from that copy's own
+    denoiser config, and refused clearly when it contradicts the shipped one (`_entry_in_folder`).
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {str(name)[:80]!r}")
@@ -415,7 +504,7 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         if spec.source == "hub":
             folder = hub_folder(spec.hub_id or name)
             if folder is not None:
-                return ModelSpec(**{**spec.__dict__, "path": str(folder)})
+                return _entry_in_folder(spec, folder)
         return spec
     try:
         folder = Path(name).expanduser()
