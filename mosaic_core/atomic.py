@@ -128,11 +128,19 @@ def check_output_file(path: Any, what: str = "output file", suffix: Optional[str
     return path
 
 
-def check_output_folder(path: Any, owns: Optional[Owns] = None, what: str = "output folder") -> Path:
+def is_temporary_name(name: str) -> bool:
+    """Whether `name` is one of this project's temporary names (a write under way, or a killed one's leftover)."""
+    return bool(_TEMP_NAME.match(name) or _OLD_NAME.match(name))
+
+
+def check_output_folder(
+    path: Any, owns: Optional[Owns] = None, what: str = "output folder", allowed: str = "a new or empty folder"
+) -> Path:
     """A folder `replace_folder(path, owns)` may write, or ValueError — checked before any work starts.
 
     Refused: an empty path, a file, an unwritable parent, and an existing folder holding any
     entry that `owns` does not claim (None claims nothing: only an empty folder is replaced).
+    `allowed` is what the refusals tell the user to give instead.
     """
     if not isinstance(path, (str, Path)) or not str(path).strip():
         raise ValueError(f"{what} must be a folder path, got {path!r}")
@@ -140,7 +148,7 @@ def check_output_folder(path: Any, owns: Optional[Owns] = None, what: str = "out
     if path.is_symlink():
         raise ValueError(f"{what} '{path}' is a symbolic link: give the folder itself, or a new or empty folder")
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} '{path}' exists and is not a folder: choose a new or empty folder")
+        raise ValueError(f"{what} '{path}' exists and is not a folder: choose {allowed}")
     _check_parent(path, what)
     if path.is_dir():
         foreign = sorted(entry.name for entry in path.iterdir() if not (owns is not None and owns(entry)))
@@ -148,7 +156,7 @@ def check_output_folder(path: Any, owns: Optional[Owns] = None, what: str = "out
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ValueError(
                 f"{what} '{path}' already holds files this command did not write ({shown}): "
-                f"choose a new or empty folder, nothing was changed"
+                f"choose {allowed}, nothing was changed"
             )
     return path
 

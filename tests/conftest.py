@@ -125,6 +125,17 @@ def run_cli(*args: str):
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+def with_default_steps(monkeypatch, steps: int) -> None:
+    """`resolve_model` gives every model `steps` as its own default step count, as the registry does
+    for sd3-medium (28) or pixart-sigma (20), whose weights the tests do not have."""
+    import dataclasses
+
+    from mosaic_core.models import registry
+
+    resolve = registry.resolve_model
+    monkeypatch.setattr(registry, "resolve_model", lambda *a, **k: dataclasses.replace(resolve(*a, **k), default_steps=steps))
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for an in-process studio server."""
     import socket

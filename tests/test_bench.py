@@ -140,6 +140,23 @@ def test_bench_rejects_bad_values_clearly(tmp_path):
     assert done.returncode == 2 and "0.95" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_bench_takes_the_models_own_step_count_without_steps(tiny_pixel_folder, tmp_path, monkeypatch):
+    """`bench` without --steps used 50 for every model; it takes the model's own count, as `plan` does."""
+    from conftest import with_default_steps
+
+    with_default_steps(monkeypatch, 8)
+    out = tmp_path / "bench"
+    done = run_cli("bench", "--model", str(tiny_pixel_folder), "--methods", "fewer-steps", "--n", "2", "--time-n", "1",
+                   "--repeats", "1", "--device", "cpu", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["steps"] == 8 and report["plan"]["num_inference_steps"] == 8
+    # and into its own earlier output again (`--out` refuses only what bench did not write)
+    assert run_cli("bench", "--model", str(tiny_pixel_folder), "--steps", "6", "--methods", "fewer-steps", "--n", "2",
+                   "--time-n", "1", "--repeats", "1", "--device", "cpu", "--out", str(out)).returncode == 0
+    assert json.loads((out / "bench.json").read_text())["steps"] == 6
+
+
 def test_methods_runs_only_the_named_rows_and_dense(tiny_pixel_folder):
     from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
     from mosaic_core.conquer.caching import CacheConfig

@@ -7,6 +7,7 @@ import json
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mosaic_core import limits
@@ -126,6 +127,73 @@ def test_sample_refuses_bad_outputs_and_metrics_before_sampling(tiny_pixel_folde
     assert run(["sample", *model, "--metrics", "--n", "1", "--out", str(tmp_path / "ok.npz")]) == 2
     assert "--n of at least 2" in one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.npz"]  # nothing sampled, nothing written
+
+
+class WorkStarted(Exception):
+    """Raised by the stand-ins below: a command reached model or image work."""
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a model or reading images raises `WorkStarted` (not a ValueError, so the CLI does
+    not turn it into an error line): a refusal seen with this fixture came before any work."""
+
+    def refuse(*args, **kwargs):
+        raise WorkStarted("work started before --out was checked")
+
+    monkeypatch.setattr("mosaic_core.models.loading.load_model", refuse)
+    monkeypatch.setattr("mosaic_core.conquer.evaluation.load_image_set", refuse)
+
+
+def test_tune_and_eval_refuse_a_folder_as_out_before_any_work(tmp_path, no_work, capsys):
+    """`tune --out DIR` used to tune for minutes, then fail naming an internal temporary file;
+    `eval --out d.json` (a folder) likewise after computing. Both now stop at once, naming the path."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "d.json").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert run(["tune", "--model", "digits-dit", "--budget", "0.5", "--out", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert f"--out '{tmp_path / 'out'}' is a folder: give a file name" in line and ".tmp" not in line
+    np.savez(tmp_path / "gen.npz", images=np.zeros((2, 8, 8, 1), np.uint8), labels=np.zeros(2, np.int64))
+    for out, words in ((tmp_path / "d.json", "is a folder: give a file name"), (tmp_path / "d.txt", "must name a .json file")):
+        assert run(["eval", str(tmp_path / "gen.npz"), "--model", "digits-dit", "--out", str(out)]) == 2
+        line = one_error_line(capsys)
+        assert f"'{out}'" in line and words in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "gen.npz"])  # nothing written
+
+
+def test_bench_refuses_a_file_or_a_users_folder_before_any_work(tmp_path, no_work, capsys):
+    """`bench --out FILE` used to benchmark, then fail with "File exists"; `bench --out DIR` with the
+    user's own bench.md overwrote it. Both are refused first; an earlier bench's folder is still taken."""
+    import shutil
+
+    bench = ["bench", "--model", "digits-dit", "--sparsity", "0.3", "--n", "2"]
+    (tmp_path / "a-file").write_text("mine")
+    assert run([*bench, "--out", str(tmp_path / "a-file")]) == 2
+    line = one_error_line(capsys)
+    assert f"--out '{tmp_path / 'a-file'}' exists and is not a folder" in line and "earlier bench" in line
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "bench.md").write_text("my own notes")
+    (user / "bench.json").write_text(json.dumps({"mine": True}))  # not a report bench wrote
+    before = snapshot(tmp_path)
+    for argv in (bench, [*bench, "--random-weights"]):
+        assert run([*argv, "--out", str(user)]) == 2
+        line = one_error_line(capsys)
+        assert f"--out '{user}' already holds files this command did not write (bench.json, bench.md)" in line
+        assert "a new or empty folder, or one an earlier bench wrote" in line
+    assert snapshot(tmp_path) == before
+    # an earlier bench's folder (a shipped report, its samples, a killed write's leftover) passes the check...
+    earlier = tmp_path / "earlier"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "assets" / "bench" / "bench-0.3", earlier)
+    (earlier / "dense.npz").write_bytes(b"")
+    (earlier / ".bench.md.mosaic-999999-abc.tmp").write_bytes(b"")
+    with pytest.raises(WorkStarted):
+        run([*bench, "--out", str(earlier)])
+    # ...but not with a file of the user's beside it
+    (earlier / "notes.txt").write_text("mine")
+    assert run([*bench, "--out", str(earlier)]) == 2
+    assert "(notes.txt)" in one_error_line(capsys)
 
 
 def test_a_malformed_manifest_is_one_error_line(tiny_pixel_folder, tmp_path, capsys):

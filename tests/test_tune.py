@@ -70,6 +70,19 @@ def test_tune_cli_end_to_end(tiny_pixel_folder, tmp_path, capsys):
     assert dense_10["psnr"] == 100.0  # the reference itself (capped)
 
 
+def test_tune_takes_the_models_own_step_count_without_steps(tiny_pixel_folder, tmp_path, monkeypatch):
+    """`tune` without --steps used 50 for every model; it takes the model's own count, as `plan` does."""
+    from conftest import run_cli, with_default_steps
+
+    with_default_steps(monkeypatch, 8)
+    done = run_cli("tune", "--model", str(tiny_pixel_folder), "--budget", "0.5", "--steps-grid", "4", "--methods", "dense",
+                   "--images", "1", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["reference_steps"] == 8
+    assert [(p["steps"], p["macs_fraction"]) for p in result["points"]] == [(4, 0.5)]  # 4 of 8 dense steps
+
+
 def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     from ui.jobs import DONE, JobStatus
     from ui.prune_tab import TuneHandlers

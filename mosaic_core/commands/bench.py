@@ -6,14 +6,18 @@
     python -m mosaic_core bench --random-weights --model facebook/DiT-XL-2-256 --batch 2 --out out/xl   # no weights needed
 
 A benchmark times one device: under `accelerate launch` rank 0 runs it and the others exit.
+`--out` is new, empty, or a folder an earlier bench wrote (it holds that bench's bench.json);
+anything else is refused before the model loads, so a user's own bench.md is never overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from mosaic_core.cli import float_in, int_in
+from mosaic_core import limits
+from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.divide.stages import DEFAULT_M
 from mosaic_core.models.registry import DEFAULT_MODEL
 from mosaic_core.models.samplers import model_default_sampler
@@ -30,7 +34,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--sparsity", type=float, default=0.3, help="overall sparsity S in [0, 0.9] (default 0.3)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps N (default 50)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampler steps N (default: the model's own, as for plan: 50 for digits-dit, 28 for sd3-medium)")
     parser.add_argument("--n", type=int, default=200, help="images per method for quality (default 200, 20 per class); timing uses --time-n")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method, interleaved (default 5); with --random-weights, timed rounds per network")
     parser.add_argument("--time-n", type=int, default=8, help="images per timed run (default 8; quality uses --n)")
@@ -53,7 +58,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: fp32 on CPU, fp16 on CUDA)")
-    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),
+                        help="folder to write: new, empty, or one an earlier bench wrote (the files it writes again are replaced)")
     random = parser.add_argument_group(
         "timing at real size without weights",
         "--random-weights builds the model from its registry shapes with random weights (nothing is read) and times "
@@ -67,6 +73,40 @@ def register(subparsers) -> None:
     random.add_argument("--compile", action="store_true", help="torch.compile every network (the warm-up call compiles)")
     random.add_argument("--profile-stages", action="store_true", help="also time attention, MLP and the unprunable rest of every network (seconds per call)")
     parser.set_defaults(func=run)
+
+
+BENCH_FILES = ("bench.json", "bench.md", "profile.json")  # besides <method>.npz
+BENCH_OUT_ALLOWED = "a new or empty folder, or one an earlier bench wrote (it holds bench.json)"
+_MAX_REPORT_BYTES = 64 << 20  # a bench.json is a few kB; a larger file is not one
+
+
+def is_bench_report(path: Path) -> bool:
+    """Whether `path` is a bench.json that `bench` wrote: a JSON object with its model and its rows (or plans)."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_REPORT_BYTES:
+            return False
+        report = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(report, dict) and "model" in report and ("methods" in report or report.get("mode") == "random-weights")
+
+
+def check_bench_folder(out: str) -> Path:
+    """The --out folder bench may write (`atomic.check_output_folder`), or ValueError before any work.
+
+    A folder holding an earlier bench's bench.json is bench's own: its bench.json, bench.md,
+    profile.json, <method>.npz and temporary leftovers are replaced or kept; any other entry, or
+    any entry at all without that bench.json, is the user's and the folder is refused.
+    """
+    from mosaic_core.atomic import check_output_folder, is_temporary_name
+
+    earlier = is_bench_report(Path(out).expanduser() / "bench.json")
+
+    def owns(entry: Path) -> bool:
+        mine = entry.name in BENCH_FILES or entry.suffix == ".npz" or is_temporary_name(entry.name)
+        return earlier and mine and entry.is_file() and not entry.is_symlink()
+
+    return check_output_folder(out, owns, "--out", allowed=BENCH_OUT_ALLOWED)
 
 
 def parse_sparsities(text: str) -> tuple[float, ...]:
@@ -96,8 +136,8 @@ def command_line() -> str:
     return "python -m mosaic_core " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def run_random(args: argparse.Namespace) -> int:
-    """`bench --random-weights`: time dense against staged plans on random weights of the real shapes."""
+def run_random(args: argparse.Namespace, out: Path) -> int:
+    """`bench --random-weights`: time dense against staged plans on random weights of the real shapes, written to `out`."""
     from tqdm import tqdm
 
     from mosaic_core.atomic import write_bytes, write_json
@@ -111,7 +151,7 @@ def run_random(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     spec = resolve_model(args.model)
     config = RandomBenchConfig(
-        sparsities=parse_sparsities(args.sparsities), num_inference_steps=args.steps, batch=args.batch,
+        sparsities=parse_sparsities(args.sparsities), num_inference_steps=steps_of(args, spec), batch=args.batch,
         calls=args.calls, repeats=args.repeats, seed=args.seed, M=args.M, lam=args.lam, scheduler=args.scheduler or model_default_sampler(spec),
         compile=args.compile, unit_multiple=args.unit_multiple or 1,
     )
@@ -126,7 +166,6 @@ def run_random(args: argparse.Namespace) -> int:
             bar.refresh()
 
         result = run_to_end(random_bench_steps(spec, config, device, dtype), show)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", result.to_dict())
     table = random_markdown_table(result)
@@ -142,10 +181,16 @@ def run_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def steps_of(args: argparse.Namespace, spec) -> int:
+    """--steps, or the model's own default count (`ModelSpec.default_steps`, as `plan` takes it)."""
+    return spec.default_steps if args.steps is None else args.steps
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark with a progress bar and write its files."""
+    out = check_bench_folder(args.out)  # before any work: never bench for nothing, never overwrite a user's files
     if args.random_weights:
-        return run_random(args)
+        return run_random(args, out)
     if args.compile:
         raise ValueError("--compile is supported with --random-weights (timing only) for now; drop it or add --random-weights")
     if args.profile_stages:
@@ -172,16 +217,17 @@ def run(args: argparse.Namespace) -> int:
 
     methods, cache, cache_dit = parse_methods(args.methods), parse_cache(args.cache), parse_dbcache(args.cache_dit)  # validate first
     spec = resolve_model(args.model)
+    steps = steps_of(args, spec)
     scheduler = args.scheduler or model_default_sampler(spec)
-    build_plan(spec, args.steps, args.M, args.lam, sparsity=args.sparsity, scheduler=scheduler)
+    build_plan(spec, steps, args.M, args.lam, sparsity=args.sparsity, scheduler=scheduler)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     source = args.calib_source or default_calibration_source(loaded.spec)
     config = BenchConfig(
         sparsity=args.sparsity,
-        num_inference_steps=args.steps,
+        num_inference_steps=steps,
         num_images=args.n,
         repeats=args.repeats,
-        reduced_steps=(20 if args.steps > 20 else None) if args.reduced_steps is None else (args.reduced_steps or None),
+        reduced_steps=(20 if steps > 20 else None) if args.reduced_steps is None else (args.reduced_steps or None),
         guidance_scale=args.cfg,
         scheduler=scheduler,
         seed=args.seed,
@@ -204,7 +250,6 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_to_end(bench_steps(loaded, config), show)
     result.command = command_line()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for method in result.results:
         save_samples(out / f"{method.name}.npz", method.images, method.labels)

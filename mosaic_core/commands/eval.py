@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from mosaic_core.atomic import write_json
+    from mosaic_core.atomic import check_output_file, write_json
     from mosaic_core.conquer import evaluation
     from mosaic_core.distributed import current_processes, process_device
     from mosaic_core.jobs import run_to_end
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.out is not None and not args.out.endswith(".json"):
-        raise ValueError(f"--out must name a .json file, got '{args.out}'")
+    out = None if args.out is None else check_output_file(args.out, "--out", suffix=".json")  # a .json file, not a folder
     metrics = parse_metrics(args.metric, args.model, args.reference is not None, args.prompts is not None)
     inception = None
     if {"fid", "is"} & set(metrics):
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     shown = {k: v for k, v in results.items() if isinstance(v, float)}
     print(" | ".join(f"{name} {value:.4f}" for name, value in shown.items()) + f"  ({results['count']} images)")
-    if args.out:
-        write_json(args.out, json.loads(json.dumps(results)))
-        print(f"wrote {args.out}")
+    if out is not None:
+        write_json(out, json.loads(json.dumps(results)))
+        print(f"wrote {out}")
     return 0

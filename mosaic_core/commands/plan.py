@@ -39,7 +39,7 @@ def parse_stage_sparsity(text: str) -> tuple[float, float, float]:
 def parse_edges(text: str) -> tuple[int, int]:
     """'LO,HI' -> (LO, HI) as ints; ValueError naming the text when it is not 2 whole numbers.
 
-    The range check (0 <= LO <= HI < T) is the engine's, in `build_plan`.
+    The range check (0 <= LO <= HI < T, the model's training timesteps) is the engine's, in `build_plan`.
     """
     parts = [part.strip() for part in str(text).split(",")]
     try:
@@ -49,7 +49,7 @@ def parse_edges(text: str) -> tuple[int, int]:
     if len(values) != 2:
         raise ValueError(
             f"--edges must be 2 comma-separated whole numbers LO,HI (the middle stage in training timesteps, "
-            f"0 <= LO <= HI < T), got '{text}'"
+            f"0 <= LO <= HI < the model's training timesteps), got '{text}'"
         )
     return values  # type: ignore[return-value]
 
@@ -177,12 +177,14 @@ def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = T
         help=f"registry name or diffusers folder (default {DEFAULT_MODEL})",
     )
     parser.add_argument(
-        "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampler steps (default: the model's, 50)"
+        "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None,
+        help="sampler steps (default: the model's own: 50 for digits-dit and DiT, 28 for sd3-medium, 20 for pixart-sigma, 4 for flux-schnell)",
     )
     parser.add_argument("--M", type=float_in("--M", 0.0, 1.0), default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
     parser.add_argument(
         "--edges", default=None, metavar="LO,HI", type=text_of("--edges", 200),
-        help="set the middle stage [LO, HI] by hand, in training timesteps (0 <= LO <= HI < T), instead of from --M",
+        help="set the middle stage [LO, HI] by hand, in training timesteps (0 <= LO <= HI < T, the model's count, "
+        "e.g. 1000), instead of from --M",
     )
     parser.add_argument("--lam", type=float_in("--lam", -1e6, 1e6), default=DEFAULT_LAM, help=f"weight of ln SNR in the score (default {DEFAULT_LAM})")
     if sparsity_group:

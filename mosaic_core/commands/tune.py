@@ -78,7 +78,8 @@ def register(subparsers) -> None:
                         help="fraction of the dense MACs at --steps, in (0, 1]; several are tuned in turn, the later ones predicted")
     target.add_argument("--speedup", type=_several(float_in("--speedup", 1.0, 1000.0)), default=None, metavar="K[,K2,...]",
                         help="ideal speed-up over dense at --steps (budget = 1/speedup); several as for --budget")
-    parser.add_argument("--steps-grid", type=_steps_grid, default=None, help="step counts to try (default 20 %%, 30 %%, ..., 100 %% of --steps: 10,15,...,50 of 50)")
+    parser.add_argument("--steps-grid", type=_steps_grid, default=None,
+                        help="step counts to try (default 20 %%, 30 %%, ..., 100 %% of --steps, e.g. 10,15,...,50 of 50)")
     parser.add_argument("--images", type=int_in("--images", 1, 256), default=4, help="validation images (default 4)")
     parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 30.0), default=None, help="guidance scale of the dense reference (default: the model's)")
     parser.add_argument("--cfg-grid", type=_cfg_grid, default=(), metavar="G1,G2,...",
@@ -97,7 +98,8 @@ def register(subparsers) -> None:
                         help="keep Hessians and sampled points under DIR (the studio's is cache/): a later tune of the same "
                         "model and settings gathers no Hessians and predicts from its first budget")
     parser.add_argument("--time", action="store_true", help="add the measured sampling seconds of each point to the table")
-    parser.add_argument("--out", default=None, metavar="FILE", type=text_of("--out", limits.MAX_PATH_LENGTH), help="write the result as JSON")
+    parser.add_argument("--out", default=None, metavar="FILE", type=text_of("--out", limits.MAX_PATH_LENGTH),
+                        help="write the result as JSON to FILE (not a folder; checked before tuning starts)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.set_defaults(func=run)
 
@@ -141,14 +143,15 @@ def run(args: argparse.Namespace) -> int:
     prints and writes one result object; several print one JSON object per line and write
     {"results": [...]}.
     """
-    from mosaic_core.atomic import write_json
+    from mosaic_core.atomic import check_output_file, write_json
     from mosaic_core.conquer.tune import DEFAULT_METHODS, check_budget, tune
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
 
+    out = check_output_file(args.out, "--out") if args.out else None  # before any work: never tune for nothing
     spec = resolve_model(args.model)
     budgets = [check_budget(b) for b in args.budget] if args.budget is not None else [check_budget(1.0 / k) for k in args.speedup]
-    steps = args.steps or 50
+    steps = spec.default_steps if args.steps is None else args.steps  # the model's own, as `plan` takes it
     grid = args.steps_grid  # None: default_steps_grid(steps)
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     config = prune_config_from_args(args, spec, loaded.device)
@@ -174,6 +177,6 @@ def run(args: argparse.Namespace) -> int:
         if saved is not None:
             save_memo_points(memo, saved)
         print(json.dumps(results[-1]) if args.json else format_tune(result, args.time) + ("\n" if index < len(budgets) - 1 else ""), flush=True)
-    if args.out:
-        write_json(args.out, results[0] if len(results) == 1 else {"results": results})
+    if out is not None:
+        write_json(out, results[0] if len(results) == 1 else {"results": results})
     return 0
