@@ -108,7 +108,7 @@ class PlanRequest:
 
         `stage_sparsity` (3 numbers) wins over `sparsity`, as in the studio's "Set per stage".
         `edges` [LO, HI] (whole training timesteps) sets the middle stage by hand instead of M;
-        the bound HI < T is checked when the model is known, in `build_plan`.
+        their range 0 <= LO <= HI < T is checked when the model (so T) is known, in `build_plan`.
         """
         name = model_name(model, folder)
         if sampler is not None and not isinstance(sampler, str):

@@ -207,6 +207,25 @@ def _tiny_clip_folder(folder: Path) -> Path:
     return folder
 
 
+def test_clip_refuses_a_text_encoder_folder_in_one_line(tmp_path):
+    """--clip given a pipeline's text_encoder/ (a CLIPTextModel, no vision tower) used to end in a
+    transformers traceback; it is one line naming what the folder holds and what is needed."""
+    from conftest import run_cli
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = tmp_path / "text_encoder"
+    CLIPTextModel(CLIPTextConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=8)).save_pretrained(encoder)
+    np.savez(tmp_path / "gen.npz", images=np.zeros((2, 16, 16, 3), np.uint8), labels=np.zeros(2, np.int64))
+    (tmp_path / "prompts.txt").write_text("a red fox\n")
+    done = run_cli("eval", str(tmp_path / "gen.npz"), "--metric", "clip", "--clip", str(encoder),
+                   "--prompts", str(tmp_path / "prompts.txt"), "--device", "cpu")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: --clip {encoder} holds model_type 'clip_text_model', not a full CLIP model")
+    assert 'model_type "clip", a vision and a text tower' in line
+
+
 @pytest.mark.slow  # two eval processes that import transformers
 def test_clip_score_command_equals_cosines_of_the_models_own_towers(tmp_path):
     from transformers import AutoTokenizer, CLIPModel

@@ -95,7 +95,8 @@ def test_bad_edges_are_refused_naming_them(edges, shown):
 
 def test_check_edges_accepts_whole_floats_and_numpy_integers():
     assert check_edges((np.int64(3), 7.0), 1000) == (3, 7)
-    assert check_edges([10**30, 10**30], None) == (10**30, 10**30)  # T unknown: only the order is checked
+    assert check_edges([10**30, 10**30], None) == (10**30, 10**30)  # T unknown: only the form is checked
+    assert check_edges([600, 150], None) == (600, 150)  # the range waits for T, so that its message can give T
 
 
 def test_requests_carry_the_edges():
@@ -107,8 +108,10 @@ def test_requests_carry_the_edges():
     assert PlanRequest.from_controls(*controls).edges is None
     assert PlanRequest.from_controls(*controls, "").edges is None
     assert PlanRequest.from_controls(*controls, [150, 600]).edges == (150, 600)
-    with pytest.raises(ValueError, match=r"stage edges .* < T .*got 600,150"):
-        PlanRequest.from_values(MODEL, edges=[600, 150])
+    with pytest.raises(ValueError, match=r"stage edges must be 2 whole numbers LO,HI with 0 <= LO <= HI < 1000 .*got 600,150"):
+        PlanRequest.from_values(MODEL, edges=[600, 150]).plan()
+    with pytest.raises(ValueError, match=r"stage edges must be 2 whole numbers LO,HI with 0 <= LO <= HI < the model's training timesteps, got \(5,\)"):
+        PlanRequest.from_values(MODEL, edges=(5,))  # the form is checked at once
     with pytest.raises(ValueError, match=r"< 1000 .*got 150,5000"):
         PlanRequest.from_values(MODEL, edges=[150, 5000]).plan()
 
@@ -126,7 +129,11 @@ def test_cli_edges(capsys):
 
 @pytest.mark.parametrize(
     "value, shown",
-    [("150", "got '150'"), ("a,b", "got 'a,b'"), ("1.5,3", "got '1.5,3'"), ("600,150", "got 600,150"), ("0,1000", "got 0,1000")],
+    [
+        ("150", "got '150'"), ("a,b", "got 'a,b'"), ("1.5,3", "got '1.5,3'"), ("0,1000", "HI < 1000 (training timesteps), got 0,1000"),
+        # out of order: the same message with T's value, never a literal "HI < T"
+        ("600,150", "HI < 1000 (training timesteps), got 600,150"), ("900,100", "HI < 1000 (training timesteps), got 900,100"),
+    ],
 )
 def test_cli_bad_edges_are_one_clear_line(capsys, value, shown):
     from mosaic_core.cli import main
@@ -135,6 +142,7 @@ def test_cli_bad_edges_are_one_clear_line(capsys, value, shown):
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "edges" in lines[0] and shown in lines[0]
+    assert "< T" not in lines[0]
     assert captured.out == ""
 
 

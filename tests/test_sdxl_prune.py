@@ -60,8 +60,13 @@ def test_folder_calibration_encodes_the_images_with_the_vae(sdxl, tmp_path):
     torch.testing.assert_close(clean.x0[0:1], expected)
     torch.testing.assert_close(clean.x0[2:3], expected)  # the folder is cycled
     assert clean.labels.batch_size == 3
-    with pytest.raises(ValueError, match="has no .png"):
+    with pytest.raises(ValueError, match=r"calibration folder '.*none' does not exist: give folder:PATH of an existing folder"):
         clean_inputs(sdxl, CalibrationConfig(size=1, source=f"folder:{tmp_path / 'none'}"))
+    with pytest.raises(ValueError, match=r"calibration folder '.*0\.png' is not a folder"):
+        clean_inputs(sdxl, CalibrationConfig(size=1, source=f"folder:{tmp_path / '0.png'}"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"calibration folder '.*empty' has no \.png"):
+        clean_inputs(sdxl, CalibrationConfig(size=1, source=f"folder:{tmp_path / 'empty'}"))
 
 
 @pytest.mark.slow

@@ -253,13 +253,37 @@ def read_prompts(path: str | Path, count: int) -> list[str]:
 
 
 def clip_folder(folder: str | Path | None) -> Path:
-    """The local CLIP folder, or one ValueError line saying where to put it (nothing is downloaded)."""
+    """The local folder of a full CLIP model, or one ValueError line saying what to put there (nothing is downloaded).
+
+    The CLIP score needs both towers, so a folder holding only a text encoder (a diffusion
+    pipeline's `text_encoder/`, model_type "clip_text_model") is refused here, naming what it holds.
+    """
+    import json
+
+    from mosaic_core import limits
+
     folder = Path(folder) if folder else None
     if folder is None or not (folder / "config.json").is_file():
         raise ValueError(
             f"CLIP weights not found{f' in {folder}' if folder else ''}: pass --clip FOLDER, a local transformers CLIP "
             f"folder (config.json, model.safetensors, tokenizer files; e.g. a copy of openai/clip-vit-large-patch14); "
             f"nothing is downloaded"
+        )
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_bytes()) if config_file.stat().st_size <= limits.MAX_CONFIG_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        config = None
+    found = config.get("model_type") if isinstance(config, dict) else None
+    towers = isinstance(config, dict) and all(isinstance(config.get(key), dict) for key in ("vision_config", "text_config"))
+    if found != "clip" or not towers:
+        if not isinstance(config, dict):
+            what = "an unreadable config.json"
+        else:
+            what = f"model_type {limits.shown(found)}" + (" without both a vision and a text tower" if found == "clip" else "")
+        raise ValueError(
+            f"--clip {folder} holds {what}, not a full CLIP model: give the folder of one (config.json with "
+            f'model_type "clip", a vision and a text tower; e.g. a copy of openai/clip-vit-large-patch14)'
         )
     return folder
 

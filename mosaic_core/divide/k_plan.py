@@ -161,8 +161,10 @@ def build_k_plan(
 ) -> KStagePlan:
     """The K-stage plan of `model` (a registry name, folder or `ModelSpec`); see the module docstring.
 
-    ValueError for a UNet (its levels differ per block: one head and unit count per stage
-    does not describe it) and for a K the trajectory cannot hold.
+    ValueError for a model whose cost is priced layer by layer (`BlockwiseShape`: a UNet, whose
+    levels differ per block, and the text-to-image transformers with cross or joint attention;
+    one head and unit count per stage does not describe them) and for a K the trajectory
+    cannot hold.
     """
     from mosaic_core.divide.plan import build_plan
     from mosaic_core.models.registry import resolve_model
@@ -172,8 +174,8 @@ def build_k_plan(
     spec = resolve_model(model) if isinstance(model, str) else model
     if not isinstance(spec.shape, TransformerShape):
         raise ValueError(
-            f"a K-stage plan needs a transformer with one head count and one MLP width in every block (DiT, PixArt); "
-            f"'{spec.name}' is not one: use 3 stages"
+            f"a K-stage plan needs a DiT-style transformer (one self-attention and one MLP per block, the same sizes in "
+            f"every block, like digits-dit and facebook/DiT-XL-2-256); '{spec.name}' is not one: use 3 stages"
         )
     scheduler = model_default_sampler(spec) if scheduler is None else scheduler
     steps = spec.default_steps if num_inference_steps is None else num_inference_steps

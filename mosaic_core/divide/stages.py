@@ -72,11 +72,14 @@ EDGE_SOURCES = ("M", "manual")  # where a plan's stage edges came from: the thre
 def check_edges(edges, num_train_timesteps: int | None) -> tuple[int, int]:
     """(τ_lo, τ_hi) as ints, the inclusive middle stage set by hand (docs/method.md §12.1).
 
-    Raises ValueError unless `edges` is two whole numbers with 0 <= τ_lo <= τ_hi < T (T not
-    checked when `num_train_timesteps` is None: the model is not known yet).
+    Raises ValueError unless `edges` is two whole numbers with 0 <= τ_lo <= τ_hi < T. When
+    `num_train_timesteps` is None (the model is not known yet) only the form is checked: the
+    range is checked once T is known (`build_plan`), so its message can give T's value.
     """
-    bound = "T" if num_train_timesteps is None else str(num_train_timesteps)
-    allowed = f"2 whole numbers LO,HI with 0 <= LO <= HI < {bound} (training timesteps)"
+    if num_train_timesteps is None:
+        allowed = "2 whole numbers LO,HI with 0 <= LO <= HI < the model's training timesteps"
+    else:
+        allowed = f"2 whole numbers LO,HI with 0 <= LO <= HI < {num_train_timesteps} (training timesteps)"
     if isinstance(edges, (str, bytes, dict, set)) or not hasattr(edges, "__len__") or len(edges) != 2:
         raise ValueError(f"stage edges must be {allowed}, got {shown(edges)}")
     values = []
@@ -91,7 +94,7 @@ def check_edges(edges, num_train_timesteps: int | None) -> tuple[int, int]:
             raise ValueError(f"stage edges must be {allowed}, got {shown(edges)}")
         values.append(int(number))
     low, high = values
-    if not 0 <= low <= high < (math.inf if num_train_timesteps is None else num_train_timesteps):
+    if num_train_timesteps is not None and not 0 <= low <= high < num_train_timesteps:
         raise ValueError(f"stage edges must be {allowed}, got {low},{high}")
     return low, high
 

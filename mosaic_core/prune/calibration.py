@@ -148,6 +148,9 @@ def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
     from mosaic_core.conquer.sampling import vae_shift
 
     folder = Path(config.source[len("folder:") :]).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"calibration folder '{folder}' {what}: give folder:PATH of an existing folder of .png/.jpg/.jpeg/.webp/.bmp images")
     files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
     if not files:
         raise ValueError(f"calibration folder '{folder}' has no .png/.jpg/.jpeg/.webp/.bmp images")
