@@ -29,6 +29,8 @@ shape field where it contradicts the shipped config is shown with both values.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -169,6 +171,7 @@ def _transformer_entry(name: str, description: str, hub_id: str, default_steps: 
     fields = adapter.spec_fields(config, folder)
     if default_cfg is not None:
         fields["default_cfg"] = default_cfg
+    fields.pop("default_steps", None)  # the entry's own count wins
     return ModelSpec(
         name=name,
         description=description,
@@ -240,6 +243,40 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _Unusable
     return value
+
+
+@functools.lru_cache(maxsize=32)
+def _call_defaults(pipeline_class: str) -> tuple[tuple[str, Any], ...]:
+    """(("default_steps", N), ("default_cfg", g)) from a diffusers pipeline's own `__call__`
+    defaults (StableDiffusion3Pipeline: 28 steps, 7.0), the values a user of that pipeline gets."""
+    import diffusers
+
+    try:
+        call = getattr(diffusers, pipeline_class).__call__
+        parameters = inspect.signature(call).parameters
+    except (AttributeError, ImportError, TypeError, ValueError, RuntimeError):
+        return ()
+    found = []
+    for key, field_name, kind in (("num_inference_steps", "default_steps", int), ("guidance_scale", "default_cfg", float)):
+        value = parameters[key].default if key in parameters else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            found.append((field_name, kind(value)))
+    return tuple(found)
+
+
+def _pipeline_defaults(folder: Path) -> dict[str, Any]:
+    """The step count and guidance scale of the pipeline a folder's model_index.json names, or {}
+    (no model_index.json, or a class that is not a diffusers pipeline)."""
+    index = folder / "model_index.json"
+    if not _is_file(index):
+        return {}
+    try:
+        name = _read_json(index).get("_class_name")
+    except _Unusable:
+        return {}
+    if not isinstance(name, str) or not name.isidentifier() or not name.endswith("Pipeline") or len(name) > 80:
+        return {}
+    return dict(_call_defaults(name))
 
 
 def _is_file(path: Path) -> bool:
@@ -548,5 +585,15 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         source="folder",
         path=str(folder),
         family=adapter.name,
-        **{"default_cfg": 5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg, **fields},  # a family may set its own
+        **_folder_defaults(adapter, folder, fields),
     )
+
+
+def _folder_defaults(adapter, folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """A local folder's spec fields with its defaults: what its family's adapter sets wins (Flux:
+    no CFG, schnell's 4 steps), then its pipeline's own step count and, for text models, guidance
+    (`_pipeline_defaults`), then 50 steps and CFG 5.0 (text) or 1.5 (class labels)."""
+    own = _pipeline_defaults(folder)
+    if adapter.conditioning != "text":
+        own.pop("default_cfg", None)  # DiTPipeline's 4.0 is not what class-conditional FID is measured at
+    return {"default_cfg": 5.0 if adapter.conditioning == "text" else ModelSpec.default_cfg, **own, **fields}

@@ -88,11 +88,25 @@ def is_flow_sampler(name: str) -> bool:
     return check_scheduler_name(name) in FLOW_SAMPLERS
 
 
+# A model's own scheduler class -> the sampler that runs it as its pipeline does. DDPM is left
+# out: a DDPMScheduler pipeline samples 1000 steps, and at the step counts used here DDIM is its
+# deterministic equivalent.
+OWN_SAMPLERS: Mapping[str, str] = {
+    "DDIMScheduler": "ddim",
+    "DPMSolverMultistepScheduler": "dpm",
+    "EulerDiscreteScheduler": "euler",
+}
+
+
 def default_sampler(scheduler_config: Mapping[str, Any]) -> str:
-    """The sampler a model's schedule takes by default: `flow-euler` for flow matching, else `ddim`."""
+    """The sampler a model's schedule takes by default: `flow-euler` for flow matching, else the
+    one its own scheduler class names (`OWN_SAMPLERS`: PixArt's DPM-Solver, SDXL's Euler), else `ddim`."""
     from mosaic_core.divide.flow_schedule import is_flow_matching
 
-    return DEFAULT_FLOW_SCHEDULER if is_flow_matching(scheduler_config) else DEFAULT_SCHEDULER
+    if is_flow_matching(scheduler_config):
+        return DEFAULT_FLOW_SCHEDULER
+    own = dict(scheduler_config).get("_class_name")
+    return OWN_SAMPLERS.get(own, DEFAULT_SCHEDULER) if isinstance(own, str) else DEFAULT_SCHEDULER
 
 
 def model_default_sampler(spec) -> str:

@@ -240,6 +240,9 @@ class FluxAdapter(FamilyAdapter):
             "default_cfg": 1.0,
             # 2×2-packed latent tokens: the μ of FluxPipeline's dynamically shifted σ (4096 at 1024²)
             "image_seq_len": (latent_size // 2) ** 2,
+            # without guidance_embeds the model is timestep-distilled (FLUX.1-schnell): 4 steps, as
+            # its model card samples, not FluxPipeline's 28 (which are FLUX.1-dev's)
+            **({} if config.get("guidance_embeds", False) else {"default_steps": 4}),
         }
 
     def load_extras(self, root: Path, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
