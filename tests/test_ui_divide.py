@@ -113,7 +113,9 @@ def test_plan_endpoint_takes_the_models_own_step_count_when_none_is_named(client
     assert got["num_inference_steps"] == steps and len(got["timesteps"]) == steps
 
 
-@pytest.mark.parametrize("model, sampler", [("sd3-medium", "flow-euler"), ("flux-schnell", "flow-euler-1/n"), (MODEL, "ddim")])
+@pytest.mark.parametrize(
+    "model, sampler", [("sd3-medium", "flow-euler"), ("flux-schnell", "flow-euler-1/n"), ("pixart-sigma", "dpm"), ("sdxl-base", "euler"), (MODEL, "ddim")],
+)
 def test_plan_endpoint_takes_the_models_own_sampler_when_none_is_named(client, model, sampler):
     # SD3's FlowMatchEulerDiscreteScheduler, Flux's 1/n sigmas (FluxPipeline), DDIM for DiT
     got = client.predict(model=model, steps=4, sparsity=0.3, api_name="/plan")
@@ -196,6 +198,22 @@ def test_nan_lambda_is_an_error_naming_the_value(studio_url, api_name):
 def _controls(model: str = MODEL, folder: str = "", sampler: str = "ddim", steps: int = 50) -> list:
     """The Divide controls in order: model, folder, sampler, steps, M, λ, c_x, sparsity, per stage, 3 stage values."""
     return [model, folder, sampler, steps, 0.55, 0.01, 1.0, 0.3, False, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "model, sampler, steps",
+    [("pixart-sigma", "dpm", 20), ("sd3-medium", "flow-euler", 28), ("flux-schnell", "flow-euler-1/n", 4), (MODEL, "ddim", 50)],
+)
+def test_picking_a_model_takes_its_own_sampler_and_step_count(studio_engine, model, sampler, steps):
+    """As the CFG box takes the model's scale: PixArtSigmaPipeline samples DPM-Solver at 20 steps,
+    StableDiffusion3Pipeline flow Euler at 28, FLUX.1-schnell 4, whatever the boxes held before."""
+    from ui.divide_tab import DivideHandlers
+
+    got = DivideHandlers(studio_engine).select_model(*_controls(model=model, sampler="ddim", steps=250), [100, 200])
+    assert (got[3]["value"], got[4]["value"]) == (sampler, steps)
+    assert got[5] is None  # hand-set edges go back to M's
+    expected = build_plan(model, steps, 0.55, 0.01, sparsity=0.3, scheduler=sampler)
+    assert got[9]["timesteps"] == expected.to_dict()["timesteps"]  # the plan shown is of those settings
 
 
 def _array(value) -> list[float]:

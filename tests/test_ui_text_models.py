@@ -235,6 +235,13 @@ def test_pick_the_sdxl_type_a_prompt_and_compare_in_the_browser(studio, sdxl_pru
             assert not page.locator("#mosaic-compare-labels").is_visible()
             assert page.locator("#mosaic-compare-negative").is_visible()
             page.wait_for_function("() => document.querySelector('#mosaic-status')?.textContent.includes('weights present')")
+            # picking the model took its own sampler (its scheduler config: EulerDiscreteScheduler), as its pipeline
+            page.wait_for_function(
+                "() => document.querySelector('#mosaic-stage-table caption')?.textContent.includes('euler')", timeout=30_000,
+            )
+            sampler = page.get_by_label("Sampler", exact=True)  # back to the sampler the module's prune used
+            sampler.click()
+            page.get_by_role("option", name="ddim", exact=True).click()
             _set_number(page, "Steps", STEPS)
             _set_number(page, "Calibration images per stage", 16)
             page.wait_for_function(

@@ -46,7 +46,7 @@ from gradio.components.plot import PlotData
 
 from mosaic_core.divide.flow_schedule import is_flow_matching
 from mosaic_core.divide.plan import Plan
-from mosaic_core.models.samplers import check_sampler_fits, model_default_sampler
+from mosaic_core.models.samplers import model_default_sampler
 from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import charts, settings
@@ -174,18 +174,10 @@ class DivideHandlers:
         self._revision = itertools.count(1)
 
     # ----- plans ------------------------------------------------------------------------------
-    def _plan(self, *controls, fit_sampler: bool = False):
-        """(spec, plan) of the Divide controls, through the one `PlanRequest` the API and CLI use too.
-
-        `fit_sampler` (a model was picked): a sampler that does not fit the model's schedule
-        (DDPM-family vs flow matching) is replaced by the schedule's default one."""
+    def _plan(self, *controls):
+        """(spec, plan) of the Divide controls, through the one `PlanRequest` the API and CLI use too."""
         request = PlanRequest.from_controls(*controls)
         spec = self.engine.resolve(request.model)
-        if fit_sampler and request.sampler is not None:
-            try:
-                check_sampler_fits(request.sampler, spec.scheduler_config)
-            except ValueError:
-                request = dataclasses.replace(request, sampler=model_default_sampler(spec))
         return spec, request.build(spec)
 
     def _render(self, spec, plan: Plan) -> tuple:
@@ -255,8 +247,12 @@ class DivideHandlers:
     @user_errors
     def select_model(self, *controls):
         """A model was picked (or the page loaded): its status, c_x hint, trajectory button, the sampler
-        (switched to one that fits the model's schedule), edges back to M's, and the plan."""
-        spec, plan = self._plan(*controls[: len(CONTROL_NAMES)], fit_sampler=True)
+        and step count (the model's own, as its pipeline samples: PixArt-Σ DPM-Solver at 20, SD3 flow
+        Euler at 28; as the CFG box takes the model's scale), edges back to M's, and the plan."""
+        request = PlanRequest.from_controls(*controls[: len(CONTROL_NAMES)])
+        spec = self.engine.resolve(request.model)
+        request = dataclasses.replace(request, sampler=model_default_sampler(spec), steps=spec.default_steps)
+        plan = request.build(spec)
         status = self.engine.status(spec)
         measured = self.engine.measured_cx(spec)
         cx_info = CX_INFO if measured is None else f"{CX_INFO}; measured on its training images: {measured:.3f}"
@@ -265,6 +261,7 @@ class DivideHandlers:
             gr.update(info=cx_info),
             gr.update(interactive=status.weights_present),
             gr.update(value=plan.scheduler),
+            gr.update(value=plan.num_inference_steps),
             None,
             *self._render(spec, plan),
         )
@@ -478,7 +475,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     edge_drag_box.change(
         handlers.drag_edges, inputs=[edge_drag_box, *controls], outputs=[edges_state, *outputs], api_visibility="private", **quiet
     )
-    model_outputs = [status, cx, trace_button, sampler, edges_state, *outputs]
+    model_outputs = [status, cx, trace_button, sampler, steps, edges_state, *outputs]
     gr.on(
         [model.input, folder.submit], handlers.select_model, inputs=controls, outputs=model_outputs,
         api_visibility="private", **quiet,
