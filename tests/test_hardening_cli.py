@@ -282,3 +282,27 @@ def test_prune_cache_reuses_the_analyses_and_writes_the_same_networks(tiny_pixel
     assert networks and all(cached[name] == fresh[name] for name in networks)
     assert run([*model, "--sparsity", "0.3", "--stages", "4", "--cache", str(cache), "--out", str(tmp_path / "d")]) == 2
     assert "--cache keeps three-stage analyses" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "model, extra, words",
+    [
+        ("flux-schnell", ["--prompt", "a cat", "--negative-prompt", "blur"], "is guidance-distilled (Flux): it runs no unconditional branch for --negative-prompt"),
+        ("flux-schnell", ["--prompt", "a cat", "--cfg", "2"], "--cfg must be 1 for model 'flux-schnell', got 2"),
+        ("sd3-medium", ["--prompt", "  "], "is text-to-image: give --prompt"),
+        ("sd3-medium", [], "is text-to-image: give --prompt"),
+        ("digits-dit", ["--prompt", "a seven"], "is class-conditional: --prompt is for text-to-image models"),
+        ("digits-dit", ["--negative-prompt", "blur"], "is class-conditional: --negative-prompt is for text-to-image models"),
+    ],
+)
+def test_sample_refuses_conditioning_the_model_cannot_take_before_it_loads(tmp_path, no_work, capsys, model, extra, words):
+    """These were found after loading the model (minutes for a real checkpoint), and Flux's
+    negative prompt was refused in the engine's words ("negative_prompt"), not the flag's."""
+    assert run(["sample", "--model", model, "--n", "1", "--out", str(tmp_path / "x.npz"), *extra]) == 2
+    assert words in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tune_refuses_edges_out_of_range_before_any_work(no_work, capsys):
+    assert run(["tune", "--model", "digits-dit", "--budget", "0.5", "--edges", "600,150"]) == 2
+    assert "HI < 1000 (training timesteps), got 600,150" in one_error_line(capsys)

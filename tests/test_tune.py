@@ -498,3 +498,26 @@ def test_cache_dit_is_refused_by_name_for_other_families_and_its_points_survive_
     path = tmp_path / "memo.json"
     assert save_memo_points({key: point}, path) == 1
     assert load_memo_points(path) == {key: point}
+
+
+@pytest.mark.slow
+def test_tune_keeps_hand_set_edges_in_every_candidate(tiny_pixel_folder):
+    """`tune --edges` was accepted and ignored: every plan came from M. Each pruned candidate is
+    now the plan `plan --edges` builds at its steps and sparsity."""
+    from conftest import run_cli
+
+    from mosaic_core.divide.plan import build_plan
+
+    edges = (300, 800)
+    done = run_cli("tune", "--model", str(tiny_pixel_folder), "--steps", "10", "--steps-grid", "10", "--budget", "0.6",
+                   "--methods", "paper", "--edges", "300,800", "--calib-size", "8", "--calib-batch-size", "8",
+                   "--images", "1", "--device", "cpu", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["edges"] == list(edges)
+    (point,) = [p for p in result["points"] if p["allocation"] == "paper"]
+    by_hand = build_plan(str(tiny_pixel_folder), 10, sparsity=point["target_sparsity"], edges=edges)
+    from_M = build_plan(str(tiny_pixel_folder), 10, sparsity=point["target_sparsity"])
+    assert by_hand.step_counts != from_M.step_counts  # the edges make a different plan than M's
+    assert point["macs"] == pytest.approx(by_hand.macs_staged, rel=1e-9)
+    assert point["stage_sparsity"] == pytest.approx(list(by_hand.allocation.achieved), abs=1e-9)

@@ -298,7 +298,7 @@ class StudioEngine:
                     scheduler=plan.scheduler, cx=plan.cx, images=settings.TUNE_IMAGES, analyses=_JobAnalyses(self.analyses),
                     on_progress=on_progress, should_stop=should_stop, memo=self._tune_memo,
                     methods=settings.TUNE_METHODS if methods is None else methods, check=DEFAULT_CHECK if check is None else check,
-                    check_seconds=settings.TUNE_CHECK_SECONDS,
+                    check_seconds=settings.TUNE_CHECK_SECONDS, edges=plan.manual_edges,
                 )
             finally:  # also what a cancelled tuning sampled; a cache that cannot be written only costs the next restart
                 try:

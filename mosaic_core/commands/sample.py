@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_conditioning(spec, args.prompt, args.negative_prompt, config.guidance_scale)
     processes = current_processes(args.device)  # one process unless started by `accelerate launch`
     loaded = load_model(spec, device=process_device(args.device, processes), dtype=args.dtype)
     transformer = None
@@ -134,15 +135,9 @@ def run(args: argparse.Namespace) -> int:
         transformer = CacheDiT(transformer if transformer is not None else loaded.transformer, cache_dit,
                                config.num_inference_steps, dense=loaded.transformer)
     if loaded.adapter.conditioning == "text":
-        if not args.prompt:
-            raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" (repeat it for several prompts)")
         labels = [args.prompt[i % len(args.prompt)] for i in range(args.n)]  # prompts; conditions per batch
-    elif args.prompt:
-        raise ValueError(f"model '{spec.name}' is class-conditional: --prompt is for text-to-image models")
     else:
         labels = labels_for(args.n, spec.num_classes)
-    if args.negative_prompt.strip() and loaded.adapter.conditioning != "text":
-        raise ValueError(f"model '{spec.name}' is class-conditional: --negative-prompt is for text-to-image models")
     images, seconds = sample_sharded(loaded, labels, config, transformer, args.batch_size, processes, args.negative_prompt)
     if not processes.is_main:
         return 0
@@ -165,6 +160,32 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"class accuracy {class_accuracy(images, result_labels):.3f}, Fréchet distance {digit_fd(images):.2f}")
     return 0
+
+
+def check_conditioning(spec, prompts, negative_prompt: str, guidance_scale: float) -> None:
+    """ValueError naming the flag when --prompt, --negative-prompt or --cfg does not fit the model's
+    conditioning; checked from its spec, before the model loads."""
+    from mosaic_core.models.adapters import adapter_named
+
+    adapter = adapter_named(spec.family)
+    if adapter.conditioning == "text":
+        if not prompts or not any(str(prompt).strip() for prompt in prompts):
+            raise ValueError(f"model '{spec.name}' is text-to-image: give --prompt \"…\" with some text (repeat it for several prompts)")
+    elif prompts:
+        raise ValueError(f"model '{spec.name}' is class-conditional: --prompt is for text-to-image models")
+    if negative_prompt.strip():
+        if adapter.conditioning != "text":
+            raise ValueError(f"model '{spec.name}' is class-conditional: --negative-prompt is for text-to-image models")
+        if adapter.guidance_distilled:
+            raise ValueError(
+                f"model '{spec.name}' is guidance-distilled (Flux): it runs no unconditional branch for --negative-prompt "
+                "to steer; leave --negative-prompt out"
+            )
+    if adapter.guidance_distilled and guidance_scale != 1.0:
+        raise ValueError(
+            f"--cfg must be 1 for model '{spec.name}', got {guidance_scale:g}: Flux is guidance-distilled, with no "
+            "unconditional branch to guide against (leave --cfg out)"
+        )
 
 
 def sample_sharded(loaded, labels, config, transformer, batch_size: int, processes, negative_prompt: str = ""):

@@ -15,7 +15,7 @@ import json
 
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
-from mosaic_core.commands.plan import add_plan_arguments, sampler_of
+from mosaic_core.commands.plan import add_plan_arguments, parse_edges, sampler_of
 from mosaic_core.commands.prune import add_prune_arguments, prune_config_from_args
 
 
@@ -109,7 +109,8 @@ def format_tune(result, show_time: bool = False) -> str:
     head = f"{'':2} {'steps':>5} {'method':<18} {'sparsity':>8} {'reuse':>7} {'cfg':>5} {'MACs':>7} {'rec. error':>11} {'PSNR dB':>8}"
     lines = [
         f"budget {result.budget:.3f} of dense MACs at {result.reference_steps} steps, cfg {result.guidance_scale:g}; "
-        f"{result.images} validation images", head + ("  seconds" if show_time else ""),
+        f"{result.images} validation images" + ("" if result.edges is None else f"; middle stage {result.edges[0]}–{result.edges[1]} set by hand"),
+        head + ("  seconds" if show_time else ""),
     ]
     front = set(result.front)
     for index, p in enumerate(result.points):
@@ -145,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from mosaic_core.atomic import check_output_file, write_json
     from mosaic_core.conquer.tune import DEFAULT_METHODS, check_budget, tune
+    from mosaic_core.divide.plan import build_plan
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.registry import resolve_model
 
@@ -153,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
     budgets = [check_budget(b) for b in args.budget] if args.budget is not None else [check_budget(1.0 / k) for k in args.speedup]
     steps = spec.default_steps if args.steps is None else args.steps  # the model's own, as `plan` takes it
     grid = args.steps_grid  # None: default_steps_grid(steps)
+    edges = None if args.edges is None else parse_edges(args.edges)  # every candidate's middle stage, by hand
+    if edges is not None:
+        build_plan(spec, steps, args.M, args.lam, scheduler=args.scheduler or sampler_of(args.model), edges=edges)  # range, before work
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     config = prune_config_from_args(args, spec, loaded.device)
     analyses: dict = {}
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
             loaded, budget, config, reference_steps=steps, steps_grid=grid, M=args.M, lam=args.lam, scheduler=args.scheduler or sampler_of(args.model),
             cx=args.cx, images=args.images, seed=args.seed, guidance_scale=args.cfg, methods=args.methods or DEFAULT_METHODS,
             cfg_grid=args.cfg_grid, cfg_top=args.cfg_top, analyses=analyses, memo=memo, **({} if args.check is None else {"check": args.check}),
-            check_seconds=args.check_seconds,
+            check_seconds=args.check_seconds, edges=edges,
         )
         results.append(result.to_dict())
         if saved is not None:

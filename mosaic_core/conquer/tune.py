@@ -111,6 +111,7 @@ class TuneResult:
     guidance_scale: Optional[float] = None  # the CFG of the dense reference
     quality_models: Optional[dict] = None  # method -> `QualityModel` fields, fit to every point sampled so far (predicted points use it)
     unchecked: int = 0  # predicted candidates that still promised to win but were left unsampled by `check_seconds`
+    edges: Optional[tuple[int, int]] = None  # the middle stage every plan kept, set by hand; None: from M
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -119,7 +120,7 @@ class TuneResult:
             "guidance_scale": self.guidance_scale,
             "points": [asdict(p) for p in self.points], "front": list(self.front), "chosen": self.chosen,
             "seconds": round(self.seconds, 3), "quality_models": dict(self.quality_models or {}),
-            "unchecked": self.unchecked,
+            "unchecked": self.unchecked, "edges": None if self.edges is None else list(self.edges),
         }
 
 
@@ -174,6 +175,7 @@ def tune(
     cfg_top: int = 2,
     check: int = DEFAULT_CHECK,
     check_seconds: Optional[float] = None,
+    edges: Optional[Sequence[int]] = None,
 ) -> TuneResult:
     """Search steps × method (× CFG) at `budget` (fraction of dense MACs at `reference_steps`); module docstring.
 
@@ -243,13 +245,15 @@ def tune(
         say(f"dense reference, {reference_steps} steps")
         memo[(base, "reference", reference_steps)] = run(reference_steps)[0]
     reference = memo[(base, "reference", reference_steps)]
-    dense_plan = build_plan(loaded.spec, reference_steps, M, lam, scheduler=scheduler, cx=cx)
+    dense_plan = build_plan(loaded.spec, reference_steps, M, lam, scheduler=scheduler, cx=cx, edges=edges)
     dense_macs = float(dense_plan.macs_dense)
     dense_step = dense_macs / reference_steps
     budget_macs = budget * dense_macs
-    common = dict(M=M, lam=lam, scheduler=scheduler, cx=cx, analyses=analyses, should_stop=should_stop)
+    common = dict(M=M, lam=lam, scheduler=scheduler, cx=cx, analyses=analyses, should_stop=should_stop, edges=edges)
     # what a scored candidate's quality depends on besides its steps and method
     setting = (reference_steps, M, lam, cx, json.dumps({**prune_config.to_dict(), "allocation": None}, sort_keys=True))
+    if edges is not None:  # hand-set stage edges make other candidates (keys without them stay as they were)
+        setting = (*setting, "edges", *map(int, edges))
 
     def scored(point: TunePoint, transformer, scale: float = cfg) -> TunePoint:
         images_n, seconds = run(point.steps, transformer, scale)
@@ -277,7 +281,7 @@ def tune(
         identity = (n, "measured+cache-dit", round(float(asked), 9), round(budget, 9))
         if point_key(identity) in memo:
             return [memo[point_key(identity)]]
-        plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
+        plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx, edges=edges)
         say(f"measured+cache-dit, {n} steps, sparsity {plan.overall_sparsity:.3f}")
         config = _candidate_config(prune_config, "measured", False)
         point, result = _pruned_point(loaded, plan, config, "measured+cache-dit", float(asked), analyses, should_stop, dense_macs)
@@ -330,10 +334,10 @@ def tune(
             if asked > MAX_SPARSITY:
                 continue  # no plan removes that much
             if not stacked:  # raised until the plan's own MACs fit
-                asked = _sparsity_within(loaded.spec, n, M, lam, scheduler, cx, asked, budget_macs)
+                asked = _sparsity_within(loaded.spec, n, M, lam, scheduler, cx, asked, budget_macs, edges)
                 if asked is None:
                     continue
-            plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx)
+            plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx, edges=edges)
             identity = (n, method, round(float(asked), 9)) + ((round(budget, 9),) if stacked else ())
             if point_key(identity) in memo:
                 points.append(memo[point_key(identity)])
@@ -391,7 +395,8 @@ def tune(
     fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
     models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
-    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked)
+    return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked,
+                      None if edges is None else (int(edges[0]), int(edges[1])))
 
 
 def check_count(check) -> int:
@@ -538,7 +543,8 @@ def fit_quality(rows: Sequence[tuple[int, float, float, float]], min_points: int
 
 
 def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, lam: float = 0.01, scheduler: str = "ddim",
-                       cx: float = 1.0, analyses: Optional[dict] = None, should_stop=None, refit: bool = False):
+                       cx: float = 1.0, analyses: Optional[dict] = None, should_stop=None, refit: bool = False,
+                       edges: Optional[Sequence[int]] = None):
     """The denoiser that realises `point` (None: the dense model), rebuilt from (cached) analyses.
 
     Sample it at `point.steps` steps and `point.guidance_scale`; the same plan, pruning and
@@ -553,7 +559,7 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
 
     transformer = None
     if point.allocation in _PRUNE_ALLOCATION:
-        plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx)
+        plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx, edges=edges)
         analyses = {} if analyses is None else analyses
         config = _candidate_config(prune_config, _PRUNE_ALLOCATION[point.allocation], bool(refit))
         transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
@@ -595,7 +601,7 @@ def _cache_tuple(config) -> tuple[int, int, int]:
     return (int(config.interval), int(config.keep_first), int(config.keep_last))
 
 
-def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs) -> Optional[float]:
+def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs, edges=None) -> Optional[float]:
     """The sparsity whose auto plan fits the budget: `target`, raised by whole MLP units until it does."""
     from mosaic_core.divide.allocation import MAX_SPARSITY, sparsity_resolution
     from mosaic_core.divide.plan import build_plan
@@ -603,7 +609,7 @@ def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs) ->
     sparsity = target
     for _ in range(64):
         sparsity = min(sparsity, MAX_SPARSITY)
-        plan = build_plan(spec, steps, M, lam, sparsity=sparsity, scheduler=scheduler, cx=cx)
+        plan = build_plan(spec, steps, M, lam, sparsity=sparsity, scheduler=scheduler, cx=cx, edges=edges)
         if plan.macs_staged <= budget_macs:
             return float(sparsity)
         if sparsity >= MAX_SPARSITY:

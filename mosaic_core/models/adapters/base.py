@@ -165,6 +165,7 @@ class FamilyAdapter:
     conditioning: ClassVar[str] = "class"  # "class" (labels) or "text" (prompts)
     timestep_scale: ClassVar[float] = 1.0  # the denoiser receives t · timestep_scale (Flux: 1/1000)
     default_sampler: ClassVar[str | None] = None  # None: by the schedule (samplers.default_sampler)
+    guidance_distilled: ClassVar[bool] = False  # True: no unconditional branch (Flux), so no CFG and no negative prompt
     # norm_type values of a legacy `Transformer2DModel` config that diffusers builds as this family's class
     legacy_norm_types: ClassVar[tuple[str, ...]] = ()
 
@@ -241,7 +242,7 @@ class FamilyAdapter:
         if negative_prompt is not None and str(negative_prompt).strip():
             raise ValueError(
                 f"a negative prompt needs a text-to-image model; '{loaded.spec.name}' is class-conditional "
-                "(its unconditional branch is the null class): leave negative_prompt empty"
+                "(its unconditional branch is the null class): leave the negative prompt empty"
             )
         labels = check_labels(values, loaded.spec.num_classes).to(loaded.device)
         return ClassCondition(labels, loaded.spec.num_classes)

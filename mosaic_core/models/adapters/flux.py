@@ -168,6 +168,7 @@ class FluxAdapter(FamilyAdapter):
     conditioning = "text"
     timestep_scale = 1 / 1000  # FluxPipeline passes σ = t/1000
     default_sampler = "flow-euler-1/n"  # FluxPipeline's σ grid: linspace(1, 1/N, N), then the shift
+    guidance_distilled = True
 
     def block_layers(self, path: str, block: nn.Module) -> list[tuple]:
         """Double-stream: as SD3's joint blocks. Single-stream: proj_out's attention and MLP parts."""
@@ -208,7 +209,7 @@ class FluxAdapter(FamilyAdapter):
         if negative_prompt is not None and str(negative_prompt).strip():
             raise ValueError(
                 f"'{loaded.spec.name}' is guidance-distilled (Flux): it runs no unconditional branch for a "
-                "negative prompt to steer; leave negative_prompt empty"
+                "negative prompt to steer; leave the negative prompt empty"
             )
         guidance = GUIDANCE if loaded.transformer.config.get("guidance_embeds", False) else None
         return flux_condition(loaded.extras, values, loaded.spec.sample_size, guidance, loaded.device, loaded.dtype)
