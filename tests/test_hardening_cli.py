@@ -225,11 +225,17 @@ def test_refused_folders_look_alike_and_config_contents_are_never_echoed(tiny_pi
             resolve_model(name, **kwargs)
         return str(error.value).replace(name, "NAME")
 
-    refused = [tmp_path / "missing", tmp_path / "plain-folder", tmp_path / "a-file", garbage, as_list]
+    refused = [tmp_path / "missing", tmp_path / "plain-folder", tmp_path / "a-file"]
     messages = {message(str(p)) for p in refused}
+    # behind allowed roots (a server) a folder with a broken config looks like any other refused one
+    messages |= {message(str(p), allowed_roots=[tmp_path]) for p in (garbage, as_list)}
     messages.add(message(str(tiny_pixel_folder), allowed_roots=[tmp_path]))  # a real model outside the roots
     assert len(messages) == 1, messages
     assert secret not in messages.pop()
+    # the CLI reads any folder: it names the file that is not a config, and still never what it holds
+    for folder in (garbage, as_list):
+        told = message(str(folder))
+        assert "NAME': scheduler_config.json is not a readable JSON object" in told and secret not in told
     # fields the engine reads are checked, by name only
     bad_field = tmp_path / "bad-field"
     bad_field.mkdir()
@@ -247,7 +253,13 @@ def test_refused_folders_look_alike_and_config_contents_are_never_echoed(tiny_pi
     # the same through the CLI: one line, no traceback, no secret
     assert run(["plan", "--model", str(garbage)]) == 2
     line = one_error_line(capsys)
-    assert secret not in line and "unknown model" in line
+    assert secret not in line and "scheduler_config.json is not a readable JSON object" in line
+    (garbage / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 1000}))
+    (garbage / "transformer").mkdir()
+    (garbage / "transformer" / "config.json").write_text(f"{secret} not json")  # the walk's case: a broken denoiser config
+    assert run(["plan", "--model", str(garbage)]) == 2
+    line = one_error_line(capsys)
+    assert secret not in line and "transformer/config.json is not a readable JSON object" in line and "scheduler" not in line
 
 
 def test_allowed_roots_admit_only_folders_inside_them(tiny_pixel_folder, tmp_path):

@@ -229,19 +229,24 @@ def known_models() -> list[str]:
 
 
 class _Unusable(Exception):
-    """A local folder is not a usable model; deliberately carries no detail for the user."""
+    """A local folder is not a usable model. Carries at most the config file that could not be read
+    (`path`), shown only for a folder the caller may read; never what the file holds."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        super().__init__()
+        self.path = path
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object from a config file of bounded size; `_Unusable` otherwise (content never echoed)."""
     try:
         if path.stat().st_size > limits.MAX_CONFIG_BYTES:
-            raise _Unusable
+            raise _Unusable(path)
         value = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):
-        raise _Unusable from None
+        raise _Unusable(path) from None
     if not isinstance(value, dict):
-        raise _Unusable
+        raise _Unusable(path)
     return value
 
 
@@ -555,7 +560,19 @@ def resolve_model(name: str, allowed_roots: list[str | Path] | None = None) -> M
         if scheduler is None:
             raise _Unusable
         denoiser = _denoiser_config_in(folder)
-    except (_Unusable, OSError, RuntimeError):
+    except _Unusable as unusable:
+        if unusable.path is None or allowed_roots is not None:
+            raise _unknown(name) from None  # a server's refused folders all look alike
+        # the caller's own folder (the CLI may read any), holding a config that is not one: say which file
+        try:
+            shown = unusable.path.relative_to(folder)
+        except ValueError:
+            shown = unusable.path.name
+        raise ValueError(
+            f"model folder '{name}': {shown} is not a readable JSON object of at most {limits.MAX_CONFIG_BYTES} "
+            "bytes: replace it with the model's own config"
+        ) from None
+    except (OSError, RuntimeError):
         raise _unknown(name) from None
     from mosaic_core.models.adapters import adapter_for_class, denoiser_class_name, supported_classes
 
