@@ -318,3 +318,25 @@ def test_sample_refuses_conditioning_the_model_cannot_take_before_it_loads(tmp_p
 def test_tune_refuses_edges_out_of_range_before_any_work(no_work, capsys):
     assert run(["tune", "--model", "digits-dit", "--budget", "0.5", "--edges", "600,150"]) == 2
     assert "HI < 1000 (training timesteps), got 600,150" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [["prune", "--sparsity", "0.3"], ["tune", "--budget", "0.5"]])
+@pytest.mark.parametrize(
+    "model, source, words",
+    [
+        ("sd3-medium", "folder:{tmp}/none", "calibration folder '{tmp}/none' does not exist: give folder:PATH of an existing folder"),
+        ("sd3-medium", "folder:{tmp}", "calibration folder '{tmp}' has no .png/.jpg/.jpeg/.webp/.bmp images"),
+        ("sd3-medium", "data", "model 'sd3-medium' has no built-in dataset: use calibration source 'samples' (data-free) or 'folder:PATH'"),
+        ("digits-dit", "folder:{tmp}", "calibration source 'folder:{tmp}' needs a text-to-image model"),
+    ],
+)
+def test_a_calibration_source_that_cannot_serve_is_refused_before_the_model_loads(tmp_path, no_work, capsys, command, model, source, words):
+    """A missing calibration folder was found after loading the checkpoint (minutes for a real one)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [*command, "--model", model, "--calib-source", source.format(tmp=empty)]
+    if command[0] == "prune":
+        argv += ["--out", str(tmp_path / "ck")]
+    assert run(argv) == 2
+    assert words.format(tmp=empty) in one_error_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]

@@ -55,7 +55,7 @@ def add_prune_arguments(parser: argparse.ArgumentParser) -> None:
 def prune_config_from_args(args: argparse.Namespace, spec, device=None):
     """The `PruneConfig` described by the prune arguments; without --unit-multiple, the default
     for `device` (`default_unit_multiple`: 64 for the measured allocation on a GPU, else 1)."""
-    from mosaic_core.prune.calibration import CalibrationConfig, default_calibration_source
+    from mosaic_core.prune.calibration import CalibrationConfig, check_calibration_source, default_calibration_source
     from mosaic_core.prune.stage_pruning import PruneConfig, default_unit_multiple
 
     source = args.calib_source or default_calibration_source(spec)
@@ -63,6 +63,7 @@ def prune_config_from_args(args: argparse.Namespace, spec, device=None):
         mode=args.calib, size=args.calib_size, source=source, seed=args.seed,
         batch_size=getattr(args, "calib_batch_size", 64),
     )
+    check_calibration_source(spec, source)  # from the spec: callers build this before the model loads
     budget = getattr(args, "hessian_budget", None)
     if budget is not None and not budget > 0:
         raise ValueError(f"--hessian-budget must be a positive number of MiB, got {budget}")
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mosaic_core.prune.checkpoint import check_checkpoint_folder, save_pruned
     from mosaic_core.models.loading import load_model
+    from mosaic_core.models.registry import resolve_model
     from mosaic_core.prune.stage_pruning import prune_steps
     from mosaic_core.conquer.sampling import run_to_end
     from mosaic_core.conquer.staged_denoiser import memory_ledger
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.prune.service import _JobAnalyses, analysis_store
 
         analyses = _JobAnalyses(analysis_store(args.cache))
+    prune_config_from_args(args, resolve_model(plan.model))  # its refusals (a missing calibration folder) before the load
     loaded = load_model(plan.model, device=process_device(args.device, processes), dtype=args.dtype)
     config = prune_config_from_args(args, loaded.spec, loaded.device)
     if processes.is_main:

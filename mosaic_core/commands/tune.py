@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     edges = None if args.edges is None else parse_edges(args.edges)  # every candidate's middle stage, by hand
     if edges is not None:
         build_plan(spec, steps, args.M, args.lam, scheduler=args.scheduler or sampler_of(args.model), edges=edges)  # range, before work
+    prune_config_from_args(args, spec)  # its refusals (a missing calibration folder) before the load
     loaded = load_model(spec, device=args.device, dtype=args.dtype)
     config = prune_config_from_args(args, spec, loaded.device)
     analyses: dict = {}

@@ -25,6 +25,7 @@ of each batch is the family's unconditional condition, so both CFG branches are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -105,6 +106,38 @@ def calibration_prompts(size: int, seed: int) -> list[str]:
     return [prompts[order[i % len(prompts)]] for i in range(size)]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def calibration_files(source: str) -> tuple[Path, list[Path]]:
+    """(folder, its image files, sorted) of a `folder:PATH` source; ValueError naming the folder when
+    it does not exist, is not a folder, or holds no images."""
+    folder = Path(source[len("folder:") :]).expanduser()
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"calibration folder '{folder}' {what}: give folder:PATH of an existing folder of .png/.jpg/.jpeg/.webp/.bmp images")
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"calibration folder '{folder}' has no .png/.jpg/.jpeg/.webp/.bmp images")
+    return folder, files
+
+
+def check_calibration_source(spec, source: str) -> None:
+    """ValueError unless `source` can calibrate the model of `spec` (a `ModelSpec`): the built-in
+    dataset is digits-dit's only, a folder of images serves text-to-image models (their VAE encodes
+    it) and must hold images. Needs no weights, so commands check it before the model loads."""
+    from mosaic_core.models.adapters import adapter_named
+
+    text = adapter_named(spec.family).conditioning == "text"
+    if source == "data" and (text or (spec.name != "digits-dit" and spec.source != "builtin")):
+        also = " or 'folder:PATH' (local images)" if text else ""
+        raise ValueError(f"model '{spec.name}' has no built-in dataset: use calibration source 'samples' (data-free){also}")
+    if source.startswith("folder:"):
+        if not text:
+            raise ValueError(f"calibration source '{source}' needs a text-to-image model; use 'samples' or 'data'")
+        calibration_files(source)
+
+
 def _text_clean_inputs(loaded, config: CalibrationConfig, should_stop=None) -> CleanSet:
     """Clean latents of a text-to-image model with their prompts' conditions (samples or a folder)."""
     from mosaic_core.conquer.sampling import SampleConfig, sample_steps
@@ -147,13 +180,7 @@ def _folder_latents(loaded, config: CalibrationConfig) -> torch.Tensor:
 
     from mosaic_core.conquer.sampling import vae_shift
 
-    folder = Path(config.source[len("folder:") :]).expanduser()
-    if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ValueError(f"calibration folder '{folder}' {what}: give folder:PATH of an existing folder of .png/.jpg/.jpeg/.webp/.bmp images")
-    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
-    if not files:
-        raise ValueError(f"calibration folder '{folder}' has no .png/.jpg/.jpeg/.webp/.bmp images")
+    folder, files = calibration_files(config.source)
     if loaded.vae is None:
         raise ValueError(f"model '{loaded.spec.name}' has no VAE to encode the images of '{folder}'")
     size = loaded.pixel_size
@@ -180,21 +207,11 @@ def clean_inputs(loaded, config: CalibrationConfig, should_stop=None, processes=
     seeds) and gathered, so every process holds the same set one process would make; a text
     family's inputs are made whole by every process (its Hessian batches are still sharded).
     """
+    check_calibration_source(loaded.spec, config.source)
     if loaded.adapter.conditioning == "text":
-        if config.source == "data":
-            raise ValueError(
-                f"model '{loaded.spec.name}' has no built-in dataset: use calibration source 'samples' "
-                "(data-free) or 'folder:PATH' (local images)"
-            )
         return _text_clean_inputs(loaded, config, should_stop)
-    if config.source.startswith("folder:"):
-        raise ValueError(f"calibration source '{config.source}' needs a text-to-image model; use 'samples' or 'data'")
     generator = torch.Generator().manual_seed(config.seed)
     if config.source == "data":
-        if loaded.spec.name != "digits-dit" and loaded.spec.source != "builtin":
-            raise ValueError(
-                f"model '{loaded.spec.name}' has no built-in dataset: use calibration source 'samples' (data-free)"
-            )
         from mosaic_core.models.digits import load_digit_images
 
         images, labels = load_digit_images(loaded.spec.sample_size)
