@@ -85,3 +85,23 @@ def test_a_class_conditional_folder_keeps_its_cfg_but_takes_the_pipelines_steps(
 )
 def test_a_scheduler_class_without_its_own_sampler_runs_ddim(scheduler_class, sampler):
     assert default_sampler({"_class_name": scheduler_class, "num_train_timesteps": 1000}) == sampler
+
+
+@pytest.mark.parametrize("pipeline", ["DiTPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusionXLPipeline",
+                                      "StableDiffusion3Pipeline", "FluxPipeline"])
+def test_the_written_out_pipeline_defaults_are_the_installed_diffusers_own(pipeline):
+    """The table spares planning a pipeline import; diffusers' own signature is the reference it must match."""
+    import inspect
+
+    import diffusers
+
+    from mosaic_core.models.registry import PIPELINE_DEFAULTS
+
+    parameters = inspect.signature(getattr(diffusers, pipeline).__call__).parameters
+    assert PIPELINE_DEFAULTS[pipeline] == (parameters["num_inference_steps"].default, parameters["guidance_scale"].default)
+
+
+def test_a_pipeline_outside_the_table_is_read_from_its_signature(tmp_path):
+    folder = folder_of(tmp_path, "pixart-sigma", "StableDiffusionPipeline")  # any pipeline: steps and guidance of its __call__
+    spec = resolve_model(str(folder))
+    assert (spec.default_steps, spec.default_cfg) == (50, 7.5)

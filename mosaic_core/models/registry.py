@@ -250,10 +250,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+# (steps, guidance scale) of the `__call__` defaults of the pipelines the adapters serve, written
+# out so that planning a folder does not import a pipeline module (over a second, and transformers'
+# warnings); a test holds them to the installed diffusers' own. Other pipelines are read by inspect.
+PIPELINE_DEFAULTS: Mapping[str, tuple[int, float]] = MappingProxyType({
+    "DiTPipeline": (50, 4.0),
+    "PixArtAlphaPipeline": (20, 4.5),
+    "PixArtSigmaPipeline": (20, 4.5),
+    "StableDiffusionXLPipeline": (50, 5.0),
+    "StableDiffusion3Pipeline": (28, 7.0),
+    "FluxPipeline": (28, 3.5),
+})
+
+
 @functools.lru_cache(maxsize=32)
 def _call_defaults(pipeline_class: str) -> tuple[tuple[str, Any], ...]:
     """(("default_steps", N), ("default_cfg", g)) from a diffusers pipeline's own `__call__`
     defaults (StableDiffusion3Pipeline: 28 steps, 7.0), the values a user of that pipeline gets."""
+    if pipeline_class in PIPELINE_DEFAULTS:
+        steps, guidance = PIPELINE_DEFAULTS[pipeline_class]
+        return (("default_steps", steps), ("default_cfg", guidance))
     import diffusers
 
     try:
