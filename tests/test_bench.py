@@ -361,3 +361,23 @@ def test_bench_config_checks_the_reduced_steps_and_leaves_opt_in_rows_out_by_def
     assert default.wants("mosaic-measured") and default.wants("cache") and not default.wants("mosaic-measured-gemm")
     named = BenchConfig(num_inference_steps=10, reduced_steps=None, methods=("mosaic-measured-gemm",))
     assert named.wants("mosaic-measured-gemm") and named.wants("dense") and not named.wants("mosaic-measured")
+
+
+@pytest.mark.parametrize("value", [0.1001, 0.1004, 0.10049, 0.1049, 0.105, 0.12, 0.5])
+def test_a_flag_never_shows_a_value_that_is_not_past_its_limit(value):
+    """'floors of even/odd runs 10% apart > 10%' was printed for 10.4 %: the shown number must be past the shown limit."""
+    import re
+
+    from mosaic_core.conquer.bench import MAX_FLOOR_SPLIT, MAX_SPREAD, floor_flags, timing_flags
+
+    (split,) = floor_flags(1.0, value)
+    shown, limit = (float(x) for x in re.fullmatch(r"floors of even/odd runs ([\d.]+)% apart > ([\d.]+)%", split).groups())
+    assert shown > limit == MAX_FLOOR_SPLIT * 100 and abs(shown / 100 - value) < 0.005
+    spread = 2 * value  # past MAX_SPREAD = 0.2 by as little
+    (median,) = timing_flags(1.0, spread)
+    shown, limit = (float(x) for x in re.fullmatch(r"median ([\d.]+)% above min > ([\d.]+)%", median).groups())
+    assert shown > limit == MAX_SPREAD * 100
+    for ratio, past in ((1.1 + value / 1000, 1.1), (0.5 - value / 1000, 0.5)):
+        (flag,) = floor_flags(ratio, 0.0)
+        number = float(re.fullmatch(r"measured/ideal ([\d.]+) outside \[0.5, 1.1\]", flag).group(1))
+        assert (number > past) if past == 1.1 else (number < past)

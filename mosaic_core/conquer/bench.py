@@ -123,17 +123,29 @@ def timing_statistics(seconds: Sequence[float], step_runs: np.ndarray | Sequence
     return TimingStats(low, median, high, (high - low) / low, int(values.size), (median - low) / low, floor, split)
 
 
+def _beyond(value: float, limit: float, percent: bool = True) -> str:
+    """`value` with the fewest decimals that still show it past `limit` (10.4 % is "10.4%", not
+    "10%", beside "> 10%"; 1.104 is "1.104", not "1.10", beside a bound of 1.1)."""
+    for digits in range(0, 5) if percent else range(2, 6):
+        text = f"{value:.{digits}%}" if percent else f"{value:.{digits}f}"
+        shown = float(text.rstrip("%")) / (100 if percent else 1)
+        if shown != limit and (shown > limit) == (value > limit):
+            return text
+    return f"{value:.4%}" if percent else f"{value:.6f}"
+
+
 def timing_flags(measured_over_ideal: float, excess: float, reference_excess: float = 0.0) -> tuple[str, ...]:
     """Why a row's speed-up is not a result: ratio outside PLAUSIBLE_RATIO, or its (or dense's) median
     more than MAX_SPREAD above its min (`TimingStats.excess`)."""
     flags = []
     low, high = PLAUSIBLE_RATIO
     if not low <= measured_over_ideal <= high:
-        flags.append(f"measured/ideal {measured_over_ideal:.2f} outside [{low}, {high}]")
+        bound = low if measured_over_ideal < low else high
+        flags.append(f"measured/ideal {_beyond(measured_over_ideal, bound, percent=False)} outside [{low}, {high}]")
     if excess > MAX_SPREAD:
-        flags.append(f"median {excess:.0%} above min > {MAX_SPREAD:.0%}")
+        flags.append(f"median {_beyond(excess, MAX_SPREAD)} above min > {MAX_SPREAD:.0%}")
     if reference_excess > MAX_SPREAD:
-        flags.append(f"dense median {reference_excess:.0%} above min > {MAX_SPREAD:.0%}")
+        flags.append(f"dense median {_beyond(reference_excess, MAX_SPREAD)} above min > {MAX_SPREAD:.0%}")
     return tuple(flags)
 
 
@@ -142,9 +154,9 @@ def floor_flags(measured_over_ideal: float, split: float, reference_split: float
     floors of its (or dense's) even and odd runs more than MAX_FLOOR_SPLIT apart."""
     flags = list(timing_flags(measured_over_ideal, 0.0))
     if split > MAX_FLOOR_SPLIT:
-        flags.append(f"floors of even/odd runs {split:.0%} apart > {MAX_FLOOR_SPLIT:.0%}")
+        flags.append(f"floors of even/odd runs {_beyond(split, MAX_FLOOR_SPLIT)} apart > {MAX_FLOOR_SPLIT:.0%}")
     if reference_split > MAX_FLOOR_SPLIT:
-        flags.append(f"dense floors of even/odd runs {reference_split:.0%} apart > {MAX_FLOOR_SPLIT:.0%}")
+        flags.append(f"dense floors of even/odd runs {_beyond(reference_split, MAX_FLOOR_SPLIT)} apart > {MAX_FLOOR_SPLIT:.0%}")
     return tuple(flags)
 
 
