@@ -178,7 +178,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = T
     )
     parser.add_argument(
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None,
-        help="sampler steps (default: the model's own: 50 for digits-dit and DiT, 28 for sd3-medium, 20 for pixart-sigma, 4 for flux-schnell)",
+        help="sampler steps (default: the model's own: 50 for digits-dit, DiT and sdxl-base, 28 for sd3-medium, 20 for pixart-sigma, 4 for flux-schnell)",
     )
     parser.add_argument("--M", type=float_in("--M", 0.0, 1.0), default=DEFAULT_M, help=f"stage threshold in (0, 1) (default {DEFAULT_M})")
     parser.add_argument(
@@ -195,7 +195,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser, sparsity_group: bool = T
     parser.add_argument(
         "--scheduler", default=None, type=text_of("--scheduler", 64),
         help=f"sampler: {'|'.join(SCHEDULERS)} (default: the model's own, {DEFAULT_SCHEDULER} for DDPM-style schedules, "
-        "flow-euler for SD3, flow-euler-1/n for Flux)",
+        "dpm for PixArt-Σ, euler for SDXL, flow-euler for SD3, flow-euler-1/n for Flux; "
+        "a local folder's from its model_index.json)",
     )
     parser.add_argument("--cx", type=float_in("--cx", 0.0, 1e12), default=1.0, help="E||x0||^2 / d of the clean latents, > 0 (default 1.0)")
 
