@@ -15,15 +15,7 @@ from mosaic_core.divide.stages import STAGE_NAMES
 
 from ui import settings
 from mosaic_core.models.parameters import ParameterSplit
-
-
-def format_count(value: float, unit: str = "") -> str:
-    """1234567 -> '1.23 M' (k, M, G, T suffixes), with an optional unit."""
-    value = float(value)
-    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= threshold:
-            return f"{value / threshold:.3g} {suffix}{unit}"
-    return f"{value:.0f} {unit}".rstrip()
+from mosaic_core.units import format_count
 
 
 def _chip(name: str) -> str:

@@ -17,6 +17,7 @@ from mosaic_core.models.registry import DEFAULT_MODEL, resolve_model
 from mosaic_core.requests import PlanRequest
 from mosaic_core.models.samplers import DEFAULT_SCHEDULER, SCHEDULERS, model_default_sampler
 from mosaic_core.divide.stages import STAGE_NAMES
+from mosaic_core.units import format_bytes, format_count
 
 
 def parse_stage_sparsity(text: str) -> tuple[float, float, float]:
@@ -54,19 +55,6 @@ def parse_edges(text: str) -> tuple[int, int]:
     return values  # type: ignore[return-value]
 
 
-def format_macs(macs: float) -> str:
-    """MACs with a G or T suffix, e.g. 5.708 T."""
-    return f"{macs / 1e12:.3f} T" if macs >= 1e12 else f"{macs / 1e9:.2f} G"
-
-
-def format_bytes(count: float) -> str:
-    """Bytes with a binary suffix, e.g. 13.7 GiB."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{int(count)} B"
-
-
 def format_plan(plan: Plan) -> str:
     """A readable table of the plan: stages, τ ranges, steps, sparsity, kept structure, cost."""
     allocation = plan.allocation
@@ -90,13 +78,13 @@ def format_plan(plan: Plan) -> str:
         "",
         f"overall sparsity (step-weighted): requested {allocation.overall_requested:.3f}, "
         f"achieved {allocation.overall_achieved:.4f}",
-        f"block-linear MACs per image: dense {format_macs(plan.macs_dense)}, "
-        f"staged {format_macs(plan.macs_staged)}, ideal speed-up {plan.ideal_speedup:.2f}x",
+        f"block-linear MACs per image: dense {format_count(plan.macs_dense)}, "
+        f"staged {format_count(plan.macs_staged)}, ideal speed-up {plan.ideal_speedup:.2f}x",
     ]
     memory = plan.memory_figures()
     lines += [
-        f"prunable-layer parameters: dense {memory['parameters_dense'] / 1e6:.1f} M, "
-        f"three stage networks {memory['parameters_staged'] / 1e6:.1f} M (shared layers not counted)",
+        f"prunable-layer parameters: dense {format_count(memory['parameters_dense'])}, "
+        f"three stage networks {format_count(memory['parameters_staged'])} (shared layers not counted)",
         f"Hessians a prune gathers (float64): {format_bytes(memory['hessian_bytes'])} for every layer at once, "
         f"{format_bytes(memory['hessian_block_bytes'])} for the largest block",
     ]

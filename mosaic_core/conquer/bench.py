@@ -44,6 +44,7 @@ from mosaic_core.prune.calibration import CalibrationConfig
 from mosaic_core.conquer.compare import Contender, MethodResult, compare_steps, floor_seconds, timing_statistic
 from mosaic_core.jobs import relay
 from mosaic_core.limits import shown
+from mosaic_core.units import format_count
 from mosaic_core.divide.plan import Plan, build_plan
 from mosaic_core.divide.stages import DEFAULT_M, STAGE_NAMES
 from mosaic_core.prune.stage_pruning import PruneConfig, prune_steps
@@ -529,8 +530,7 @@ def markdown_table(result: BenchResult, loaded) -> str:
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for budget, rows in rank_by_budget(result.results, result.plan.macs_dense):
         for rank, r in enumerate(rows, 1):
-            macs = f"{r.macs / 1e12:.3f} T" if r.macs >= 1e12 else f"{r.macs / 1e9:.1f} G"
-            macs += f" ({r.macs / result.plan.macs_dense:.2f})"
+            macs = f"{format_count(r.macs)} ({r.macs / result.plan.macs_dense:.2f})"
             psnr = "ref" if r.name == "dense" else fmt(r.psnr, ".1f")
             stats = result.timing.get(r.name)
             floor = "—" if stats is None or stats.floor is None else f"{stats.floor:.2f}"
@@ -544,7 +544,7 @@ def markdown_table(result: BenchResult, loaded) -> str:
                 ratio = f"{r.speedup / r.ideal_speedup:.2f}"
             lines.append(
                 f"| {budget:.2f} | {'ref' if r.name == 'dense' else rank} | {r.name} | {r.num_inference_steps} | {macs} | "
-                f"{r.params / 1e6:.2f} M | {seconds} | {speed} | {ratio} | {fmt(r.accuracy, '.3f')} | "
+                f"{format_count(r.params)} | {seconds} | {speed} | {ratio} | {fmt(r.accuracy, '.3f')} | "
                 f"{fmt(r.fd, '.1f')} | {psnr} | {fmt(r.ssim, '.3f')} |"
             )
     allocation = result.plan.allocation
@@ -940,7 +940,7 @@ def random_markdown_table(result: RandomBenchResult) -> str:
         ]
         for label, timing, ideal in rows:
             lines.append(
-                f"| {t.sparsity:g} | {label} | {timing.heads_kept}/{timing.units_kept} | {timing.params / 1e6:.1f} M | "
+                f"| {t.sparsity:g} | {label} | {timing.heads_kept}/{timing.units_kept} | {format_count(timing.params)} | "
                 f"{timing.min:.4f} | {timing.median:.4f} | {ideal:.3f}× | {t.dense.min / timing.min:.3f}× | "
                 f"{timing.warmup_seconds:.2f} | {memory(timing.peak_memory)} |"
             )
