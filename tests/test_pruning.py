@@ -139,6 +139,8 @@ def test_wrong_base_and_damaged_files_are_refused(pixel, analyses, tmp_path):
         load_pruned(damaged, pixel)
     with pytest.raises(ValueError, match="manifest.json is missing"):
         load_pruned(tmp_path, pixel)
+    with pytest.raises(ValueError, match="'.*nowhere' does not exist: give the folder `prune --out` wrote"):
+        load_pruned(tmp_path / "nowhere", pixel)
 
 
 def test_cancel_stops_cleanly_and_keeps_the_earlier_checkpoint(pixel, analyses, tmp_path):
