@@ -123,6 +123,23 @@ def test_eval_without_inception_weights_exits_2_with_one_line(tmp_path):
     assert "none.pt" in lines[0] and "inception-2015-12-05.pt" in lines[0] and "nothing is downloaded" in lines[0]
 
 
+@pytest.mark.parametrize("missing", ["images", "reference"])
+def test_eval_names_a_missing_image_file_before_asking_for_inception_weights(tmp_path, missing):
+    """A mistyped path is the error, not the absent Inception file a user would then go looking for."""
+    from conftest import run_cli
+
+    np.savez(tmp_path / "a.npz", images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.zeros(4, np.int64))
+    images, reference = tmp_path / "a.npz", tmp_path / "a.npz"
+    if missing == "images":
+        images = tmp_path / "typo.npz"
+    else:
+        reference = tmp_path / "typo-folder"
+    done = run_cli("eval", str(images), "--metric", "fid", "--reference", str(reference), "--inception", str(tmp_path / "none.pt"))
+    assert done.returncode == 2
+    assert "no such image file or folder" in done.stderr and "typo" in done.stderr, done.stderr
+    assert "none.pt" not in done.stderr and "Inception" not in done.stderr
+
+
 class TinyDetector(torch.nn.Module):
     """A stand-in with the FID Inception's TorchScript interface (features / bias-free softmax)."""
 

@@ -12,6 +12,7 @@ to put it. The digit metrics need no file.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 METRICS = ("fid", "is", "clip", "digits")
 
@@ -78,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     out = None if args.out is None else check_output_file(args.out, "--out", suffix=".json")  # a .json file, not a folder
     metrics = parse_metrics(args.metric, args.model, args.reference is not None, args.prompts is not None)
+    for path in (args.images, args.reference):  # a mistyped path is named before any weights are asked for
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"no such image file or folder: {path}")
     inception = None
     if {"fid", "is"} & set(metrics):
         inception = evaluation.inception_path(args.inception)  # fail before reading anything big
