@@ -140,6 +140,16 @@ def test_eval_names_a_missing_image_file_before_asking_for_inception_weights(tmp
     assert "none.pt" not in done.stderr and "Inception" not in done.stderr
 
 
+@pytest.mark.parametrize("shape", [(2, 16, 16, 3), (2, 12, 12, 1)])
+def test_digit_metrics_on_other_images_say_which_metrics_serve_them(tmp_path, shape):
+    from conftest import run_cli
+
+    np.savez(tmp_path / "rgb.npz", images=np.zeros(shape, np.uint8), labels=np.zeros(2, np.int64))
+    done = run_cli("eval", str(tmp_path / "rgb.npz"), "--metric", "digits")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "digits-dit" in done.stderr and "--metric fid,is" in done.stderr and str(shape[1]) in done.stderr, done.stderr
+
+
 class TinyDetector(torch.nn.Module):
     """A stand-in with the FID Inception's TorchScript interface (features / bias-free softmax)."""
 

@@ -26,7 +26,10 @@ def _to_unit_float(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 4:
         if images.shape[-1] != 1:
-            raise ValueError(f"digit images must have one channel, got shape {images.shape}")
+            raise ValueError(
+                f"digit metrics read one-channel images (digits-dit's samples), got shape {images.shape}: "
+                "for another model's images use --metric fid,is (or clip)"
+            )
         images = images[..., 0]
     if images.ndim != 3:
         raise ValueError(f"expected images N×H×W(×1), got shape {images.shape}")
@@ -37,7 +40,10 @@ def _pool_to_8x8(images: np.ndarray) -> np.ndarray:
     """N×H×W in [0,1] -> N×64 by average pooling to 8x8 (H, W multiples of 8)."""
     n, h, w = images.shape
     if h % 8 or w % 8:
-        raise ValueError(f"digit images must be a multiple of 8 pixels wide, got {h}x{w}")
+        raise ValueError(
+            f"digit images must be a multiple of 8 pixels wide (digits-dit's are 16x16), got {h}x{w}: "
+            "for another model's images use --metric fid,is (or clip)"
+        )
     pooled = images.reshape(n, 8, h // 8, 8, w // 8).mean(axis=(2, 4))  # N×8×8
     return pooled.reshape(n, 64)
 
