@@ -323,7 +323,7 @@ def validate_manifest(manifest: Any, where: Any = MANIFEST) -> dict[str, Any]:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """The validated manifest of a checkpoint folder, or ValueError saying what is wrong with it."""
     path = Path(folder) / MANIFEST
-    if not Path(folder).is_dir():
+    if not path.parent.is_dir():
         raise ValueError(f"pruned checkpoint '{folder}' does not exist: give the folder `prune --out` wrote")
     if not path.is_file():
         raise ValueError(f"'{folder}' is not a pruned checkpoint: {MANIFEST} is missing")
