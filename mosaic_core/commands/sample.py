@@ -49,6 +49,12 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--steps", type=int_in("--steps", 1, limits.MAX_STEPS), default=None, help="sampling steps (default: the model's own, as for plan: 50 for digits-dit, 28 for sd3-medium)"
     )
+    parser.add_argument(
+        "--drop-steps", type=int_in("--drop-steps", 0, limits.MAX_STEPS), default=0, metavar="K",
+        help="run K fewer steps by dropping K of the --steps reference steps evenly, the first and last kept, and "
+        "jumping DDIM over them (ddim only; docs/method.md §4.6). Unlike a smaller --steps, every step that runs "
+        "is one of the reference's own (default 0)",
+    )
     parser.add_argument("--cfg", type=float_in("--cfg", 0.0, 20.0), default=None, help="classifier-free guidance scale (default: the model's)")
     parser.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="sampler (default: the model's own)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         guidance_scale=args.cfg if args.cfg is not None else spec.default_cfg,
         scheduler=args.scheduler if args.scheduler is not None else model_default_sampler(spec),
         seed=args.seed,
+        drop_steps=args.drop_steps,
     )
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         from mosaic_core.conquer.cache_dit_row import CacheDiT
 
         transformer = CacheDiT(transformer if transformer is not None else loaded.transformer, cache_dit,
-                               config.num_inference_steps, dense=loaded.transformer)
+                               config.num_inference_steps - config.drop_steps, dense=loaded.transformer)
     if loaded.adapter.conditioning == "text":
         labels = [args.prompt[i % len(args.prompt)] for i in range(args.n)]  # prompts; conditions per batch
     else:
@@ -206,7 +213,7 @@ def sample_sharded(loaded, labels, config, transformer, batch_size: int, process
     mine = processes.shard(len(ranges))
     rounds = -(-len(ranges) // processes.count)
     parts, seconds = [], 0.0
-    with tqdm(total=len(mine) * config.num_inference_steps, desc="sampling", unit="step", disable=not processes.is_main) as bar:
+    with tqdm(total=len(mine) * (config.num_inference_steps - config.drop_steps), desc="sampling", unit="step", disable=not processes.is_main) as bar:
         for round_index in range(rounds):
             k = round_index * processes.count + processes.index
             done = []

@@ -38,8 +38,10 @@ from mosaic_core.jobs import run_to_end  # noqa: F401  (re-exported: callers imp
 from mosaic_core.models.samplers import (
     DEFAULT_SCHEDULER,
     FLOW_SAMPLERS,
+    check_drop_steps,
     check_num_steps,
     check_sampler_fits,
+    kept_step_indices,
     check_scheduler_name,
     make_scheduler,
     set_sampler_timesteps,
@@ -57,10 +59,13 @@ class SampleConfig:
     guidance_scale: float = 1.5
     scheduler: str = DEFAULT_SCHEDULER
     seed: int = 0
+    # of the N steps, drop this many evenly and jump DDIM over them (`kept_step_indices`; docs/method.md §4.6)
+    drop_steps: int = 0
 
     def __post_init__(self) -> None:
         check_num_steps(self.num_inference_steps)
         object.__setattr__(self, "scheduler", check_scheduler_name(self.scheduler))
+        object.__setattr__(self, "drop_steps", check_drop_steps(self.drop_steps, int(self.num_inference_steps), self.scheduler))
         g = self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0.0 <= g <= MAX_GUIDANCE:
             raise ValueError(f"guidance scale (cfg) must be a finite number in [0, {MAX_GUIDANCE:g}], got {limits.shown(g)}")
@@ -207,6 +212,41 @@ def _flow_pred_original(x_t: torch.Tensor, velocity: torch.Tensor, sigma: torch.
     return x_t.float() - sigma.to(device=x_t.device, dtype=torch.float32) * velocity.float()
 
 
+def _ddim_jumps(scheduler, kept: Sequence[int]) -> list[int]:
+    """The timestep each kept step of a DDIM schedule lands on: the next kept one; the last kept
+    step (always the schedule's last) lands where DDIM's own last step does, t − T/N."""
+    config = scheduler.config
+    if config.prediction_type != "epsilon" or config.thresholding:
+        raise ValueError(
+            f"dropping steps jumps DDIM for ε-predicting models without thresholding; this schedule has "
+            f"prediction_type '{config.prediction_type}', thresholding {config.thresholding}"
+        )
+    timesteps = [int(t) for t in scheduler.timesteps]
+    last = timesteps[-1] - config.num_train_timesteps // scheduler.num_inference_steps
+    return [timesteps[kept[k + 1]] if k + 1 < len(kept) else last for k in range(len(kept))]
+
+
+@dataclass(frozen=True)
+class _Jump:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def _ddim_jump(scheduler, eps: torch.Tensor, t: torch.Tensor, to: int, x: torch.Tensor) -> _Jump:
+    """One deterministic DDIM update (η = 0) from t straight to `to` (Song et al. 2021, eq. 12):
+    x̂₀ = (x − √(1−ᾱ_t) ε̂) / √ᾱ_t, clipped as the scheduler clips; x_to = √ᾱ_to x̂₀ + √(1−ᾱ_to) ε̂,
+    with ᾱ past t = 0 the scheduler's `final_alpha_cumprod`. Where `to` is DDIM's own next step
+    this is the scheduler's `step` (tests/test_drop_steps.py holds them equal)."""
+    alphas = scheduler.alphas_cumprod
+    a = alphas[int(t)]
+    a_to = alphas[to] if to >= 0 else scheduler.final_alpha_cumprod
+    x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5
+    if scheduler.config.clip_sample:
+        r = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
+    return _Jump(a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps, x0)
+
+
 def vae_shift(vae) -> float:
     """The VAE's latent mean (`shift_factor`; SD3 and Flux VAEs have one, SD/SDXL's none → 0)."""
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
@@ -294,6 +334,11 @@ def sample_steps(
     ]
     seconds = []
     timesteps = scheduler.timesteps
+    jumps = None
+    if config.drop_steps:  # a subset of the reference timesteps; each kept step jumps to the next kept one
+        kept = kept_step_indices(len(timesteps), config.drop_steps)
+        jumps = _ddim_jumps(scheduler, kept)
+        timesteps = timesteps[kept]
     clip = float(scheduler_config.get("clip_sample_range", 1.0)) if scheduler_config.get("clip_sample") else None
     table = _trajectory_conditioning(model, timesteps, condition, null, config.guidance_scale, device) if precompute_conditioning else None
     with torch.no_grad(), table if table is not None else contextlib.nullcontext():
@@ -313,7 +358,7 @@ def sample_steps(
             sigma = scheduler.sigmas[i] if flow else None  # σ of this step, before the update
             # 3. Scheduler update x_t -> x_{t-1} (DDPM draws its noise per image).
             kwargs = {"generator": step_generators} if config.scheduler == "ddpm" else {}
-            out = scheduler.step(eps, t, x, **kwargs)
+            out = scheduler.step(eps, t, x, **kwargs) if jumps is None else _ddim_jump(scheduler, eps, t, jumps[i], x)
             x = out.prev_sample.to(dtype)
             _synchronize(device)
             seconds.append(time.perf_counter() - start)

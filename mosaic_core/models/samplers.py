@@ -66,6 +66,32 @@ def check_num_steps(num_inference_steps: int, num_train_timesteps: int = MAX_STE
     return steps
 
 
+def check_drop_steps(drop_steps: int, num_inference_steps: int, scheduler: str = DEFAULT_SCHEDULER) -> int:
+    """Return the number of reference steps to drop, or ValueError naming the allowed range and sampler.
+
+    Dropping jumps DDIM straight over steps (`kept_step_indices`); a multistep solver (DPM-Solver)
+    keeps a history of earlier steps and Euler-type samplers step σ, so only `ddim` takes it."""
+    value = drop_steps
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise ValueError(f"drop_steps must be a whole number in [0, {num_inference_steps - 1}], got {shown(value)}")
+    drop = int(value)
+    if not 0 <= drop <= num_inference_steps - 1:
+        raise ValueError(f"drop_steps must be in [0, {num_inference_steps - 1}] (at least one of the {num_inference_steps} steps runs), got {drop}")
+    if drop and scheduler != "ddim":
+        raise ValueError(f"dropping steps needs the ddim sampler (it jumps DDIM over the dropped steps), got '{scheduler}'")
+    return drop
+
+
+def kept_step_indices(num_inference_steps: int, drop_steps: int) -> list[int]:
+    """Which of the N reference steps run when `drop_steps` of them are dropped evenly: the indices
+    round(linspace(0, N − 1, N − drop)), so the first and the last step always run and every kept
+    step is one of the reference's own timesteps (docs/method.md §4.6)."""
+    keep = int(num_inference_steps) - int(drop_steps)
+    if keep == 1:
+        return [0]
+    return [int(round(i)) for i in np.linspace(0, num_inference_steps - 1, keep)]
+
+
 def make_scheduler(name: str, scheduler_config: Mapping[str, Any]):
     """A fresh diffusers scheduler of kind `name` built from the model's scheduler config.
 

@@ -1,0 +1,93 @@
+"""Dropping reference steps: which steps run, the DDIM jump against diffusers' own DDIM step, and refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LINEAR_SCHEDULER, run_cli, tiny_pixel_dit
+from mosaic_core.conquer.sampling import SampleConfig, initial_noise, run_to_end, sample, sample_steps
+from mosaic_core.models.samplers import kept_step_indices
+
+SHAPE = (1, 8, 8)
+SCHEDULER = {**LINEAR_SCHEDULER, "clip_sample": True}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_pixel_dit()
+
+
+@pytest.mark.parametrize("steps", [2, 3, 10, 25, 50, 51])
+def test_kept_steps_are_evenly_spread_reference_steps_with_first_and_last(steps):
+    for drop in range(steps):
+        kept = kept_step_indices(steps, drop)
+        assert len(kept) == steps - drop
+        assert kept[0] == 0 and (len(kept) == 1 or kept[-1] == steps - 1)
+        gaps = np.diff(kept)
+        assert (gaps >= 1).all()  # distinct, in order
+        if len(kept) > 1:  # evenly: every gap is the mean gap rounded down or up
+            mean = (steps - 1) / (len(kept) - 1)
+            assert set(gaps.tolist()) <= {int(np.floor(mean)), int(np.ceil(mean))}
+
+
+def test_dropping_two_of_ten_steps_jumps_like_diffusers_ddim_over_the_gaps(model):
+    """10 steps at t = 900 … 0, drop 2: the kept steps 0,1,3,4,5,6,8,9 (by hand: round(linspace(0, 9, 8))).
+    Where two reference steps are jumped (gap 200) diffusers' DDIM step takes the same jump when told
+    it samples 5 steps, so the reference below is diffusers' arithmetic, not this project's."""
+    from diffusers import DDIMScheduler
+
+    noise = initial_noise(2, SHAPE, seed=5)
+    events = []
+    result = run_to_end(
+        sample_steps(model, SCHEDULER, [3, 7], SampleConfig(10, 1.0, "ddim", 5, drop_steps=2), num_classes=10,
+                     sample_shape=SHAPE, noise=noise),
+        events.append,
+    )
+    kept = [900, 800, 600, 500, 400, 300, 100, 0]
+    assert result.timesteps.tolist() == kept and len(events) == 8
+
+    scheduler = DDIMScheduler(**SCHEDULER)
+    scheduler.set_timesteps(10)
+    x = noise.clone()
+    with torch.no_grad():
+        for t, to in zip(kept, kept[1:] + [-100]):
+            eps = model(x, timestep=torch.tensor([t, t]), class_labels=torch.tensor([3, 7])).sample
+            scheduler.num_inference_steps = 1000 // (t - to)  # diffusers' DDIM steps t -> t − 1000 / N
+            out = scheduler.step(eps, torch.tensor(t), x)
+            x = out.prev_sample
+    torch.testing.assert_close(events[-1].latents, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(events[-1].pred_original, out.pred_original_sample, atol=1e-5, rtol=1e-5)
+    full = sample(model, SCHEDULER, [3, 7], SampleConfig(10, 1.0, "ddim", 5), num_classes=10, sample_shape=SHAPE, noise=noise)
+    assert not np.array_equal(result.images, full.images)  # the dropped steps changed something
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"drop_steps": 10}, r"drop_steps must be in \[0, 9\] \(at least one of the 10 steps runs\), got 10"),
+        ({"drop_steps": -1}, r"got -1"),
+        ({"drop_steps": 1.5}, r"drop_steps must be a whole number in \[0, 9\], got 1.5"),
+        ({"drop_steps": 2, "scheduler": "dpm"}, r"dropping steps needs the ddim sampler .* got 'dpm'"),
+        ({"drop_steps": 2, "scheduler": "euler"}, r"got 'euler'"),
+    ],
+)
+def test_bad_drop_steps_are_refused_with_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SampleConfig(num_inference_steps=10, **kwargs)
+
+
+def test_cli_drop_steps_writes_the_engines_images_and_refuses_other_samplers(tmp_path):
+    out = tmp_path / "dropped.npz"
+    result = run_cli("sample", "--steps", "10", "--drop-steps", "4", "--n", "2", "--seed", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    from mosaic_core.models.loading import load_model
+
+    loaded = load_model("digits-dit", device="cpu")
+    spec = loaded.spec
+    expected = sample(loaded.transformer, loaded.scheduler_config, [0, 1], SampleConfig(10, spec.default_cfg, "ddim", 3, drop_steps=4),
+                      num_classes=spec.num_classes, sample_shape=(spec.in_channels, spec.sample_size, spec.sample_size))
+    np.testing.assert_array_equal(np.load(out)["images"], expected.images)
+
+    refused = tmp_path / "refused.npz"
+    result = run_cli("sample", "--steps", "10", "--drop-steps", "4", "--scheduler", "dpm", "--n", "2", "--out", str(refused))
+    assert result.returncode == 2 and "needs the ddim sampler" in result.stderr and not refused.exists()
