@@ -157,8 +157,8 @@ class PlanRequest:
             return cls.from_values(model, sampler, steps, M, lam, None, [early, middle, late], cx, folder=folder, edges=edges)
         return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder, edges=edges)
 
-    def build(self, spec: ModelSpec) -> Plan:
-        """The `Plan` of this request for an already resolved model."""
+    def build(self, spec: ModelSpec, drop_steps: int = 0) -> Plan:
+        """The `Plan` of this request for an already resolved model (`drop_steps`: `build_plan`'s, the CLI's)."""
         return build_plan(
             spec,
             num_inference_steps=spec.default_steps if self.steps is None else self.steps,
@@ -170,11 +170,12 @@ class PlanRequest:
             scheduler=model_default_sampler(spec) if self.sampler is None else self.sampler,
             cx=self.cx,
             edges=self.edges,
+            drop_steps=drop_steps,
         )
 
-    def plan(self) -> Plan:
+    def plan(self, drop_steps: int = 0) -> Plan:
         """The `Plan` of this request, the model resolved through the registry (or a local folder)."""
-        return self.build(resolve_model(self.model))
+        return self.build(resolve_model(self.model), drop_steps)
 
     def to_dict(self) -> dict:
         """The request as JSON-ready values."""

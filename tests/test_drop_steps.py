@@ -91,3 +91,42 @@ def test_cli_drop_steps_writes_the_engines_images_and_refuses_other_samplers(tmp
     refused = tmp_path / "refused.npz"
     result = run_cli("sample", "--steps", "10", "--drop-steps", "4", "--scheduler", "dpm", "--n", "2", "--out", str(refused))
     assert result.returncode == 2 and "needs the ddim sampler" in result.stderr and not refused.exists()
+
+
+def test_a_plan_with_dropped_steps_counts_and_costs_only_the_kept_reference_steps():
+    import json
+
+    from mosaic_core.divide.plan import Plan, build_plan
+    from mosaic_core.models.samplers import sampler_timesteps
+
+    full = build_plan("digits-dit", 50, sparsity=0.22)
+    dropped = build_plan("digits-dit", 50, sparsity=0.22, drop_steps=5)
+    reference = sampler_timesteps("ddim", full.scheduler_config, 50)
+    by_hand = [reference[i] for i in range(50) if i not in (5, 15, 25, 34, 44)]  # round(linspace(0, 49, 45)) skips these
+    assert list(dropped.timesteps) == by_hand and dropped.num_inference_steps == 50
+    assert sum(dropped.step_counts) == 45
+    assert dropped.step_stages == tuple(full.step_stages[i] for i in range(50) if i not in (5, 15, 25, 34, 44))
+    assert dropped.macs_dense * 50 == full.macs_dense * 45  # the dense cost of 45 of the 50 equal steps
+    data = dropped.to_dict()
+    assert data["drop_steps"] == 5 and "drop_steps" not in full.to_dict()  # plans of every step keep their dict
+    assert Plan.from_dict(json.loads(json.dumps(data))).to_dict() == data
+
+    result = run_cli("plan", "--sparsity", "0.22", "--drop-steps", "5", "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["drop_steps"] == 5 and printed["timesteps"] == [int(t) for t in by_hand]
+    text = run_cli("plan", "--sparsity", "0.22", "--drop-steps", "5").stdout
+    assert "50 steps (5 dropped evenly: 45 run)" in text and "against all 50 reference steps" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--drop-steps", "5", "--scheduler", "dpm"], "needs the ddim sampler"),
+        (["--drop-steps", "50"], r"drop_steps must be in [0, 49]"),
+        (["--drop-steps", "5", "--stages", "4"], "--drop-steps is planned for three stages"),
+    ],
+)
+def test_plan_refuses_drop_steps_it_cannot_plan(args, message):
+    result = run_cli("plan", *args)
+    assert result.returncode == 2 and message in result.stderr

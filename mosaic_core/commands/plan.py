@@ -60,7 +60,8 @@ def format_plan(plan: Plan) -> str:
     allocation = plan.allocation
     shape = plan.shape
     lines = [
-        f"model {plan.model} | {plan.scheduler} {plan.num_inference_steps} steps | "
+        f"model {plan.model} | {plan.scheduler} {plan.num_inference_steps} steps"
+        f"{f' ({plan.drop_steps} dropped evenly: {len(plan.timesteps)} run)' if plan.drop_steps else ''} | "
         f"{'edges set by hand' if plan.manual_edges else f'M={plan.M:g}'} lam={plan.lam:g} cx={plan.cx:g} | mode {plan.mode}",
         "",
         f"{'stage':<7} {'tau range':>11} {'steps':>5} {'requested':>9} {'achieved':>8} "
@@ -81,6 +82,12 @@ def format_plan(plan: Plan) -> str:
         f"block-linear MACs per image: dense {format_count(plan.macs_dense)}, "
         f"staged {format_count(plan.macs_staged)}, ideal speed-up {plan.ideal_speedup:.2f}x",
     ]
+    if plan.drop_steps:  # what the user compares with: the dense model at every reference step
+        reference = plan.macs_dense * plan.num_inference_steps / len(plan.timesteps)
+        lines.append(
+            f"against all {plan.num_inference_steps} reference steps: dense {format_count(reference)}, staged "
+            f"{plan.macs_staged / reference:.3f} of it, ideal speed-up {reference / plan.macs_staged:.2f}x"
+        )
     memory = plan.memory_figures()
     lines += [
         f"prunable-layer parameters: dense {format_count(memory['parameters_dense'])}, "
@@ -117,7 +124,16 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         uniform=bool(getattr(args, "uniform", False)),
         edges=None if edges is None else parse_edges(edges),
     )
-    return request.plan()
+    return request.plan(drop_steps=getattr(args, "drop_steps", 0) or 0)
+
+
+def add_drop_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """`--drop-steps K` (plan and prune): plan for K of the reference steps dropped, as `sample --drop-steps K` runs them."""
+    parser.add_argument(
+        "--drop-steps", type=int_in("--drop-steps", 0, limits.MAX_STEPS), default=0, metavar="K",
+        help="plan for K of the --steps reference steps dropped evenly, the first and last kept (ddim only): stage step "
+        "counts, allocation and MACs of the kept steps; sample it with `sample --drop-steps K` (docs/method.md §4.6)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,6 +163,9 @@ def add_stages_argument(parser: argparse.ArgumentParser) -> None:
 def k_plan_from_args(args: argparse.Namespace):
     """The `KStagePlan` of the plan arguments with `--stages K` (K ≠ 3); ValueError for options it cannot take."""
     from mosaic_core.divide.k_plan import build_k_plan
+
+    if getattr(args, "drop_steps", 0):
+        raise ValueError(f"--drop-steps is planned for three stages (early, middle, late); drop --stages {args.stages} or --drop-steps")
 
     for option, given in (("--stage-sparsity", getattr(args, "stage_sparsity", None)), ("--edges", getattr(args, "edges", None)),
                           ("--uniform", getattr(args, "uniform", False) or None)):
@@ -199,5 +218,6 @@ def register(subparsers) -> None:
     )
     add_plan_arguments(parser)
     add_stages_argument(parser)
+    add_drop_steps_argument(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     parser.set_defaults(func=run)

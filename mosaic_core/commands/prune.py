@@ -12,7 +12,7 @@ import dataclasses
 from mosaic_core import limits
 from mosaic_core.cli import float_in, int_in, text_of
 from mosaic_core.prune.calibration import CALIBRATION_MODES, CALIBRATION_SOURCES
-from mosaic_core.commands.plan import add_plan_arguments, add_stages_argument, format_plan, plan_from_args
+from mosaic_core.commands.plan import add_drop_steps_argument, add_plan_arguments, add_stages_argument, format_plan, plan_from_args
 from mosaic_core.prune.stage_pruning import ALLOCATION_ALIASES, ALLOCATIONS, DEFAULT_DAMPING, SCORERS
 
 
@@ -92,6 +92,7 @@ def register(subparsers) -> None:
     )
     add_plan_arguments(parser)
     add_stages_argument(parser)
+    add_drop_steps_argument(parser)
     add_prune_arguments(parser)
     parser.add_argument(
         "--out", required=True, metavar="DIR", type=text_of("--out", limits.MAX_PATH_LENGTH),

@@ -27,7 +27,14 @@ from mosaic_core.limits import shown
 from mosaic_core.models.registry import ModelSpec, resolve_model
 from mosaic_core.divide.noise_schedule import ScoreCurve, alphas_cumprod, check_cx, check_lam, importance_score
 from mosaic_core.divide.flow_schedule import flow_importance_score, flow_schedule, is_flow_matching
-from mosaic_core.models.samplers import check_num_steps, check_sampler_fits, check_scheduler_name, sampler_timesteps
+from mosaic_core.models.samplers import (
+    check_drop_steps,
+    check_num_steps,
+    check_sampler_fits,
+    check_scheduler_name,
+    kept_step_indices,
+    sampler_timesteps,
+)
 from mosaic_core.divide.stages import DEFAULT_M, EDGE_SOURCES, STAGE_NAMES, StageBounds, check_edges, check_M, divide_stages
 
 DEFAULT_LAM = 0.01
@@ -80,6 +87,9 @@ class Plan:
     macs_staged: int
     image_seq_len: Optional[int] = None  # image tokens per sample; set only when it shifted σ (§8.1)
     edges_source: str = "M"
+    # reference steps dropped evenly (`samplers.kept_step_indices`): `timesteps` are the kept ones of the
+    # `num_inference_steps` reference steps, sampled with `SampleConfig(drop_steps=...)` (docs/method.md §4.6)
+    drop_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.edges_source not in EDGE_SOURCES:
@@ -178,6 +188,8 @@ class Plan:
             data["image_seq_len"] = int(self.image_seq_len)
         if self.edges_source != "M":  # only then: plans divided by M keep their old dict (and cache keys)
             data["edges_source"] = self.edges_source
+        if self.drop_steps:  # likewise: plans of every reference step keep their old dict
+            data["drop_steps"] = int(self.drop_steps)
         return data
 
     @classmethod
@@ -226,6 +238,7 @@ class Plan:
                 macs_staged=int(data["macs_staged"]),
                 image_seq_len=None if data.get("image_seq_len") is None else int(data["image_seq_len"]),
                 edges_source=str(data.get("edges_source", "M")),
+                drop_steps=int(data.get("drop_steps", 0)),
             )
         except KeyError as error:
             raise ValueError(f"plan dict is missing the key {error}") from None
@@ -245,6 +258,7 @@ def build_plan(
     cx: float = 1.0,
     image_seq_len: Optional[int] = None,
     edges: Optional[Sequence[int]] = None,
+    drop_steps: int = 0,
 ) -> Plan:
     """Divide a model's sampling trajectory and allocate per-stage sparsity (docs/method.md §1-2).
 
@@ -258,6 +272,8 @@ def build_plan(
     A flow-matching model (method §8) takes a `flow-*` sampler; its stage bounds and
     timesteps are in the scheduler's units t = σ·T. `image_seq_len` (image tokens per
     sample; default the spec's) sets μ when its schedule uses dynamic shifting.
+    `drop_steps` k keeps N − k of the N reference steps, spread evenly (DDIM only; §4.6): step
+    counts, allocation and MACs are then those of the kept steps.
     """
     # 1. Validate everything at the edge (cheap; diffusers is imported only in step 4).
     if isinstance(spec, str):
@@ -298,12 +314,15 @@ def build_plan(
         num_train_timesteps = alpha_bar.size
         steps = check_num_steps(num_inference_steps, num_train_timesteps)
         curve = importance_score(alpha_bar, lam, cx)
+    drop = check_drop_steps(drop_steps, steps, scheduler)
     if edges is not None:
         edges = check_edges(edges, num_train_timesteps)
     # 3. Stages: from the threshold M (eq. 1.4), or the edges set by hand (§12.1).
     bounds = divide_stages(curve, M) if edges is None else StageBounds.from_middle(edges, num_train_timesteps, M)
     # 4. Which stage each sampler step lands in.
     timesteps = sampler_timesteps(scheduler, spec.scheduler_config, steps, image_seq_len)
+    if drop:
+        timesteps = timesteps[kept_step_indices(steps, drop)]
     step_stages = bounds.stage_of(timesteps)
     counts = bounds.count_steps(timesteps)
     # 5. Per-stage sparsity, rounded to whole heads and units.
@@ -332,6 +351,7 @@ def build_plan(
         macs_staged=sampling_macs(spec.shape, allocation, counts),
         image_seq_len=image_seq_len,
         edges_source="M" if edges is None else "manual",
+        drop_steps=drop,
     )
 
 
@@ -352,5 +372,5 @@ def stage_only_plan(spec: ModelSpec | str, plan: Plan, stage: int) -> Plan:
     values = tuple(sparsity if index == stage else 0.0 for index in range(3))
     return build_plan(
         spec, plan.num_inference_steps, plan.M, plan.lam, stage_sparsity=values, scheduler=plan.scheduler, cx=plan.cx,
-        image_seq_len=plan.image_seq_len, edges=plan.manual_edges,
+        image_seq_len=plan.image_seq_len, edges=plan.manual_edges, drop_steps=plan.drop_steps,
     )
