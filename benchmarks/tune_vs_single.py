@@ -5,13 +5,14 @@
 
 For each budget b (a fraction of the dense MACs at N = --steps DDIM steps) the tuner
 (`mosaic_core.conquer.tune`, its default methods: fewer steps, block reuse, paper and measured
-pruning, pruning with block reuse; and, as `tuner, all methods` when its choice differs, with
+pruning, pruning with block reuse, dropped reference steps alone and pruned for them; and, as `tuner, all methods` when its choice differs, with
 the opt-in pruning with cache-dit too) searches on --val-images validation images (seed 0). Then its
 chosen point and the best each single technique can do at the same budget are sampled on
 --test-images **held-out** images (seed --test-seed, other noise than the tuner saw) and
 scored by PSNR to the dense model's images of the same noise:
 
     fewer-steps   the dense model at ⌊b·N⌋ steps
+    drop          the dense model at ⌊b·N⌋ of the N reference steps, the rest dropped evenly (method §4.6)
     prune         the default prune (measured allocation, refit) at N steps, sparsity raised until it fits b
 
 and, when the tuner chose a pruned point, `tuner+refit`: that point pruned as `prune` would
@@ -80,8 +81,9 @@ def main() -> None:
     memo: dict = {}
     labels = conditions_for(loaded, default_values(spec, args.test_images))
 
-    def held_out(steps: int, transformer=None):
-        return run_to_end(sample_loaded(loaded, labels, SampleConfig(steps, cfg, scheduler, args.test_seed), transformer=transformer)).images
+    def held_out(steps: int, transformer=None, drop: int = 0):
+        config = SampleConfig(steps + drop, cfg, scheduler, args.test_seed, drop_steps=drop)
+        return run_to_end(sample_loaded(loaded, labels, config, transformer=transformer)).images
 
     started = time.perf_counter()
     reference = held_out(n0)
@@ -108,6 +110,8 @@ def main() -> None:
                             candidate_denoiser(loaded, wider, config, analyses=analyses, **common)))
         fewer = max(1, int(budget * n0 + 1e-9))
         entries.append(("fewer-steps", "dense", TunePoint(fewer, "dense", 0.0, dense_step * fewer, fewer / n0, 0, 0, 0), None))
+        if scheduler == "ddim" and fewer < n0:
+            entries.append(("drop", "drop", TunePoint(fewer, "drop", 0.0, dense_step * fewer, fewer / n0, 0, 0, 0, drop_steps=n0 - fewer), None))
         sparsity = _sparsity_within(spec, n0, DEFAULT_M, 0.01, scheduler, 1.0, 1.0 - budget, budget * dense_macs)
         if sparsity is not None:
             plan = build_plan(spec, n0, DEFAULT_M, 0.01, sparsity=sparsity, scheduler=scheduler)
@@ -131,11 +135,11 @@ def main() -> None:
                             CacheDiT(loaded.transformer, setting, n0)))
         measured = []
         for name, method, point, transformer in entries:
-            psnr = mean_psnr(held_out(point.steps, transformer), reference)
+            psnr = mean_psnr(held_out(point.steps, transformer, point.drop_steps), reference)
             macs = point.macs_fraction
             if isinstance(transformer, CacheDiT):  # which steps skip depends on the images: the held-out run's cost
                 macs = transformer.computed_fraction() * point.steps / n0
-            measured.append(dict(budget=budget, row=name, method=method, steps=point.steps, macs=round(macs, 4),
+            measured.append(dict(budget=budget, row=name, method=method, steps=point.steps, drop_steps=point.drop_steps, macs=round(macs, 4),
                                  cache=point.cache, cache_dit=point.cache_dit, sparsity=round(point.sparsity, 4), psnr=round(psnr, 3),
                                  validation_psnr=round(point.psnr, 3) if name.startswith("tuner") else None))
         best_single = max(m["psnr"] for m in measured if not m["row"].startswith("tuner"))
@@ -148,7 +152,8 @@ def main() -> None:
             reuse = "-" if m["cache"] is None else "{}:{}/{}".format(*m["cache"])
             reuse = reuse if m["cache_dit"] is None else f"δ{m['cache_dit'][0]:.3g}"
             extra = f"  margin {m['margin_db']:+.2f} dB over the best single (tuned in {tuned_seconds:.0f} s)" if "margin_db" in m else ""
-            print(f"b={budget:.2f} {m['row']:<12} {m['method']:<15} steps {m['steps']:>3} sparsity {m['sparsity']:.3f} reuse {reuse:>6} "
+            steps = f"{m['steps']}/{m['steps'] + m['drop_steps']}" if m["drop_steps"] else str(m["steps"])
+            print(f"b={budget:.2f} {m['row']:<12} {m['method']:<15} steps {steps:>5} sparsity {m['sparsity']:.3f} reuse {reuse:>6} "
                   f"MACs {m['macs']:.3f}  PSNR {m['psnr']:.2f} dB{extra}", flush=True)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out:
@@ -172,7 +177,8 @@ def main() -> None:
             if m["cache_dit"] is not None:
                 reuse = "cache-dit δ {:.3g}, F{}B{}, first {} full".format(*m["cache_dit"])
             margin = f"{m['margin_db']:+.2f} dB" if "margin_db" in m else ""
-            lines.append(f"| {m['budget']:.2f} | {m['row']} | {m['method']} | {m['steps']} | {m['sparsity']:.3f} | {reuse} | "
+            steps = f"{m['steps']} of {m['steps'] + m['drop_steps']}" if m["drop_steps"] else str(m["steps"])
+            lines.append(f"| {m['budget']:.2f} | {m['row']} | {m['method']} | {steps} | {m['sparsity']:.3f} | {reuse} | "
                          f"{m['macs']:.3f} | {m['psnr']:.2f} | {margin} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")

@@ -130,3 +130,40 @@ def test_a_plan_with_dropped_steps_counts_and_costs_only_the_kept_reference_step
 def test_plan_refuses_drop_steps_it_cannot_plan(args, message):
     result = run_cli("plan", *args)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_the_tuner_prices_dropped_steps_by_the_kept_ones_and_keeps_them_to_ddim(tiny_pixel_folder):
+    """measured+drop at n of N₀ steps costs the MACs its plan of the kept steps says, fits the budget,
+    and its drop_steps say which subset it sampled; dpm leaves the drop methods out by default and
+    refuses them when named."""
+    from mosaic_core.conquer.tune import DEFAULT_METHODS, tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses: dict = {}
+    result = tune(loaded, 0.7, config, reference_steps=10, steps_grid=(6, 8, 10), images=2, analyses=analyses,
+                  methods=("dense", "measured", "drop", "measured+drop"), guidance_scale=1.5)
+    dropped = [p for p in result.points if p.allocation == "measured+drop"]
+    assert {p.steps for p in dropped} == {8} and all(p.drop_steps == 2 for p in dropped)  # 6 fits dense; 10 drops nothing
+    point = dropped[0]
+    # its cost, counted from the rebuilt networks: each kept step at its stage network's block MACs
+    from mosaic_core.conquer.caching import block_macs
+    from mosaic_core.conquer.tune import candidate_denoiser
+    from mosaic_core.models.samplers import sampler_timesteps
+
+    staged = candidate_denoiser(loaded, point, config, analyses=analyses)
+    kept = [t for i, t in enumerate(sampler_timesteps("ddim", loaded.scheduler_config, 10)) if i not in (2, 7)]  # kept: round(linspace(0, 9, 8)) = 0,1,3,4,5,6,8,9
+    per_network = [sum(block_macs(network, loaded.spec.shape)) for network in staged.networks()]
+    macs = sum(per_network[s] for s in staged.stage_index(torch.tensor(kept)).tolist())
+    dense_10 = 10 * sum(block_macs(loaded.transformer, loaded.spec.shape))
+    assert point.macs_fraction == pytest.approx(macs / dense_10, rel=1e-9) and point.macs_fraction <= 0.7 + 1e-12
+    assert [p.drop_steps for p in result.points if p.allocation == "drop"] == [4]  # 6 of 10 fits 0.7; 8 of 10 does not
+
+    other = tune(loaded, 0.7, config, reference_steps=10, steps_grid=(6, 8, 10), images=2, analyses=analyses,
+                 methods=DEFAULT_METHODS, guidance_scale=1.5, scheduler="dpm", check=0)
+    assert not any(p.drop_steps for p in other.points) and {"dense", "measured"} <= {p.allocation for p in other.points}
+    with pytest.raises(ValueError, match="need the ddim sampler, got 'dpm'"):
+        tune(loaded, 0.7, config, reference_steps=10, steps_grid=(6, 8, 10), images=2, methods=("dense", "drop"), scheduler="dpm")

@@ -169,9 +169,10 @@ def test_every_method_meets_the_budget_and_its_point_can_be_rebuilt(tiny_pixel_f
     result = tune(loaded, 0.6, config, reference_steps=8, steps_grid=(4, 6, 8), images=2, analyses=analyses,
                   methods=METHODS, guidance_scale=1.5, cfg_grid=(1.0,), cfg_top=1, **common)
     kinds = {p.allocation for p in result.points}
-    assert {"dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit"} <= kinds
+    assert {"dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit", "drop", "measured+drop"} <= kinds
     for p in result.points:
-        if p.allocation != "dense":
+        assert (p.drop_steps > 0) == (p.allocation in ("drop", "measured+drop")) and p.steps + p.drop_steps <= 8
+        if p.allocation not in ("dense", "drop"):  # fewer steps, either form, are listed at every count
             assert p.macs_fraction <= 0.6 + 1e-12, p
         assert (p.cache is not None) == p.allocation.endswith("cache")
         assert (p.cache_dit is not None) == (p.allocation == "measured+cache-dit")
@@ -180,10 +181,11 @@ def test_every_method_meets_the_budget_and_its_point_can_be_rebuilt(tiny_pixel_f
 
     labels = labels_for(2, loaded.spec.num_classes)
     reference = run_to_end(sample_loaded(loaded, labels, SampleConfig(8, 1.5, "ddim", 0))).images
-    for method in ("cache", "measured", "measured+cache", "measured+cache-dit"):
+    for method in ("cache", "measured", "measured+cache", "measured+cache-dit", "drop", "measured+drop"):
         point = next(p for p in result.points if p.allocation == method and p.guidance_scale == 1.5)
         denoiser = candidate_denoiser(loaded, point, config, analyses=analyses, **common)
-        images = run_to_end(sample_loaded(loaded, labels, SampleConfig(point.steps, point.guidance_scale, "ddim", 0), transformer=denoiser)).images
+        replay = SampleConfig(point.steps + point.drop_steps, point.guidance_scale, "ddim", 0, drop_steps=point.drop_steps)
+        images = run_to_end(sample_loaded(loaded, labels, replay, transformer=denoiser)).images
         assert mean_psnr(images, reference) == pytest.approx(point.psnr, abs=1e-9), method
     assert np.isfinite([p.psnr for p in result.points]).all()
 
@@ -192,7 +194,7 @@ def test_tuner_methods_are_checked():
     from mosaic_core.conquer.tune import check_methods
 
     assert check_methods("measured,dense") == ("dense", "measured")  # in the tuner's order
-    with pytest.raises(ValueError, match=r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, got speed"):
+    with pytest.raises(ValueError, match=r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, drop, measured\+drop, got speed"):
         check_methods(["speed"])
     with pytest.raises(ValueError, match="got none"):
         check_methods("")
@@ -441,7 +443,7 @@ def test_check_seconds_bounds_the_candidates_checked_after_the_first():
     from mosaic_core.conquer.tune import QualityModel, TunePoint, _check_predicted
 
     model = QualityModel(alpha=1.0, log_kappa=-3.0, rmse=0.5, count=6)
-    dense = {40: 40.0}
+    dense = {(40, 0): 40.0}  # (steps, dropped reference steps) -> the dense PSNR over those steps
     sampled_before = [TunePoint(40, "dense", 0.0, 1.0, 0.5, 0.0, 10.0, 0.0)]  # a poor sampled point: every candidate may win
 
     def run(deadline):

@@ -326,7 +326,7 @@ def test_a_later_budget_is_predicted_through_the_api_and_check_0_samples_everyth
     [
         (dict(budget=0.5, check=-1), r"check must be a whole number of candidates to sample in \[0, 64\] \(0: every one\), got -1"),
         (dict(budget=1.5), r"budget must be a fraction of the dense MACs in \(0, 1\]"),
-        (dict(budget=0.5, methods=["dense", "magic"]), r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, got dense, magic"),
+        (dict(budget=0.5, methods=["dense", "magic"]), r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, drop, measured\+drop, got dense, magic"),
         (dict(budget=0.5, calibration_size=5000), r"calibration_size \(images per stage\) must be in \[16, 1024\], got 5000"),
     ],
 )

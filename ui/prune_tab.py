@@ -369,12 +369,17 @@ class TuneHandlers:
     def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None, memory=None):
         """Check everything, then queue the tuner job; returns its id. `memory`: the last tuning's
         (`tuner_reference_steps` decides whether its reference steps still hold)."""
-        from mosaic_core.conquer.tune import DEFAULT_CHECK, check_budget, check_count, check_methods
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, DROP_METHODS, check_budget, check_count, check_methods
 
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"budget must be a fraction of the dense MACs in (0, 1], got {type(budget).__name__}")
         budget = check_budget(float(budget))
         methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
+        if any(m in DROP_METHODS for m in methods):  # its Steps box re-spaces: a dropped-steps point would sample otherwise
+            raise ValueError(
+                f"the studio samples re-spaced steps, so its tuner takes {', '.join(m for m in methods if m not in DROP_METHODS) or 'dense, paper, measured'}"
+                f" but not {', '.join(DROP_METHODS)}: tune those with `python -m mosaic_core tune` and sample with `sample --drop-steps`"
+            )
         check = check_count(DEFAULT_CHECK if check is None else check)
         # measured: the config's kept-width rounding is the measured allocation's (a GPU's tiles); the
         # tuner sets each candidate's own allocation

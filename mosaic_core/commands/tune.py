@@ -86,7 +86,8 @@ def register(subparsers) -> None:
                         help="also sample the best --cfg-top candidates at these guidance scales (default: none)")
     parser.add_argument("--cfg-top", type=int_in("--cfg-top", 1, 16), default=2, help="candidates re-tried on --cfg-grid (default 2)")
     parser.add_argument("--methods", type=_methods, default=None, metavar="A,B,...",
-                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache, measured+cache-dit "
+                        help="ways to meet the budget: dense (fewer steps), cache, paper, measured, measured+cache, measured+cache-dit, "
+                        "drop (fewer steps as a subset of the reference steps), measured+drop (pruned for that subset; both ddim only) "
                         "(default all but measured+cache-dit: 6 sampling runs per candidate, and the least reliable choice)")
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
@@ -118,7 +119,8 @@ def format_tune(result, show_time: bool = False) -> str:
         reuse = "-" if p.cache is None else "{}:{}/{}".format(*p.cache)
         if p.cache_dit is not None:
             reuse = f"δ{p.cache_dit[0]:.3g}"
-        line = (f"{mark} {p.steps:>5} {p.allocation:<18} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
+        steps = f"{p.steps}/{p.steps + p.drop_steps}" if p.drop_steps else str(p.steps)  # n of the reference steps run
+        line = (f"{mark} {steps:>5} {p.allocation:<18} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
                 f"{p.recorded_error:>11.4g} {p.psnr:>8.2f}")
         lines.append(line + (f" {p.seconds:>8.2f}" if show_time else ""))
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "
@@ -132,6 +134,15 @@ def format_tune(result, show_time: bool = False) -> str:
         lines.append(f"{result.unchecked} predicted candidates that could still win were left unsampled by --check-seconds")
     if result.chosen is None:
         lines.append("no candidate fits the budget: raise it or add smaller step counts")
+    elif result.points[result.chosen].drop_steps:  # the chosen point's steps are a subset: say how to sample it
+        p = result.points[result.chosen]
+        n0 = p.steps + p.drop_steps
+        sample = f"sample --steps {n0} --drop-steps {p.drop_steps} --cfg {p.guidance_scale:g}"
+        lines.append(
+            f"n/N steps: n of the N reference steps run, the rest dropped evenly (docs/method.md §4.6); replay the chosen point: "
+            + (f"prune --steps {n0} --drop-steps {p.drop_steps} --sparsity {p.target_sparsity:.6g} --out DIR, then {sample} --pruned DIR"
+               if p.allocation == "measured+drop" else sample)
+        )
     lines.append(f"tuned in {result.seconds:.2f} s")
     return "\n".join(lines)
 

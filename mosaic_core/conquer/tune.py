@@ -13,6 +13,9 @@ speed-up k is b = 1/k). Every sampler step count n of a grid can meet it several
     measured+cache-dit  pruned (measured) at half of s̄(n), cache-dit's DBCache spending the
                      rest: its threshold bisected on the validation images until the run's
                      MACs fit (conquer/cache_dit_row.py; diffusers' DiT only)
+    drop             fewer steps as a subset of the reference's own: n of the N₀ reference
+                     timesteps kept evenly, DDIM jumping over the rest (ddim only; method §4.6)
+    measured+drop    pruned (measured) for those n kept reference steps, at the s̄ that fits
 
 The stage boundaries are τ ranges that do not depend on n, so one set of cached analyses
 (Hessians and recorded OBS errors, per stage) serves every candidate: a candidate costs a
@@ -41,12 +44,13 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 ALLOCATION_NAMES = {"per-stage": "paper", "measured": "measured"}
-METHODS = ("dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit")
+METHODS = ("dense", "cache", "paper", "measured", "measured+cache", "measured+cache-dit", "drop", "measured+drop")
 # what `tune` tries unless told: measured+cache-dit only when named. Each of its candidates costs
 # 6 sampling runs, and its choice is the least reliable: on 8 validation images at budget 0.5
 # it won with 39.8 dB and kept 37.9 on 64 held-out images, below the default choice's 39.5
 # (cache-dit's skips follow the images; docs/method.md §4.5).
-DEFAULT_METHODS = ("dense", "cache", "paper", "measured", "measured+cache")
+DEFAULT_METHODS = ("dense", "cache", "paper", "measured", "measured+cache", "drop", "measured+drop")
+DROP_METHODS = ("drop", "measured+drop")  # ddim only: other samplers leave them out unless named
 CACHE_DIT_PROBES = 6  # threshold bisection runs per measured+cache-dit candidate (geometric: steps of 12 %)
 CACHE_DIT_WARMUP = 0.16  # full steps first, as a share of the steps: cache-dit's default 8 of 50
 DEFAULT_CHECK = 2  # predicted candidates sampled at most per tuning (`tune(check=...)`)
@@ -63,7 +67,8 @@ def default_steps_grid(reference_steps: int) -> list[int]:
     return sorted({max(1, round(f * int(reference_steps))) for f in GRID_FRACTIONS})
 
 
-_PRUNE_ALLOCATION = {"paper": "per-stage", "measured": "measured", "measured+cache": "measured", "measured+cache-dit": "measured"}
+_PRUNE_ALLOCATION = {"paper": "per-stage", "measured": "measured", "measured+cache": "measured", "measured+cache-dit": "measured",
+                     "measured+drop": "measured"}
 
 
 def _candidate_config(prune_config, allocation: str, refit: bool):
@@ -95,6 +100,7 @@ class TunePoint:
     target_sparsity: float = 0.0  # the sparsity its plan was asked for (rebuilds it: `candidate_denoiser`)
     predicted: bool = False  # psnr is the quality model's prediction from recorded_error; never sampled
     cache_dit: Optional[tuple[float, int, int, int]] = None  # cache-dit's DBCache: (threshold, fn, bn, warmup)
+    drop_steps: int = 0  # reference steps dropped (drop methods): `steps` of the steps + drop_steps reference ones run
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,11 @@ def tune(
         raise ValueError(f"check_seconds must be a number of seconds in (0, 3600], got {check_seconds!r}")
     if allocations is not None:
         wanted = {ALLOCATION_NAMES.get(a, a) for a in allocations}
-        methods = tuple(m for m in methods if m in ("dense", "cache") or m.split("+")[0] in wanted)
+        methods = tuple(m for m in methods if m in ("dense", "cache", "drop") or m.split("+")[0] in wanted)
+    if scheduler != "ddim" and any(m in DROP_METHODS for m in methods):
+        if methods != DEFAULT_METHODS:
+            raise ValueError(f"tuner methods {', '.join(DROP_METHODS)} jump DDIM over dropped steps: they need the ddim sampler, got '{scheduler}'")
+        methods = tuple(m for m in methods if m not in DROP_METHODS)
     steps_grid = default_steps_grid(reference_steps) if steps_grid is None else steps_grid
     steps_grid = sorted({int(n) for n in steps_grid if 1 <= int(n) <= reference_steps})
     if not steps_grid:
@@ -234,8 +244,8 @@ def tune(
         if on_progress is not None:
             on_progress(message)
 
-    def run(n: int, transformer=None, scale: float = cfg):
-        config = SampleConfig(n, scale, scheduler, seed)
+    def run(n: int, transformer=None, scale: float = cfg, drop: int = 0):
+        config = SampleConfig(n + drop, scale, scheduler, seed, drop_steps=drop)
         result = run_to_end(sample_loaded(loaded, labels, config, transformer=transformer))
         return result.images, float(np.sum(result.step_seconds))
 
@@ -256,7 +266,7 @@ def tune(
         setting = (*setting, "edges", *map(int, edges))
 
     def scored(point: TunePoint, transformer, scale: float = cfg) -> TunePoint:
-        images_n, seconds = run(point.steps, transformer, scale)
+        images_n, seconds = run(point.steps, transformer, scale, point.drop_steps)
         return replace(point, psnr=mean_psnr(images_n, reference), seconds=seconds, guidance_scale=scale)
 
     def point_key(identity: tuple, scale: float = cfg) -> tuple:
@@ -312,9 +322,18 @@ def tune(
         if key not in memo:
             say(f"dense, {n} steps")
             memo[key] = scored(TunePoint(n, "dense", 0.0, dense_step * n, fraction, 0.0, 0.0, 0.0), None)
-        dense_psnr[n] = memo[key].psnr
+        dense_psnr[(n, 0)] = memo[key].psnr
         if "dense" in methods or n == reference_steps:
             points.append(memo[key])
+        drop = reference_steps - n
+        if drop and any(m in DROP_METHODS for m in methods):  # the same n steps as a subset of the reference's
+            key = (base, "dense-drop", reference_steps, n)
+            if key not in memo:
+                say(f"drop, {n} of {reference_steps} steps")
+                memo[key] = scored(TunePoint(n, "drop", 0.0, dense_step * n, fraction, 0.0, 0.0, 0.0, drop_steps=drop), None)
+            dense_psnr[(n, drop)] = memo[key].psnr
+            if "drop" in methods and memo[key].macs_fraction <= budget + 1e-12:  # listed where it competes
+                points.append(memo[key])
         target = 1.0 - budget * reference_steps / n
         if target <= 0:
             continue  # dense already fits
@@ -326,18 +345,23 @@ def tune(
                 points.append(recalled((n, "cache", point.cache), point, lambda config=fit[0]: BlockReuse(dense, config)))
         if cache_dit_served and target / 2 <= MAX_SPARSITY:
             points.extend(cache_dit_point(n, target / 2))
-        for method in ("paper", "measured", "measured+cache"):
+        for method in ("paper", "measured", "measured+cache", "measured+drop"):
             if method not in methods:
                 continue
             stacked = method == "measured+cache"
+            dropping = method == "measured+drop"
+            if dropping and not drop:
+                continue  # at every reference step it is `measured`
+            # a dropping plan keeps n of the reference steps; the others plan n steps of their own
+            plan_steps, plan_drop = (reference_steps, drop) if dropping else (n, 0)
             asked = target / 2 if stacked else target
             if asked > MAX_SPARSITY:
                 continue  # no plan removes that much
             if not stacked:  # raised until the plan's own MACs fit
-                asked = _sparsity_within(loaded.spec, n, M, lam, scheduler, cx, asked, budget_macs, edges)
+                asked = _sparsity_within(loaded.spec, plan_steps, M, lam, scheduler, cx, asked, budget_macs, edges, plan_drop)
                 if asked is None:
                     continue
-            plan = build_plan(loaded.spec, n, M, lam, sparsity=asked, scheduler=scheduler, cx=cx, edges=edges)
+            plan = build_plan(loaded.spec, plan_steps, M, lam, sparsity=asked, scheduler=scheduler, cx=cx, edges=edges, drop_steps=plan_drop)
             identity = (n, method, round(float(asked), 9)) + ((round(budget, 9),) if stacked else ())
             if point_key(identity) in memo:
                 points.append(memo[point_key(identity)])
@@ -350,7 +374,7 @@ def tune(
                 stages = _stage_sparsity(plan, recorded if method == "measured" else None)
                 pending.append(TunePoint(
                     n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
-                    float(error), 0.0, 0.0, stages, cfg, target_sparsity=float(asked), predicted=True,
+                    float(error), 0.0, 0.0, stages, cfg, target_sparsity=float(asked), predicted=True, drop_steps=plan_drop,
                 ))
                 continue
             say(f"{method}, {n} steps, sparsity {plan.overall_sparsity:.3f}")
@@ -414,7 +438,7 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
     the first is sampled only if it should end by then at the cost of the slowest one so far.
     Returns the points and how many candidates the deadline left unchecked."""
     def predicted(models) -> list[TunePoint]:
-        return [replace(p, psnr=models[p.allocation].psnr(dense_psnr[p.steps], p.recorded_error)) for p in pending]
+        return [replace(p, psnr=models[p.allocation].psnr(dense_psnr[(p.steps, p.drop_steps)], p.recorded_error)) for p in pending]
 
     done: list[TunePoint] = []
     slowest = 0.0
@@ -443,10 +467,11 @@ def _fit_methods(memo, base, setting, cfg, check) -> dict:
     """A `QualityModel` per pruned method with enough sampled points in `memo` (None: too few), if `check` > 0."""
     if not check:
         return {}
-    samples: dict[str, list] = {"paper": [], "measured": []}
+    samples: dict[str, list] = {"paper": [], "measured": [], "measured+drop": []}
     for key, point in memo.items():
         if key[:3] == (base, "point", setting) and key[-1] == cfg and point.allocation in samples:
-            dense = memo.get((base, "dense", setting[0], point.steps))
+            # D: the dense model over the same steps (re-spaced, or the same subset of the reference's)
+            dense = memo.get((base, "dense-drop" if point.drop_steps else "dense", setting[0], point.steps))
             if dense is not None:
                 samples[point.allocation].append((point.steps, dense.psnr, point.recorded_error, point.psnr))
     return {method: fit_quality(rows) for method, rows in samples.items()}
@@ -465,8 +490,8 @@ def _pruned_point(loaded, plan, config, method, asked, analyses, should_stop, de
         recorded = _recorded_allocation(loaded, plan, config, analyses)
         error = 0.0 if recorded is None else recorded.paper_error
     point = TunePoint(
-        plan.num_inference_steps, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
-        float(error), 0.0, 0.0, _stage_sparsity(plan, result.measured), target_sparsity=asked,
+        len(plan.timesteps), method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
+        float(error), 0.0, 0.0, _stage_sparsity(plan, result.measured), target_sparsity=asked, drop_steps=plan.drop_steps,
     )
     return point, result
 
@@ -547,7 +572,7 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
                        edges: Optional[Sequence[int]] = None):
     """The denoiser that realises `point` (None: the dense model), rebuilt from (cached) analyses.
 
-    Sample it at `point.steps` steps and `point.guidance_scale`; the same plan, pruning and
+    Sample it at `point.steps` steps (`point.steps + point.drop_steps` with `drop_steps`) and `point.guidance_scale`; the same plan, pruning and
     reuse setting as when the point was tuned, so its images are the tuned ones. `refit`
     adds what `prune` does by default after OBS (prune/refit.py): the networks `prune`
     would write at this point, one calibration pass per network dearer.
@@ -559,11 +584,12 @@ def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, 
 
     transformer = None
     if point.allocation in _PRUNE_ALLOCATION:
-        plan = build_plan(loaded.spec, point.steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx, edges=edges)
+        plan = build_plan(loaded.spec, point.steps + point.drop_steps, M, lam, sparsity=point.target_sparsity, scheduler=scheduler, cx=cx,
+                          edges=edges, drop_steps=point.drop_steps)
         analyses = {} if analyses is None else analyses
         config = _candidate_config(prune_config, _PRUNE_ALLOCATION[point.allocation], bool(refit))
         transformer = run_to_end(prune_steps(loaded, plan, config, analyses=analyses, should_stop=should_stop)).staged
-    elif point.allocation not in ("dense", "cache"):
+    elif point.allocation not in ("dense", "cache", "drop"):
         raise ValueError(f"unknown tuner method {point.allocation!r}: expected one of {', '.join(METHODS)}")
     if point.cache is not None:
         transformer = BlockReuse(loaded.transformer if transformer is None else transformer, CacheConfig(*point.cache))
@@ -592,7 +618,7 @@ def _step_macs(plan, measured) -> list[float]:
 
     if measured is None:
         return [float(m) for m in _stage_step_macs(plan)]
-    dense_step = plan.macs_dense / plan.num_inference_steps
+    dense_step = plan.macs_dense / len(plan.step_stages)  # macs_dense counts the steps that run
     per_stage = [dense_step * (1.0 - float(s)) for s in measured.sparsity]
     return [per_stage[s] for s in plan.step_stages]
 
@@ -601,7 +627,7 @@ def _cache_tuple(config) -> tuple[int, int, int]:
     return (int(config.interval), int(config.keep_first), int(config.keep_last))
 
 
-def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs, edges=None) -> Optional[float]:
+def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs, edges=None, drop_steps=0) -> Optional[float]:
     """The sparsity whose auto plan fits the budget: `target`, raised by whole MLP units until it does."""
     from mosaic_core.divide.allocation import MAX_SPARSITY, sparsity_resolution
     from mosaic_core.divide.plan import build_plan
@@ -609,7 +635,7 @@ def _sparsity_within(spec, steps, M, lam, scheduler, cx, target, budget_macs, ed
     sparsity = target
     for _ in range(64):
         sparsity = min(sparsity, MAX_SPARSITY)
-        plan = build_plan(spec, steps, M, lam, sparsity=sparsity, scheduler=scheduler, cx=cx, edges=edges)
+        plan = build_plan(spec, steps, M, lam, sparsity=sparsity, scheduler=scheduler, cx=cx, edges=edges, drop_steps=drop_steps)
         if plan.macs_staged <= budget_macs:
             return float(sparsity)
         if sparsity >= MAX_SPARSITY:
@@ -637,7 +663,7 @@ def save_memo_points(memo: dict, path) -> int:
     entries = [
         {"key": _jsonable(key), "point": asdict(point)}
         for key, point in memo.items()
-        if isinstance(point, TunePoint) and key[1] in ("dense", "point")
+        if isinstance(point, TunePoint) and key[1] in ("dense", "dense-drop", "point")
     ]
     write_json(path, {"format": MEMO_FORMAT, "entries": entries})
     return len(entries)
