@@ -167,3 +167,18 @@ def test_the_tuner_prices_dropped_steps_by_the_kept_ones_and_keeps_them_to_ddim(
     assert not any(p.drop_steps for p in other.points) and {"dense", "measured"} <= {p.allocation for p in other.points}
     with pytest.raises(ValueError, match="need the ddim sampler, got 'dpm'"):
         tune(loaded, 0.7, config, reference_steps=10, steps_grid=(6, 8, 10), images=2, methods=("dense", "drop"), scheduler="dpm")
+
+
+@pytest.mark.slow  # a real prune of digits-dit
+def test_sample_notes_a_checkpoint_pruned_for_dropped_steps_when_sampled_otherwise(tmp_path):
+    pruned = tmp_path / "p"
+    result = run_cli("prune", "--steps", "10", "--drop-steps", "2", "--sparsity", "0.2", "--calib-size", "8",
+                     "--calib-batch-size", "8", "--out", str(pruned))
+    assert result.returncode == 0, result.stderr
+    import json
+
+    assert json.loads((pruned / "manifest.json").read_text())["plan"]["drop_steps"] == 2
+    other = run_cli("sample", "--pruned", str(pruned), "--steps", "10", "--n", "1", "--out", str(tmp_path / "a.npz"))
+    assert other.returncode == 0 and "sample it as planned with --steps 10 --drop-steps 2" in other.stderr
+    planned = run_cli("sample", "--pruned", str(pruned), "--steps", "10", "--drop-steps", "2", "--n", "1", "--out", str(tmp_path / "b.npz"))
+    assert planned.returncode == 0 and "as planned" not in planned.stderr

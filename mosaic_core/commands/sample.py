@@ -105,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
     if args.pruned is not None:
         from mosaic_core.prune.checkpoint import read_manifest
 
-        read_manifest(args.pruned)
+        planned = read_manifest(args.pruned)["plan"]
+        steps, dropped = planned.get("num_inference_steps"), planned.get("drop_steps", 0)
+        if dropped and (args.drop_steps != dropped or (args.steps or spec.default_steps) != steps):
+            import sys
+
+            print(f"note: {args.pruned} was pruned for {steps} steps with {dropped} dropped (its allocation weighs the "
+                  f"kept ones); sample it as planned with --steps {steps} --drop-steps {dropped}", file=sys.stderr)
     from mosaic_core.conquer.caching import parse_cache
 
     from mosaic_core.conquer.cache_dit_row import parse_dbcache
