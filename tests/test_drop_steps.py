@@ -182,3 +182,26 @@ def test_sample_notes_a_checkpoint_pruned_for_dropped_steps_when_sampled_otherwi
     assert other.returncode == 0 and "sample it as planned with --steps 10 --drop-steps 2" in other.stderr
     planned = run_cli("sample", "--pruned", str(pruned), "--steps", "10", "--drop-steps", "2", "--n", "1", "--out", str(tmp_path / "b.npz"))
     assert planned.returncode == 0 and "as planned" not in planned.stderr
+
+
+def test_the_bench_drop_row_runs_the_kept_steps_at_mosaics_macs(tiny_pixel_folder):
+    from mosaic_core.conquer.bench import BenchConfig, bench_steps, markdown_table
+    from mosaic_core.divide.plan import build_plan
+    from mosaic_core.models.loading import load_model
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    from mosaic_core.prune.calibration import CalibrationConfig
+
+    config = BenchConfig(sparsity=0.4, num_inference_steps=10, num_images=3, time_images=1, repeats=2, reduced_steps=None,
+                         methods=("mosaic-measured-drop",), threads=1, drop_steps=2,
+                         calibration=CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    result = run_to_end(bench_steps(loaded, config))
+    rows = {r.name: r for r in result.results}
+    assert list(rows) == ["dense", "mosaic-measured-drop"]
+    row = rows["mosaic-measured-drop"]
+    mosaic = build_plan(loaded.spec, 10, sparsity=0.4)
+    assert row.num_inference_steps == 8 and row.step_runs.shape == (2, 8)  # 8 model calls per run, not 10
+    assert 0.9 * mosaic.macs_staged <= row.macs <= mosaic.macs_staged  # raised until it fits mosaic's MACs, and close to them
+    assert "8 of 10 steps, 2 dropped evenly" in markdown_table(result, loaded)
+    with pytest.raises(ValueError, match="needs the ddim sampler, got 'dpm'"):
+        BenchConfig(methods=("mosaic-measured-drop",), scheduler="dpm")

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--unit-multiple", type=int_in("--unit-multiple", 1, 256), default=None, metavar="N",
                         help="kept MLP units of the mosaic-measured-gemm row are multiples of N (default 16); with "
                         "--random-weights, round each plan's kept units to multiples of N (default: the plan's own)")
+    parser.add_argument("--drop-steps", type=int_in("--drop-steps", 1, 1000), default=None, metavar="K",
+                        help="reference steps the opt-in mosaic-measured-drop row drops evenly (default 10 %% of --steps; ddim only)")
     parser.add_argument("--reduced-steps", type=int, default=None,
                         help="steps of the mosaic-K-steps row, below --steps; 0 to skip (default 20 when --steps is above 20, else skipped)")
     parser.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
@@ -240,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         cache=cache,
         cache_dit=cache_dit,
         unit_multiple=args.unit_multiple or 16,
+        drop_steps=args.drop_steps,
     )
     with tqdm(total=1000, desc="bench", bar_format="{l_bar}{bar}| {elapsed} {postfix}") as bar:
 

@@ -13,6 +13,7 @@
 | `mosaic-measured`     | `mosaic`'s MACs spread over stages × blocks by recorded OBS error, then refit (the CLI's default prune) |
 | `mosaic-measured-no-refit` | ablation: `mosaic-measured` with OBS weights alone (`prune --no-refit`); only when named |
 | `mosaic-measured-gemm`| `mosaic-measured` with kept MLP units in multiples of 16 (`--unit-multiple`); only when named |
+| `mosaic-measured-drop`| the default prune planned for 10 % of the reference steps dropped evenly (`--drop-steps K`), sparsity raised until it fits `mosaic`'s MACs, sampled jumping DDIM over them (method §4.6); only when named |
 | `mosaic-<K>-steps`    | `mosaic` at K < N steps: pruning stacked with step reduction      |
 | `cache`               | dense with DeepCache-style block-output reuse at `mosaic`'s MACs  |
 | `mosaic+cache`        | `mosaic` with the same block-output reuse: the two stacked        |
@@ -55,9 +56,9 @@ from mosaic_core.conquer.staged_denoiser import param_count
 METHODS = (
     "dense", "fewer-steps", "uniform", "mosaic", "mosaic-random-calib", "mosaic-clean-calib", "mosaic-magnitude",
     "mosaic-per-block", "mosaic-measured", "mosaic-measured-no-refit", "mosaic-measured-gemm", "mosaic-K-steps", "cache",
-    "mosaic+cache", "cache-dit",
+    "mosaic+cache", "cache-dit", "mosaic-measured-drop",
 )
-OPT_IN_METHODS = ("mosaic-measured-gemm", "mosaic-measured-no-refit")  # run only when --methods names them (the default bench is long already)
+OPT_IN_METHODS = ("mosaic-measured-gemm", "mosaic-measured-no-refit", "mosaic-measured-drop")  # run only when --methods names them (the default bench is long already)
 # Plausibility of a timed row: measured/ideal outside [0.5, 1.1], or its typical run (the
 # median) more than 20 % above its best (the min). Not max − min: one run of five hit by a
 # background job says nothing against the min; most runs far above it do.
@@ -182,6 +183,7 @@ class BenchConfig:
     cache: "CacheConfig | None" = None  # None: matched to mosaic's MACs
     cache_dit: "DBCacheSetting | None" = None  # the cache-dit row's DBCache; None (or threshold None): threshold matched to mosaic's MACs
     unit_multiple: int = 16  # kept MLP units of the mosaic-measured-gemm row are multiples of this
+    drop_steps: int | None = None  # reference steps the mosaic-measured-drop row drops (None: 10 % of them)
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.num_images) <= 4096:
@@ -194,6 +196,17 @@ class BenchConfig:
             parse_methods(",".join(self.methods))
         if self.reduced_steps is not None and not 1 <= self.reduced_steps < self.num_inference_steps:
             raise ValueError(f"reduced steps must be in [1, {self.num_inference_steps - 1}], got {self.reduced_steps}")
+        if self.wants("mosaic-measured-drop"):
+            from mosaic_core.models.samplers import check_drop_steps
+
+            if self.scheduler != "ddim":
+                raise ValueError(f"the mosaic-measured-drop row jumps DDIM over dropped steps: it needs the ddim sampler, got '{self.scheduler}'")
+            check_drop_steps(self.row_drop_steps, self.num_inference_steps, self.scheduler)
+
+    @property
+    def row_drop_steps(self) -> int:
+        """Reference steps the mosaic-measured-drop row drops: `drop_steps`, or 10 % of the steps (at least 1)."""
+        return max(1, round(0.1 * self.num_inference_steps)) if self.drop_steps is None else int(self.drop_steps)
 
     def wants(self, name: str) -> bool:
         """Whether row `name` runs (dense always does; the opt-in rows only when named)."""
@@ -315,6 +328,18 @@ def bench_steps(
     ]
     if config.reduced_steps:
         variants.append((f"mosaic-{config.reduced_steps}-steps", plan_for(config.reduced_steps), PruneConfig(calibration)))
+    if config.wants("mosaic-measured-drop"):  # the default prune for the kept steps, at mosaic's MACs (docs/method.md §4.6)
+        from mosaic_core.conquer.tune import _sparsity_within
+
+        drop = config.row_drop_steps
+        budget = mosaic_plan.macs_staged / mosaic_plan.macs_dense
+        target = max(0.0, 1.0 - budget * n_steps / (n_steps - drop))  # eq. 4.14 for the kept steps, raised until it fits
+        sparsity = _sparsity_within(spec, n_steps, config.M, config.lam, config.scheduler, 1.0, target,
+                                    mosaic_plan.macs_staged, None, drop)
+        if sparsity is None:
+            raise ValueError(f"no sparsity up to the limit fits mosaic's MACs with {drop} of the {n_steps} steps dropped")
+        drop_plan = build_plan(spec, n_steps, config.M, config.lam, sparsity=sparsity, scheduler=config.scheduler, drop_steps=drop)
+        variants.append(("mosaic-measured-drop", drop_plan, PruneConfig(calibration, allocation="measured", refit=True)))
     variants = [v for v in variants if config.wants(v[0]) or (v[0] == "mosaic" and config.wants("mosaic+cache"))]
 
     dense = loaded.transformer
@@ -355,9 +380,12 @@ def bench_steps(
             "prune_seconds_by_phase": {k: round(v, 2) for k, v in result.seconds.items()},
         }
         staged_params = param_count(result.staged)
+        if plan.drop_steps:
+            info["note"] = f"{len(plan.step_stages)} of {plan.num_inference_steps} steps, {plan.drop_steps} dropped evenly"
         if config.wants(name):
             contenders.append(
-                Contender(name, result.staged, plan.num_inference_steps, plan.macs_staged, staged_params, step_stages=plan.step_stages, info=info)
+                Contender(name, result.staged, len(plan.step_stages), plan.macs_staged, staged_params, step_stages=plan.step_stages,
+                          info=info, drop_steps=plan.drop_steps)
             )
         if name == "mosaic" and config.wants("mosaic+cache"):
             stage_networks = result.staged.networks()
@@ -557,6 +585,9 @@ def markdown_table(result: BenchResult, loaded) -> str:
     if notes:
         lines.append(f"cache rows: {'; '.join(notes)} (written here).")
     for r in result.results:
+        if r.name == "mosaic-measured-drop":
+            lines.append(f"mosaic-measured-drop row: {r.info['note']} (a subset of the reference steps, DDIM jumping over "
+                         f"the rest), stage sparsity {'/'.join(f'{a:.2f}' for a in r.info['stage_sparsity'])}.")
         if r.name == "cache-dit":
             matched = (
                 f" Threshold matched on the quality images (the search on the timing images gave {r.info['threshold_timing_images']:.3g})."

@@ -38,6 +38,8 @@ class Contender:
     params: int
     step_stages: Sequence[int] | None = None  # stage index of each step, for per-stage time
     info: dict = field(default_factory=dict)
+    # reference steps dropped (`SampleConfig.drop_steps`): it runs num_inference_steps of num_inference_steps + drop_steps
+    drop_steps: int = 0
 
 
 
@@ -196,7 +198,8 @@ def compare_steps(
     for repeat in range(0 if warmup else 1, repeats + 1):
         for contender in contenders:
             steps = min(2, contender.num_inference_steps) if repeat == 0 else contender.num_inference_steps
-            run_config = SampleConfig(steps, config.guidance_scale, config.scheduler, config.seed)
+            drop = 0 if repeat == 0 else contender.drop_steps  # the warm-up only warms
+            run_config = SampleConfig(steps + drop, config.guidance_scale, config.scheduler, config.seed, drop_steps=drop)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(loaded.device)
             result = yield from relay(
