@@ -205,3 +205,28 @@ def test_the_bench_drop_row_runs_the_kept_steps_at_mosaics_macs(tiny_pixel_folde
     assert "8 of 10 steps, 2 dropped evenly" in markdown_table(result, loaded)
     with pytest.raises(ValueError, match="needs the ddim sampler, got 'dpm'"):
         BenchConfig(methods=("mosaic-measured-drop",), scheduler="dpm")
+
+
+def test_a_retune_predicts_measured_drop_candidates_with_the_errors_and_macs_an_exhaustive_tune_builds(tiny_pixel_folder):
+    """At a second budget measured+drop candidates are predicted from the measured allocation's recorded error
+    (not the paper rule's), and cost what the networks an exhaustive tune builds cost."""
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses, memo = {}, {}
+    kwargs = dict(reference_steps=8, steps_grid=(4, 5, 6, 7, 8), images=2, analyses=analyses, methods=("dense", "measured+drop"))
+    tune(loaded, 0.45, config, memo=memo, **kwargs)  # 4, 5, 6 and 7 of the 8 steps: enough points to fit
+    second = tune(loaded, 0.6, config, memo=memo, check=1, **kwargs)
+    exhaustive = tune(loaded, 0.6, config, memo={}, check=0, **kwargs)
+    assert "measured+drop" in second.quality_models
+    by_steps = {p.steps: p for p in exhaustive.points if p.allocation == "measured+drop"}
+    predicted = [p for p in second.points if p.allocation == "measured+drop" and p.predicted]
+    assert predicted
+    for p in predicted:
+        reference = by_steps[p.steps]
+        assert p.recorded_error == pytest.approx(reference.recorded_error, rel=1e-9)
+        assert (p.macs, p.stage_sparsity, p.drop_steps) == (reference.macs, reference.stage_sparsity, reference.drop_steps)

@@ -369,9 +369,10 @@ def tune(
             config = _candidate_config(prune_config, _PRUNE_ALLOCATION[method], False)  # candidates: OBS alone (a refit costs a pass)
             recorded = _recorded_allocation(loaded, plan, config, analyses) if fits.get(method) else None
             if recorded is not None:  # predicted now, sampled only if it ranks among the best
-                error = recorded.error if method == "measured" else recorded.paper_error
-                step_macs = _step_macs(plan, recorded if method == "measured" else None)
-                stages = _stage_sparsity(plan, recorded if method == "measured" else None)
+                measured = recorded if _PRUNE_ALLOCATION[method] == "measured" else None  # measured+drop too
+                error = recorded.error if measured is not None else recorded.paper_error
+                step_macs = _step_macs(plan, measured)
+                stages = _stage_sparsity(plan, measured)
                 pending.append(TunePoint(
                     n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
                     float(error), 0.0, 0.0, stages, cfg, target_sparsity=float(asked), predicted=True, drop_steps=plan_drop,
