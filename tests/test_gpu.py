@@ -162,6 +162,25 @@ def test_half_precision_sampling_is_finite_and_close_to_fp32(tiny_pixel_folder, 
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("dtype, tolerance", [("fp32", 1e-4), ("fp16", 0.05)])  # mean |Δ| relative to mean |x|
+def test_dropped_steps_on_cuda_match_the_cpu(tiny_pixel_folder, dtype, tolerance):
+    """The DDIM jump mixes the scheduler's CPU ᾱ with CUDA tensors of the model's dtype: the same samples as on the CPU."""
+    from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_loaded
+
+    config = SampleConfig(num_inference_steps=10, guidance_scale=1.5, drop_steps=3)
+    labels = np.arange(4) % 10
+    latents = {}
+    for device, name in (("cpu", "fp32"), ("cuda", dtype)):
+        events = []
+        run_to_end(sample_loaded(load_model(str(tiny_pixel_folder), device=device, dtype=name), labels, config), events.append)
+        assert len(events) == 7
+        latents[device] = events[-1].latents.float().cpu()
+    assert torch.isfinite(latents["cuda"]).all()
+    assert (latents["cuda"] - latents["cpu"]).abs().mean() <= tolerance * latents["cpu"].abs().mean()
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_timings_wait_for_the_gpu():
     from mosaic_core.conquer.bench import time_calls
 
