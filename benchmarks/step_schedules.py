@@ -20,8 +20,9 @@ evenly, fitted on the dense trajectory, and fitted on the pruned model's (its ε
 trajectory, jumps scored against the dense trajectory). MACs are block-linear, each step at its stage network's, over N₀
 dense steps.
 
-Not a test: it prints figures and asserts nothing beyond its own check that the hand-written DDIM
-below reproduces diffusers' DDIM on the full schedule. Timings are not reported.
+Not a test: it prints figures and asserts nothing beyond its own check that the engine's DDIM jump
+(the one `sample --drop-steps` takes), run over the full schedule, reproduces diffusers' DDIM.
+Timings are not reported.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
 
     from mosaic_core.conquer.caching import block_macs
     from mosaic_core.conquer.metrics import mean_psnr, ssim
-    from mosaic_core.conquer.sampling import SampleConfig, _denoise, decode_images, initial_noise, sample_loaded
+    from mosaic_core.conquer.sampling import SampleConfig, _ddim_jump, _denoise, decode_images, initial_noise, sample_loaded
     from mosaic_core.divide.plan import build_plan
     from mosaic_core.jobs import run_to_end
     from mosaic_core.models.adapters import ClassCondition
@@ -83,18 +84,10 @@ def main() -> None:
     n0, cfg = spec.default_steps, spec.default_cfg
     shape = (spec.in_channels, spec.sample_size, spec.sample_size)
     full = [int(t) for t in sampler_timesteps("ddim", loaded.scheduler_config, n0)]
-    alphas = make_scheduler("ddim", loaded.scheduler_config).alphas_cumprod.double()
-    clip = float(loaded.scheduler_config.get("clip_sample_range", 1.0)) if loaded.scheduler_config.get("clip_sample") else None
+    scheduler = make_scheduler("ddim", loaded.scheduler_config)
 
-    def abar(t: int):  # ᾱ of a timestep; past the last step, 1 (DDIM's set_alpha_to_one)
-        return alphas[t] if t >= 0 else torch.tensor(1.0, dtype=torch.float64)
-
-    def jump(x, eps, t: int, to: int):  # DDIM (η = 0) from t straight to `to`, x̂₀ clipped as diffusers does
-        a, a_to = abar(t), abar(to)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        if clip is not None:
-            x0 = x0.clamp(-clip, clip)
-        return a_to.sqrt() * x0 + (1 - a_to).sqrt() * eps
+    def jump(x, eps, t: int, to: int):  # DDIM (η = 0) from t straight to `to`: the step `sample --drop-steps` takes
+        return _ddim_jump(scheduler, eps, torch.tensor(t), to, x).prev_sample
 
     def images_of(count: int, seed: int, offset: int):
         labels = np.arange(count) % spec.num_classes
@@ -158,10 +151,10 @@ def main() -> None:
     gap = int(np.abs(reference.astype(int) - diffusers_ref.astype(int)).max())
     print(f"{spec.name}, DDIM-{n0}, cfg {cfg:g}; schedules fitted on {args.fit_images} images (seed {args.fit_seed}), "
           f"scored on {args.images} held-out images (seed {args.seed}); jumps of at most {args.reach} reference steps")
-    print(f"check: the hand-written DDIM on all {n0} steps differs from diffusers' DDIMScheduler by at most {gap} "
+    print(f"check: the DDIM jump on all {n0} steps differs from diffusers' DDIMScheduler by at most {gap} "
           "grey level(s) per pixel")
     if gap > 1:
-        raise SystemExit("the hand-written DDIM does not reproduce diffusers' DDIM: its figures would mean nothing")
+        raise SystemExit("the DDIM jump does not reproduce diffusers' DDIM: its figures would mean nothing")
 
     def score(images):
         return mean_psnr(images, reference), float(np.mean(ssim(images, reference)))

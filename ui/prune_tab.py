@@ -377,8 +377,8 @@ class TuneHandlers:
         methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
         if any(m in DROP_METHODS for m in methods):  # its Steps box re-spaces: a dropped-steps point would sample otherwise
             raise ValueError(
-                f"the studio samples re-spaced steps, so its tuner takes {', '.join(m for m in methods if m not in DROP_METHODS) or 'dense, paper, measured'}"
-                f" but not {', '.join(DROP_METHODS)}: tune those with `python -m mosaic_core tune` and sample with `sample --drop-steps`"
+                f"the studio samples re-spaced steps, so its tuner does not take {', '.join(DROP_METHODS)}: "
+                "tune those with `python -m mosaic_core tune` and sample with `sample --drop-steps`"
             )
         check = check_count(DEFAULT_CHECK if check is None else check)
         # measured: the config's kept-width rounding is the measured allocation's (a GPU's tiles); the

@@ -41,8 +41,8 @@ from mosaic_core.models.samplers import (
     check_drop_steps,
     check_num_steps,
     check_sampler_fits,
-    kept_step_indices,
     check_scheduler_name,
+    kept_step_indices,
     make_scheduler,
     set_sampler_timesteps,
 )
