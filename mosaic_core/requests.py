@@ -88,6 +88,7 @@ class PlanRequest:
     stage_sparsity: Optional[tuple[float, float, float]] = None  # manual (early, middle, late)
     uniform: bool = False
     edges: Optional[tuple[int, int]] = None  # the middle stage (τ_lo, τ_hi) set by hand; None = from M
+    drop_steps: int = 0  # reference steps dropped evenly (DDIM only, docs/method.md §4.6); checked against steps in `build`
 
     @classmethod
     def from_values(
@@ -103,12 +104,15 @@ class PlanRequest:
         uniform: Any = False,
         folder: Any = "",
         edges: Any = None,
+        drop_steps: Any = 0,
     ) -> "PlanRequest":
         """A checked request from raw values (the API's argument order); ValueError naming the bad one.
 
         `stage_sparsity` (3 numbers) wins over `sparsity`, as in the studio's "Set per stage".
         `edges` [LO, HI] (whole training timesteps) sets the middle stage by hand instead of M;
         their range 0 <= LO <= HI < T is checked when the model (so T) is known, in `build_plan`.
+        `drop_steps` (None or 0: every step) keeps all but that many of the `steps` reference steps,
+        spread evenly; that it leaves a step and that the sampler is DDIM are checked in `build_plan`.
         """
         name = model_name(model, folder)
         if sampler is not None and not isinstance(sampler, str):
@@ -139,26 +143,30 @@ class PlanRequest:
             sparsity = check_sparsity(real_number("sparsity", sparsity, f"in [0, {MAX_SPARSITY}]"))
         if edges is not None:
             edges = check_edges(edges, None)
-        return cls(name, sampler, steps, M, lam, cx, sparsity, stage_sparsity, uniform, edges)
+        drop = 0 if drop_steps is None else limits.check_int("drop_steps (reference steps dropped)", drop_steps, 0, limits.MAX_STEPS - 1)
+        return cls(name, sampler, steps, M, lam, cx, sparsity, stage_sparsity, uniform, edges, drop)
 
     @classmethod
     def from_controls(
-        cls, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None
+        cls, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None, drop_steps=0
     ) -> "PlanRequest":
         """From the studio's Divide controls: the folder box overrides the picker; "Set per stage" picks the 3 sliders.
 
         `edges` is the studio's hand-set edges: None, "" or [] for edges from M, else [LO, HI].
+        `drop_steps` is the "Dropped steps" box.
         """
         if not isinstance(per_stage, bool):
             raise ValueError(f"per_stage must be true or false, got {shorten(per_stage)}")
         if edges in ("", []):
             edges = None
         if per_stage:
-            return cls.from_values(model, sampler, steps, M, lam, None, [early, middle, late], cx, folder=folder, edges=edges)
-        return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder, edges=edges)
+            return cls.from_values(
+                model, sampler, steps, M, lam, None, [early, middle, late], cx, folder=folder, edges=edges, drop_steps=drop_steps
+            )
+        return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder, edges=edges, drop_steps=drop_steps)
 
-    def build(self, spec: ModelSpec, drop_steps: int = 0) -> Plan:
-        """The `Plan` of this request for an already resolved model (`drop_steps`: `build_plan`'s, the CLI's)."""
+    def build(self, spec: ModelSpec, drop_steps: Optional[int] = None) -> Plan:
+        """The `Plan` of this request for an already resolved model (`drop_steps`: `build_plan`'s; None: the request's)."""
         return build_plan(
             spec,
             num_inference_steps=spec.default_steps if self.steps is None else self.steps,
@@ -170,10 +178,10 @@ class PlanRequest:
             scheduler=model_default_sampler(spec) if self.sampler is None else self.sampler,
             cx=self.cx,
             edges=self.edges,
-            drop_steps=drop_steps,
+            drop_steps=self.drop_steps if drop_steps is None else drop_steps,
         )
 
-    def plan(self, drop_steps: int = 0) -> Plan:
+    def plan(self, drop_steps: Optional[int] = None) -> Plan:
         """The `Plan` of this request, the model resolved through the registry (or a local folder)."""
         return self.build(resolve_model(self.model), drop_steps)
 
@@ -182,6 +190,8 @@ class PlanRequest:
         data = asdict(self)
         data["stage_sparsity"] = None if self.stage_sparsity is None else list(self.stage_sparsity)
         data["edges"] = None if self.edges is None else list(self.edges)
+        if not self.drop_steps:  # requests of every step keep their old dict
+            del data["drop_steps"]
         return data
 
 
@@ -339,11 +349,13 @@ class CompareRequest:
 
     def dense_plan(self, spec: ModelSpec, plan: Plan) -> Plan:
         """The plan the dense reference samples: `plan`, or the same request at `dense_steps`
-        (its step stages split the dense time per stage; its dense MACs set the ideal speed-up)."""
-        if self.dense_steps is None or self.dense_steps == plan.num_inference_steps:
+        (its step stages split the dense time per stage; its dense MACs set the ideal speed-up).
+        A plan with dropped steps is always measured against dense at every reference step."""
+        if not plan.drop_steps and (self.dense_steps is None or self.dense_steps == plan.num_inference_steps):
             return plan
+        steps = plan.num_inference_steps if self.dense_steps is None else self.dense_steps
         try:
-            return replace(self.prune.plan, steps=self.dense_steps).build(spec)
+            return replace(self.prune.plan, steps=steps, drop_steps=0).build(spec)
         except ValueError as error:
             raise ValueError(f"dense_steps: {error}") from None
 

@@ -48,13 +48,15 @@ def dense_and_staged(dense: torch.nn.Module, staged: torch.nn.Module, plan, dens
 
     `dense_plan` (the same schedule at another step count) sets the dense reference's steps,
     MACs and step stages instead: staged at the tuner's 40 steps against dense at its 50.
+    A `plan` with dropped steps runs its kept steps (`Contender.drop_steps`).
     """
     from mosaic_core.conquer.staged_denoiser import param_count
 
     reference = plan if dense_plan is None else dense_plan
     return [
         Contender("dense", dense, reference.num_inference_steps, reference.macs_dense, param_count(dense), reference.step_stages),
-        Contender("staged", staged, plan.num_inference_steps, plan.macs_staged, param_count(staged), plan.step_stages),
+        Contender("staged", staged, len(plan.step_stages), plan.macs_staged, param_count(staged), plan.step_stages,
+                  drop_steps=plan.drop_steps),
     ]
 
 @dataclass(frozen=True)
