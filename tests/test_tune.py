@@ -92,12 +92,12 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     dense = dict(point, steps=10, allocation="dense", sparsity=0.0, macs_fraction=0.2, psnr=20.0, stage_sparsity=[0, 0, 0])
     result = dict(budget=0.5, reference_steps=50, images=4, points=[dense, point], front=[0, 1], chosen=1, seconds=1.0,
                   model="digits-dit", sampler="ddim")
-    figure, note, steps, per_stage, early, middle, late, allocation, replan, reference, memory = TuneHandlers.render(
+    figure, note, steps, drop, per_stage, early, middle, late, allocation, replan, reference, memory = TuneHandlers.render(
         JobStatus("tune-1", "tune", DONE, result=result)
     )
     # what the next tuning reads: it keeps the reference 50 while the plan holds the chosen 20 steps
     assert memory == {"model": "digits-dit", "sampler": "ddim", "steps": 20, "reference_steps": 50}
-    assert steps["value"] == 20 and per_stage["value"] is True and allocation["value"] == "measured"
+    assert steps["value"] == 20 and drop["value"] == 0 and per_stage["value"] is True and allocation["value"] == "measured"
     assert replan["value"].startswith("tune-1 ")  # a new value per job: the Divide section re-plans on its change
     assert reference["value"] == "tune-1 50"  # Compare's dense reference: the steps the point was scored against
     assert "Compare samples dense at the tuner's 50 steps" in note
@@ -105,6 +105,45 @@ def test_best_at_this_budget_fills_the_controls_from_the_chosen_point():
     assert "20 steps, measured" in note
     traces = {trace["name"]: trace for trace in json.loads(figure.plot)["data"]}
     assert traces["Pareto front"]["x"] == [0.2, 0.49] and traces["chosen"]["y"] == [30.0]
+
+
+def test_a_chosen_dropped_steps_point_fills_the_reference_steps_and_the_dropped_steps_box():
+    """45 of 50 steps kept: the Steps box holds the 50 reference steps the kept ones are a subset of,
+    the Dropped steps box 5, so the plan (and Prune, Compare) replay exactly that point."""
+    from ui.jobs import DONE, JobStatus
+    from ui.prune_tab import TuneHandlers
+
+    point = dict(steps=45, drop_steps=5, allocation="measured+drop", sparsity=0.22, macs=1.0, macs_fraction=0.699,
+                 recorded_error=1.0, psnr=45.0, seconds=0.1, stage_sparsity=[0.3, 0.05, 0.25])
+    result = dict(budget=0.7, reference_steps=50, images=4, points=[point], front=[0], chosen=0, seconds=1.0,
+                  model="digits-dit", sampler="ddim")
+    _, note, steps, drop, per_stage, early, middle, late, allocation, replan, reference, memory = TuneHandlers.render(
+        JobStatus("tune-2", "tune", DONE, result=result)
+    )
+    assert (steps["value"], drop["value"], allocation["value"]) == (50, 5, "measured")
+    assert (early["value"], middle["value"], late["value"]) == (0.3, 0.05, 0.25)
+    assert "45 of 50 steps (5 dropped evenly), measured+drop" in note
+    assert "Compare samples dense" not in note  # the Steps box already holds the reference
+    assert memory["steps"] == memory["reference_steps"] == 50 and reference["value"] == "tune-2 50"
+    # the controls as filled plan the point the tuner costed: 45 kept steps, 5 dropped
+    from mosaic_core.requests import PlanRequest
+
+    plan = PlanRequest.from_controls(
+        "digits-dit", "", "ddim", steps["value"], 0.55, 0.01, 1.0, 0.0, True, early["value"], middle["value"], late["value"],
+        None, drop["value"],
+    ).plan()
+    assert (plan.num_inference_steps, plan.drop_steps, len(plan.step_stages)) == (50, 5, 45)
+
+
+def test_the_studio_tunes_dropped_steps_only_with_ddim():
+    from ui.prune_tab import methods_for_sampler
+
+    every = ("dense", "paper", "measured", "drop", "measured+drop")
+    assert methods_for_sampler(every, "ddim", named=True) == every
+    assert methods_for_sampler(every, "dpm", named=False) == ("dense", "paper", "measured")  # the page's boxes, defaults
+    with pytest.raises(ValueError, match=r"tuner methods drop, measured\+drop jump DDIM over dropped steps: they need the ddim sampler, got 'dpm'"):
+        methods_for_sampler(("dense", "measured+drop"), "dpm", named=True)  # the API's methods, named
+    assert methods_for_sampler(("dense", "measured"), "flow-euler", named=True) == ("dense", "measured")
 
 
 def test_the_tuner_chart_spans_the_candidates_not_the_references_capped_psnr():

@@ -209,11 +209,12 @@ def test_picking_a_model_takes_its_own_sampler_and_step_count(studio_engine, mod
     StableDiffusion3Pipeline flow Euler at 28, FLUX.1-schnell 4, whatever the boxes held before."""
     from ui.divide_tab import DivideHandlers
 
-    got = DivideHandlers(studio_engine).select_model(*_controls(model=model, sampler="ddim", steps=250), [100, 200])
+    got = DivideHandlers(studio_engine).select_model(*_controls(model=model, sampler="ddim", steps=250), [100, 200], 7)
     assert (got[3]["value"], got[4]["value"]) == (sampler, steps)
     assert got[5] is None  # hand-set edges go back to M's
+    assert got[6]["value"] == 0  # and dropped steps to none: another sampler could not take them
     expected = build_plan(model, steps, 0.55, 0.01, sparsity=0.3, scheduler=sampler)
-    assert got[9]["timesteps"] == expected.to_dict()["timesteps"]  # the plan shown is of those settings
+    assert got[10]["timesteps"] == expected.to_dict()["timesteps"]  # the plan shown is of those settings
 
 
 def _array(value) -> list[float]:

@@ -225,6 +225,41 @@ def test_compare_can_take_its_dense_reference_at_the_tuners_steps(client, small_
     assert same_status["result"]["rows"][1]["psnr"] != staged["psnr"]
 
 
+def test_a_plan_with_dropped_steps_prunes_for_the_kept_steps_and_compares_against_every_step(client, studio):
+    """drop_steps 3 of 10: pruned for the 7 kept steps, the staged model runs those 7 (DDIM jumping
+    over the rest) while dense runs all 10; MACs, ideal speed-up and PSNR are of exactly that."""
+    from mosaic_core.conquer import metrics
+    from mosaic_core.conquer.sampling import SampleConfig, run_to_end, sample_loaded
+
+    drop = SMALL | dict(drop_steps=3)
+    started = client.predict(**drop, api_name="/prune_start")
+    status, _ = _wait(client, "/prune_status", started["job_id"])
+    assert status["state"] == "done", status
+    kept_plan, full_plan = _plan(drop_steps=3), _plan()
+    assert [s["num_steps"] for s in status["result"]["stages"]] == list(kept_plan.step_counts) and sum(kept_plan.step_counts) == 7
+    compared = client.predict(**drop, labels="0-2", seed=3, count=3, cfg=1.5, repeats=1, api_name="/compare_start")
+    status, _ = _wait(client, "/compare_status", compared["job_id"])
+    assert status["state"] == "done", status
+    dense, staged = status["result"]["rows"]
+    assert (dense["steps"], staged["steps"]) == (STEPS, 7)
+    assert dense["macs"] == full_plan.macs_dense and staged["macs"] == kept_plan.macs_staged
+    assert staged["ideal_speedup"] == pytest.approx(full_plan.macs_dense / kept_plan.macs_staged, rel=1e-3)
+    # the same images sampled outside the studio: dense at 10 steps, the pruned model on the 7 kept ones
+    engine = studio["engine"]
+    spec = engine.resolve(MODEL)
+    request = PruneRequest.from_values(
+        PlanRequest.from_values(MODEL, "ddim", STEPS, 0.55, 0.01, 0.3, drop_steps=3), "snr", 16, "obs", allocation="paper"
+    )
+    plan, config = request.build(spec)
+    pruned = engine.prune(spec, plan, config)
+    assert pruned.source in ("memory", "disk")  # the checkpoint the prune job made
+    loaded = engine._load(spec)
+    labels = np.array([0, 1, 2])
+    reference = run_to_end(sample_loaded(loaded, labels, SampleConfig(STEPS, 1.5, "ddim", 3)))
+    kept = run_to_end(sample_loaded(loaded, labels, SampleConfig(STEPS, 1.5, "ddim", 3, drop_steps=3), transformer=pruned.staged))
+    assert staged["psnr"] == pytest.approx(metrics.mean_psnr(kept.images, reference.images), abs=1e-2)
+
+
 def test_prune_one_stage_only_goes_through_the_cache(client):
     started = client.predict(
         **SMALL, labels="4", seed=1, count=2, cfg=1.5, repeats=1, only_stage="late only", api_name="/compare_start"
@@ -275,6 +310,10 @@ def test_a_compare_queued_behind_a_cancelled_prune_fails_with_a_clear_message(cl
         ("/compare_start", dict(only_stage="first only"), r"unknown only_stage choice 'first only': choose one of 'all stages'"),
         ("/compare_start", dict(sparsity=0.6), r"no pruned model for this plan and these prune settings yet"),
         ("/compare_start", dict(dense_steps=-5), r"dense_steps \(0: the plan's steps\) must be in \[1, 1000\], got -5"),
+        ("/prune_start", dict(drop_steps=10), r"drop_steps must be in \[0, 9\] \(at least one of the 10 steps runs\), got 10"),
+        ("/prune_start", dict(drop_steps=-1), r"drop_steps \(reference steps dropped\) must be in \[0, 999\], got -1"),
+        ("/prune_start", dict(drop_steps="two"), r"drop_steps \(reference steps dropped\) must be"),
+        ("/compare_start", dict(sampler="dpm", drop_steps=2), r"dropping steps needs the ddim sampler .*, got 'dpm'"),
     ],
 )
 def test_bad_values_are_errors_naming_the_value(client, api, kwargs, message):
@@ -327,6 +366,7 @@ def test_a_later_budget_is_predicted_through_the_api_and_check_0_samples_everyth
         (dict(budget=0.5, check=-1), r"check must be a whole number of candidates to sample in \[0, 64\] \(0: every one\), got -1"),
         (dict(budget=1.5), r"budget must be a fraction of the dense MACs in \(0, 1\]"),
         (dict(budget=0.5, methods=["dense", "magic"]), r"tuner methods must be some of dense, cache, paper, measured, measured\+cache, measured\+cache-dit, drop, measured\+drop, got dense, magic"),
+        (dict(budget=0.5, sampler="dpm", methods=["dense", "drop"]), r"tuner methods drop, measured\+drop jump DDIM over dropped steps: they need the ddim sampler, got 'dpm'"),
         (dict(budget=0.5, calibration_size=5000), r"calibration_size \(images per stage\) must be in \[16, 1024\], got 5000"),
     ],
 )
@@ -527,6 +567,9 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
     _set_number(page, "Calibration images per stage", 16)
     page.get_by_text("Best at this budget (tuner: steps × allocation)").click()
     _set_number(page, "MAC budget (fraction of dense)", 0.5)
+    # re-spaced steps only here (a dropped-steps point keeps the Steps box at the reference: the next test)
+    for method in ("drop", "measured+drop"):
+        page.locator("#mosaic-tune-methods").get_by_label(method, exact=True).uncheck()
     done = _click_and_wait(page, "#mosaic-tune-start", "#mosaic-tune-job", ("done", "failed", "cancelled"), timeout=180_000)
     assert done["state"] == "done", done
     page.wait_for_function("() => document.querySelector('#mosaic-tune-note')?.textContent.includes('Chosen:')", timeout=10_000)
@@ -579,6 +622,44 @@ def test_best_at_this_budget_fills_the_controls_in_the_browser(page, small_prune
     assert macs <= 0.7 + 1e-9, note
 
 
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_tuned_dropped_steps_point_fills_the_dropped_steps_box_and_compares_in_the_browser(page, small_pruned):
+    """Only the drop methods ticked: the chosen point keeps n of the 10 steps. Steps stays at 10, the
+    Dropped steps box takes 10 − n, the plan view counts the n kept steps, and Compare runs them."""
+    _set_number(page, "Calibration images per stage", 16)
+    page.get_by_text("Best at this budget (tuner: steps × allocation)").click()
+    _set_number(page, "MAC budget (fraction of dense)", 0.5)
+    for method in ("dense", "paper", "measured"):
+        page.locator("#mosaic-tune-methods").get_by_label(method, exact=True).uncheck()
+    done = _click_and_wait(page, "#mosaic-tune-start", "#mosaic-tune-job", ("done", "failed", "cancelled"), timeout=180_000)
+    assert done["state"] == "done", done
+    page.wait_for_function("() => document.querySelector('#mosaic-tune-note')?.textContent.includes('Chosen:')", timeout=10_000)
+    note = page.locator("#mosaic-tune-note").inner_text()
+    kept, reference, dropped = (int(x) for x in re.search(r"Chosen: (\d+) of (\d+) steps \((\d+) dropped evenly\)", note).groups())
+    assert reference == STEPS and kept + dropped == STEPS and dropped >= 1, note
+    page.wait_for_function(
+        f"() => document.querySelector('#mosaic-drop-steps input')?.value === '{dropped}'"
+        f" && document.querySelector('input[aria-label=\"number input for Steps\"]').value === '{STEPS}'",
+        timeout=10_000,
+    )
+    page.wait_for_function(
+        "(text) => (document.querySelector('#mosaic-stage-table caption')?.textContent || '').endsWith(text)",
+        arg=f"{kept} of {STEPS} steps ({dropped} dropped evenly)", timeout=20_000,
+    )
+    counts = [int(c) for c in page.locator("#mosaic-stage-table td[data-field=steps]").all_inner_texts()]
+    assert sum(counts) == kept, counts
+    # prune and compare the filled plan: the staged row runs the kept steps, dense all 10
+    done = _click_and_wait(page, "#mosaic-prune-start", "#mosaic-prune-job", ("done", "failed", "cancelled"), timeout=180_000)
+    assert done["state"] == "done", done
+    page.locator("#mosaic-compare-count input").fill("2")
+    done = _click_and_wait(page, "#mosaic-compare-start", "#mosaic-compare-job", ("done", "failed", "cancelled"), timeout=180_000)
+    assert done["state"] == "done", done
+    page.wait_for_selector('#mosaic-compare-table td[data-method=staged][data-field=steps]', timeout=10_000)
+    steps = page.locator("#mosaic-compare-table td[data-field=steps]").all_inner_texts()
+    assert steps == [str(STEPS), str(kept)], steps
+
+
 def test_a_second_tuning_keeps_the_first_ones_reference_until_the_user_sets_the_steps():
     from ui.prune_tab import tuner_reference_steps
 
@@ -623,7 +704,7 @@ def test_the_compare_table_flags_a_timing_that_is_not_a_result():
         staged.speedup = 2.0  # 2.0 s / 1.0 s
         request = SimpleNamespace(
             variant="all stages", labels=[0], repeats=1, dense_plan=None, negative_prompt="",
-            plan=SimpleNamespace(model=MODEL, scheduler="ddim", num_inference_steps=2, overall_sparsity=0.3),
+            plan=SimpleNamespace(model=MODEL, scheduler="ddim", num_inference_steps=2, overall_sparsity=0.3, drop_steps=0),
             sample_config=SimpleNamespace(guidance_scale=1.5, seed=0), request=SimpleNamespace(prompts=(), labels=(0,)),
             config=SimpleNamespace(calibration=SimpleNamespace(mode="snr", size=16), scorer="obs"),
         )

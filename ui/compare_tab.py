@@ -57,6 +57,7 @@ from ui.divide_tab import PLAN_CONTROL_COUNT
 from ui.engine import StudioEngine
 from ui.job_view import JobView, owner_of, status_dict, user_errors
 from ui.jobs import JobStatus
+from ui.panels import steps_text
 from ui.prune_tab import PruneSection, describe_prune_event, prune_request, prune_summary
 
 COMPARE_TEXT = """
@@ -215,7 +216,7 @@ def compare_table_html(run: CompareRun) -> str:
     plan = request.plan
     labels = request.labels
     caption = (
-        f"{html.escape(plan.model)} · {plan.scheduler} {plan.num_inference_steps} steps"
+        f"{html.escape(plan.model)} · {plan.scheduler} {steps_text(plan)}"
         + (f" (dense reference: {request.dense_plan.num_inference_steps})" if request.dense_plan is not None else "")
         + f" · cfg {sample.guidance_scale:g} · "
         f"{len(labels)} images ({html.escape(conditions_text(request.request))}) · seed {sample.seed} · seconds: {_statistic_words(run.results, request.repeats)} after a warm-up · staged overall sparsity {plan.overall_sparsity:.3f}"
@@ -250,7 +251,9 @@ def history_entry(job_id: str, number: int, run: CompareRun) -> dict:
     flags = tuple(why for rows in timing_flags_of(run).values() for why in rows)
     calibration = request.config.calibration
     settings_text = (
-        f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} {request.plan.num_inference_steps}"
+        f"{request.variant}, S={request.plan.overall_sparsity:.2f}, {request.plan.scheduler} "
+        + (f"{len(request.plan.step_stages)}/{request.plan.num_inference_steps}" if request.plan.drop_steps
+           else f"{request.plan.num_inference_steps}")
         + (f" vs dense {request.dense_plan.num_inference_steps}" if request.dense_plan is not None else "")
         + ", "
         f"cfg {request.sample_config.guidance_scale:g}, {calibration.mode}/{calibration.size}/{request.config.scorer}, "
@@ -454,7 +457,7 @@ class CompareHandlers:
 
     # ----- UI events ----------------------------------------------------------------------------
     def start(self, owner, *values):
-        """Compare: the Divide controls (13), the Prune controls (4) and the Compare controls (9) → a queued job."""
+        """Compare: the Divide controls (14), the Prune controls (4) and the Compare controls (9) → a queued job."""
         n = PLAN_CONTROL_COUNT
         plan = PlanRequest.from_controls(*values[:n])
         return self.submit(owner, self.resolve(plan, values[n : n + 4], values[n + 4 :], hidden_ignored=True))  # 4 prune controls
@@ -512,6 +515,7 @@ class CompareHandlers:
         request: gr.Request = None,
         allocation: Optional[str] = None,
         dense_steps: Optional[int] = None,
+        drop_steps: int = 0,
     ) -> dict:
         """Compare dense vs the pruned model of this plan and prune config; returns the job's status.
 
@@ -520,11 +524,14 @@ class CompareHandlers:
         `prompts` instead of labels (text, one prompt per line, or a list; repeated to `count`)
         and an optional `negative_prompt`. `dense_steps` samples the dense reference at that
         many steps (None or 0: `steps`), e.g. the tuner's reference when it chose fewer steps;
-        speed-ups, MACs and PSNR are then against it. Poll `compare_status`.
+        speed-ups, MACs and PSNR are then against it. `drop_steps` k (DDIM only) compares the model
+        pruned for N − k of the `steps` reference steps, sampled on those (the plan's), against dense
+        at every reference step. Poll `compare_status`.
         """
         return self.start_edges_api(
             model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer,
             labels, seed, count, cfg, repeats, only_stage, None, prompts, negative_prompt, request, allocation, dense_steps,
+            drop_steps,
         )
 
     def start_edges_api(
@@ -552,11 +559,12 @@ class CompareHandlers:
         request: gr.Request = None,
         allocation: Optional[str] = None,
         dense_steps: Optional[int] = None,
+        drop_steps: int = 0,
     ) -> dict:
         """`compare_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
         training timesteps (None: from M). Poll `compare_status`.
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges, drop_steps=drop_steps)
         job = self.resolve(
             plan, (calibration, calibration_size, scorer, allocation),
             (labels, seed, count, cfg, repeats, only_stage, prompts, negative_prompt, dense_steps),

@@ -78,7 +78,8 @@ FLOW_NOTE = (
 
 CX_INFO = "1.0 is the fallback"
 CONTROL_NAMES = ("model", "folder", "sampler", "steps", "M", "lam", "cx", "sparsity", "per_stage", "early", "middle", "late")
-PLAN_CONTROL_COUNT = len(CONTROL_NAMES) + 1  # `DivideSection.controls`: the 12 above and the hand-set edges
+PLAN_CONTROL_COUNT = len(CONTROL_NAMES) + 2  # `DivideSection.controls`: the 12 above, the hand-set edges, dropped steps
+DROP_INFO = "DDIM only: skip this many of the steps, evenly (the first and last always run)"
 
 
 def parse_dragged_M(text: str) -> float:
@@ -127,6 +128,7 @@ class DivideSection:
     folder: gr.Textbox
     sampler: gr.Dropdown
     steps: gr.Slider
+    drop_steps: gr.Number  # reference steps dropped evenly (DDIM only, docs/method.md §4.6)
     M: gr.Slider
     lam: gr.Slider
     cx: gr.Number
@@ -154,7 +156,7 @@ class DivideSection:
         """The inputs of a plan, in `DivideHandlers.divide`'s argument order (`PLAN_CONTROL_COUNT` of them)."""
         return [
             self.model, self.folder, self.sampler, self.steps, self.M, self.lam, self.cx,
-            self.sparsity, self.per_stage, *self.stage_sparsity, self.edges_state,
+            self.sparsity, self.per_stage, *self.stage_sparsity, self.edges_state, self.drop_steps,
         ]
 
     @property
@@ -223,32 +225,34 @@ class DivideHandlers:
         return self._render(spec, plan)
 
     @user_errors
-    def set_M(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+    def set_M(self, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None, drop=0):
         """The M slider was released: edges back to M's, and re-plan."""
-        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
+        spec, plan = self._plan(model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, None, drop)
         return (None, *self._render(spec, plan))
 
     @user_errors
-    def drag(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+    def drag(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None,
+             drop=0):
         """The threshold line was dropped: set the M slider to it, edges back to M's, and re-plan."""
         new_M = parse_dragged_M(dragged)
-        spec, plan = self._plan(model, folder, sampler, steps, new_M, lam, cx, sparsity, per_stage, early, middle, late)
+        spec, plan = self._plan(model, folder, sampler, steps, new_M, lam, cx, sparsity, per_stage, early, middle, late, None, drop)
         return (new_M, None, *self._render(spec, plan))
 
     @user_errors
-    def drag_edges(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None):
+    def drag_edges(self, dragged, model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late, edges=None,
+                   drop=0):
         """A stage-edge line was dropped: move that edge (the other stays), keep the edges by hand, re-plan."""
         controls = (model, folder, sampler, steps, M, lam, cx, sparsity, per_stage, early, middle, late)
-        spec, current = self._plan(*controls, edges)
+        spec, current = self._plan(*controls, edges, drop)
         new_edges = dragged_edges(dragged, current.bounds.middle, current.bounds.num_train_timesteps)
-        spec, plan = self._plan(*controls, list(new_edges))
+        spec, plan = self._plan(*controls, list(new_edges), drop)
         return (list(new_edges), *self._render(spec, plan))
 
     @user_errors
     def select_model(self, *controls):
         """A model was picked (or the page loaded): its status, c_x hint, trajectory button, the sampler
         and step count (the model's own, as its pipeline samples: PixArt-Σ DPM-Solver at 20, SD3 flow
-        Euler at 28; as the CFG box takes the model's scale), edges back to M's, and the plan."""
+        Euler at 28; as the CFG box takes the model's scale), edges back to M's, no dropped steps, and the plan."""
         request = PlanRequest.from_controls(*controls[: len(CONTROL_NAMES)])
         spec = self.engine.resolve(request.model)
         request = dataclasses.replace(request, sampler=model_default_sampler(spec), steps=spec.default_steps)
@@ -263,6 +267,7 @@ class DivideHandlers:
             gr.update(value=plan.scheduler),
             gr.update(value=plan.num_inference_steps),
             None,
+            gr.update(value=0),
             *self._render(spec, plan),
         )
 
@@ -328,6 +333,7 @@ class DivideHandlers:
         sparsity: Optional[float] = settings.SPARSITY_DEFAULT,
         stage_sparsity: Optional[list[float]] = None,
         cx: float = settings.CX_DEFAULT,
+        drop_steps: int = 0,
     ) -> dict:
         """The MosaicDiff plan (Plan.to_dict()) for a model name or local folder.
 
@@ -335,9 +341,11 @@ class DivideHandlers:
         is ignored), else `sparsity` is the overall target of the automatic allocation.
         `sampler` None (the default) is the model's own (DDIM for DiT, flow-euler for SD3), and
         `steps` None its own step count (50 for DiT, 28 for SD3, 4 for FLUX.1-schnell).
+        `drop_steps` k (DDIM only) plans for N − k of the `steps` reference steps, kept evenly:
+        stage step counts, allocation and MACs are the kept steps' (`sample --drop-steps`).
         Values go to the engine unchanged; a bad one comes back as an error naming it.
         """
-        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, None)
+        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, None, drop_steps)
 
     @user_errors
     def plan_edges_api(
@@ -351,15 +359,18 @@ class DivideHandlers:
         stage_sparsity: Optional[list[float]] = None,
         cx: float = settings.CX_DEFAULT,
         edges: Optional[list[int]] = None,
+        drop_steps: int = 0,
     ) -> dict:
         """The plan of `plan`, with the stage edges set by hand: `edges` [LO, HI] is the middle
         stage in training timesteps, 0 <= LO <= HI < T (M is then recorded but unused; None: from M).
         """
-        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges)
+        return self._plan_dict(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges, drop_steps)
 
-    def _plan_dict(self, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges) -> dict:
+    def _plan_dict(self, model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges, drop_steps=0) -> dict:
         """`Plan.to_dict()` of raw API values (ValueError naming a bad one)."""
-        request = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
+        request = PlanRequest.from_values(
+            model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges, drop_steps=drop_steps
+        )
         return request.build(self.engine.resolve(request.model)).to_dict()
 
 
@@ -375,15 +386,18 @@ def _model_row(engine: StudioEngine):
         )
         sampler = gr.Dropdown(list(settings.SAMPLERS), value=settings.SAMPLER_DEFAULT, label="Sampler", scale=1)
         steps = gr.Slider(*settings.STEPS_RANGE, value=settings.STEPS_DEFAULT, step=1, label="Steps", scale=2)
+        drop_steps = gr.Number(
+            value=0, precision=0, minimum=0, label="Dropped steps", scale=1, elem_id="mosaic-drop-steps", info=DROP_INFO,
+        )
     status = gr.Markdown(elem_id="mosaic-status")
-    return model, folder, sampler, steps, status
+    return model, folder, sampler, steps, drop_steps, status
 
 
 def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection:
     """Lay out and wire the Divide section inside `demo`; returns its components."""
     handlers = DivideHandlers(engine)
     gr.Markdown("## 1 · Model")
-    model, folder, sampler, steps, status = _model_row(engine)
+    model, folder, sampler, steps, drop_steps, status = _model_row(engine)
 
     gr.Markdown(
         "## 2 · Divide: schedule and stages\n"
@@ -443,7 +457,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     replan_box = gr.Textbox(visible="hidden", elem_id="mosaic-replan", label="re-plan request")
 
     section = DivideSection(
-        model=model, folder=folder, sampler=sampler, steps=steps, M=M, lam=lam, cx=cx, sparsity=sparsity,
+        model=model, folder=folder, sampler=sampler, steps=steps, drop_steps=drop_steps, M=M, lam=lam, cx=cx, sparsity=sparsity,
         per_stage=per_stage, stage_sparsity=stage_sliders, plan_state=plan_state, plan_json=plan_json,
         status=status, schedule_plot=schedule_plot, stage_table=stage_table, cost_panel=cost_panel,
         dynamics_plot=dynamics_plot, trajectory_plot=trajectory_plot, trace_button=trace_button,
@@ -457,7 +471,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     )
     gr.on(
         [lam.release, steps.release, sparsity.release, *(s.release for s in stage_sliders),
-         sampler.input, cx.submit, cx.blur],
+         sampler.input, cx.submit, cx.blur, drop_steps.submit, drop_steps.blur],
         handlers.divide, inputs=controls, outputs=outputs, api_name="divide_controls", api_visibility="private", **quiet,
     )
     # The API endpoints `divide` and `trajectory` take the same 12 values, but through hidden
@@ -475,7 +489,7 @@ def build_divide_section(demo: gr.Blocks, engine: StudioEngine) -> DivideSection
     edge_drag_box.change(
         handlers.drag_edges, inputs=[edge_drag_box, *controls], outputs=[edges_state, *outputs], api_visibility="private", **quiet
     )
-    model_outputs = [status, cx, trace_button, sampler, steps, edges_state, *outputs]
+    model_outputs = [status, cx, trace_button, sampler, steps, edges_state, drop_steps, *outputs]
     gr.on(
         [model.input, folder.submit], handlers.select_model, inputs=controls, outputs=model_outputs,
         api_visibility="private", **quiet,

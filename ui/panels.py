@@ -27,6 +27,13 @@ def _cell(stage: str, field: str, text: str) -> str:
     return f'<td data-stage="{stage}" data-field="{field}">{html.escape(text)}</td>'
 
 
+def steps_text(plan: Plan) -> str:
+    """"50 steps", or "45 of 50 steps (5 dropped evenly)" for a plan with dropped steps."""
+    if plan.drop_steps:
+        return f"{len(plan.step_stages)} of {plan.num_inference_steps} steps ({plan.drop_steps} dropped evenly)"
+    return f"{plan.num_inference_steps} steps"
+
+
 def stage_table_html(plan: Plan) -> str:
     """Stage, τ range, sampler steps and achieved sparsity, one row per stage."""
     total = max(sum(plan.step_counts), 1)
@@ -47,7 +54,7 @@ def stage_table_html(plan: Plan) -> str:
     caption = (
         f"M = <b data-field=\"M\">{plan.M:.3f}</b>, edges <b data-field=\"edges\">{edges}</b>, "
         f"λ = <b data-field=\"lam\">{plan.lam:g}</b>, "
-        f"c<sub>x</sub> = {plan.cx:g} · {plan.scheduler} {plan.num_inference_steps} steps"
+        f"c<sub>x</sub> = {plan.cx:g} · {plan.scheduler} {steps_text(plan)}"
     )
     return (
         '<div class="mosaic-panel" id="mosaic-stage-table"><table class="mosaic-table">'

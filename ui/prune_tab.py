@@ -296,15 +296,17 @@ class PruneHandlers:
         scorer: str = settings.SCORER_DEFAULT,
         request: gr.Request = None,
         allocation: Optional[str] = None,
+        drop_steps: int = 0,
     ) -> dict:
         """Start pruning the plan of these arguments (as the `plan` endpoint); returns the job's status.
 
         Poll `prune_status` with the returned `job_id`. The same settings as an earlier job
         come back at once, already `done`, with `result.source` = "memory" or "disk".
+        `drop_steps` k (DDIM only) prunes for N − k of the `steps` reference steps (`prune --drop-steps`).
         """
         return self.start_edges_api(
             model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, calibration, calibration_size, scorer, None, request,
-            allocation,
+            allocation, drop_steps,
         )
 
     def start_edges_api(
@@ -323,11 +325,12 @@ class PruneHandlers:
         edges: Optional[list[int]] = None,
         request: gr.Request = None,
         allocation: Optional[str] = None,
+        drop_steps: int = 0,
     ) -> dict:
         """`prune_start` with the stage edges set by hand: `edges` [LO, HI], the middle stage in
         training timesteps (None: from M). Poll `prune_status` with the returned `job_id`.
         """
-        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges)
+        plan = PlanRequest.from_values(model, sampler, steps, M, lam, sparsity, stage_sparsity, cx, edges=edges, drop_steps=drop_steps)
         owner = owner_of(request)
         job_id = self.submit(owner, prune_request(plan, calibration, calibration_size, scorer, allocation))
         return status_dict(self.engine.jobs.status(job_id, owner), summary_of)
@@ -352,6 +355,20 @@ def tuner_reference_steps(memory: Optional[dict], model: str, sampler: str, step
     return steps
 
 
+def methods_for_sampler(methods: tuple[str, ...], scheduler: str, named: bool) -> tuple[str, ...]:
+    """The tuner methods `scheduler` can run: the drop methods jump DDIM, so with another sampler they
+    are an error when `named` (the API's `methods`), else left out (the defaults, the page's boxes)."""
+    from mosaic_core.conquer.tune import DROP_METHODS
+
+    if scheduler == "ddim" or not any(m in DROP_METHODS for m in methods):
+        return tuple(methods)
+    if named:
+        raise ValueError(
+            f"tuner methods {', '.join(DROP_METHODS)} jump DDIM over dropped steps: they need the ddim sampler, got '{scheduler}'"
+        )
+    return tuple(m for m in methods if m not in DROP_METHODS)
+
+
 class TuneHandlers:
     """The "best at this budget" control: a tuner job, its front, and the chosen point into the controls."""
 
@@ -361,26 +378,28 @@ class TuneHandlers:
 
     def start(self, owner, *values):
         """Divide controls, calibration controls (no allocation: the tuner tries both), budget, the last
-        tuning's memory (`render`) → a queued job."""
+        tuning's memory (`render`), the ticked methods → a queued job. With a sampler other than DDIM the
+        ticked drop methods are left out (the box says they are DDIM's), as the CLI leaves out its defaults."""
         n = PLAN_CONTROL_COUNT
         plan_request = PlanRequest.from_controls(*values[:n])
-        return self.submit(owner, plan_request, values[n : n + 3], values[n + 3], memory=values[n + 4])
+        methods = values[n + 5] if len(values) > n + 5 else None
+        return self.submit(owner, plan_request, values[n : n + 3], values[n + 3], methods=methods, memory=values[n + 4],
+                           strict=False)
 
-    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None, memory=None):
+    def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None, memory=None,
+               strict=True):
         """Check everything, then queue the tuner job; returns its id. `memory`: the last tuning's
-        (`tuner_reference_steps` decides whether its reference steps still hold)."""
-        from mosaic_core.conquer.tune import DEFAULT_CHECK, DROP_METHODS, check_budget, check_count, check_methods
+        (`tuner_reference_steps` decides whether its reference steps still hold). `strict`: named drop
+        methods with a sampler other than DDIM are an error (the API), else left out (the page's boxes)."""
+        from mosaic_core.conquer.tune import DEFAULT_CHECK, check_budget, check_count, check_methods
 
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise ValueError(f"budget must be a fraction of the dense MACs in (0, 1], got {type(budget).__name__}")
         budget = check_budget(float(budget))
+        named = methods is not None and strict
         methods = check_methods(settings.TUNE_METHODS if methods is None else methods)
-        if any(m in DROP_METHODS for m in methods):  # its Steps box re-spaces: a dropped-steps point would sample otherwise
-            raise ValueError(
-                f"the studio samples re-spaced steps, so its tuner does not take {', '.join(DROP_METHODS)}: "
-                "tune those with `python -m mosaic_core tune` and sample with `sample --drop-steps`"
-            )
         check = check_count(DEFAULT_CHECK if check is None else check)
+        plan_request = replace(plan_request, drop_steps=0)  # the reference is every step; the tuner picks what to drop
         # measured: the config's kept-width rounding is the measured allocation's (a GPU's tiles); the
         # tuner sets each candidate's own allocation
         request = prune_request(plan_request, *calibration_values, "measured" if calibration_values[2] == "obs" else "paper")
@@ -390,6 +409,7 @@ class TuneHandlers:
         reference = tuner_reference_steps(memory, spec.name, plan.scheduler, plan.num_inference_steps)
         if reference != plan.num_inference_steps:
             plan, config = replace(request, plan=replace(request.plan, steps=reference)).build(spec)
+        methods = methods_for_sampler(methods, plan.scheduler, named)
 
         def work(context):
             messages = iter(range(1, 10**6))
@@ -422,8 +442,9 @@ class TuneHandlers:
         `result` holds every candidate (`points`), the Pareto `front` and the `chosen` index.
 
         `sampler` None is the model's own. `methods`: some of dense, cache, paper, measured,
-        measured+cache, measured+cache-dit (default dense, paper, measured: what the studio's
-        controls can run).
+        measured+cache, measured+cache-dit, drop, measured+drop (default dense, paper, measured,
+        drop, measured+drop: what the studio's controls can run; the two drop methods only with
+        DDIM, and a chosen drop point has `drop_steps` > 0: `steps` of `steps + drop_steps` run).
         `check`: once this server has sampled enough points for the model and settings, pruned
         candidates are predicted from their recorded error and at most `check` of them sampled
         (default 2; 0 samples every candidate); predicted points have `predicted: true`.
@@ -442,10 +463,13 @@ class TuneHandlers:
         figure = PlotData(type="plotly", plot=charts.figure_json(charts.tune_front_figure(result)))
         if result["chosen"] is None:
             note = f"No candidate fits {result['budget']:.2f} of the dense MACs (tuned in {result['seconds']:.1f} s)."
-            return (figure, note, *(gr.skip() for _ in range(9)))
+            return (figure, note, *(gr.skip() for _ in range(10)))
         best = result["points"][result["chosen"]]
+        drop = int(best.get("drop_steps") or 0)
+        steps = best["steps"] + drop  # the Steps box: the reference steps the kept ones are a subset of
+        shown = f"{best['steps']} of {steps} steps ({drop} dropped evenly)" if drop else f"{best['steps']} steps"
         note = (
-            f"Chosen: **{best['steps']} steps, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
+            f"Chosen: **{shown}, {best['allocation']}**, MACs {best['macs_fraction']:.3f} of dense, "
             f"PSNR {best['psnr']:.2f} dB to dense (tuned in {result['seconds']:.1f} s)."
         )
         predicted = sum(1 for p in result["points"] if p.get("predicted"))
@@ -460,16 +484,16 @@ class TuneHandlers:
             note += " cache-dit: DBCache threshold {:.3g}, F{}B{}, first {} steps full (Compare runs without it).".format(*best["cache_dit"])
         allocation = "measured" if best["allocation"].startswith("measured") else "paper"
         sliders = [gr.update(value=round(min(float(x), settings.SPARSITY_RANGE[1]), 3)) for x in best["stage_sparsity"]]
-        replan = gr.update(value=f"{status.job_id} {best['steps']} {best['stage_sparsity']}")  # redraws the plan view
+        replan = gr.update(value=f"{status.job_id} {steps} {drop} {best['stage_sparsity']}")  # redraws the plan view
         reference = gr.update(value=f"{status.job_id} {result['reference_steps']}")  # Compare's dense reference steps
-        if best["steps"] != result["reference_steps"]:
+        if steps != result["reference_steps"]:
             note += (f" Compare samples dense at the tuner's {result['reference_steps']} steps against it, and the next"
                      f" tuning keeps {result['reference_steps']} as its reference until you change the steps.")
-        memory = {"model": result.get("model"), "sampler": result.get("sampler"), "steps": best["steps"],
+        memory = {"model": result.get("model"), "sampler": result.get("sampler"), "steps": steps,
                   "reference_steps": result["reference_steps"]}
         return (
-            figure, note, gr.update(value=best["steps"]), gr.update(value=True), *sliders, gr.update(value=allocation), replan,
-            reference, memory,
+            figure, note, gr.update(value=steps), gr.update(value=drop), gr.update(value=True), *sliders,
+            gr.update(value=allocation), replan, reference, memory,
         )
 
 
@@ -517,8 +541,8 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     with gr.Accordion("Best at this budget (tuner: steps × allocation)", open=False):
         gr.Markdown(
             "Spend a fraction of the dense MACs at the plan's steps as well as possible: every step count meets it "
-            "dense (fewer steps) or pruned (paper or measured allocation), each scored by PSNR to dense on 4 seeded "
-            "images. The chosen point fills the steps and the stage sparsities above; tuning again keeps the first "
+            "dense (fewer steps) or pruned (paper or measured allocation), with DDIM also as a subset of the plan's "
+            "own steps (dropped steps), each scored by PSNR to dense on 4 seeded images. The chosen point fills the steps and the stage sparsities above; tuning again keeps the first "
             "tuning's dense steps as the reference until you change the steps yourself."
         )
         with gr.Row():
@@ -526,6 +550,11 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
                 budget = gr.Slider(
                     *settings.TUNE_BUDGET_RANGE, value=settings.TUNE_BUDGET_DEFAULT, step=0.05,
                     label="MAC budget (fraction of dense)", elem_id="mosaic-tune-budget",
+                )
+                tune_methods = gr.CheckboxGroup(
+                    list(settings.TUNE_METHODS), value=list(settings.TUNE_METHODS), label="Methods", elem_id="mosaic-tune-methods",
+                    info="dense: fewer steps · paper, measured: pruned · drop, measured+drop: a subset of the plan's steps, "
+                    "dense or pruned (DDIM only)",
                 )
                 tune_view = JobView(engine, "tune", "No tuning yet.", done_title="Tuning", nothing_running="No tuning job is running.")
                 tune_view.layout("Best at this budget", start_variant="secondary")
@@ -537,9 +566,9 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
     section = PruneSection(calibration, size, scorer, allocation, view, result, cache_note, handlers, tune_reference)
     tune_handlers = TuneHandlers(engine, tune_view)
     tune_view.wire(
-        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget, tune_memory], tune_handlers.render,
+        tune_handlers.start, [*divide.controls, calibration, size, scorer, budget, tune_memory, tune_methods], tune_handlers.render,
         render_outputs=[
-            front_plot, tune_note, divide.steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box,
+            front_plot, tune_note, divide.steps, divide.drop_steps, divide.per_stage, *divide.stage_sparsity, allocation, divide.replan_box,
             tune_reference, tune_memory,
         ],
     )

@@ -58,8 +58,9 @@ ALLOCATION_DEFAULT = "measured"
 TUNE_BUDGET_RANGE = (0.1, 1.0)  # fraction of the dense MACs at the plan's steps ("best at this budget")
 TUNE_BUDGET_DEFAULT = 0.5
 TUNE_IMAGES = 4
-# what the studio's controls can run (its Compare has no block reuse; the CLI's `tune` tries cache too)
-TUNE_METHODS = ("dense", "paper", "measured")
+# what the studio's controls can run (its Compare has no block reuse; the CLI's `tune` tries cache too);
+# the two drop methods only with DDIM (the Dropped steps box replays them)
+TUNE_METHODS = ("dense", "paper", "measured", "drop", "measured+drop")
 # A time bound on a re-tune's checking (`tune(check_seconds=...)`); None: none. 3 s keeps every re-tune
 # under 3 s on the 2-core CPU but cost 1.24 dB at budget 0.7, where the second look finds the best
 # point (assets/bench/retune-3s.md), so the studio checks unbounded.
