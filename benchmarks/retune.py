@@ -3,12 +3,12 @@
     python benchmarks/retune.py                                   # the studio's setting, budgets 0.5 then 0.3 … 0.8
     python benchmarks/retune.py --budgets 0.5,0.3,0.7 --out assets/bench/retune
 
-As the studio's "best at this budget" control does (methods dense, paper, measured on
+As the studio's "best at this budget" control does (its default methods, `ui.settings.TUNE_METHODS`, on
 `ui.settings.TUNE_IMAGES` validation images, the default step grid, one engine's analyses
 and memo), the tuner runs at the first budget, then at each next one. Every budget is tuned
 twice, one after the other on the same cached Hessians:
 
-    predicted   `tune(check=2)`: pruned candidates ranked by the quality model fit to the
+    predicted   `tune(check=4)`: pruned candidates ranked by the quality model fit to the
                 points sampled at earlier budgets; only the best few are pruned and sampled
                 (`--check-seconds S`: a second one only if it should end within S seconds)
     exhaustive  `tune(check=0)`: every candidate pruned and sampled (its own memo)
@@ -34,7 +34,7 @@ def main() -> None:
     from mosaic_core.allocator import steady_allocator
 
     steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
-    from mosaic_core.conquer.tune import tune
+    from mosaic_core.conquer.tune import DEFAULT_CHECK, tune
     from mosaic_core.divide.stages import DEFAULT_M
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.samplers import model_default_sampler
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.3,0.7,0.4,0.6,0.25,0.8")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=settings.TUNE_IMAGES)
-    parser.add_argument("--check", type=int, default=2)
+    parser.add_argument("--check", type=int, default=DEFAULT_CHECK)
     parser.add_argument("--check-seconds", type=float, default=settings.TUNE_CHECK_SECONDS or 0.0, help="0: no time bound")
     parser.add_argument("--calib-size", type=int, default=settings.CALIBRATION_SIZE_DEFAULT)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
@@ -76,6 +76,7 @@ def main() -> None:
             row[name] = dict(
                 seconds=round(seconds, 2), sampled=sum(1 for m in messages if not m.startswith("dense")),
                 predicted=sum(1 for p in result.points if p.predicted), unchecked=result.unchecked, steps=chosen.steps, method=chosen.allocation,
+                drop_steps=chosen.drop_steps,
                 psnr=round(chosen.psnr, 3), macs=round(chosen.macs_fraction, 4), models=result.quality_models,
             )
         row["regret_db"] = round(row["exhaustive"]["psnr"] - row["predicted"]["psnr"], 3)
@@ -83,8 +84,8 @@ def main() -> None:
         rows.append(row)
         p, e = row["predicted"], row["exhaustive"]
         print(f"b={budget:.2f} predicted {p['seconds']:6.2f} s ({p['sampled']} sampled, {p['predicted']} predicted) -> "
-              f"{p['steps']} steps {p['method']:<9} {p['psnr']:6.2f} dB | exhaustive {e['seconds']:6.2f} s ({e['sampled']} sampled) -> "
-              f"{e['steps']} steps {e['method']:<9} {e['psnr']:6.2f} dB | regret {row['regret_db']:+.2f} dB"
+              f"{_steps(p)} steps {p['method']:<13} {p['psnr']:6.2f} dB | exhaustive {e['seconds']:6.2f} s ({e['sampled']} sampled) -> "
+              f"{_steps(e)} steps {e['method']:<13} {e['psnr']:6.2f} dB | regret {row['regret_db']:+.2f} dB"
               + ("  (first: gathers the Hessians)" if index == 0 else ""), flush=True)
     later = [r for r in rows if not r["first"]]
     if later:
@@ -115,10 +116,15 @@ def main() -> None:
         for r in rows:
             p, e = r["predicted"], r["exhaustive"]
             note = " (gathers Hessians)" if r["first"] else ""
-            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['unchecked']} | {p['steps']} {p['method']} | {p['psnr']:.2f} | "
-                         f"{e['seconds']:.2f} | {e['sampled']} | {e['steps']} {e['method']} | {e['psnr']:.2f} | {r['regret_db']:+.2f} |")
+            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['unchecked']} | {_steps(p)} {p['method']} | {p['psnr']:.2f} | "
+                         f"{e['seconds']:.2f} | {e['sampled']} | {_steps(e)} {e['method']} | {e['psnr']:.2f} | {r['regret_db']:+.2f} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+def _steps(choice: dict) -> str:
+    """"45", or "45/50" when 45 of the 50 reference steps run (the rest dropped)."""
+    return f"{choice['steps']}/{choice['steps'] + choice['drop_steps']}" if choice["drop_steps"] else str(choice["steps"])
 
 
 def _threads() -> int:

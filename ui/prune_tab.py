@@ -447,7 +447,7 @@ class TuneHandlers:
         DDIM, and a chosen drop point has `drop_steps` > 0: `steps` of `steps + drop_steps` run).
         `check`: once this server has sampled enough points for the model and settings, pruned
         candidates are predicted from their recorded error and at most `check` of them sampled
-        (default 2; 0 samples every candidate); predicted points have `predicted: true`.
+        (default 4; 0 samples every candidate); predicted points have `predicted: true`.
         """
         plan_request = PlanRequest.from_values(model, sampler, steps, M, lam, None, None, cx)
         job_id = self.submit(owner_of(request), plan_request, (calibration, calibration_size, scorer), budget, methods, check)

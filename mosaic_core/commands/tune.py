@@ -91,7 +91,7 @@ def register(subparsers) -> None:
                         "(default all but measured+cache-dit: 6 sampling runs per candidate, and the least reliable choice)")
     parser.add_argument("--check", type=int_in("--check", 0, 64), default=None, metavar="K",
                         help="from the second budget of a run on, pruned candidates are predicted from the points sampled "
-                        "before and at most K of them sampled (default 2); 0 samples every candidate")
+                        "before and at most K of them sampled (default 4); 0 samples every candidate")
     parser.add_argument("--check-seconds", type=float_in("--check-seconds", 0.001, 3600.0), default=None, metavar="S",
                         help="sample a second predicted candidate only if it should end within S seconds of the budget's start "
                         "(default: no bound, as in the studio; docs/method.md §4.5 has what 3 s cost)")
