@@ -76,7 +76,7 @@ def main() -> None:
             row[name] = dict(
                 seconds=round(seconds, 2), sampled=sum(1 for m in messages if not m.startswith("dense")),
                 predicted=sum(1 for p in result.points if p.predicted), unchecked=result.unchecked, steps=chosen.steps, method=chosen.allocation,
-                drop_steps=chosen.drop_steps,
+                drop_steps=chosen.drop_steps, steps_label=chosen.steps_label,
                 psnr=round(chosen.psnr, 3), macs=round(chosen.macs_fraction, 4), models=result.quality_models,
             )
         row["regret_db"] = round(row["exhaustive"]["psnr"] - row["predicted"]["psnr"], 3)
@@ -84,8 +84,8 @@ def main() -> None:
         rows.append(row)
         p, e = row["predicted"], row["exhaustive"]
         print(f"b={budget:.2f} predicted {p['seconds']:6.2f} s ({p['sampled']} sampled, {p['predicted']} predicted) -> "
-              f"{_steps(p)} steps {p['method']:<13} {p['psnr']:6.2f} dB | exhaustive {e['seconds']:6.2f} s ({e['sampled']} sampled) -> "
-              f"{_steps(e)} steps {e['method']:<13} {e['psnr']:6.2f} dB | regret {row['regret_db']:+.2f} dB"
+              f"{p['steps_label']} steps {p['method']:<13} {p['psnr']:6.2f} dB | exhaustive {e['seconds']:6.2f} s ({e['sampled']} sampled) -> "
+              f"{e['steps_label']} steps {e['method']:<13} {e['psnr']:6.2f} dB | regret {row['regret_db']:+.2f} dB"
               + ("  (first: gathers the Hessians)" if index == 0 else ""), flush=True)
     later = [r for r in rows if not r["first"]]
     if later:
@@ -116,15 +116,10 @@ def main() -> None:
         for r in rows:
             p, e = r["predicted"], r["exhaustive"]
             note = " (gathers Hessians)" if r["first"] else ""
-            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['unchecked']} | {_steps(p)} {p['method']} | {p['psnr']:.2f} | "
-                         f"{e['seconds']:.2f} | {e['sampled']} | {_steps(e)} {e['method']} | {e['psnr']:.2f} | {r['regret_db']:+.2f} |")
+            lines.append(f"| {r['budget']:.2f} | {p['seconds']:.2f}{note} | {p['sampled']} | {p['unchecked']} | {p['steps_label']} {p['method']} | {p['psnr']:.2f} | "
+                         f"{e['seconds']:.2f} | {e['sampled']} | {e['steps_label']} {e['method']} | {e['psnr']:.2f} | {r['regret_db']:+.2f} |")
         out.with_suffix(".md").write_text("\n".join(lines) + "\n")
         print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
-
-def _steps(choice: dict) -> str:
-    """"45", or "45/50" when 45 of the 50 reference steps run (the rest dropped)."""
-    return f"{choice['steps']}/{choice['steps'] + choice['drop_steps']}" if choice["drop_steps"] else str(choice["steps"])
 
 
 def _threads() -> int:

@@ -165,8 +165,8 @@ class PlanRequest:
             )
         return cls.from_values(model, sampler, steps, M, lam, sparsity, None, cx, folder=folder, edges=edges, drop_steps=drop_steps)
 
-    def build(self, spec: ModelSpec, drop_steps: Optional[int] = None) -> Plan:
-        """The `Plan` of this request for an already resolved model (`drop_steps`: `build_plan`'s; None: the request's)."""
+    def build(self, spec: ModelSpec) -> Plan:
+        """The `Plan` of this request for an already resolved model."""
         return build_plan(
             spec,
             num_inference_steps=spec.default_steps if self.steps is None else self.steps,
@@ -178,12 +178,12 @@ class PlanRequest:
             scheduler=model_default_sampler(spec) if self.sampler is None else self.sampler,
             cx=self.cx,
             edges=self.edges,
-            drop_steps=self.drop_steps if drop_steps is None else drop_steps,
+            drop_steps=self.drop_steps,
         )
 
-    def plan(self, drop_steps: Optional[int] = None) -> Plan:
+    def plan(self) -> Plan:
         """The `Plan` of this request, the model resolved through the registry (or a local folder)."""
-        return self.build(resolve_model(self.model), drop_steps)
+        return self.build(resolve_model(self.model))
 
     def to_dict(self) -> dict:
         """The request as JSON-ready values."""

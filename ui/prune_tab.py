@@ -37,6 +37,7 @@ import gradio as gr
 from gradio.components.plot import PlotData
 
 from ui import charts, settings
+from mosaic_core.conquer.tune import methods_for_sampler
 from mosaic_core.prune.service import PrunedModel
 from mosaic_core.requests import PlanRequest, PruneRequest
 from ui.divide_tab import PLAN_CONTROL_COUNT
@@ -355,20 +356,6 @@ def tuner_reference_steps(memory: Optional[dict], model: str, sampler: str, step
     return steps
 
 
-def methods_for_sampler(methods: tuple[str, ...], scheduler: str, named: bool) -> tuple[str, ...]:
-    """The tuner methods `scheduler` can run: the drop methods jump DDIM, so with another sampler they
-    are an error when `named` (the API's `methods`), else left out (the defaults, the page's boxes)."""
-    from mosaic_core.conquer.tune import DROP_METHODS
-
-    if scheduler == "ddim" or not any(m in DROP_METHODS for m in methods):
-        return tuple(methods)
-    if named:
-        raise ValueError(
-            f"tuner methods {', '.join(DROP_METHODS)} jump DDIM over dropped steps: they need the ddim sampler, got '{scheduler}'"
-        )
-    return tuple(m for m in methods if m not in DROP_METHODS)
-
-
 class TuneHandlers:
     """The "best at this budget" control: a tuner job, its front, and the chosen point into the controls."""
 
@@ -382,8 +369,7 @@ class TuneHandlers:
         ticked drop methods are left out (the box says they are DDIM's), as the CLI leaves out its defaults."""
         n = PLAN_CONTROL_COUNT
         plan_request = PlanRequest.from_controls(*values[:n])
-        methods = values[n + 5] if len(values) > n + 5 else None
-        return self.submit(owner, plan_request, values[n : n + 3], values[n + 3], methods=methods, memory=values[n + 4],
+        return self.submit(owner, plan_request, values[n : n + 3], values[n + 3], methods=values[n + 5], memory=values[n + 4],
                            strict=False)
 
     def submit(self, owner, plan_request: PlanRequest, calibration_values, budget, methods=None, check=None, memory=None,
@@ -542,8 +528,9 @@ def build_prune_section(engine: StudioEngine, divide) -> PruneSection:
         gr.Markdown(
             "Spend a fraction of the dense MACs at the plan's steps as well as possible: every step count meets it "
             "dense (fewer steps) or pruned (paper or measured allocation), with DDIM also as a subset of the plan's "
-            "own steps (dropped steps), each scored by PSNR to dense on 4 seeded images. The chosen point fills the steps and the stage sparsities above; tuning again keeps the first "
-            "tuning's dense steps as the reference until you change the steps yourself."
+            "own steps (dropped steps), each scored by PSNR to dense on 4 seeded images. The chosen point fills the "
+            "steps, dropped steps and stage sparsities above; tuning again keeps the first tuning's dense steps as the "
+            "reference until you change the steps yourself."
         )
         with gr.Row():
             with gr.Column(scale=2, min_width=340):

@@ -123,8 +123,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         cx=args.cx,
         uniform=bool(getattr(args, "uniform", False)),
         edges=None if edges is None else parse_edges(edges),
+        drop_steps=getattr(args, "drop_steps", 0) or 0,
     )
-    return request.plan(drop_steps=getattr(args, "drop_steps", 0) or 0)
+    return request.plan()
 
 
 def add_drop_steps_argument(parser: argparse.ArgumentParser) -> None:

@@ -119,8 +119,7 @@ def format_tune(result, show_time: bool = False) -> str:
         reuse = "-" if p.cache is None else "{}:{}/{}".format(*p.cache)
         if p.cache_dit is not None:
             reuse = f"δ{p.cache_dit[0]:.3g}"
-        steps = f"{p.steps}/{p.steps + p.drop_steps}" if p.drop_steps else str(p.steps)  # n of the reference steps run
-        line = (f"{mark} {steps:>5} {p.allocation:<18} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
+        line = (f"{mark} {p.steps_label:>5} {p.allocation:<18} {p.sparsity:>8.3f} {reuse:>7} {p.guidance_scale:>5g} {p.macs_fraction:>7.3f} "
                 f"{p.recorded_error:>11.4g} {p.psnr:>8.2f}")
         lines.append(line + (f" {p.seconds:>8.2f}" if show_time else ""))
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "

@@ -104,6 +104,11 @@ class TunePoint:
     cache_dit: Optional[tuple[float, int, int, int]] = None  # cache-dit's DBCache: (threshold, fn, bn, warmup)
     drop_steps: int = 0  # reference steps dropped (drop methods): `steps` of the steps + drop_steps reference ones run
 
+    @property
+    def steps_label(self) -> str:
+        """"45", or "45/50" when 45 of the 50 reference steps run (the rest dropped)."""
+        return f"{self.steps}/{self.steps + self.drop_steps}" if self.drop_steps else str(self.steps)
+
 
 @dataclass(frozen=True)
 class TuneResult:
@@ -158,6 +163,18 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     if unknown or not methods:
         raise ValueError(f"tuner methods must be some of {', '.join(METHODS)}, got {', '.join(map(str, methods)) or 'none'}")
     return tuple(m for m in METHODS if m in methods)
+
+
+def methods_for_sampler(methods: Sequence[str], scheduler: str, named: bool) -> tuple[str, ...]:
+    """The tuner methods `scheduler` can run: the drop methods jump DDIM, so with another sampler they
+    are an error when `named` (asked for by name), else left out (a default set)."""
+    if scheduler == "ddim" or not any(m in DROP_METHODS for m in methods):
+        return tuple(methods)
+    if named:
+        raise ValueError(
+            f"tuner methods {', '.join(DROP_METHODS)} jump DDIM over dropped steps: they need the ddim sampler, got '{scheduler}'"
+        )
+    return tuple(m for m in methods if m not in DROP_METHODS)
 
 
 def tune(
@@ -217,10 +234,7 @@ def tune(
     if allocations is not None:
         wanted = {ALLOCATION_NAMES.get(a, a) for a in allocations}
         methods = tuple(m for m in methods if m in ("dense", "cache", "drop") or m.split("+")[0] in wanted)
-    if scheduler != "ddim" and any(m in DROP_METHODS for m in methods):
-        if methods != DEFAULT_METHODS:
-            raise ValueError(f"tuner methods {', '.join(DROP_METHODS)} jump DDIM over dropped steps: they need the ddim sampler, got '{scheduler}'")
-        methods = tuple(m for m in methods if m not in DROP_METHODS)
+    methods = methods_for_sampler(methods, scheduler, named=methods != DEFAULT_METHODS)
     steps_grid = default_steps_grid(reference_steps) if steps_grid is None else steps_grid
     steps_grid = sorted({int(n) for n in steps_grid if 1 <= int(n) <= reference_steps})
     if not steps_grid:
