@@ -435,7 +435,7 @@ def tune(
     front = [sampled[i] for i in pareto_front([points[i].macs for i in sampled], [points[i].psnr for i in sampled])]
     fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
-    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None}
+    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None and m in methods}
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked,
                       None if edges is None else (int(edges[0]), int(edges[1])))
 
