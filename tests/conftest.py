@@ -130,6 +130,12 @@ def with_default_steps(monkeypatch, steps: int) -> None:
     for sd3-medium (28) or pixart-sigma (20), whose weights the tests do not have."""
     import dataclasses
 
+    # Modules that bind `resolve_model` when first imported would keep the patched one for the rest of
+    # the run if that first import happened inside this test: import them (real resolver) first.
+    import mosaic_core.divide.plan  # noqa: F401
+    import mosaic_core.models.loading  # noqa: F401
+    import mosaic_core.models.training  # noqa: F401
+    import mosaic_core.requests  # noqa: F401
     from mosaic_core.models import registry
 
     resolve = registry.resolve_model
