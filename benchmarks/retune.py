@@ -2,13 +2,15 @@
 
     python benchmarks/retune.py                                   # the studio's setting, budgets 0.5 then 0.3 … 0.8
     python benchmarks/retune.py --budgets 0.5,0.3,0.7 --out assets/bench/retune
+    python benchmarks/retune.py --methods cli --out assets/bench/retune-cli   # the CLI's default methods
 
-As the studio's "best at this budget" control does (its default methods, `ui.settings.TUNE_METHODS`, on
+As the studio's "best at this budget" control does (its default methods, `ui.settings.TUNE_METHODS`, or
+`--methods`: a comma list, or `cli` for `tune`'s defaults with the reuse methods, on
 `ui.settings.TUNE_IMAGES` validation images, the default step grid, one engine's analyses
 and memo), the tuner runs at the first budget, then at each next one. Every budget is tuned
 twice, one after the other on the same cached Hessians:
 
-    predicted   `tune(check=4)`: pruned candidates ranked by the quality model fit to the
+    predicted   `tune(check=4)`: pruned and reuse candidates ranked by the quality models fit to the
                 points sampled at earlier budgets; only the best few are pruned and sampled
                 (`--check-seconds S`: a second one only if it should end within S seconds)
     exhaustive  `tune(check=0)`: every candidate pruned and sampled (its own memo)
@@ -34,7 +36,7 @@ def main() -> None:
     from mosaic_core.allocator import steady_allocator
 
     steady_allocator()  # the heap the CLI and the studio run with (mosaic_core/allocator.py)
-    from mosaic_core.conquer.tune import DEFAULT_CHECK, tune
+    from mosaic_core.conquer.tune import DEFAULT_CHECK, DEFAULT_METHODS, check_methods, tune
     from mosaic_core.divide.stages import DEFAULT_M
     from mosaic_core.models.loading import load_model
     from mosaic_core.models.samplers import model_default_sampler
@@ -51,15 +53,19 @@ def main() -> None:
     parser.add_argument("--check", type=int, default=DEFAULT_CHECK)
     parser.add_argument("--check-seconds", type=float, default=settings.TUNE_CHECK_SECONDS or 0.0, help="0: no time bound")
     parser.add_argument("--calib-size", type=int, default=settings.CALIBRATION_SIZE_DEFAULT)
+    parser.add_argument("--methods", default="studio", help="studio (ui.settings.TUNE_METHODS), cli (tune's defaults) or a comma list")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
+    methods = {"studio": tuple(settings.TUNE_METHODS), "cli": DEFAULT_METHODS}.get(args.methods)
+    methods = check_methods(args.methods.split(",")) if methods is None else methods
+    setting = {"studio": "The studio's tuner setting", "cli": "The command line's default methods"}.get(args.methods, "Methods")
     budgets = [float(b) for b in args.budgets.split(",")]
 
     spec = resolve_model(args.model)
     loaded = load_model(spec, device="cpu")
     config = PruneConfig(CalibrationConfig(size=args.calib_size))
     common = dict(reference_steps=args.steps, M=DEFAULT_M, lam=0.01, scheduler=model_default_sampler(spec), cx=1.0,
-                  images=args.images, methods=settings.TUNE_METHODS)
+                  images=args.images, methods=methods)
     analyses: dict = {}
     memos = {"predicted": {}, "exhaustive": {}}
     rows = []
@@ -98,17 +104,18 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(model=spec.name, sampler=common["scheduler"], steps=args.steps, images=args.images, check=args.check,
                     check_seconds=args.check_seconds,
-                    calib_size=args.calib_size, methods=list(settings.TUNE_METHODS), torch_threads=_threads())
+                    calib_size=args.calib_size, methods=list(methods), torch_threads=_threads())
         out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
         lines = [
             f"# Re-tuning after a change of budget: {spec.name}, {common['scheduler']}-{args.steps}",
             "",
-            f"The studio's tuner setting ({', '.join(settings.TUNE_METHODS)}; {args.images} validation images; calibration "
+            f"{setting} ({', '.join(methods)}; {args.images} validation images; calibration "
             f"{args.calib_size}), budgets in the order run, on one set of cached Hessians. Wall seconds on a "
             f"{_threads()}-thread CPU. Predicted: at most {args.check} candidates checked"
             + (f", a second only if it should end within {args.check_seconds:g} s" if args.check_seconds > 0 else "")
             + f"; *left* counts those the time bound left predicted. Made by `python benchmarks/retune.py --budgets {args.budgets} "
-            f"--check-seconds {args.check_seconds:g} --out {args.out}`.",
+            f"--check-seconds {args.check_seconds:g}" + ("" if args.methods == "studio" else f" --methods {args.methods}")
+            + f" --out {args.out}`.",
             "",
             "| budget | predicted: s | sampled | left | choice | PSNR dB | exhaustive: s | sampled | choice | PSNR dB | regret dB |",
             "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -361,6 +361,75 @@ def test_retune_predicts_what_an_exhaustive_tune_measures_and_samples_at_most_ch
     assert messages == [] and again.points == first.points and again.chosen == first.chosen
 
 
+def test_reuse_model_recovers_the_reuse_error_it_was_drawn_from():
+    """Rows drawn from the measured model plus R = 10^λ·(c/L)^a·(I − 1)^b·(n/N₀)^g (values on the fit's
+    grid) give back λ, a, b and g with residual ~0; too few rows, one interval or no measured model: none."""
+    import numpy as np
+
+    from mosaic_core.conquer.tune import QualityModel, fit_reuse
+
+    measured = QualityModel(alpha=1.5, log_kappa=-6.0, rmse=0.5, count=9, rho=-0.3)
+    rng = np.random.default_rng(2)
+    rows = []
+    for _ in range(16):
+        steps, dense_psnr = int(rng.integers(10, 51)), float(rng.uniform(30.0, 45.0))
+        error = float(rng.choice([0.0, rng.uniform(1.0, 30.0)]))  # cache (dense network) and measured+cache rows
+        interval, keep_first = int(rng.integers(2, 6)), int(rng.integers(1, 3))
+        cache = (interval, keep_first, int(rng.integers(1, 6 - keep_first)))
+        share = (6 - cache[1] - cache[2]) / 6
+        pruned = 10.0 ** (-measured.psnr(dense_psnr, error) / 10.0)
+        reuse = 10.0**-3.5 * share**1.5 * (interval - 1) ** 2.0 * (steps / 50) ** -0.5
+        rows.append((steps, dense_psnr, error, cache, float(-10.0 * np.log10(pruned + reuse))))
+    model = fit_reuse(rows, measured, num_blocks=6, reference_steps=50)
+    assert (model.share_exponent, model.interval_exponent, model.steps_exponent) == (1.5, 2.0, -0.5)
+    assert model.log_reuse == pytest.approx(-3.5, abs=1e-6) and model.rmse < 1e-6 and model.count == 16
+    assert (model.alpha, model.log_kappa, model.rho) == (1.5, -6.0, -0.3)  # the measured model's, unchanged
+    # reuse only ever costs: below the pruned network alone, and lower the longer the interval
+    assert model.psnr(40.0, 5.0, (2, 1, 1), 40) < measured.psnr(40.0, 5.0)
+    assert model.psnr(40.0, 5.0, (5, 1, 1), 40) < model.psnr(40.0, 5.0, (3, 1, 1), 40)
+    assert fit_reuse(rows[:3], measured, 6, 50) is None
+    assert fit_reuse([r[:3] + ((3, 1, 1),) + r[4:] for r in rows], measured, 6, 50) is None
+    assert fit_reuse(rows, None, 6, 50) is None
+
+
+@pytest.mark.slow
+def test_retune_predicts_the_reuse_candidates_as_the_networks_an_exhaustive_tune_builds(tiny_pixel_folder):
+    """With `cache` and `measured+cache`, a second budget predicts those candidates too: each predicted point's
+    reuse setting, MACs and recorded error equal those of the networks an exhaustive tune builds (the setting
+    comes from the recorded removals, not from built networks), at most `check` are sampled, and the reuse
+    model is reported for both methods."""
+    from mosaic_core.conquer.tune import tune
+    from mosaic_core.models.loading import load_model
+    from mosaic_core.prune.calibration import CalibrationConfig
+    from mosaic_core.prune.stage_pruning import PruneConfig
+
+    loaded = load_model(str(tiny_pixel_folder), device="cpu")
+    config = PruneConfig(CalibrationConfig(size=8, batch_size=8, source="samples", sample_steps=4))
+    analyses, memo = {}, {}
+    kwargs = dict(reference_steps=8, steps_grid=(4, 5, 6, 7, 8), images=2, analyses=analyses,
+                  methods=("dense", "cache", "measured", "measured+cache"))
+    tune(loaded, 0.7, config, memo=memo, **kwargs)
+    tune(loaded, 0.55, config, memo=memo, check=0, **kwargs)  # a second sampled budget: reuse points at several intervals
+    messages = []
+    second = tune(loaded, 0.45, config, memo=memo, check=1, on_progress=messages.append, **kwargs)
+    exhaustive = tune(loaded, 0.45, config, memo={}, check=0, **kwargs)
+    assert set(second.quality_models) == {"measured", "cache", "measured+cache"}
+    assert second.quality_models["cache"] == second.quality_models["measured+cache"]
+    by_kind = {(p.steps, p.allocation): p for p in exhaustive.points}
+    assert {(p.steps, p.allocation) for p in second.points} == set(by_kind)
+    predicted = [p for p in second.points if p.predicted and p.cache is not None]
+    assert {p.allocation for p in predicted} == {"cache", "measured+cache"}
+    assert len([m for m in messages if not m.startswith("dense")]) <= 1
+    for p in second.points:
+        reference = by_kind[(p.steps, p.allocation)]
+        assert (p.cache, p.macs, p.target_sparsity, p.stage_sparsity) == (
+            reference.cache, reference.macs, reference.target_sparsity, reference.stage_sparsity), p
+        assert p.recorded_error == pytest.approx(reference.recorded_error, rel=1e-9)
+        if not p.predicted:
+            assert p.psnr == reference.psnr
+    assert not second.points[second.chosen].predicted
+
+
 def test_check_is_validated():
     from mosaic_core.conquer.tune import check_count
 
@@ -387,6 +456,24 @@ def test_tune_cli_several_budgets_predicts_the_later_ones(tiny_pixel_folder, tmp
     assert not any(p["predicted"] for p in written[0]["points"])  # nothing sampled before: every candidate sampled
     assert any(p["predicted"] for p in written[1]["points"]) and set(written[1]["quality_models"]) == {"paper", "measured"}
     assert not written[1]["points"][written[1]["chosen"]]["predicted"]
+
+
+@pytest.mark.slow
+def test_tune_cli_names_the_reuse_model_once_for_both_reuse_methods(tiny_pixel_folder, capsys):
+    """The text table states the fit it predicted from: the reuse model once, for cache and measured+cache."""
+    from mosaic_core.cli import main
+
+    code = main([
+        "tune", "--model", str(tiny_pixel_folder), "--steps", "8", "--steps-grid", "4,5,6,7,8", "--budget", "0.7,0.55,0.45",
+        "--methods", "dense,cache,measured,measured+cache", "--calib-size", "8", "--calib-batch-size", "8", "--images", "2",
+        "--device", "cpu", "--check", "1",
+    ])
+    assert code == 0
+    last = capsys.readouterr().out.split("budget 0.45")[-1]
+    legend = next(line for line in last.splitlines() if line.startswith("~ predicted"))
+    assert "cache, measured+cache: MSE = D + P + 2·(" in legend and ")·√(D·P) + R, D = MSE_dense" in legend
+    assert legend.count("R = 10^") == 1 and "measured: MSE = D + P" in legend
+    assert any(line.startswith("~") and "measured+cache" in line for line in last.splitlines())
 
 
 def test_tune_cli_rejects_a_bad_budget_list(capsys):

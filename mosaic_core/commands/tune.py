@@ -125,9 +125,7 @@ def format_tune(result, show_time: bool = False) -> str:
     lines.append("* on the Pareto front (no point has fewer MACs and a higher PSNR); -> chosen (best PSNR within the budget); "
                  "reuse = full step every I, first/last blocks always run; δ = cache-dit's DBCache threshold")
     if any(p.predicted for p in result.points):
-        models = "; ".join(f"{m}: MSE = D + P + 2·({q.get('rho', 0.0):g})·√(D·P), D = MSE_dense, P = 10^{q['log_kappa']:g}·E^{q['alpha']:g} "
-                           f"(residual {q['rmse']:.2f} dB, {q['count']} points)"
-                           for m, q in (result.quality_models or {}).items())
+        models = "; ".join(_model_text(m, q) for m, q in _models_once(result.quality_models or {}))
         lines.append(f"~ predicted from its recorded error, not sampled (never on the front nor chosen); {models}")
     if result.unchecked:
         lines.append(f"{result.unchecked} predicted candidates that could still win were left unsampled by --check-seconds")
@@ -196,3 +194,25 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         write_json(out, results[0] if len(results) == 1 else {"results": results})
     return 0
+
+
+def _models_once(models: dict) -> list[tuple[str, dict]]:
+    """(methods, model) pairs, methods sharing one model (cache, measured+cache) named together."""
+    joined: list[tuple[list[str], dict]] = []
+    for method, model in models.items():
+        same = next((names for names, other in joined if other == model), None)
+        if same is None:
+            joined.append(([method], model))
+        else:
+            same.append(method)
+    return [(", ".join(names), model) for names, model in joined]
+
+
+def _model_text(methods: str, q: dict) -> str:
+    text = (f"{methods}: MSE = D + P + 2·({q.get('rho', 0.0):g})·√(D·P)"
+            + (" + R" if "log_reuse" in q else "")
+            + f", D = MSE_dense, P = 10^{q['log_kappa']:g}·E^{q['alpha']:g}")
+    if "log_reuse" in q:
+        text += (f", R = 10^{q['log_reuse']:g}·(c/L)^{q['share_exponent']:g}·(I−1)^{q['interval_exponent']:g}"
+                 f"·(n/N₀)^{q['steps_exponent']:g} (c of L blocks cached, a full step every I)")
+    return text + f" (residual {q['rmse']:.2f} dB, {q['count']} points)"

@@ -28,7 +28,7 @@ network each step runs, by the same rule as the runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -92,11 +92,12 @@ def cache_schedule(num_steps: int, interval: int, step_networks: Sequence[Hashab
     return full
 
 
-def block_macs(network: nn.Module, shape) -> list[int]:
+def block_macs(network: nn.Module, shape, removed: Mapping[str, int] | None = None) -> list[int]:
     """Block-linear MACs of one call of each of `network`'s blocks, in call order (`call_order`):
     the groups each prunable layer of the network keeps, at the plan's cost per group
     (`shape`: a `TransformerShape`, whose blocks share one cost per head and per unit, or a
-    `BlockwiseShape`, which has each layer's own)."""
+    `BlockwiseShape`, which has each layer's own). `removed` (layer name → groups) costs the
+    network those removals would build, without building it."""
     from mosaic_core.divide.cost import group_macs_per_token
     from mosaic_core.divide.shapes import MLP_KINDS, BlockwiseShape
     from mosaic_core.models.adapters import adapter_for_model
@@ -114,7 +115,7 @@ def block_macs(network: nn.Module, shape) -> list[int]:
         else:
             kind = "mlp" if layer.kind in MLP_KINDS else "attn"
             per_group = shape.num_tokens * group_macs_per_token(kind, shape.hidden_size, shape.head_dim)
-        per_block[layer.block] += layer.num_groups * per_group
+        per_block[layer.block] += (layer.num_groups - (removed or {}).get(layer.name, 0)) * per_group
     index = {path: i for i, path in enumerate(paths)}
     return [per_block[index[path]] for path in adapter.call_order(network)]
 

@@ -27,10 +27,11 @@ sparsity). The front is the candidates no other beats in both MACs and PSNR, the
 point the best PSNR within the budget.
 
 Re-tuning at another budget predicts instead of sampling: per pruned method a
-`QualityModel` (MSE = MSE_dense(n) + κ·E^α, plus a term for how the two errors interact) is fit to the points sampled so far (`memo`),
-every candidate's E comes from the cached analyses in milliseconds, and only the best
-predicted ones that can still win are pruned and sampled (`check`). docs/method.md §4.5
-**[ours]**.
+`QualityModel` (MSE = MSE_dense(n) + κ·E^α, plus a term for how the two errors interact) is fit
+to the points sampled so far (`memo`), and for the two reuse methods one `ReuseModel` adds the
+error of the reuse setting to the measured one; every candidate's E, MACs and reuse setting come
+from the cached analyses in milliseconds, and only the best predicted ones that can still win
+are pruned and sampled (`check`). docs/method.md §4.5 **[ours]**.
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def tune(
 
     dense_psnr = {}
     points, pending = [], []
-    fits = _fit_methods(memo, base, setting, cfg, check)
+    fits = _fit_methods(memo, base, setting, cfg, check, num_blocks)
     for n in steps_grid:
         fraction = n / reference_steps
         key = (base, "dense", reference_steps, n)
@@ -356,9 +357,12 @@ def tune(
         if "cache" in methods:
             fit = match_cache_to_macs(num_blocks, [dense_step] * n, budget_macs, within=True, macs_by_block=dense_blocks)
             if fit is not None:
-                say(f"cache, {n} steps, full every {fit[0].interval}")
                 point = TunePoint(n, "cache", 0.0, float(fit[1]), fit[1] / dense_macs, 0.0, 0.0, 0.0, cache=_cache_tuple(fit[0]))
-                points.append(recalled((n, "cache", point.cache), point, lambda config=fit[0]: BlockReuse(dense, config)))
+                if fits.get("cache") is not None and point_key(_identity(point, budget)) not in memo:
+                    pending.append(replace(point, guidance_scale=cfg, predicted=True))  # predicted; sampled if it ranks
+                else:
+                    say(f"cache, {n} steps, full every {fit[0].interval}")
+                    points.append(recalled(_identity(point, budget), point, lambda config=fit[0]: BlockReuse(dense, config)))
         if cache_dit_served and target / 2 <= MAX_SPARSITY:
             points.extend(cache_dit_point(n, target / 2))
         for method in ("paper", "measured", "measured+cache", "measured+drop"):
@@ -389,10 +393,16 @@ def tune(
                 error = recorded.error if measured is not None else recorded.paper_error
                 step_macs = _step_macs(plan, measured)
                 stages = _stage_sparsity(plan, measured)
-                pending.append(TunePoint(
+                point = TunePoint(
                     n, method, float(plan.overall_sparsity), float(sum(step_macs)), float(sum(step_macs)) / dense_macs,
                     float(error), 0.0, 0.0, stages, cfg, target_sparsity=float(asked), predicted=True, drop_steps=plan_drop,
-                ))
+                )
+                if stacked:  # the reuse setting its networks' block MACs give, without building them
+                    fit = _stacked_reuse(dense, plan, recorded, step_macs, budget_macs, num_blocks)
+                    if fit is None:
+                        continue
+                    point = replace(point, macs=float(fit[1]), macs_fraction=fit[1] / dense_macs, cache=_cache_tuple(fit[0]))
+                pending.append(point)
                 continue
             say(f"{method}, {n} steps, sparsity {plan.overall_sparsity:.3f}")
             point = _pruned_point(loaded, plan, config, method, float(asked), analyses, should_stop, dense_macs)
@@ -409,9 +419,9 @@ def tune(
             else:
                 points.append(recalled(identity, point[0], lambda staged=point[1].staged: staged))
     checked, unchecked = _check_predicted(
-        pending, points, check, budget, lambda: _fit_methods(memo, base, setting, cfg, check), dense_psnr,
+        pending, points, check, budget, lambda: _fit_methods(memo, base, setting, cfg, check, num_blocks), dense_psnr,
         lambda p: recalled(
-            (p.steps, p.allocation, round(p.target_sparsity, 9)), replace(p, predicted=False),
+            _identity(p, budget), replace(p, predicted=False),
             lambda: candidate_denoiser(loaded, p, prune_config, **common),
         ),
         say, None if check_seconds is None else start + float(check_seconds),
@@ -435,7 +445,7 @@ def tune(
     front = [sampled[i] for i in pareto_front([points[i].macs for i in sampled], [points[i].psnr for i in sampled])]
     fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
-    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check).items() if f is not None and m in methods}
+    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check, num_blocks).items() if f is not None and m in methods}
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked,
                       None if edges is None else (int(edges[0]), int(edges[1])))
 
@@ -455,7 +465,7 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
     the first is sampled only if it should end by then at the cost of the slowest one so far.
     Returns the points and how many candidates the deadline left unchecked."""
     def predicted(models) -> list[TunePoint]:
-        return [replace(p, psnr=models[p.allocation].psnr(dense_psnr[(p.steps, p.drop_steps)], p.recorded_error)) for p in pending]
+        return [replace(p, psnr=_predicted_psnr(models[p.allocation], p, dense_psnr[(p.steps, p.drop_steps)])) for p in pending]
 
     done: list[TunePoint] = []
     slowest = 0.0
@@ -480,18 +490,56 @@ def _check_predicted(pending, points, check, budget, fit, dense_psnr, sample, sa
     return done + pending, unchecked
 
 
-def _fit_methods(memo, base, setting, cfg, check) -> dict:
-    """A `QualityModel` per pruned method with enough sampled points in `memo` (None: too few), if `check` > 0."""
+def _fit_methods(memo, base, setting, cfg, check, num_blocks: int) -> dict:
+    """A quality model per predicted method with enough sampled points in `memo` (None: too few), if `check` > 0:
+    a `QualityModel` per pruned method, and one `ReuseModel` shared by `cache` and `measured+cache` (it
+    builds on the measured model, so it needs that one too)."""
     if not check:
         return {}
     samples: dict[str, list] = {"paper": [], "measured": [], "measured+drop": []}
+    reused: list = []
     for key, point in memo.items():
-        if key[:3] == (base, "point", setting) and key[-1] == cfg and point.allocation in samples:
+        if key[:3] == (base, "point", setting) and key[-1] == cfg and (point.allocation in samples or point.allocation in REUSE_METHODS):
             # D: the dense model over the same steps (re-spaced, or the same subset of the reference's)
             dense = memo.get((base, "dense-drop" if point.drop_steps else "dense", setting[0], point.steps))
-            if dense is not None:
+            if dense is None:
+                continue
+            if point.allocation in samples:
                 samples[point.allocation].append((point.steps, dense.psnr, point.recorded_error, point.psnr))
-    return {method: fit_quality(rows) for method, rows in samples.items()}
+            elif point.cache is not None:
+                reused.append((point.steps, dense.psnr, point.recorded_error, point.cache, point.psnr))
+    fits = {method: fit_quality(rows) for method, rows in samples.items()}
+    reuse = fit_reuse(reused, fits["measured"], num_blocks, setting[0])
+    return {**fits, **{method: reuse for method in REUSE_METHODS}}
+
+
+def _identity(point: TunePoint, budget: float) -> tuple:
+    """What the memo knows a sampled candidate by (with the setting and CFG, `point_key`): its steps and
+    method, the sparsity its plan was asked for, and what else makes it this candidate (a reuse setting; the
+    budget for `measured+cache`, whose setting spends what is left of that budget)."""
+    if point.allocation == "cache":
+        return (point.steps, "cache", point.cache)
+    identity = (point.steps, point.allocation, round(float(point.target_sparsity), 9))
+    return identity + ((round(budget, 9),) if point.allocation == "measured+cache" else ())
+
+
+def _stacked_reuse(dense, plan, measured, step_macs, budget_macs, num_blocks):
+    """The reuse setting `measured+cache` gives the networks of `measured` (and their MACs), from the
+    recorded removals alone: what `match_cache_to_macs` picks for the built networks. A stage the rule
+    leaves dense runs the base network itself, so all such stages count as one network."""
+    from mosaic_core.conquer.caching import block_macs, match_cache_to_macs
+
+    stage_network = ["dense" if not any(measured.removals[s].values()) else s for s in range(len(measured.removals))]
+    by_network = {stage_network[s]: block_macs(dense, plan.shape, measured.removals[s]) for s in range(len(measured.removals))}
+    networks = [stage_network[s] for s in plan.step_stages]
+    return match_cache_to_macs(num_blocks, step_macs, budget_macs, networks, within=True, macs_by_block=by_network)
+
+
+def _predicted_psnr(model, point: TunePoint, dense_psnr: float) -> float:
+    """`model`'s PSNR for a predicted `point` where the dense model at its steps scores `dense_psnr`."""
+    if isinstance(model, ReuseModel):
+        return model.psnr(dense_psnr, point.recorded_error, point.cache, point.steps)
+    return model.psnr(dense_psnr, point.recorded_error)
 
 
 def _pruned_point(loaded, plan, config, method, asked, analyses, should_stop, dense_macs):
@@ -582,6 +630,88 @@ def fit_quality(rows: Sequence[tuple[int, float, float, float]], min_points: int
             if best is None or sse[i] < best[0] - 1e-12:  # ties: the smaller α, then the smaller |ρ|
                 best = (float(sse[i]), alpha, float(LOG_KAPPAS[i]), rho)
     return QualityModel(best[1], round(best[2], 4), math.sqrt(best[0] / len(rows)), len(rows), best[3])
+
+
+REUSE_METHODS = ("cache", "measured+cache")  # predicted by one `ReuseModel`
+REUSE_SHARE_EXPONENTS = np.arange(0.0, 3.0 + 1e-9, 0.5)
+REUSE_INTERVAL_EXPONENTS = np.arange(0.0, 4.0 + 1e-9, 0.5)
+REUSE_STEPS_EXPONENTS = np.arange(-2.0, 2.0 + 1e-9, 0.5)
+LOG_REUSE = np.arange(-10.0, 0.0 + 1e-9, 0.05)
+
+
+@dataclass(frozen=True)
+class ReuseModel:
+    """PSNR of a candidate with block reuse (`cache`, `measured+cache`): the measured method's model plus
+    the error the reuse adds, MSE = D + P + 2ρ·√(D·P) + R with
+
+        R = 10^λ · (c/L)^a · (I − 1)^b · (n/N₀)^g
+
+    for a setting that caches c of the L blocks and runs every block on every I-th step, at n of the
+    reference's N₀ steps. D, P, α, κ and ρ are the measured model's (`QualityModel`), fit to the measured
+    points; λ, a, b and g are fit to the sampled reuse points by least squares in dB over a grid. On
+    digits-dit a full step every 5 instead of every 2 costs 3–8 dB at the same MACs, far more than the
+    share of blocks cached, hence the interval's own exponent. docs/method.md §4.5 **[ours]**.
+    """
+
+    alpha: float
+    log_kappa: float
+    rho: float
+    log_reuse: float
+    share_exponent: float
+    interval_exponent: float
+    steps_exponent: float
+    rmse: float
+    count: int
+    num_blocks: int
+    reference_steps: int
+
+    def psnr(self, dense_psnr: float, error: float, cache: Sequence[int], steps: int) -> float:
+        """The predicted PSNR (dB) with reuse setting `cache` = (interval, keep_first, keep_last) at `steps` steps."""
+        reuse = _reuse_mse(np.asarray([_cached_share(cache, self.num_blocks)]), np.asarray([float(cache[0])]),
+                           np.asarray([steps / self.reference_steps]), self.share_exponent, self.interval_exponent,
+                           self.steps_exponent, self.log_reuse)
+        return float(-10.0 * np.log10(_mse(dense_psnr, error, self.alpha, self.log_kappa, self.rho) + reuse[0]))
+
+
+def _mse(dense_psnr, error, alpha, log_kappa, rho):
+    return 10.0 ** (-_model_psnr(dense_psnr, error, alpha, log_kappa, rho) / 10.0)
+
+
+def _cached_share(cache: Sequence[int], num_blocks: int) -> float:
+    return (num_blocks - int(cache[1]) - int(cache[2])) / num_blocks
+
+
+def _reuse_mse(share, interval, steps_fraction, a, b, g, log_reuse):
+    return 10.0 ** log_reuse * share ** a * (interval - 1.0) ** b * steps_fraction ** g
+
+
+def fit_reuse(rows: Sequence[tuple], measured: Optional[QualityModel], num_blocks: int, reference_steps: int,
+              min_points: int = 4) -> Optional[ReuseModel]:
+    """Fit a `ReuseModel` to (steps, dense PSNR at those steps, recorded error (0: dense), reuse setting,
+    sampled PSNR) rows on top of the `measured` model. None without that model, with fewer than
+    `min_points` rows, or when they span one step count or one interval (their exponents would trade off
+    freely with λ)."""
+    rows = [r for r in rows if math.isfinite(r[2]) and math.isfinite(r[4])]
+    if measured is None or len(rows) < min_points or len({r[0] for r in rows}) < 2 or len({int(r[3][0]) for r in rows}) < 2:
+        return None
+    dense, error, sampled = (np.asarray([r[i] for r in rows], float) for i in (1, 2, 4))
+    base = _mse(dense, error, measured.alpha, measured.log_kappa, measured.rho)
+    share = np.asarray([_cached_share(r[3], num_blocks) for r in rows])
+    interval = np.asarray([float(r[3][0]) for r in rows])
+    steps = np.asarray([r[0] / reference_steps for r in rows], float)
+    scales = 10.0 ** LOG_REUSE[:, None, None]  # λ × g × rows
+    best = None
+    for a in REUSE_SHARE_EXPONENTS:
+        for b in REUSE_INTERVAL_EXPONENTS:
+            shape = share ** a * (interval - 1.0) ** b  # rows
+            terms = shape[None, :] * steps[None, :] ** REUSE_STEPS_EXPONENTS[:, None]  # g × rows
+            predicted = -10.0 * np.log10(base[None, None, :] + scales * terms[None, :, :])
+            sse = ((predicted - sampled) ** 2).sum(-1)  # λ × g
+            i, j = np.unravel_index(int(np.argmin(sse)), sse.shape)
+            if best is None or sse[i, j] < best[0] - 1e-12:  # ties: the smaller exponents
+                best = (float(sse[i, j]), float(a), float(b), float(REUSE_STEPS_EXPONENTS[j]), float(LOG_REUSE[i]))
+    return ReuseModel(measured.alpha, measured.log_kappa, measured.rho, round(best[4], 4), best[1], best[2], best[3],
+                      math.sqrt(best[0] / len(rows)), len(rows), int(num_blocks), int(reference_steps))
 
 
 def candidate_denoiser(loaded, point: TunePoint, prune_config, M: float = 0.55, lam: float = 0.01, scheduler: str = "ddim",
