@@ -332,7 +332,15 @@ def tune(
 
     dense_psnr = {}
     points, pending = [], []
-    fits = _fit_methods(memo, base, setting, cfg, check, num_blocks)
+    fitted: dict[int, dict] = {}
+
+    def fit_models() -> dict:
+        """The quality models of the memo's points, fit once per memo size (within a call the memo only grows)."""
+        if len(memo) not in fitted:
+            fitted[len(memo)] = _fit_methods(memo, base, setting, cfg, check, num_blocks)
+        return fitted[len(memo)]
+
+    fits = fit_models()
     for n in steps_grid:
         fraction = n / reference_steps
         key = (base, "dense", reference_steps, n)
@@ -419,7 +427,7 @@ def tune(
             else:
                 points.append(recalled(identity, point[0], lambda staged=point[1].staged: staged))
     checked, unchecked = _check_predicted(
-        pending, points, check, budget, lambda: _fit_methods(memo, base, setting, cfg, check, num_blocks), dense_psnr,
+        pending, points, check, budget, fit_models, dense_psnr,
         lambda p: recalled(
             _identity(p, budget), replace(p, predicted=False),
             lambda: candidate_denoiser(loaded, p, prune_config, **common),
@@ -445,7 +453,7 @@ def tune(
     front = [sampled[i] for i in pareto_front([points[i].macs for i in sampled], [points[i].psnr for i in sampled])]
     fits_budget = [i for i in sampled if points[i].macs_fraction <= budget + 1e-12]
     chosen = max(fits_budget, key=lambda i: (points[i].psnr, -points[i].macs)) if fits_budget else None
-    models = {m: asdict(f) for m, f in _fit_methods(memo, base, setting, cfg, check, num_blocks).items() if f is not None and m in methods}
+    models = {m: asdict(f) for m, f in fit_models().items() if f is not None and m in methods}
     return TuneResult(budget, reference_steps, images, tuple(points), tuple(front), chosen, time.perf_counter() - start, cfg, models, unchecked,
                       None if edges is None else (int(edges[0]), int(edges[1])))
 
